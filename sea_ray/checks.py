@@ -1,0 +1,92 @@
+"""Checks that need more than the config itself: the tower's patch grid (from its architecture,
+without building it) and the metadata of an existing labels dataset. Run by every job before
+any Ray resource is requested, and by ``sea-ray validate``."""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import os
+from typing import Optional
+
+from sea_ray import storage
+from sea_ray.config import AlignConfig, ModelConfig
+
+LABELS_META = "_meta.json"
+log = logging.getLogger(__name__)
+
+
+def tower_grid(vision) -> tuple[Optional[tuple[int, int]], list[str]]:
+    """(rows, cols) of the tower's visual tokens from its architecture alone, or None when only
+    the weights can tell (a hub id not on this machine). Also returns problems found."""
+    if vision.backend == "open_clip":
+        if vision.name == "custom":
+            vc = (vision.custom or {}).get("vision_cfg", {})
+            size, patch = vc.get("image_size", 224), vc.get("patch_size", 16)
+        else:
+            import open_clip
+
+            cfg = open_clip.get_model_config(vision.name)
+            if cfg is None:
+                close = difflib.get_close_matches(vision.name, open_clip.list_models(), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                return None, [f"model.vision.name: unknown open_clip architecture {vision.name!r}{hint}"]
+            vc = cfg["vision_cfg"]
+            if vc.get("timm_model_name"):
+                return None, []
+            size, patch = vc.get("image_size", 224), vc.get("patch_size", 16)
+    else:
+        if vision.name == "custom":
+            vc = (vision.custom or {}).get("vision_config", vision.custom or {})
+        else:
+            path = os.path.join(vision.name, "config.json")
+            if not os.path.exists(path):
+                return None, []
+            with open(path) as f:
+                cfg = json.load(f)
+            vc = cfg.get("vision_config", cfg)
+        size, patch = vc.get("image_size", 224), vc.get("patch_size", 32)
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    patch = patch[0] if isinstance(patch, (list, tuple)) else patch
+    if size % patch:
+        return None, [f"model.vision: image size {size} is not a multiple of patch size {patch}"]
+    return (size // patch, size // patch), []
+
+
+def read_labels_meta(uri: str) -> Optional[dict]:
+    """The labels' metadata, or None when it does not exist yet or cannot be reached from here
+    (e.g. a bucket only the cluster has credentials for: the job checks again when it starts)."""
+    meta_uri = storage.join(uri, LABELS_META)
+    try:
+        if not storage.exists(meta_uri):
+            return None
+        return json.loads(storage.read_text(meta_uri))
+    except Exception as exc:  # unreachable storage is not a config error
+        log.warning("cannot read %s (%s); the grid check runs when the job starts", meta_uri, type(exc).__name__)
+        return None
+
+
+def _model_grid(model: ModelConfig, problems: list[str]):
+    grid, found = tower_grid(model.vision)
+    problems.extend(found)
+    return grid
+
+
+def job_problems(cfg) -> list[str]:
+    """Every problem found; empty when the job may start."""
+    problems: list[str] = []
+    model = getattr(cfg, "model", None) or getattr(getattr(cfg, "base", None), "model", None)
+    grid = _model_grid(model, problems) if model is not None else None
+    align = cfg if isinstance(cfg, AlignConfig) else getattr(cfg, "base", None)
+    if isinstance(align, AlignConfig) and align.sea.enabled:
+        if grid is not None and align.sea.window > min(grid):
+            problems.append(f"sea.window: {align.sea.window} is larger than the {grid[0]} x {grid[1]} patch grid")
+        meta = read_labels_meta(align.data.labels) if align.data.labels else None
+        if meta is not None:
+            if grid is not None and tuple(meta.get("grid", ())) != tuple(grid):
+                problems.append(f"data.labels: labels were computed on a {meta.get('grid')} grid but the vision "
+                                f"tower gives {list(grid)}: label grid must equal the tower's patch grid")
+            if meta.get("top_n", align.sea.top_n) < align.sea.top_n:
+                problems.append(f"sea.top_n: {align.sea.top_n} > the {meta['top_n']} labels stored per patch")
+    return problems

@@ -1,0 +1,84 @@
+"""The language model: any Hugging Face causal LM through the Auto classes, and its tokenizer.
+
+Weights come from a local dir, an ``s3://`` URI (downloaded once into the cache) or a hub id
+(online only). ``config:`` builds a random-init model of a real architecture (tests, the
+synthetic world). The tokenizer spec ``world`` trains a small byte-level BPE on the synthetic
+world's words, deterministically, so tiny models run offline with a real tokenizer.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from sea_ray import storage
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def train_bpe_tokenizer(texts: list[str], vocab_size: int = 1024):
+    """A byte-level BPE (GPT-2 style, leading-space marker) trained on ``texts``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|pad|>", "<|bos|>", "<|eos|>", "<|unk|>"]
+    tok = Tokenizer(models.BPE(unk_token="<|unk|>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", bos_token="<|bos|>",
+                                   eos_token="<|eos|>", unk_token="<|unk|>")
+
+
+def world_tokenizer():
+    """The synthetic world's tokenizer: every world word is a whole token in mid-sentence form."""
+    from sea_ray.data.world import world_words  # plain data, no heavy imports
+
+    words = world_words()
+    # Each word mid-sentence and at the start, plus the prompt scaffolding the templates use.
+    corpus = [" ".join(words)] * 4 + [f" {w}" for w in words] + words
+    corpus += ["USER: ASSISTANT: A chat between a curious user and an artificial intelligence assistant. "
+               "The assistant gives helpful, detailed, and polite answers to the user's questions.\n<image>"]
+    return train_bpe_tokenizer(corpus, vocab_size=1024)
+
+
+def load_tokenizer(spec: str):
+    if spec == "world":
+        return world_tokenizer()
+    from transformers import AutoTokenizer
+
+    local = storage.local_copy(spec) if storage.is_remote(spec) else spec
+    tok = AutoTokenizer.from_pretrained(local)
+    if tok.pad_token is None:
+        tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
+    return tok
+
+
+def build_llm(cfg):
+    """(model, tokenizer) from a :class:`sea_ray.config.LLMConfig`."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.name_or_path)
+    if cfg.config is not None:
+        kwargs = dict(cfg.config)
+        model_type = kwargs.pop("model_type")
+        kwargs.setdefault("vocab_size", len(tokenizer))
+        kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
+        kwargs.setdefault("bos_token_id", tokenizer.bos_token_id)
+        kwargs.setdefault("eos_token_id", tokenizer.eos_token_id)
+        config = AutoConfig.for_model(model_type, **kwargs)
+        config._attn_implementation = cfg.attn_implementation
+        model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[cfg.dtype])
+    else:
+        local = storage.local_copy(cfg.name_or_path) if storage.is_remote(cfg.name_or_path) else cfg.name_or_path
+        model = AutoModelForCausalLM.from_pretrained(local, dtype=DTYPES[cfg.dtype],
+                                                     attn_implementation=cfg.attn_implementation)
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the LLM's embedding table has "
+                         f"{model.get_input_embeddings().num_embeddings} rows")
+    return model, tokenizer

@@ -1,0 +1,277 @@
+"""Vision towers: open_clip and Hugging Face (CLIP / SigLIP) behind one interface.
+
+A tower gives
+- ``patch_tokens(images)``: the visual tokens the adapter sees, [B, P, width], from hidden
+  state ``select_layer`` (LLaVA: -2), class token dropped;
+- ``joint_patch_features(images, dense=False)``: per-patch features in CLIP's joint
+  image-text space, [B, P, embed_dim] (final layer -> ln_post -> projection). ``dense=True`` is
+  the MaskCLIP-style variant: the last block's attention is replaced by its value path
+  (value -> out_proj, no residual, no MLP), which keeps patch features local;
+- ``encode_text(texts)``: the paired text tower, [N, embed_dim] (labeling only);
+- ``transform``: the tower's own PIL -> tensor transform, and ``grid`` = (rows, cols).
+
+Hidden-state indexing follows Hugging Face: index 0 is the embedding output, index i the
+output of block i, so -1 is the last block and -2 the penultimate one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from torch import nn
+
+from sea_ray import storage
+
+log = logging.getLogger(__name__)
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def _pil_transform(image_size: int, mean, std):
+    """Resize the short side (bicubic), centre-crop, to tensor, normalise: CLIP's eval transform."""
+    import open_clip
+
+    return open_clip.image_transform(image_size, is_train=False, mean=mean, std=std)
+
+
+class VisionTower(nn.Module):
+    """Common interface; subclasses fill in the backend."""
+
+    backend: str
+    image_size: int
+    patch_size: int
+    width: int
+    embed_dim: int
+    has_cls: bool = True
+
+    def __init__(self, select_layer: int = -2):
+        super().__init__()
+        self.select_layer = select_layer
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        n = self.image_size // self.patch_size
+        return (n, n)
+
+    @property
+    def num_patches(self) -> int:
+        rows, cols = self.grid
+        return rows * cols
+
+    def transform_spec(self) -> dict:
+        """What labels record and training checks: the exact tensor both stages see."""
+        return {"image_size": self.image_size, "patch_size": self.patch_size, "grid": list(self.grid),
+                "mean": [round(m, 6) for m in self.mean], "std": [round(s, 6) for s in self.std],
+                "resize": "shortest-bicubic+center-crop"}
+
+    @property
+    def transform(self):
+        if getattr(self, "_transform", None) is None:
+            self._transform = _pil_transform(self.image_size, self.mean, self.std)
+        return self._transform
+
+    def _strip_prefix(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, 1:] if self.has_cls else x
+
+
+# --------------------------------------------------------------------------- open_clip
+
+
+class OpenClipTower(VisionTower):
+    backend = "open_clip"
+
+    def __init__(self, clip_model, select_layer: int = -2, name: str = "custom"):
+        super().__init__(select_layer)
+        self.clip = clip_model
+        visual = clip_model.visual
+        if not hasattr(visual, "transformer"):
+            raise ValueError(f"open_clip model {name!r} has no ViT visual transformer (timm/ResNet towers are not "
+                             "supported: SEA needs patch tokens)")
+        self.name = name
+        size = visual.image_size
+        self.image_size = size[0] if isinstance(size, (tuple, list)) else int(size)
+        ps = visual.patch_size
+        self.patch_size = ps[0] if isinstance(ps, (tuple, list)) else int(ps)
+        self.width = visual.transformer.width
+        self.embed_dim = visual.output_dim
+        cfg = getattr(visual, "preprocess_cfg", {}) or {}
+        self.mean = tuple(cfg.get("mean", CLIP_MEAN))
+        self.std = tuple(cfg.get("std", CLIP_STD))
+        self.num_layers = len(visual.transformer.resblocks)
+        self._tokenizer = None
+
+    def _hidden_states(self, images: torch.Tensor, upto: int) -> list[torch.Tensor]:
+        visual = self.clip.visual
+        x = visual._embeds(images)
+        states = [x]
+        for block in visual.transformer.resblocks[:upto]:
+            x = block(x)
+            states.append(x)
+        return states
+
+    def _layer_index(self, layer: int) -> int:
+        idx = layer if layer >= 0 else self.num_layers + 1 + layer
+        if not 0 <= idx <= self.num_layers:
+            raise ValueError(f"select_layer {layer} is out of range for a {self.num_layers}-block tower")
+        return idx
+
+    def patch_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        idx = self._layer_index(self.select_layer)
+        return self._strip_prefix(self._hidden_states(images, idx)[idx])
+
+    def joint_patch_features(self, images: torch.Tensor, dense: bool = False) -> torch.Tensor:
+        visual = self.clip.visual
+        if not dense:
+            x = self._hidden_states(images, self.num_layers)[-1]
+        else:
+            x = self._hidden_states(images, self.num_layers - 1)[-1]
+            last = visual.transformer.resblocks[-1]
+            attn = last.attn
+            h = last.ln_1(x)
+            width = h.shape[-1]
+            v = nn.functional.linear(h, attn.in_proj_weight[2 * width:], attn.in_proj_bias[2 * width:]
+                                     if attn.in_proj_bias is not None else None)
+            x = attn.out_proj(v)
+        x = visual.ln_post(self._strip_prefix(x))
+        return x @ visual.proj if visual.proj is not None else x
+
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        import open_clip
+
+        if self._tokenizer is None:
+            context = self.clip.context_length if hasattr(self.clip, "context_length") else 77
+            self._tokenizer = open_clip.get_tokenizer("ViT-B-32", context_length=context) \
+                if self.name == "custom" else open_clip.get_tokenizer(self.name)
+        device = next(self.parameters()).device
+        return self.clip.encode_text(self._tokenizer(texts).to(device))
+
+
+def _open_clip_weights_path(weights: str) -> str:
+    """A local file for open_clip's ``pretrained=`` from a file, a dir or an s3:// URI."""
+    local = storage.local_copy(weights)
+    if os.path.isdir(local):
+        for name in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin", "model.safetensors",
+                     "pytorch_model.bin"):
+            if os.path.exists(os.path.join(local, name)):
+                return os.path.join(local, name)
+        raise FileNotFoundError(f"no open_clip weights file in {weights}")
+    return local
+
+
+def build_open_clip(name: str, weights: str | None, custom: dict | None, select_layer: int) -> OpenClipTower:
+    import open_clip
+
+    if name == "custom":
+        custom = dict(custom or {})
+        model = open_clip.CLIP(embed_dim=custom["embed_dim"],
+                               vision_cfg=open_clip.CLIPVisionCfg(**custom["vision_cfg"]),
+                               text_cfg=open_clip.CLIPTextCfg(**custom["text_cfg"]))
+        if weights:
+            open_clip.load_checkpoint(model, _open_clip_weights_path(weights))
+    elif weights is None:
+        model = open_clip.create_model(name, pretrained=None)
+    elif storage.is_remote(weights) or os.path.exists(weights):
+        model = open_clip.create_model(name, pretrained=_open_clip_weights_path(weights))
+    else:  # a pretrained tag or hub name: needs the network
+        model = open_clip.create_model(name, pretrained=weights)
+    model.eval()
+    return OpenClipTower(model, select_layer=select_layer, name=name)
+
+
+# --------------------------------------------------------------------------- Hugging Face
+
+
+class HFTower(VisionTower):
+    backend = "hf"
+
+    def __init__(self, model, select_layer: int = -2, name: str = "custom", image_processor=None):
+        super().__init__(select_layer)
+        self.name = name
+        self.model = model  # CLIPModel / SiglipModel (with text tower) or a *VisionModel
+        vcfg = model.config.vision_config if hasattr(model.config, "vision_config") else model.config
+        self.vision_model = model.vision_model
+        self.image_size = vcfg.image_size
+        self.patch_size = vcfg.patch_size
+        self.width = vcfg.hidden_size
+        self.model_type = model.config.model_type
+        self.has_cls = not self.model_type.startswith("siglip")
+        proj = getattr(model, "visual_projection", None)
+        self.embed_dim = proj.out_features if proj is not None else self.width
+        mean, std = CLIP_MEAN, CLIP_STD
+        if image_processor is not None:
+            mean, std = tuple(image_processor.image_mean), tuple(image_processor.image_std)
+        elif self.model_type.startswith("siglip"):
+            mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+        self.mean, self.std = mean, std
+        self.num_layers = vcfg.num_hidden_layers
+        self._tokenizer = None
+
+    def _states(self, images: torch.Tensor):
+        out = self.vision_model(pixel_values=images, output_hidden_states=True)
+        return out
+
+    def patch_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        states = self._states(images).hidden_states
+        return self._strip_prefix(states[self.select_layer])
+
+    def joint_patch_features(self, images: torch.Tensor, dense: bool = False) -> torch.Tensor:
+        vm = self.vision_model
+        out = self._states(images)
+        if not dense:
+            x = out.last_hidden_state
+        else:
+            layer = vm.encoder.layers[-1]
+            h = layer.layer_norm1(out.hidden_states[-2])
+            x = layer.self_attn.out_proj(layer.self_attn.v_proj(h))
+        x = self._strip_prefix(x)
+        post = getattr(vm, "post_layernorm", None)
+        if post is not None:
+            x = post(x)
+        proj = getattr(self.model, "visual_projection", None)
+        return proj(x) if proj is not None else x
+
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        if not hasattr(self.model, "get_text_features"):
+            raise ValueError(f"{self.name} has no text tower: load a CLIPModel/SiglipModel dir for labeling")
+        if self._tokenizer is None:
+            raise ValueError("this tower was built without a tokenizer (a random-init tower); load one from a dir")
+        device = next(self.parameters()).device
+        batch = self._tokenizer(texts, padding="max_length" if self.model_type.startswith("siglip") else True,
+                                truncation=True, return_tensors="pt").to(device)
+        feats = self.model.get_text_features(**batch)
+        return feats if isinstance(feats, torch.Tensor) else feats.pooler_output
+
+
+def build_hf(name: str, custom: dict | None, select_layer: int) -> HFTower:
+    from transformers import AutoConfig, AutoModel, AutoProcessor, AutoTokenizer
+
+    if name == "custom":
+        custom = dict(custom or {})
+        model_type = custom.pop("model_type", "clip")
+        config = AutoConfig.for_model(model_type, **custom)
+        model = AutoModel.from_config(config)
+        tower = HFTower(model.eval(), select_layer=select_layer, name=name)
+        return tower
+    local = storage.local_copy(name) if storage.is_remote(name) else name
+    model = AutoModel.from_pretrained(local)
+    processor = None
+    try:
+        processor = AutoProcessor.from_pretrained(local).image_processor
+    except Exception as exc:  # a vision-only dir may ship no processor: CLIP defaults then
+        log.info("no image processor in %s (%s); using CLIP defaults", name, type(exc).__name__)
+    tower = HFTower(model.eval(), select_layer=select_layer, name=name, image_processor=processor)
+    try:
+        tower._tokenizer = AutoTokenizer.from_pretrained(local)
+    except Exception as exc:
+        log.info("no tokenizer in %s (%s): labeling with this tower is unavailable", name, type(exc).__name__)
+    return tower
+
+
+def build_vision_tower(cfg) -> VisionTower:
+    """``cfg``: a :class:`sea_ray.config.VisionConfig`."""
+    if cfg.backend == "open_clip":
+        return build_open_clip(cfg.name, cfg.weights, cfg.custom, cfg.select_layer)
+    return build_hf(cfg.name, cfg.custom, cfg.select_layer)

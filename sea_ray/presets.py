@@ -1,0 +1,76 @@
+"""Model presets: named, complete ``model:`` sections (plain data, no imports).
+
+A config may say ``model: {preset: NAME}`` and override any key beside it; the preset is
+expanded before validation, so the resolved config written into every run folder always
+spells out the whole model. Tiny presets are real architectures with random weights, for
+tests and the synthetic world; the paper presets pin the real sizes (weights from a local
+path, an ``s3://`` URI, or a hub id when the machine is online).
+"""
+
+from __future__ import annotations
+
+import copy
+
+# A tiny open_clip ViT: 64 px images, 8 px patches -> an 8 x 8 grid of visual tokens.
+_TINY_OPEN_CLIP = {
+    "backend": "open_clip",
+    "name": "custom",
+    "custom": {
+        "embed_dim": 64,
+        "vision_cfg": {"image_size": 64, "patch_size": 8, "width": 64, "layers": 3, "head_width": 32},
+        "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+    },
+}
+
+# A tiny Hugging Face CLIP (vision + text towers) built from a CLIPConfig.
+_TINY_HF_CLIP = {
+    "backend": "hf",
+    "name": "custom",
+    "custom": {
+        "model_type": "clip",
+        "projection_dim": 64,
+        "vision_config": {"image_size": 64, "patch_size": 8, "hidden_size": 64, "intermediate_size": 128,
+                          "num_hidden_layers": 3, "num_attention_heads": 2},
+        "text_config": {"vocab_size": 1024, "hidden_size": 64, "intermediate_size": 128,
+                        "num_hidden_layers": 2, "num_attention_heads": 2, "max_position_embeddings": 32,
+                        "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0},
+    },
+}
+
+_TINY_LLAMA = {
+    "config": {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+               "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512},
+    "tokenizer": "world",
+}
+
+_TINY_QWEN2 = {
+    "config": {"model_type": "qwen2", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+               "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512},
+    "tokenizer": "world",
+}
+
+_CLIP_L336 = {"backend": "open_clip", "name": "ViT-L-14-336", "weights": "openai"}
+
+PRESETS: dict[str, dict] = {
+    # tiny, random weights, for tests and the synthetic world
+    "tiny-openclip-llama": {"vision": _TINY_OPEN_CLIP, "adapter": {"type": "mlp2x_gelu"}, "llm": _TINY_LLAMA},
+    "tiny-openclip-qwen2": {"vision": _TINY_OPEN_CLIP, "adapter": {"type": "mlp2x_gelu"}, "llm": _TINY_QWEN2},
+    "tiny-hfclip-llama": {"vision": _TINY_HF_CLIP, "adapter": {"type": "mlp2x_gelu"}, "llm": _TINY_LLAMA},
+    "tiny-hfclip-qwen2": {"vision": _TINY_HF_CLIP, "adapter": {"type": "mlp2x_gelu"}, "llm": _TINY_QWEN2},
+    # the paper's combinations (LLaVA-1.5 recipe: CLIP ViT-L/14-336, 24 x 24 patches, mlp2x_gelu)
+    "clip-l336-vicuna7b": {"vision": _CLIP_L336, "adapter": {"type": "mlp2x_gelu"},
+                           "llm": {"name_or_path": "lmsys/vicuna-7b-v1.5"}},
+    "clip-l336-gemma2b": {"vision": _CLIP_L336, "adapter": {"type": "mlp2x_gelu"},
+                          "llm": {"name_or_path": "google/gemma-2b-it"}},
+    "clip-l336-phi3mini": {"vision": _CLIP_L336, "adapter": {"type": "mlp2x_gelu"},
+                           "llm": {"name_or_path": "microsoft/Phi-3-mini-4k-instruct"}},
+    "clip-l336-llama3-8b": {"vision": _CLIP_L336, "adapter": {"type": "mlp2x_gelu"},
+                            "llm": {"name_or_path": "meta-llama/Meta-Llama-3-8B-Instruct"}},
+}
+
+
+def get_preset(name: str) -> dict:
+    """A deep copy of preset ``name``; the error names every valid preset."""
+    if name not in PRESETS:
+        raise KeyError(f"unknown model preset {name!r}; valid presets: {', '.join(sorted(PRESETS))}")
+    return copy.deepcopy(PRESETS[name])

@@ -1,0 +1,123 @@
+"""Config loading and the one validation pass."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sea_ray.checks import job_problems, tower_grid
+from sea_ray.config import AlignConfig, InstructConfig, load_config, validate
+from sea_ray.errors import ConfigError
+
+CONFIGS = sorted((Path(__file__).parents[1] / "workflows" / "configs").glob("*.yaml"))
+
+
+def _align(**extra):
+    raw = {"job": "align", "model": {"preset": "tiny-openclip-llama"},
+           "data": {"manifest": "m.json", "labels": "labels"}, "batch": {"global_size": 16, "per_worker": 8}}
+    for key, value in extra.items():
+        node = raw
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return raw
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_config_validates(path):
+    cfg = load_config(path)
+    assert cfg.job == yaml.safe_load(path.read_text())["job"]
+    assert job_problems(cfg) == []
+
+
+def test_shipped_configs_exist_for_every_job():
+    jobs = {yaml.safe_load(p.read_text())["job"] for p in CONFIGS}
+    assert jobs == {"labels", "align", "instruct", "tune", "eval"}
+
+
+def test_broken_config_lists_every_error():
+    raw = _align(**{"optim.lrr": 0.1, "optim.warmup_ratio": 2.0, "sea.negatives": "everywhere",
+                    "scaling.num_workers": 3, "sea.init_temperature": 5.0, "bogus": 1})
+    with pytest.raises(ConfigError) as info:
+        validate(raw)
+    problems = info.value.problems
+    text = "\n".join(problems)
+    assert "optim.lrr: unknown key; did you mean 'optim.lr'?" in text
+    assert any(p.startswith("optim.warmup_ratio:") for p in problems)
+    assert any(p.startswith("sea.negatives:") for p in problems)
+    assert any(p.startswith("bogus: unknown key") for p in problems)
+    # cross-field rules still run beside the field errors
+    assert any("not divisible by batch.per_worker x scaling.num_workers" in p for p in problems)
+    assert any(p.startswith("sea.init_temperature:") for p in problems)
+    assert len(problems) == 6
+
+
+def test_overrides_are_typed_and_dotted(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(_align()))
+    cfg = load_config(path, ["optim.lr=3e-4", "sea.enabled=false", "data.max_length=99", "sea.window=3"])
+    assert isinstance(cfg, AlignConfig)
+    assert cfg.optim.lr == pytest.approx(3e-4) and cfg.sea.enabled is False and cfg.data.max_length == 99
+    with pytest.raises(ConfigError, match="not of the form"):
+        load_config(path, ["optim.lr"])
+
+
+def test_preset_expands_and_keys_beside_it_override():
+    cfg = validate(_align(**{"model.adapter": {"type": "mlp3x_gelu"}}))
+    assert cfg.model.adapter.type == "mlp3x_gelu"
+    assert cfg.model.vision.custom["vision_cfg"]["patch_size"] == 8
+    with pytest.raises(ConfigError, match="did you mean 'tiny-openclip-llama'"):
+        validate(_align(**{"model.preset": "tiny-openclip-lama"}))
+
+
+def test_stage_defaults_differ_only_where_the_paper_does():
+    instruct = validate({"job": "instruct", "model": {"preset": "tiny-openclip-llama"},
+                         "data": {"manifest": "m"}, "batch": {"per_worker": 16}})
+    align = validate(_align())
+    assert isinstance(instruct, InstructConfig)
+    assert (align.optim.lr, instruct.optim.lr) == (1e-3, 2e-5)
+    assert instruct.batch.global_size == 128 and AlignConfig.model_fields["batch"].default.global_size == 256
+
+
+def test_sea_requires_labels_and_adapter_ids_are_checked():
+    raw = _align(**{"model.adapter": {"type": "mlp0x_gelu"}})
+    raw["data"].pop("labels")
+    with pytest.raises(ConfigError) as info:
+        validate(raw)
+    text = "\n".join(info.value.problems)
+    assert "data.labels: required" in text and "mlpNx_gelu needs N >= 1" in text
+    raw["sea"] = {"enabled": False}
+    raw["model"]["adapter"]["type"] = "mlp4x_gelu"
+    assert validate(raw).sea.enabled is False
+
+
+def test_label_grid_must_equal_tower_grid(tmp_path):
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    (labels / "_meta.json").write_text('{"grid": [7, 7], "top_n": 10}')
+    cfg = validate(_align(**{"data.labels": str(labels)}))
+    assert tower_grid(cfg.model.vision)[0] == (8, 8)
+    problems = job_problems(cfg)
+    assert len(problems) == 1 and "label grid must equal the tower's patch grid" in problems[0]
+    (labels / "_meta.json").write_text('{"grid": [8, 8], "top_n": 10}')
+    assert job_problems(cfg) == []
+    assert any("sea.window" in p for p in job_problems(validate(_align(**{"data.labels": str(labels),
+                                                                           "sea.window": 9}))))
+
+
+def test_named_tower_grid_and_unknown_arch():
+    cfg = validate(_align(**{"model.preset": "clip-l336-vicuna7b"}))
+    assert tower_grid(cfg.model.vision)[0] == (24, 24)
+    bad = validate(_align(**{"model.vision": {"name": "ViT-L-14-3366"}}))
+    grid, problems = tower_grid(bad.model.vision)
+    assert grid is None and "did you mean 'ViT-L-14-336'" in problems[0]
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("job: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
