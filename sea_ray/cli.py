@@ -57,6 +57,27 @@ def cmd_presets(args) -> int:
     return EXIT_OK
 
 
+def cmd_job(args) -> int:
+    """Every config job: load + validate everything, then hand the typed config to its runner."""
+    import importlib
+
+    from sea_ray.checks import job_problems
+    from sea_ray.config import load_config
+
+    cfg = load_config(args.config, args.overrides, job=args.verb)
+    problems = job_problems(cfg)
+    if problems:
+        raise ConfigError(problems, args.config)
+    module, _, func = JOB_RUNNERS[args.verb].partition(":")
+    summary = getattr(importlib.import_module(module), func)(cfg)
+    print(json.dumps(summary, indent=2, sort_keys=True, default=str))
+    return EXIT_OK
+
+
+# verb -> "module:function" taking the validated config and returning a JSON-able summary
+JOB_RUNNERS: dict[str, str] = {}
+
+
 def _world_args(p):
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--num-images", type=int, default=1000)
@@ -74,6 +95,15 @@ VERBS: dict[str, tuple[str, Callable, Callable]] = {
     "world": ("generate the synthetic world (images, captions, QA, ground truth)", _world_args, cmd_world),
     "presets": ("list the model presets", lambda p: None, cmd_presets),
 }
+
+
+for _verb, _help in (("labels", "precompute CLIP patch labels with Ray Data"),
+                     ("align", "stage 1: SEA alignment pretraining with Ray Train"),
+                     ("instruct", "stage 2: instruction tuning with Ray Train"),
+                     ("tune", "search SEA and adapter hyperparameters with Ray Tune + Optuna"),
+                     ("eval", "evaluate a checkpoint (alignment diagnostics, QA accuracy)")):
+    if _verb in JOB_RUNNERS:
+        VERBS[_verb] = (_help, _add_config_args, cmd_job)
 
 
 def build_parser() -> argparse.ArgumentParser:

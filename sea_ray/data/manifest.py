@@ -1,0 +1,160 @@
+"""Manifests: LLaVA JSON (a list), JSON Lines, or Parquet; local or ``s3://``.
+
+Every job reads its samples through :func:`read_manifest`, which validates each row and never
+raises for a bad one: a malformed row is skipped and reported (row number, id, reason) in the
+returned errors, and every good row is kept.
+
+A valid row, as returned::
+
+    {"row": 12, "id": "004539375", "image": "00453/004539375.jpg" or None,
+     "image_bytes": b"..." or None, "conversations": [{"from": "human", "value": "<image>\\n..."},
+                                                      {"from": "gpt", "value": "..."}]}
+
+The Parquet layout (what ``sea-ray import-manifest`` writes) has the same columns:
+``id`` string, ``image`` string (nullable), ``image_bytes`` binary (nullable),
+``conversations`` list<struct<from: string, value: string>>.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator, Optional
+
+import pyarrow as pa
+
+from sea_ray import storage
+
+IMAGE_PLACEHOLDER = "<image>"
+ROLES = ("human", "gpt")
+
+MANIFEST_SCHEMA = pa.schema([
+    pa.field("id", pa.string(), nullable=False),
+    pa.field("image", pa.string()),
+    pa.field("image_bytes", pa.binary()),
+    pa.field("conversations", pa.list_(pa.struct([pa.field("from", pa.string()), pa.field("value", pa.string())]))),
+])
+
+
+@dataclass
+class ManifestResult:
+    rows: list[dict] = field(default_factory=list)
+    errors: list[dict] = field(default_factory=list)
+
+    @property
+    def num_read(self) -> int:
+        return len(self.rows) + len(self.errors)
+
+
+def manifest_error(row: int, item: Any, reason: str, stage: str = "manifest") -> dict:
+    """One errors-table entry (the columns of ``sea_ray.labels.schema.ERRORS_SCHEMA``)."""
+    item = item if isinstance(item, dict) else {}
+    ident = item.get("id")
+    image = item.get("image")
+    return {"row": row, "image_id": str(ident) if ident is not None else None,
+            "image": image if isinstance(image, str) else None, "stage": stage, "reason": reason}
+
+
+def validate_row(row: int, item: Any, require_image: bool) -> tuple[Optional[dict], Optional[str]]:
+    """(normalised row, None) or (None, reason)."""
+    if not isinstance(item, dict):
+        return None, f"row is a {type(item).__name__}, not an object"
+    ident = item.get("id")
+    if ident is None or (isinstance(ident, str) and not ident.strip()):
+        return None, "missing id"
+    if not isinstance(ident, (str, int)):
+        return None, f"id is a {type(ident).__name__}"
+    image, image_bytes = item.get("image"), item.get("image_bytes")
+    if image is not None and not isinstance(image, str):
+        return None, f"image is a {type(image).__name__}, not a path"
+    if image_bytes is not None and not isinstance(image_bytes, (bytes, bytearray)):
+        return None, "image_bytes is not bytes"
+    has_image = bool(image) or bool(image_bytes)
+    if require_image and not has_image:
+        return None, "no image"
+    turns = item.get("conversations")
+    if hasattr(turns, "tolist"):
+        turns = turns.tolist()
+    if not isinstance(turns, list) or not turns:
+        return None, "conversations missing or empty"
+    clean = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str) or turn.get("from") not in ROLES:
+            return None, f"turn {i} is malformed (needs from: human|gpt and a string value)"
+        if turn["from"] != ROLES[i % 2]:
+            return None, f"turn {i} should be from {ROLES[i % 2]!r}"
+        clean.append({"from": turn["from"], "value": turn["value"]})
+    if len(clean) % 2:
+        return None, "the last turn is not an answer"
+    if any(not t["value"].strip() for t in clean if t["from"] == "gpt"):
+        return None, "empty answer or caption"
+    n_placeholders = sum(t["value"].count(IMAGE_PLACEHOLDER) for t in clean)
+    if has_image and n_placeholders != 1:
+        return None, f"{n_placeholders} {IMAGE_PLACEHOLDER} placeholders for one image"
+    if not has_image and n_placeholders:
+        return None, f"{IMAGE_PLACEHOLDER} placeholder without an image"
+    return {"row": row, "id": str(ident), "image": image or None, "image_bytes": bytes(image_bytes) if image_bytes
+            else None, "conversations": clean}, None
+
+
+def _iter_items(uri: str) -> Iterator[tuple[int, Any]]:
+    """(row, parsed item or an exception) in manifest order, for JSON, JSONL and Parquet."""
+    lower = str(uri).lower().rstrip("/")
+    if not lower.endswith((".json", ".jsonl")):  # a Parquet file or a folder of Parquet shards
+        import pyarrow.dataset as pads
+
+        fs, path = storage.pyarrow_fs(uri)
+        dataset = pads.dataset(path, filesystem=fs, format="parquet")
+        row = 0
+        for batch in dataset.to_batches():
+            for item in batch.to_pylist():
+                yield row, item
+                row += 1
+        return
+    text = storage.read_text(uri)
+    if lower.endswith(".jsonl"):
+        for row, line in enumerate(text.splitlines()):
+            if not line.strip():
+                continue
+            try:
+                yield row, json.loads(line)
+            except json.JSONDecodeError as exc:
+                yield row, exc
+        return
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{uri} is not valid JSON ({exc}); LLaVA manifests are a JSON list or JSON Lines") from None
+    if not isinstance(data, list):
+        raise ValueError(f"{uri} holds a JSON {type(data).__name__}; LLaVA manifests are a list of samples")
+    yield from enumerate(data)
+
+
+def read_manifest(uri: str, require_image: bool = False, limit: Optional[int] = None) -> ManifestResult:
+    """Read and validate a manifest. Duplicate ids keep the first row; later ones are errors."""
+    result = ManifestResult()
+    seen: set[str] = set()
+    for row, item in _iter_items(uri):
+        if limit is not None and len(result.rows) >= limit:
+            break
+        if isinstance(item, Exception):
+            result.errors.append(manifest_error(row, None, f"malformed JSON line: {item}"))
+            continue
+        clean, reason = validate_row(row, item, require_image)
+        if clean is not None and clean["id"] in seen:
+            clean, reason = None, f"duplicate id {clean['id']!r}"
+        if clean is None:
+            result.errors.append(manifest_error(row, item, reason))
+            continue
+        seen.add(clean["id"])
+        result.rows.append(clean)
+    return result
+
+
+def caption_of(row: dict) -> str:
+    """The caption of a pretraining row (LCS-558K layout: the first answer)."""
+    return row["conversations"][1]["value"].strip()
+
+
+def rows_to_table(rows: Iterable[dict]) -> pa.Table:
+    return pa.Table.from_pylist([{k: r.get(k) for k in MANIFEST_SCHEMA.names} for r in rows], schema=MANIFEST_SCHEMA)

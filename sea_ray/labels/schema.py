@@ -1,0 +1,52 @@
+"""The labels dataset: one versioned definition of its Parquet schema and its metadata.
+
+A labels dataset is a folder (local or ``s3://``)::
+
+    shards/shard-00000.parquet ...   one row per labelled image (schema below)
+    markers/shard-00000.json ...     a shard's completion marker, written after its Parquet file
+    errors/shard-00000.parquet ...   rows that could not be labelled, with the reason
+    _meta.json                       vocabulary, model, transform, grid, counts (written at the end)
+    _SUCCESS                         written last: the whole dataset is complete
+
+Per image, ``label_ids`` and ``label_scores`` are flat row-major ``[P * top_n]`` arrays
+(P = grid_h * grid_w patches); a patch with fewer than ``top_n`` positive scores is padded with
+id -1 and score 0. Ids index the vocabulary stored in ``_meta.json`` (not LLM token ids), so
+one labels run serves every LLM.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+PAD_ID = -1
+
+LABELS_SCHEMA = pa.schema([
+    pa.field("image_id", pa.string(), nullable=False),
+    pa.field("grid_h", pa.int16(), nullable=False),
+    pa.field("grid_w", pa.int16(), nullable=False),
+    pa.field("top_n", pa.int16(), nullable=False),
+    pa.field("label_ids", pa.list_(pa.int32()), nullable=False),
+    pa.field("label_scores", pa.list_(pa.float16()), nullable=False),
+], metadata={"sea_ray.labels.schema_version": str(SCHEMA_VERSION)})
+
+ERRORS_SCHEMA = pa.schema([
+    pa.field("row", pa.int64()),          # position in the manifest (-1 when unknown)
+    pa.field("image_id", pa.string()),    # may be null for a malformed row
+    pa.field("image", pa.string()),       # the manifest's image reference, if any
+    pa.field("stage", pa.string()),       # manifest | decode | label
+    pa.field("reason", pa.string()),
+])
+
+META_KEYS = ("schema_version", "vocab", "model", "transform", "grid", "top_n", "score_sign", "features",
+             "templates", "counts")
+
+
+def to_arrays(row: dict) -> tuple[np.ndarray, np.ndarray]:
+    """``(label_ids [P, n] int64, label_scores [P, n] float32)`` of one labels row."""
+    p = int(row["grid_h"]) * int(row["grid_w"])
+    n = int(row["top_n"])
+    ids = np.asarray(row["label_ids"], dtype=np.int64).reshape(p, n)
+    scores = np.asarray(row["label_scores"], dtype=np.float32).reshape(p, n)
+    return ids, scores
