@@ -24,8 +24,7 @@ from typing import Any, Iterable, Iterator, Optional
 import pyarrow as pa
 
 from sea_ray import storage
-
-IMAGE_PLACEHOLDER = "<image>"
+from sea_ray.constants import IMAGE_PLACEHOLDER
 ROLES = ("human", "gpt")
 
 MANIFEST_SCHEMA = pa.schema([

@@ -15,14 +15,13 @@ from typing import Optional
 import torch
 from torch import nn
 
+from sea_ray.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from sea_ray.model.adapters import get_adapter
 from sea_ray.model.llm import build_llm
 from sea_ray.model.vision import VisionTower, build_vision_tower
 
 log = logging.getLogger(__name__)
 
-IMAGE_TOKEN_INDEX = -200
-IGNORE_INDEX = -100
 STAGES = ("align", "instruct")
 
 
