@@ -20,6 +20,14 @@ log = logging.getLogger(__name__)
 def tower_grid(vision) -> tuple[Optional[tuple[int, int]], list[str]]:
     """(rows, cols) of the tower's visual tokens from its architecture alone, or None when only
     the weights can tell (a hub id not on this machine). Also returns problems found."""
+    size, problems = tower_image_size(vision)
+    if size is None:
+        return None, problems
+    return (size[0] // size[1], size[0] // size[1]), problems
+
+
+def tower_image_size(vision) -> tuple[Optional[tuple[int, int]], list[str]]:
+    """((image size, patch size), problems) from the tower's architecture alone."""
     if vision.backend == "open_clip":
         if vision.name == "custom":
             vc = (vision.custom or {}).get("vision_cfg", {})
@@ -51,7 +59,7 @@ def tower_grid(vision) -> tuple[Optional[tuple[int, int]], list[str]]:
     patch = patch[0] if isinstance(patch, (list, tuple)) else patch
     if size % patch:
         return None, [f"model.vision: image size {size} is not a multiple of patch size {patch}"]
-    return (size // patch, size // patch), []
+    return (size, patch), []
 
 
 def read_labels_meta(uri: str) -> Optional[dict]:

@@ -126,6 +126,8 @@ class TrainDataConfig(_Section):
     labels: Optional[str] = Field(None, description="labels dataset URI (align with SEA)")
     max_length: int = Field(512, ge=8, description="text tokens per sample (visual tokens not counted)")
     val_manifest: Optional[str] = None
+    preprocess_actors: int = Field(1, ge=1, description="Ray Data actors that decode images and tokenize")
+    preprocess_cpus: float = Field(0.5, gt=0, description="CPUs per preprocessing actor")
 
 
 class TrainConfig(_Section):
@@ -176,7 +178,9 @@ class InstructConfig(TrainConfig):
 
 class VocabConfig(_Section):
     min_count: int = Field(5, ge=1, description="minimum caption frequency of a word")
-    max_size: int = Field(20000, ge=1)
+    max_size: int = Field(20000, ge=1, description="most words kept (by frequency, then alphabetical); the extra "
+                          "words always stay")
+    min_length: int = Field(2, ge=1, description="shortest word kept (letters)")
     extra_words: Optional[str] = Field(None, description="word list file (one word per line), added as is")
     stopwords: Optional[str] = Field(None, description="stop-word file; default: the built-in English list")
 
@@ -188,24 +192,44 @@ class LabelerConfig(_Section):
     score_sign: Literal["raw", "negate"] = Field("raw", description="rank by cosine (raw) or negated cosine")
     features: Literal["joint", "dense"] = Field("joint", description="joint: final layer -> ln_post -> proj; "
                                                 "dense: MaskCLIP value path in the last block")
-    batch_size: int = Field(32, ge=1)
+    batch_size: int = Field(32, ge=1, description="images per labeler forward pass")
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = Field("auto", description="image-tower autocast: auto = "
+                                                               "fp16 on a GPU, fp32 on the CPU; scores are "
+                                                               "always computed in fp32")
+    text_batch_size: int = Field(256, ge=1, description="prompts per text-tower pass (vocabulary embedding)")
 
 
 class LabelsComputeConfig(_Section):
-    num_actors: int = Field(1, ge=1)
+    num_actors: int = Field(1, ge=1, description="labeler actors (one model copy each)")
     gpus_per_actor: float = Field(0.0, ge=0, description="> 0 on GPU clusters")
-    cpus_per_actor: float = Field(1.0, gt=0)
-    rows_per_shard: int = Field(1024, ge=1)
+    cpus_per_actor: float = Field(1.0, gt=0, description="CPUs reserved per actor; fractional is fine")
+    cpu_fallback: bool = Field(True, description="label on CPUs when gpus_per_actor > 0 but the cluster shows no "
+                               "GPU (false: wait for one, e.g. on an autoscaling cluster)")
+    torch_threads: Optional[int] = Field(None, ge=1, description="intra-op threads per CPU actor; none = "
+                                         "max(1, round(cpus_per_actor))")
+    rows_per_shard: int = Field(1024, ge=1, description="manifest rows per output shard (fixed for a dataset)")
+    decode_batch_size: Optional[int] = Field(None, ge=1, description="images per decode task batch; none = "
+                                             "labeler.batch_size")
+    cpus_per_decode_task: float = Field(1.0, gt=0, description="CPUs reserved per read+decode task")
+    read_threads: int = Field(8, ge=1, description="parallel image reads per decode batch (object storage)")
+    ship: Literal["uint8", "float32"] = Field("uint8", description="what decode tasks send to the labeler: "
+                                              "resized uint8 pixels (4x smaller; normalised in the actor) or "
+                                              "the transformed float tensor")
 
 
 class LabelsDataConfig(_Section):
-    manifest: str
-    image_root: Optional[str] = None
+    manifest: str = Field(..., description="LLaVA JSON/JSONL or Parquet manifest (local or s3://)")
+    image_root: Optional[str] = Field(None, description="folder (local or s3://) the manifest's image paths are "
+                                      "relative to; none = paths as given")
+    max_image_pixels: Optional[int] = Field(None, ge=1, description="decompression-bomb limit; none = PIL's "
+                                            "Image.MAX_IMAGE_PIXELS (~89.5 Mpx). Larger JPEGs are decoded "
+                                            "downscaled, other formats rejected")
 
 
 class LabelsConfig(_Section):
     job: Literal["labels"] = "labels"
     output: str = Field(..., description="labels dataset URI (local dir or s3://)")
+    seed: int = Field(0, description="seeds random-init towers so every actor (and every re-run) builds the same one")
     ray: RayConfig = RayConfig()
     model: ModelConfig = ModelConfig()
     data: LabelsDataConfig
@@ -482,6 +506,9 @@ def cross_field_problems(cfg: BaseModel) -> list[str]:
         bad = [t for t in cfg.labeler.templates if t.count("{}") != 1]
         if bad:
             problems.append(f"labeler.templates: each template needs exactly one '{{}}' (bad: {bad})")
+        if cfg.model.vision.backend == "hf" and cfg.model.vision.name == "custom":
+            problems.append("model.vision: labeling with the hf backend needs a saved CLIPModel dir with its "
+                            "tokenizer (vision.name=DIR); a random-init 'custom' hf tower has no tokenizer")
     if isinstance(cfg, EvalConfig):
         problems += _model_problems(cfg.model, "model")
     if isinstance(cfg, TuneConfig):

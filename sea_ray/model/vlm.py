@@ -99,12 +99,31 @@ class VLM(nn.Module):
         return out_emb, out_mask, out_lab, torch.tensor(offsets, device=input_ids.device)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: Optional[torch.Tensor] = None,
-                images: Optional[torch.Tensor] = None) -> dict:
+                images: Optional[torch.Tensor] = None, sea_pairs: Optional[tuple] = None,
+                sea_negatives: str = "local") -> dict:
+        """LM loss (and the SEA loss when ``sea_pairs = (image_index, patch_index, targets)`` is
+        given) plus the adapter output of every patch. The SEA loss is computed here, inside the
+        module, so a DDP wrapper sees every trainable parameter used in its forward."""
         visual = self.encode_images(images) if images is not None and images.shape[0] else None
         embeds, mask, labs, offsets = self.splice(input_ids, attention_mask, labels, visual)
         out = self.llm(inputs_embeds=embeds, attention_mask=mask, labels=labs, use_cache=False)
-        return {"loss_lm": out.loss, "logits": out.logits, "visual": visual, "image_offsets": offsets,
-                "labels": labs}
+        result = {"loss_lm": out.loss, "logits": out.logits, "visual": visual, "image_offsets": offsets,
+                  "labels": labs}
+        if sea_pairs is not None:
+            if self.sea_head is None:
+                raise ValueError("sea_pairs given but the model has no SEA head (sea.enabled=false)")
+            image_index, patch_index, targets = sea_pairs
+            chosen = visual[image_index, patch_index] if visual is not None else targets.new_zeros((0, targets.shape[-1]))
+            if sea_negatives == "global":
+                from sea_ray.sea import gather_features
+
+                all_visual, offset = gather_features(chosen)
+                all_targets, _ = gather_features(targets.to(chosen.dtype))
+                parts = self.sea_head(chosen, targets.to(chosen.dtype), all_visual, all_targets, rank_offset=offset)
+            else:
+                parts = self.sea_head(chosen, targets.to(chosen.dtype))
+            result.update(loss_sea=parts["loss"], sea_pairs=parts["num_pairs"], temperature=parts["temperature"])
+        return result
 
     # ------------------------------------------------------------------ stages
 

@@ -1,0 +1,382 @@
+"""The worker loop of both stages: setup -> loop -> save, top to bottom.
+
+``run_stage(cfg, io)`` is the whole recipe. ``io`` supplies what differs between a Ray Train
+worker (:class:`RayTrainIO`, used by ``train_loop``) and a plain process (:class:`LocalIO`, used
+by benchmarks and in-process tune trials): rank, device, the batches of an epoch, how to wrap the
+model, how to report. Stage differences are config plus one logged ``freeze(stage)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from typing import Callable, Iterable, Optional
+
+import numpy as np
+import torch
+
+from sea_ray import storage
+from sea_ray.train import checkpoint as ckpt
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- pieces
+
+
+def parse_config(raw: dict):
+    from sea_ray.config import AlignConfig, InstructConfig
+
+    return (AlignConfig if raw.get("job") == "align" else InstructConfig).model_validate(raw)
+
+
+def accumulation_steps(cfg, world_size: int) -> int:
+    per_step = cfg.batch.per_worker * world_size
+    if cfg.batch.global_size % per_step:
+        raise ValueError(f"global batch {cfg.batch.global_size} is not divisible by {per_step}")
+    return cfg.batch.global_size // per_step
+
+
+def total_steps(cfg, num_rows: int) -> int:
+    if cfg.optim.max_steps:
+        return cfg.optim.max_steps
+    return max(1, math.floor(cfg.optim.epochs * num_rows / cfg.batch.global_size))
+
+
+def lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
+    """Linear warm-up then cosine decay to zero (LLaVA's schedule)."""
+
+    def fn(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return fn
+
+
+def build_optimizer(model, cfg, steps: int):
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.optim.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
+    warmup = int(round(cfg.optim.warmup_ratio * steps))
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(warmup, steps))
+
+
+def sea_setup(model, cfg, device):
+    """(targets [V', D], vocab id -> target row [V], labels meta) for the labels' vocabulary.
+    Words the LLM cannot represent are reported once and never sampled."""
+    from sea_ray.checks import read_labels_meta
+    from sea_ray.sea import word_targets
+
+    meta = read_labels_meta(cfg.data.labels)
+    if meta is None:
+        raise FileNotFoundError(f"no labels metadata at {cfg.data.labels} (run `sea-ray labels` first)")
+    spec = model.vision.transform_spec()
+    if list(meta["grid"]) != list(spec["grid"]):
+        raise ValueError(f"labels grid {meta['grid']} != tower grid {spec['grid']}")
+    if meta.get("transform", spec) != spec:
+        raise ValueError(f"labels were computed on another image transform: {meta['transform']} != {spec}")
+    words = meta["vocab"]["words"]
+    targets, mapped, unmapped = word_targets(words, model.tokenizer, model.input_embedding_table())
+    if unmapped:
+        log.warning("%d of %d label words cannot be mapped to the LLM and are never sampled: %s",
+                    len(unmapped), len(words), ", ".join(unmapped[:20]))
+    row_of = torch.full((len(words),), -1, dtype=torch.long)
+    row_of[torch.as_tensor(mapped, dtype=torch.long)] = torch.arange(len(mapped))
+    return targets.to(device), row_of, meta
+
+
+def to_model_batch(batch: dict, pad_id: int, normalize, device) -> dict:
+    """A numpy batch of the training dataset -> tensors on ``device`` (``normalize``: the tower's
+    tensor transform, uint8 [B, H, W, 3] -> float [B, 3, H, W])."""
+    from sea_ray.constants import IGNORE_INDEX
+
+    n = len(batch["input_ids"])
+    length = max(len(x) for x in batch["input_ids"])
+    input_ids = torch.full((n, length), pad_id, dtype=torch.long)
+    labels = torch.full((n, length), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((n, length), dtype=torch.long)
+    for i, (ids, lab) in enumerate(zip(batch["input_ids"], batch["labels"])):
+        input_ids[i, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
+        labels[i, : len(lab)] = torch.as_tensor(lab, dtype=torch.long)
+        mask[i, : len(ids)] = 1
+    has_image = np.asarray(batch["has_image"], dtype=bool)
+    out = {"input_ids": input_ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device),
+           "images": normalize(batch["image"][has_image]).to(device) if has_image.any() else None,
+           "num_tokens": int(np.sum(batch["num_tokens"])), "num_samples": n}
+    if "label_ids" in batch:
+        rows = [i for i in range(n) if has_image[i]]
+        out["label_ids"] = torch.stack([torch.as_tensor(np.asarray(batch["label_ids"][i]), dtype=torch.long)
+                                        for i in rows])
+        out["label_scores"] = torch.stack([torch.as_tensor(np.asarray(batch["label_scores"][i]),
+                                                           dtype=torch.float32) for i in rows])
+        out["top_n"] = int(batch["top_n"][0])
+    return out
+
+
+def sea_pairs_for(batch: dict, row_of: torch.Tensor, targets: torch.Tensor, grid, cfg, generator):
+    """SEA pairs of one micro-batch: (image_index, patch_index, target vectors)."""
+    from sea_ray.sea import select_pairs
+
+    n_img, top_n = batch["label_ids"].shape[0], batch["top_n"]
+    ids = batch["label_ids"].view(n_img, -1, top_n)[..., : cfg.sea.top_n]
+    scores = batch["label_scores"].view(n_img, -1, top_n)[..., : cfg.sea.top_n]
+    rows = torch.where(ids >= 0, row_of[ids.clamp(min=0)], torch.full_like(ids, -1))
+    scores = torch.where(rows >= 0, scores, torch.zeros_like(scores))
+    image_index, patch_index, label = select_pairs(rows, scores, tuple(grid), cfg.sea.window, generator)
+    device = targets.device
+    return image_index.to(device), patch_index.to(device), targets[label.to(device)]
+
+
+def step_generator(seed: int, step: int, rank: int, micro: int) -> torch.Generator:
+    """Stateless per-(step, rank, micro-batch) randomness: a resumed run draws exactly the same."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1009 + rank) * 101 + micro)
+
+
+# --------------------------------------------------------------------------- the recipe
+
+
+def run_stage(cfg, io) -> dict:
+    """Train one stage. Returns the last metrics."""
+    from sea_ray.config import to_dict
+    from sea_ray.model.vlm import build_vlm
+    from sea_ray.sea import lambda_at
+
+    stage, device, rank = cfg.job, io.device, io.world_rank
+    use_sea = stage == "align" and cfg.sea.enabled
+
+    # ---- setup
+    torch.manual_seed(cfg.run.seed)  # identical initial weights on every worker
+    model = build_vlm(cfg.model, cfg.sea if stage == "align" else None)
+    if stage == "instruct" and cfg.init_adapter:
+        source = ckpt.resolve(cfg.init_adapter)
+        adapter = {k[len("adapter."):]: v for k, v in ckpt.load_model_state(source).items()
+                   if k.startswith("adapter.")}
+        model.adapter.load_state_dict(adapter)
+        log.info("adapter initialised from %s", source)
+    model.freeze(stage, train_vision=getattr(cfg, "train_vision", False))
+    if cfg.grad_checkpointing:
+        model.llm.gradient_checkpointing_enable()
+    spec = model.vision.transform_spec()
+    from sea_ray.data.images import split_transform, to_model_input
+
+    tensor_part = split_transform(model.vision.transform)[1]
+
+    def normalize(images_uint8):
+        return to_model_input(images_uint8, tensor_part)
+
+    targets = row_of = None
+    if use_sea:
+        targets, row_of, _ = sea_setup(model, cfg, device)
+    model.to(device)
+    accum = accumulation_steps(cfg, io.world_size)
+    steps = total_steps(cfg, io.num_rows)
+    optimizer, scheduler = build_optimizer(model, cfg, steps)
+    state = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "samples": 0}
+
+    latest = ckpt.latest_complete(io.run_uri)
+    if latest is not None:
+        saved = ckpt.load_checkpoint(latest)
+        missing = set(model.trainable_state_dict()) - set(saved["model"])
+        if missing:
+            raise ValueError(f"checkpoint {latest} lacks trainable tensors: {sorted(missing)[:5]}")
+        model.load_state_dict(saved["model"], strict=False)
+        optimizer.load_state_dict(saved["optimizer"]["optimizer"])
+        scheduler.load_state_dict(saved["optimizer"]["scheduler"])
+        state = saved["state"]
+        log.info("resumed from %s (step %d)", latest, state["step"])
+
+    wrapped = io.wrap(model, stage)
+    autocast = (torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+                if device.type == "cuda" and cfg.precision in ("auto", "bf16") else contextlib.nullcontext())
+    writer = io.tensorboard() if rank == 0 else None
+    pad_id = model.tokenizer.pad_token_id
+    metrics: dict = {}
+
+    def save(step: int):
+        train_state = dict(state)
+        with tempfile.TemporaryDirectory() as tmp:
+            if rank == 0:
+                ckpt.write_checkpoint(tmp, model.trainable_state_dict(),
+                                      {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+                                      train_state, to_dict(cfg), stage)
+            io.report(dict(metrics, step=step), tmp if rank == 0 else None, ckpt.step_dir_name(step))
+
+    # ---- loop
+    micro, window_start, window_samples, window_tokens = 0, time.perf_counter(), 0, 0
+    sums = {"loss_lm": 0.0, "loss_sea": 0.0, "sea_pairs": 0.0}
+    while state["step"] < steps:
+        seen = 0
+        for batch in io.batches(state["epoch"], state["batches_in_epoch"]):
+            seen += 1
+            b = to_model_batch(batch, pad_id, normalize, device)
+            pairs = None
+            if use_sea:
+                gen = step_generator(cfg.run.seed, state["step"], rank, micro)
+                pairs = sea_pairs_for(b, row_of, targets, spec["grid"], cfg, gen)
+            last_micro = micro == accum - 1
+            sync = contextlib.nullcontext() if last_micro or not hasattr(wrapped, "no_sync") else wrapped.no_sync()
+            with sync, autocast:
+                out = wrapped(b["input_ids"], b["attention_mask"], b["labels"], b["images"], sea_pairs=pairs,
+                              sea_negatives=cfg.sea.negatives if use_sea else "local")
+                lam = lambda_at(state["step"], steps, cfg.sea.weight, cfg.sea.schedule) if use_sea else 0.0
+                loss = out["loss_lm"] + (lam * out["loss_sea"] if use_sea else 0.0)
+                (loss / accum).backward()
+            sums["loss_lm"] += float(out["loss_lm"].detach()) / accum
+            if use_sea:
+                sums["loss_sea"] += float(out["loss_sea"].detach()) / accum
+                sums["sea_pairs"] += out["sea_pairs"]
+            window_samples += b["num_samples"]
+            window_tokens += b["num_tokens"]
+            state["batches_in_epoch"] += 1
+            micro += 1
+            if not last_micro:
+                continue
+            # ---- optimizer step
+            micro = 0
+            if cfg.optim.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                               cfg.optim.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state["step"] += 1
+            state["samples"] += cfg.batch.global_size
+            step = state["step"]
+            if step % cfg.log_every_n_steps == 0 or step == steps:
+                elapsed = time.perf_counter() - window_start
+                n_steps = cfg.log_every_n_steps if step % cfg.log_every_n_steps == 0 else step % cfg.log_every_n_steps
+                metrics = {"loss_lm": sums["loss_lm"] / n_steps, "lr": scheduler.get_last_lr()[0],
+                           "samples_per_s": window_samples * io.world_size / elapsed,
+                           "tokens_per_s": window_tokens * io.world_size / elapsed, "epoch": state["epoch"]}
+                if use_sea:
+                    metrics.update(loss_sea=sums["loss_sea"] / n_steps, lambda_sea=lam,
+                                   temperature=float(out["temperature"]), sea_pairs=sums["sea_pairs"] / n_steps)
+                if writer is not None:
+                    for key, value in metrics.items():
+                        writer.add_scalar(f"train/{key}", value, step)
+                    writer.flush()
+                sums = dict.fromkeys(sums, 0.0)
+                window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
+                if step % cfg.checkpoint.every_n_steps and step != steps:
+                    io.report(dict(metrics, step=step), None, None)
+            if step % cfg.checkpoint.every_n_steps == 0 or step == steps:
+                save(step)
+            if step >= steps:
+                break
+        else:
+            if seen == 0 and state["batches_in_epoch"] == 0:
+                from sea_ray.errors import DataError
+
+                raise DataError(f"worker {rank} got no full batch of {cfg.batch.per_worker} samples in an epoch")
+            # an epoch ends on an optimizer step: drop a partial accumulation (same on every run)
+            optimizer.zero_grad(set_to_none=True)
+            micro = 0
+            state["epoch"] += 1
+            state["batches_in_epoch"] = 0
+            continue
+        break
+    if writer is not None:
+        writer.close()
+        io.sync_tensorboard()
+    return metrics
+
+
+# --------------------------------------------------------------------------- I/O adapters
+
+
+class _TensorBoardMixin:
+    run_uri: str
+    _tb_local: Optional[str] = None
+
+    def tensorboard(self):
+        from torch.utils.tensorboard import SummaryWriter
+
+        if storage.is_remote(self.run_uri):
+            self._tb_local = tempfile.mkdtemp(prefix="sea-tb-")
+            return SummaryWriter(self._tb_local)
+        path = os.path.join(storage.local_copy(self.run_uri), "tensorboard")
+        return SummaryWriter(path)
+
+    def sync_tensorboard(self):
+        """Copy event files written locally (remote run storage) into the run folder."""
+        if self._tb_local:
+            fs, path = storage.fsspec_fs(self.run_uri)
+            fs.put(self._tb_local.rstrip("/") + "/", f"{path}/tensorboard/", recursive=True)
+            shutil.rmtree(self._tb_local, ignore_errors=True)
+
+
+class RayTrainIO(_TensorBoardMixin):
+    """Inside a Ray Train worker."""
+
+    def __init__(self, run_uri: str, num_rows: int, per_worker: int, seed: int):
+        import ray.train
+        import ray.train.torch
+
+        ctx = ray.train.get_context()
+        self.world_rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.shard = ray.train.get_dataset_shard("train")
+        self.run_uri, self.num_rows, self.per_worker, self.seed = run_uri, num_rows, per_worker, seed
+
+    def batches(self, epoch: int, skip: int) -> Iterable[dict]:
+        it = self.shard.iter_batches(batch_size=self.per_worker, batch_format="numpy", drop_last=True,
+                                     prefetch_batches=2, local_shuffle_buffer_size=4 * self.per_worker,
+                                     local_shuffle_seed=self.seed * 7919 + epoch * 31 + self.world_rank)
+        for i, batch in enumerate(it):
+            if i >= skip:  # a resumed run skips what it already consumed (same order on every run)
+                yield batch
+
+    def wrap(self, model, stage: str):
+        import ray.train.torch
+
+        if self.world_size == 1:
+            return model
+        strategy = "fsdp" if (stage == "instruct" and self.device.type == "cuda") else "ddp"
+        kwargs = {"use_orig_params": True} if strategy == "fsdp" else {"find_unused_parameters": False}
+        return ray.train.torch.prepare_model(model, move_to_device=False, parallel_strategy=strategy,
+                                             parallel_strategy_kwargs=kwargs)
+
+    def report(self, metrics: dict, checkpoint_dir: Optional[str], name: Optional[str]):
+        import ray.train
+
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name if checkpoint else None)
+
+
+class LocalIO(_TensorBoardMixin):
+    """A plain single process (benchmarks, in-process tune trials): same recipe, no Ray Train."""
+
+    def __init__(self, run_uri: str, num_rows: int, batches: Callable[[int, int], Iterable[dict]],
+                 on_report: Optional[Callable[[dict], None]] = None, device: str = "cpu"):
+        self.world_rank, self.world_size = 0, 1
+        self.device = torch.device(device)
+        self.run_uri, self.num_rows, self._batches, self._on_report = run_uri, num_rows, batches, on_report
+
+    def batches(self, epoch: int, skip: int) -> Iterable[dict]:
+        return self._batches(epoch, skip)
+
+    def wrap(self, model, stage: str):
+        return model
+
+    def report(self, metrics: dict, checkpoint_dir: Optional[str], name: Optional[str]):
+        if checkpoint_dir and name:
+            fs, path = storage.fsspec_fs(storage.join(self.run_uri, name))
+            fs.put(checkpoint_dir.rstrip("/") + "/", path + "/", recursive=True)
+        if self._on_report:
+            self._on_report(metrics)
+
+
+def train_loop(loop_config: dict) -> None:
+    """Ray Train worker entry point."""
+    logging.basicConfig(level=logging.INFO)
+    cfg = parse_config(loop_config["cfg"])
+    io = RayTrainIO(loop_config["run_uri"], loop_config["num_rows"], cfg.batch.per_worker, cfg.run.seed)
+    run_stage(cfg, io)
