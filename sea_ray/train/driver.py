@@ -51,11 +51,15 @@ def run(cfg) -> dict:
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from sea_ray.checks import tower_image_size
+    from sea_ray.checks import job_problems, tower_image_size
+    from sea_ray.errors import ConfigError
     from sea_ray.runtime import init_ray
     from sea_ray.train.data import build_dataset
     from sea_ray.train.loop import accumulation_steps, total_steps, train_loop
 
+    problems = job_problems(cfg)
+    if problems:
+        raise ConfigError(problems)
     init_ray(cfg.ray)
     (image_size, _), _ = tower_image_size(cfg.model.vision)
     dataset, num_rows = build_dataset(cfg, image_size, cfg.data.preprocess_actors, cfg.data.preprocess_cpus)

@@ -1,0 +1,187 @@
+"""The training recipes on Ray Train: align -> instruct with 2 CPU workers, checkpoints on
+local disk and in an S3 bucket, a killed worker, a stopped driver, half-written checkpoints."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from sea_ray import storage
+from sea_ray.config import validate
+from sea_ray.train import checkpoint as ckpt
+from sea_ray.train.driver import run
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+STEPS, EVERY = 8, 4
+
+
+@pytest.fixture(scope="module")
+def labelled_world(world_dir, tmp_path_factory):
+    """The session world plus oracle labels (ground-truth patch words in the labels schema)."""
+    from tests.oracle import write_oracle_labels
+    from sea_ray.model.vision import build_vision_tower
+
+    cfg = _align_cfg(world_dir, "unused", "unused")
+    labels = str(tmp_path_factory.mktemp("labels"))
+    write_oracle_labels(world_dir, labels, 8, build_vision_tower(cfg.model.vision).transform_spec())
+    return world_dir, labels
+
+
+def _align_raw(world, labels, storage_uri, name="align", **extra):
+    raw = {"job": "align", "model": {"preset": "tiny-openclip-llama"},
+           "run": {"name": name, "storage": storage_uri, "seed": 3},
+           "data": {"manifest": f"{world}/train/pretrain.json", "image_root": f"{world}/images", "labels": labels,
+                    "max_length": 48},
+           "scaling": {"num_workers": 2}, "batch": {"global_size": 8, "per_worker": 4},
+           "optim": {"max_steps": STEPS, "lr": 2e-3}, "checkpoint": {"every_n_steps": EVERY, "num_to_keep": None},
+           "sea": {"top_n": 3}, "log_every_n_steps": 2}
+    for key, value in extra.items():
+        raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
+    return raw
+
+
+def _align_cfg(world, labels, storage_uri, **extra):
+    return validate(_align_raw(world, labels, storage_uri, **extra))
+
+
+def _adapter(uri):
+    state = ckpt.load_model_state(ckpt.resolve(uri))
+    return {k: v for k, v in state.items() if k.startswith("adapter.")}
+
+
+@pytest.fixture(scope="module")
+def reference(ray_local, labelled_world, tmp_path_factory):
+    """An uninterrupted 2-worker align run: the yardstick of the fault-tolerance tests."""
+    world, labels = labelled_world
+    runs = str(tmp_path_factory.mktemp("runs"))
+    summary = run(_align_cfg(world, labels, runs, name="reference"))
+    return summary
+
+
+def test_align_run_writes_complete_checkpoints_and_metrics(reference):
+    run_dir = reference["run"]
+    steps = [s for s, _ in ckpt.list_checkpoints(run_dir)]
+    assert steps == [EVERY, STEPS]
+    loaded = ckpt.load_checkpoint(reference["checkpoint"])
+    assert loaded["state"]["step"] == STEPS and loaded["meta"]["stage"] == "align"
+    assert set(loaded["model"]) == {"adapter.0.weight", "adapter.0.bias", "adapter.2.weight", "adapter.2.bias",
+                                    "sea_head.log_inv_temperature"}
+    assert loaded["config"]["sea"]["enabled"] is True
+    for key in ("loss_lm", "loss_sea", "temperature", "lambda_sea", "lr", "samples_per_s", "tokens_per_s"):
+        assert key in reference["metrics"]
+    assert reference["metrics"]["lr"] == pytest.approx(0.0, abs=1e-9)  # cosine reached its end
+    assert list(Path(run_dir, "tensorboard").glob("events.out.tfevents.*"))
+    assert json.loads(Path(run_dir, "config.json").read_text())["run"]["name"] == "reference"
+
+
+def test_killed_worker_resumes_and_matches_uninterrupted_run(reference, labelled_world, tmp_path):
+    """SIGKILL one Train worker after the first checkpoint; FailureConfig restarts the group,
+    which resumes from that checkpoint; the final adapter equals the uninterrupted one."""
+    import psutil
+
+    world, labels = labelled_world
+    cfg = _align_cfg(world, labels, str(tmp_path), name="killed", max_failures=1)
+    first = Path(tmp_path, "killed", ckpt.step_dir_name(EVERY))
+    killed = []
+
+    def killer():
+        deadline = time.time() + 240
+        while time.time() < deadline and not killed:
+            if ckpt.is_complete(str(first)):
+                for proc in psutil.process_iter(["cmdline"]):
+                    if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []):
+                        proc.send_signal(signal.SIGKILL)
+                        killed.append(proc.pid)
+                        return
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    summary = run(cfg)
+    thread.join(timeout=1)
+    assert killed, "no Train worker was killed: the run ended before its first checkpoint was seen"
+    assert summary["checkpoint"].endswith(ckpt.step_dir_name(STEPS))
+    got, want = _adapter(summary["run"]), _adapter(reference["run"])
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-6)
+
+
+def test_stopped_driver_resumes_in_place(reference, labelled_world, tmp_path, ray_local):
+    """Kill the driver process after its first checkpoint, run the same config again: it resumes
+    from the newest complete checkpoint and ends where the uninterrupted run ends."""
+    import yaml
+
+    world, labels = labelled_world
+    raw = _align_raw(world, labels, str(tmp_path), name="stopped")
+    path = tmp_path / "align.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address,
+               PYTHONPATH=str(Path(__file__).parents[1]))
+    proc = subprocess.Popen([sys.executable, "-m", "sea_ray.cli", "align", "--config", str(path)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = Path(tmp_path, "stopped", ckpt.step_dir_name(EVERY))
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not ckpt.is_complete(str(first)):
+        time.sleep(0.02)
+    assert proc.poll() is None, "the driver finished before it could be stopped"
+    proc.kill()
+    proc.wait()
+    assert not ckpt.is_complete(str(Path(tmp_path, "stopped", ckpt.step_dir_name(STEPS))))
+    time.sleep(1.0)  # let Ray reap the dead driver's controller
+    summary = run(validate(raw))
+    got, want = _adapter(summary["run"]), _adapter(reference["run"])
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-6)
+
+
+def test_half_written_checkpoints_are_never_used(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    good = run_dir / ckpt.step_dir_name(4)
+    ckpt.write_checkpoint(str(good), {"adapter.w": torch.ones(2)}, None, {"step": 4}, {}, "align")
+    # a newer folder without its marker, and one whose weights were cut short after the marker
+    no_marker = run_dir / ckpt.step_dir_name(8)
+    ckpt.write_checkpoint(str(no_marker), {"adapter.w": torch.zeros(2)}, None, {"step": 8}, {}, "align")
+    (no_marker / ckpt.COMPLETE).unlink()
+    truncated = run_dir / ckpt.step_dir_name(12)
+    ckpt.write_checkpoint(str(truncated), {"adapter.w": torch.zeros(2)}, None, {"step": 12}, {}, "align")
+    data = (truncated / ckpt.MODEL_FILE).read_bytes()
+    (truncated / ckpt.MODEL_FILE).write_bytes(data[: len(data) // 2])
+    assert [s for s, _ in ckpt.list_checkpoints(str(run_dir))] == [4, 8, 12]
+    assert ckpt.latest_complete(str(run_dir)) == str(good)
+    assert ckpt.resolve(str(run_dir)) == str(good)
+    with pytest.raises(FileNotFoundError, match="incomplete"):
+        ckpt.resolve(str(truncated))
+    torch.testing.assert_close(ckpt.load_model_state(str(good))["adapter.w"], torch.ones(2))
+
+
+def test_align_to_s3_then_instruct_from_its_adapter(labelled_world, s3_bucket, ray_local):
+    world, labels = labelled_world
+    runs = f"{s3_bucket}/runs"
+    align = run(_align_cfg(world, labels, runs, name="s3-align",
+                           optim={"max_steps": 4}, checkpoint={"every_n_steps": 2}))
+    assert align["checkpoint"] == f"{runs}/s3-align/{ckpt.step_dir_name(4)}"
+    assert ckpt.is_complete(align["checkpoint"])
+    fs, path = storage.fsspec_fs(f"{runs}/s3-align/tensorboard")
+    assert any("tfevents" in p for p in fs.find(path))
+    instruct = run(validate({
+        "job": "instruct", "model": {"preset": "tiny-openclip-llama"}, "init_adapter": f"{runs}/s3-align",
+        "run": {"name": "s3-instruct", "storage": runs},
+        "data": {"manifest": f"{world}/train/instruct.json", "image_root": f"{world}/images", "max_length": 96},
+        "scaling": {"num_workers": 2}, "batch": {"global_size": 8, "per_worker": 4},
+        "optim": {"max_steps": 3}, "checkpoint": {"every_n_steps": 3}}))
+    saved = ckpt.load_checkpoint(instruct["checkpoint"])
+    assert saved["meta"]["stage"] == "instruct"
+    assert any(k.startswith("llm.") for k in saved["model"]) and any(k.startswith("adapter.") for k in saved["model"])
+    assert not any(k.startswith("vision.") for k in saved["model"])
+    # the adapter started from the align checkpoint, then moved
+    start = _adapter(align["checkpoint"])
+    assert any(not torch.equal(saved["model"][k], start[k]) for k in start)
+    assert "loss_sea" not in instruct["metrics"] and instruct["metrics"]["loss_lm"] > 0
