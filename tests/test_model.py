@@ -175,3 +175,13 @@ def test_world_tokenizer_keeps_world_words_whole(tiny):
     tok = tiny.tokenizer
     whole = [w for w in world_words() if len(tok(" " + w, add_special_tokens=False).input_ids) == 1]
     assert len(whole) == len(world_words())
+
+
+def test_frozen_modules_stay_in_eval_mode(tiny):
+    model = copy.deepcopy(tiny)
+    model.freeze("align")
+    model.train()
+    assert model.adapter.training and not model.llm.training and not model.vision.training
+    model.freeze("instruct")
+    model.train()
+    assert model.llm.training and not model.vision.training

@@ -141,12 +141,22 @@ class VLM(nn.Module):
         }
         if self.sea_head is not None:
             plan["sea_head"] = stage == "align" and getattr(self.sea_head, "learnable", True)
+        self._plan = plan
+        self.train(self.training)
         for name, trainable in plan.items():
             getattr(self, name).requires_grad_(trainable)
             n = sum(p.numel() for p in getattr(self, name).parameters())
             log.info("stage %s: %-8s %-9s (%s parameters)", stage, name, "trainable" if trainable else "frozen",
                      f"{n:,}")
         return plan
+
+    def train(self, mode: bool = True):
+        """Frozen modules stay in eval mode (no dropout, fixed norms) whatever ``mode`` is."""
+        super().train(mode)
+        for name, trainable in getattr(self, "_plan", {}).items():
+            if not trainable:
+                getattr(self, name).eval()
+        return self
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Only the trainable modules' tensors: what a checkpoint holds."""

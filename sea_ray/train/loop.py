@@ -143,8 +143,9 @@ def step_generator(seed: int, step: int, rank: int, micro: int) -> torch.Generat
 # --------------------------------------------------------------------------- the recipe
 
 
-def run_stage(cfg, io) -> dict:
-    """Train one stage. Returns the last metrics."""
+def run_stage(cfg, io, evaluate: Optional[Callable[[object, int], dict]] = None) -> dict:
+    """Train one stage. Returns the last metrics. ``evaluate(model, step)``, when given, runs at
+    every logging step and its metrics join the report (validation metrics for Tune)."""
     from sea_ray.config import to_dict
     from sea_ray.model.vlm import build_vlm
     from sea_ray.sea import lambda_at
@@ -259,6 +260,11 @@ def run_stage(cfg, io) -> dict:
                 if use_sea:
                     metrics.update(loss_sea=sums["loss_sea"] / n_steps, lambda_sea=lam,
                                    temperature=float(out["temperature"]), sea_pairs=sums["sea_pairs"] / n_steps)
+                if evaluate is not None:
+                    model.eval()
+                    with torch.no_grad():
+                        metrics.update(evaluate(model, step))
+                    model.train()
                 if writer is not None:
                     for key, value in metrics.items():
                         writer.add_scalar(f"train/{key}", value, step)
