@@ -57,6 +57,14 @@ PRESETS: dict[str, dict] = {
     "tiny-openclip-qwen2": {"vision": _TINY_OPEN_CLIP, "adapter": {"type": "mlp2x_gelu"}, "llm": _TINY_QWEN2},
     "tiny-hfclip-llama": {"vision": _TINY_HF_CLIP, "adapter": {"type": "mlp2x_gelu"}, "llm": _TINY_LLAMA},
     "tiny-hfclip-qwen2": {"vision": _TINY_HF_CLIP, "adapter": {"type": "mlp2x_gelu"}, "llm": _TINY_QWEN2},
+    # mid-size, random weights, for CPU benchmarks: ViT-B/32 (7 x 7 patches) + a ~100M Llama
+    "bench-vitb32-llama100m": {
+        "vision": {"backend": "open_clip", "name": "ViT-B-32"},
+        "adapter": {"type": "mlp2x_gelu"},
+        "llm": {"config": {"model_type": "llama", "hidden_size": 768, "intermediate_size": 3072,
+                           "num_hidden_layers": 11, "num_attention_heads": 12, "num_key_value_heads": 12,
+                           "max_position_embeddings": 1024}, "tokenizer": "world"},
+    },
     # the paper's combinations (LLaVA-1.5 recipe: CLIP ViT-L/14-336, 24 x 24 patches, mlp2x_gelu)
     "clip-l336-vicuna7b": {"vision": _CLIP_L336, "adapter": {"type": "mlp2x_gelu"},
                            "llm": {"name_or_path": "lmsys/vicuna-7b-v1.5"}},

@@ -1,37 +1,3 @@
-"""Test helper: a labels dataset built from the synthetic world's ground truth ("oracle" labels),
-in the exact schema the labels job writes, so training tests do not depend on a CLIP run."""
+"""Test helper: re-exports the library's oracle labels writer."""
 
-import json
-
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
-
-from sea_ray import storage
-from sea_ray.data.world import load_ground_truth, patch_ground_truth, patch_words
-from sea_ray.labels.schema import LABELS_SCHEMA, SCHEMA_VERSION
-
-
-def write_oracle_labels(world_dir, out: str, grid: int, transform: dict, top_n: int = 3, split: str = "train"):
-    words = patch_words()
-    index = {w: i for i, w in enumerate(words)}
-    rows = []
-    for record in load_ground_truth(world_dir):
-        if record["split"] != split:
-            continue
-        truth = patch_ground_truth(record, grid, grid)
-        ids = np.full((grid * grid, top_n), -1, dtype=np.int32)
-        scores = np.zeros((grid * grid, top_n), dtype=np.float16)
-        for p, patch in enumerate(truth):
-            for j, word in enumerate(patch[:top_n]):
-                ids[p, j], scores[p, j] = index[word], 1.0
-        rows.append({"image_id": record["id"], "grid_h": grid, "grid_w": grid, "top_n": top_n,
-                     "label_ids": ids.ravel(), "label_scores": scores.ravel()})
-    fs, path = storage.pyarrow_fs(storage.join(out, "shards"))
-    fs.create_dir(path, recursive=True)
-    pq.write_table(pa.Table.from_pylist(rows, schema=LABELS_SCHEMA), f"{path}/shard-00000.parquet", filesystem=fs)
-    meta = {"schema_version": SCHEMA_VERSION, "vocab": {"words": words, "hash": "oracle"}, "grid": [grid, grid],
-            "top_n": top_n, "transform": transform, "counts": {"images": len(rows)}}
-    storage.write_text(storage.join(out, "_meta.json"), json.dumps(meta))
-    storage.mark_complete(out)
-    return len(rows)
+from sea_ray.labels.oracle import write_oracle_labels  # noqa: F401
