@@ -142,7 +142,7 @@ def test_stopped_driver_resumes_in_place(reference, labelled_world, tmp_path, ra
         torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-6)
 
 
-def test_half_written_checkpoints_are_never_used(reference, tmp_path):
+def test_half_written_checkpoints_are_never_used(tmp_path):
     run_dir = tmp_path / "run"
     good = run_dir / ckpt.step_dir_name(4)
     ckpt.write_checkpoint(str(good), {"adapter.w": torch.ones(2)}, None, {"step": 4}, {}, "align")
@@ -165,8 +165,9 @@ def test_half_written_checkpoints_are_never_used(reference, tmp_path):
 def test_align_to_s3_then_instruct_from_its_adapter(labelled_world, s3_bucket, ray_local):
     world, labels = labelled_world
     runs = f"{s3_bucket}/runs"
-    align = run(_align_cfg(world, labels, runs, name="s3-align",
-                           optim={"max_steps": 4}, checkpoint={"every_n_steps": 2}))
+    align = run(_align_cfg(world, labels, runs, name="s3-align", optim={"max_steps": 4},
+                           checkpoint={"every_n_steps": 2}, sea={"top_n": 3, "negatives": "global"}))
+    assert align["metrics"]["sea_pairs"] > 0 and align["metrics"]["loss_sea"] > 0
     assert align["checkpoint"] == f"{runs}/s3-align/{ckpt.step_dir_name(4)}"
     assert ckpt.is_complete(align["checkpoint"])
     fs, path = storage.fsspec_fs(f"{runs}/s3-align/tensorboard")
@@ -185,3 +186,20 @@ def test_align_to_s3_then_instruct_from_its_adapter(labelled_world, s3_bucket, r
     start = _adapter(align["checkpoint"])
     assert any(not torch.equal(saved["model"][k], start[k]) for k in start)
     assert "loss_sea" not in instruct["metrics"] and instruct["metrics"]["loss_lm"] > 0
+
+
+def test_scale_out_semantics_and_schedule():
+    from types import SimpleNamespace
+
+    from sea_ray.train.loop import accumulation_steps, lr_lambda, total_steps
+
+    cfg = SimpleNamespace(batch=SimpleNamespace(global_size=256, per_worker=16),
+                          optim=SimpleNamespace(max_steps=None, epochs=1.0))
+    # the global batch is fixed: accumulation absorbs the number of workers
+    assert [accumulation_steps(cfg, w) * w * 16 for w in (1, 2, 8)] == [256, 256, 256]
+    assert [accumulation_steps(cfg, w) for w in (1, 2, 8)] == [16, 8, 2]
+    with pytest.raises(ValueError, match="not divisible"):
+        accumulation_steps(cfg, 3)
+    assert total_steps(cfg, 558_128) == 2180  # LCS-558K, one epoch at 256
+    fn = lr_lambda(warmup=3, total=13)
+    assert [round(fn(s), 3) for s in (0, 2, 3, 8, 13)] == [0.333, 1.0, 1.0, 0.5, 0.0]
