@@ -177,7 +177,7 @@ def test_align_to_s3_then_instruct_from_its_adapter(labelled_world, s3_bucket, r
         "run": {"name": "s3-instruct", "storage": runs},
         "data": {"manifest": f"{world}/train/instruct.json", "image_root": f"{world}/images", "max_length": 96},
         "scaling": {"num_workers": 2}, "batch": {"global_size": 8, "per_worker": 4},
-        "optim": {"max_steps": 3}, "checkpoint": {"every_n_steps": 3}}))
+        "optim": {"max_steps": 3}, "checkpoint": {"every_n_steps": 3}, "strategy": "fsdp"}))
     saved = ckpt.load_checkpoint(instruct["checkpoint"])
     assert saved["meta"]["stage"] == "instruct"
     assert any(k.startswith("llm.") for k in saved["model"]) and any(k.startswith("adapter.") for k in saved["model"])

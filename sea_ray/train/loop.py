@@ -135,6 +135,52 @@ def sea_pairs_for(batch: dict, row_of: torch.Tensor, targets: torch.Tensor, grid
     return image_index.to(device), patch_index.to(device), targets[label.to(device)]
 
 
+def resolve_strategy(cfg, device) -> str:
+    """ddp for align; for instruct FSDP on GPUs (``auto``) or as configured (FSDP2 also runs on CPU)."""
+    choice = getattr(cfg, "strategy", "ddp")
+    if choice == "auto":
+        return "fsdp" if device.type == "cuda" else "ddp"
+    return choice
+
+
+def gradient_sync(wrapped, strategy: str, sync: bool):
+    """Skip the gradient all-reduce on accumulation micro-steps."""
+    if strategy == "fsdp" and hasattr(wrapped, "set_requires_gradient_sync"):
+        wrapped.set_requires_gradient_sync(sync)
+        return contextlib.nullcontext()
+    if not sync and hasattr(wrapped, "no_sync"):
+        return wrapped.no_sync()
+    return contextlib.nullcontext()
+
+
+def shard_fsdp(model) -> None:
+    """FSDP2: shard every LLM decoder layer, then the whole model (frozen parts included).
+    Scalar parameters (open_clip's unused logit_scale) cannot be sharded and stay replicated."""
+    from torch.distributed.fsdp import fully_shard
+
+    scalars = {p for p in model.parameters() if p.ndim == 0}
+    layers = getattr(getattr(model.llm, "model", None), "layers", None)
+    for layer in layers or []:
+        fully_shard(layer)
+    fully_shard(model, ignored_params=scalars or None)
+
+
+def full_state(model, optimizer) -> tuple[dict, dict]:
+    """Full (unsharded) model and optimizer state, keyed by parameter names, on CPU. A collective
+    under FSDP; plain state dicts otherwise."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def load_optimizer_state(model, optimizer, state: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
 def step_generator(seed: int, step: int, rank: int, micro: int) -> torch.Generator:
     """Stateless per-(step, rank, micro-batch) randomness: a resumed run draws exactly the same."""
     return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1009 + rank) * 101 + micro)
@@ -179,22 +225,24 @@ def run_stage(cfg, io, evaluate: Optional[Callable[[object, int], dict]] = None)
     model.to(device)
     accum = accumulation_steps(cfg, io.world_size)
     steps = total_steps(cfg, io.num_rows)
-    optimizer, scheduler = build_optimizer(model, cfg, steps)
     state = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "samples": 0}
-
+    trainable_keys = set(model.trainable_state_dict())
     latest = ckpt.latest_complete(io.run_uri)
-    if latest is not None:
-        saved = ckpt.load_checkpoint(latest)
-        missing = set(model.trainable_state_dict()) - set(saved["model"])
+    saved = ckpt.load_checkpoint(latest) if latest is not None else None
+    if saved is not None:
+        missing = trainable_keys - set(saved["model"])
         if missing:
             raise ValueError(f"checkpoint {latest} lacks trainable tensors: {sorted(missing)[:5]}")
         model.load_state_dict(saved["model"], strict=False)
-        optimizer.load_state_dict(saved["optimizer"]["optimizer"])
+
+    strategy = resolve_strategy(cfg, device)
+    wrapped = io.wrap(model, strategy)  # FSDP shards `model` in place; DDP wraps it
+    optimizer, scheduler = build_optimizer(model, cfg, steps)
+    if saved is not None:
+        load_optimizer_state(model, optimizer, saved["optimizer"]["optimizer"])
         scheduler.load_state_dict(saved["optimizer"]["scheduler"])
         state = saved["state"]
         log.info("resumed from %s (step %d)", latest, state["step"])
-
-    wrapped = io.wrap(model, stage)
     autocast = (torch.autocast(device_type="cuda", dtype=torch.bfloat16)
                 if device.type == "cuda" and cfg.precision in ("auto", "bf16") else contextlib.nullcontext())
     writer = io.tensorboard() if rank == 0 else None
@@ -202,12 +250,13 @@ def run_stage(cfg, io, evaluate: Optional[Callable[[object, int], dict]] = None)
     metrics: dict = {}
 
     def save(step: int):
-        train_state = dict(state)
+        # every rank takes part: under FSDP gathering the full state is a collective
+        model_state, optim_state = full_state(model, optimizer)
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:
-                ckpt.write_checkpoint(tmp, model.trainable_state_dict(),
-                                      {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-                                      train_state, to_dict(cfg), stage)
+                ckpt.write_checkpoint(tmp, {k: v for k, v in model_state.items() if k in trainable_keys},
+                                      {"optimizer": optim_state, "scheduler": scheduler.state_dict()},
+                                      dict(state), to_dict(cfg), stage)
             io.report(dict(metrics, step=step), tmp if rank == 0 else None, ckpt.step_dir_name(step))
 
     # ---- loop
@@ -223,7 +272,7 @@ def run_stage(cfg, io, evaluate: Optional[Callable[[object, int], dict]] = None)
                 gen = step_generator(cfg.run.seed, state["step"], rank, micro)
                 pairs = sea_pairs_for(b, row_of, targets, spec["grid"], cfg, gen)
             last_micro = micro == accum - 1
-            sync = contextlib.nullcontext() if last_micro or not hasattr(wrapped, "no_sync") else wrapped.no_sync()
+            sync = gradient_sync(wrapped, strategy, last_micro)
             with sync, autocast:
                 out = wrapped(b["input_ids"], b["attention_mask"], b["labels"], b["images"], sea_pairs=pairs,
                               sea_negatives=cfg.sea.negatives if use_sea else "local")
@@ -340,15 +389,16 @@ class RayTrainIO(_TensorBoardMixin):
             if i >= skip:  # a resumed run skips what it already consumed (same order on every run)
                 yield batch
 
-    def wrap(self, model, stage: str):
+    def wrap(self, model, strategy: str):
         import ray.train.torch
 
         if self.world_size == 1:
             return model
-        strategy = "fsdp" if (stage == "instruct" and self.device.type == "cuda") else "ddp"
-        kwargs = {"use_orig_params": True} if strategy == "fsdp" else {"find_unused_parameters": False}
-        return ray.train.torch.prepare_model(model, move_to_device=False, parallel_strategy=strategy,
-                                             parallel_strategy_kwargs=kwargs)
+        if strategy == "fsdp":
+            shard_fsdp(model)
+            return model
+        return ray.train.torch.prepare_model(model, move_to_device=False, parallel_strategy="ddp",
+                                             parallel_strategy_kwargs={"find_unused_parameters": False})
 
     def report(self, metrics: dict, checkpoint_dir: Optional[str], name: Optional[str]):
         import ray.train
@@ -369,7 +419,7 @@ class LocalIO(_TensorBoardMixin):
     def batches(self, epoch: int, skip: int) -> Iterable[dict]:
         return self._batches(epoch, skip)
 
-    def wrap(self, model, stage: str):
+    def wrap(self, model, strategy: str):
         return model
 
     def report(self, metrics: dict, checkpoint_dir: Optional[str], name: Optional[str]):
