@@ -20,7 +20,7 @@ from sea_ray.train.driver import run
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-STEPS, EVERY = 8, 4
+STEPS, EVERY = 6, 3  # 6 x 8 samples = one epoch of the 48-image train split
 
 
 @pytest.fixture(scope="module")
