@@ -27,6 +27,19 @@ def worker_env() -> dict[str, str]:
     return {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
 
 
+def _submitted_job_env():
+    """The env vars of this driver's Ray job runtime env, or None when not a submitted job."""
+    import json
+
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return None
+    try:
+        return (json.loads(raw).get("runtime_env") or {}).get("env_vars") or {}
+    except ValueError:
+        return {}
+
+
 def init_ray(ray_cfg=None, quiet: bool = False):
     """Connect to (or start) Ray unless this process already did; returns the ray module."""
     import ray
@@ -35,6 +48,11 @@ def init_ray(ray_cfg=None, quiet: bool = False):
         return ray
     address = getattr(ray_cfg, "address", None) or os.environ.get("RAY_ADDRESS")
     kwargs = {"runtime_env": {"env_vars": worker_env()}, "log_to_driver": not quiet}
+    job_env = _submitted_job_env()
+    if job_env is not None:
+        # Inside a submitted Ray job the job's runtime env already reaches every worker; passing
+        # the same names again makes Ray refuse the merge (and print their values).
+        kwargs["runtime_env"]["env_vars"] = {k: v for k, v in worker_env().items() if k not in job_env}
     if address:
         log.info("connecting to the Ray cluster at %s", address)
         ray.init(address=address, **kwargs)

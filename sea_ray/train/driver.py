@@ -46,6 +46,28 @@ def _progress_callback(total: int, desc: str):
     return Progress()
 
 
+def _absolute(uri):
+    return uri if uri is None or storage.is_remote(uri) else os.path.abspath(uri)
+
+
+def absolute_paths(cfg):
+    """Local paths made absolute: Ray Train workers run in their own working directory."""
+    data = cfg.data.model_copy(update={k: _absolute(getattr(cfg.data, k))
+                                       for k in ("manifest", "image_root", "labels", "val_manifest")})
+    update = {"data": data, "run": cfg.run.model_copy(update={"storage": _absolute(cfg.run.storage)})}
+    if getattr(cfg, "init_adapter", None):
+        update["init_adapter"] = _absolute(cfg.init_adapter)
+    model = cfg.model
+    for section, key in (("vision", "weights"), ("vision", "name"), ("llm", "name_or_path"), ("llm", "tokenizer")):
+        value = getattr(getattr(model, section), key)
+        if value and value not in ("custom", "world") and not storage.is_remote(value) and os.path.exists(value):
+            # local dirs and files become absolute; hub ids and names stay as they are
+            model = model.model_copy(update={section: getattr(model, section).model_copy(
+                update={key: os.path.abspath(value)})})
+    update["model"] = model
+    return cfg.model_copy(update=update)
+
+
 def run(cfg) -> dict:
     """Train ``cfg`` (an AlignConfig or InstructConfig) on Ray Train; returns a summary."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
@@ -57,6 +79,7 @@ def run(cfg) -> dict:
     from sea_ray.train.data import build_dataset
     from sea_ray.train.loop import accumulation_steps, total_steps, train_loop
 
+    cfg = absolute_paths(cfg)
     problems = job_problems(cfg)
     if problems:
         raise ConfigError(problems)

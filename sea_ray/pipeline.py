@@ -1,0 +1,611 @@
+"""``sea-ray pipeline --config FILE``: the whole method as one job, in one Ray session.
+
+Run it::
+
+    sea-ray pipeline --config workflows/configs/tiny_pipeline.yaml [--dry-run] [--force STEP] [k=v ...]
+    sea-ray submit --address http://127.0.0.1:8265 --wait -- pipeline --config workflows/configs/tiny_pipeline.yaml
+
+Steps, in this order (``steps:`` picks which run)::
+
+    world     generate the synthetic world             -> data.world (default <output>/world)
+    import    manifests -> Parquet shards              -> <output>/manifests/{pretrain,instruct}
+    labels    CLIP patch labels (Ray Data)             -> <output>/labels
+    tune      search the align hyperparameters         -> <output>/tune/<run name>  (best_params -> align)
+    align     stage 1, SEA + LM loss (Ray Train)       -> <output>/runs/<align run name>
+    instruct  stage 2, conversations (Ray Train)       -> <output>/runs/<instruct run name>
+    eval      diagnostics and QA accuracy              -> <output>/eval
+
+Each step's config is its recipe (``<step>.recipe``, a job YAML next to the pipeline file), then
+the wiring (its inputs are the outputs of the steps before it, its output goes under ``output``,
+its ``ray`` section is the pipeline's), then ``<step>.set``. Every step config is built and
+validated before anything runs; one error lists the problems of every step.
+
+A step whose output is already complete is skipped: the world's ``world.json`` with the same
+parameters, the imports' ``_SUCCESS``, the labels' ``_SUCCESS``, tune's ``summary.json``, a complete
+checkpoint at the run's final step, the eval report. ``--force STEP`` runs it anyway (the job's
+own resume logic then decides what is left to do). Steps call the job runners of
+:data:`sea_ray.cli.JOB_RUNNERS` in this process, so a step plugs in by its verb's name.
+
+The run describes itself in ``<output>/_pipeline/``: ``plan.json`` (every step's resolved config),
+``<step>.json`` (the summary of each step that ran) and, while it runs, ``LOCK``: a second run on
+the same output fails at once instead of writing beside the first (a lock left by a run that
+died on this host is taken over; ``--break-lock`` removes any other).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import signal
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import yaml
+
+from sea_ray import storage
+from sea_ray.config import PIPELINE_STEPS, PipelineConfig, to_dict, validate
+from sea_ray.errors import ConfigError, SeaRayError
+
+log = logging.getLogger(__name__)
+
+RECORDS = "_pipeline"
+LOCK_FILE = "LOCK"
+EVAL_REPORT = "report.json"
+TUNE_SUMMARY = "summary.json"
+
+
+class PipelineLocked(SeaRayError):
+    """Another run holds the output's lock."""
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+@dataclass
+class StepPlan:
+    """One step, resolved: its validated config (None for world/import), its main output URI, and
+    the arguments of the non-config steps."""
+
+    name: str
+    cfg: Any
+    output: str
+    args: dict = field(default_factory=dict)
+
+
+@dataclass
+class Plan:
+    cfg: PipelineConfig
+    source: str
+    data: dict[str, Optional[str]]
+    steps: list[StepPlan]
+    base_dir: Path
+
+    @property
+    def records(self) -> str:
+        return storage.join(self.cfg.output, RECORDS)
+
+    def step(self, name: str) -> Optional[StepPlan]:
+        return next((s for s in self.steps if s.name == name), None)
+
+
+def _abs(uri: Optional[str]) -> Optional[str]:
+    """Local paths made absolute (recorded and printed as such); URIs as they are."""
+    if uri is None or storage.is_remote(uri):
+        return uri
+    return os.path.abspath(uri[len("file://"):] if uri.startswith("file://") else uri)
+
+
+def _put(raw: dict, dotted: str, value: Any) -> None:
+    node = raw
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[leaf] = copy.deepcopy(value)
+
+
+def _apply_set(raw: dict, values: dict) -> dict:
+    """Apply a step's ``set``: dotted keys or nested mappings, merged into ``raw``."""
+    out = copy.deepcopy(raw)
+    for key, value in values.items():
+        if "." in key:
+            _put(out, key, value)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _apply_set(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _data_uris(cfg: PipelineConfig) -> dict[str, Optional[str]]:
+    data = cfg.data
+    world = data.world or (storage.join(cfg.output, "world") if "world" in cfg.steps else None)
+
+    def from_world(value, *parts):
+        return value or (storage.join(world, *parts) if world else None)
+
+    uris = {"world": world,
+            "pretrain": from_world(data.pretrain, "train", "pretrain.json"),
+            "instruct": from_world(data.instruct, "train", "instruct.json"),
+            "val": from_world(data.val, "val", "pretrain.json"),
+            "image_root": from_world(data.image_root, "images")}
+    uris["instruct_image_root"] = data.instruct_image_root or uris["image_root"]
+    if "import" in cfg.steps:
+        uris["pretrain_source"], uris["instruct_source"] = uris["pretrain"], uris["instruct"]
+        uris["pretrain"] = storage.join(cfg.output, "manifests", "pretrain")
+        uris["instruct"] = storage.join(cfg.output, "manifests", "instruct")
+    return {k: _abs(v) for k, v in uris.items()}
+
+
+def _read_recipe(step: str, recipe: Optional[str], base_dir: Path, problems: list[str]) -> dict:
+    if not recipe:
+        return {}
+    path = Path(recipe) if Path(recipe).is_absolute() else base_dir / recipe
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        problems.append(f"{step}.recipe: file not found: {path}")
+        return {}
+    except yaml.YAMLError as exc:
+        problems.append(f"{step}.recipe: {path} is not valid YAML: {exc}")
+        return {}
+    if not isinstance(raw, dict):
+        problems.append(f"{step}.recipe: {path} is not a mapping")
+        return {}
+    if raw.get("job") not in (None, step):
+        problems.append(f"{step}.recipe: {path} is a {raw.get('job')!r} recipe, not {step!r}")
+    return raw
+
+
+def _wiring(name: str, plan_so_far: dict[str, StepPlan], cfg: PipelineConfig, data: dict) -> dict[str, Any]:
+    """dotted key -> value: the inputs, output and Ray section of a config step. Local paths are
+    absolute: Ray Train workers run in their own working directory."""
+    out = _abs(cfg.output)
+    ray = to_dict(cfg.ray)
+    labels = plan_so_far.get("labels")
+    align = plan_so_far.get("align")
+    instruct = plan_so_far.get("instruct")
+    w: dict[str, Any] = {}
+    if name == "labels":
+        w = {"output": storage.join(out, "labels"), "data.manifest": data["pretrain"],
+             "data.image_root": data["image_root"], "ray": ray}
+    elif name == "tune":
+        w = {"base.data.manifest": data["pretrain"], "base.data.image_root": data["image_root"],
+             "base.data.labels": labels.output if labels else None, "base.data.val_manifest": data["val"],
+             "base.run.storage": storage.join(out, "tune"), "base.ray": ray}
+    elif name == "align":
+        w = {"data.manifest": data["pretrain"], "data.image_root": data["image_root"],
+             "data.labels": labels.output if labels else None, "run.storage": storage.join(out, "runs"), "ray": ray}
+    elif name == "instruct":
+        w = {"data.manifest": data["instruct"], "data.image_root": data["instruct_image_root"],
+             "init_adapter": align.output if align else None, "run.storage": storage.join(out, "runs"), "ray": ray}
+    elif name == "eval":
+        trained = instruct or align
+        w = {"checkpoint": trained.output if trained else None, "world": data["world"],
+             "vocab": labels.output if labels else None,  # nearest words over the labels' vocabulary
+             "output": storage.join(out, "eval"), "ray": ray}
+        if trained is not None:  # evaluate the model that was trained, whatever the eval recipe says
+            w["model"] = to_dict(trained.cfg.model)
+    return {k: v for k, v in w.items() if v is not None}
+
+
+def _run_uri(cfg) -> str:
+    from sea_ray.train.driver import run_uri
+
+    return run_uri(cfg)
+
+
+def _output_of(name: str, cfg) -> str:
+    if name in ("align", "instruct"):
+        return _run_uri(cfg)
+    if name == "tune":
+        return storage.join(_abs(cfg.base.run.storage), cfg.base.run.name)
+    return _abs(cfg.output)
+
+
+def _available_verbs() -> dict[str, str]:
+    from sea_ray.cli import JOB_RUNNERS
+
+    return JOB_RUNNERS
+
+
+def build_step_config(name: str, cfg: PipelineConfig, base_dir: Path, data: dict, so_far: dict[str, StepPlan],
+                      problems: list[str], extra: Optional[dict] = None):
+    """The validated config of a config step (``extra``: dotted values applied before ``set``,
+    e.g. tune's best parameters for align), or None with its problems appended."""
+    from sea_ray.checks import job_problems
+
+    section = getattr(cfg, name)
+    raw = _read_recipe(name, section.recipe, base_dir, problems)
+    raw["job"] = name
+    for key, value in {**_wiring(name, so_far, cfg, data), **(extra or {})}.items():
+        _put(raw, key, value)
+    raw = _apply_set(raw, section.set)
+    try:
+        step_cfg = validate(raw, job=name)
+    except ConfigError as exc:
+        problems.extend(f"{name}: {p}" for p in exc.problems)
+        return None
+    problems.extend(f"{name}: {p}" for p in job_problems(step_cfg))
+    return step_cfg
+
+
+def plan(cfg: PipelineConfig, source: str | Path) -> Plan:
+    """Resolve and validate every step (no Ray, no writes). Raises one ConfigError listing the
+    problems of every step."""
+    base_dir = Path(source).resolve().parent
+    data = _data_uris(cfg)
+    problems: list[str] = []
+    runners = _available_verbs()
+    so_far: dict[str, StepPlan] = {}
+    steps: list[StepPlan] = []
+    for name in cfg.steps:
+        if name == "world":
+            w = cfg.world
+            step = StepPlan(name, None, data["world"], {"num_images": w.num_images, "seed": w.seed,
+                                                         "image_size": w.image_size})
+        elif name == "import":
+            step = StepPlan(name, None, storage.join(cfg.output, "manifests"), {
+                "image_root": data["image_root"], "embed_images": cfg.importer.embed_images,
+                "rows_per_shard": cfg.importer.rows_per_shard,
+                "instruct_image_root": data["instruct_image_root"],
+                "manifests": {"pretrain": (data["pretrain_source"], data["pretrain"], True),
+                              "instruct": (data["instruct_source"], data["instruct"], False)}})
+        else:
+            if name not in runners:
+                problems.append(f"steps: {name} is not available in this installation (no `sea-ray {name}` "
+                                f"runner; available: {', '.join(runners)})")
+                continue
+            step_cfg = build_step_config(name, cfg, base_dir, data, so_far, problems)
+            if step_cfg is None:
+                continue
+            step = StepPlan(name, step_cfg, _output_of(name, step_cfg))
+        so_far[name] = step
+        steps.append(step)
+    outputs = [(s.name, s.output) for s in steps if s.name in ("align", "instruct")]
+    if len(outputs) == 2 and outputs[0][1] == outputs[1][1]:
+        problems.append(f"align, instruct: both write {outputs[0][1]}; give them different run.name values")
+    if problems:
+        raise ConfigError(problems, str(source))
+    return Plan(cfg=cfg, source=str(source), data=data, steps=steps, base_dir=base_dir)
+
+
+# --------------------------------------------------------------------------- completeness
+
+
+def _world_done(step: StepPlan) -> Optional[str]:
+    uri = storage.join(step.output, "world.json")
+    try:
+        meta = json.loads(storage.read_text(uri))
+    except (FileNotFoundError, ValueError):
+        return None
+    from sea_ray.data.world import WORLD_VERSION
+
+    want = dict(step.args, version=WORLD_VERSION)
+    return uri if all(meta.get(k) == v for k, v in want.items()) else None
+
+
+def _imports_done(step: StepPlan) -> Optional[str]:
+    outs = [dst for _, dst, _ in step.args["manifests"].values()]
+    return step.output if all(storage.is_complete(o) for o in outs) else None
+
+
+def _marker_done(step: StepPlan) -> Optional[str]:
+    uri = storage.join(step.output, storage.MARKER)
+    return uri if storage.exists(uri) else None
+
+
+def _tune_done(step: StepPlan) -> Optional[str]:
+    uri = storage.join(step.output, TUNE_SUMMARY)
+    try:
+        summary = json.loads(storage.read_text(uri))
+    except (FileNotFoundError, ValueError):
+        return None
+    return uri if summary.get("best_params") else None
+
+
+def expected_steps(cfg) -> int:
+    """The optimizer steps a train config runs to (what its final checkpoint holds)."""
+    from sea_ray.train.data import _label_shards, _manifest_rows
+    from sea_ray.train.loop import total_steps
+
+    if cfg.optim.max_steps:
+        return cfg.optim.max_steps
+    if cfg.job == "align" and cfg.data.labels:
+        num_rows = _label_shards(cfg.data.labels)[1]
+    else:
+        num_rows = len(_manifest_rows(cfg.data.manifest, require_image=cfg.job == "align").rows)
+    return total_steps(cfg, num_rows)
+
+
+def _train_done(step: StepPlan) -> Optional[str]:
+    from sea_ray.train import checkpoint as ckpt
+
+    latest = ckpt.latest_complete(step.output)
+    if latest is None:
+        return None
+    state = json.loads(storage.read_text(storage.join(latest, ckpt.STATE_FILE)))
+    return latest if state.get("step") == expected_steps(step.cfg) else None
+
+
+def _eval_done(step: StepPlan) -> Optional[str]:
+    uri = storage.join(step.output, EVAL_REPORT)
+    return uri if storage.exists(uri) else None
+
+
+DONE: dict[str, Callable[[StepPlan], Optional[str]]] = {
+    "world": _world_done, "import": _imports_done, "labels": _marker_done, "tune": _tune_done,
+    "align": _train_done, "instruct": _train_done, "eval": _eval_done,
+}
+assert set(DONE) == set(PIPELINE_STEPS)
+
+
+def completed(step: StepPlan) -> Optional[str]:
+    """The URI proving the step's output is complete, or None. Unreachable storage is an error
+    (SeaRayError), never a reason to redo a step."""
+    try:
+        return DONE[step.name](step)
+    except SeaRayError:
+        raise
+    except Exception as exc:
+        raise SeaRayError(f"{step.name}: cannot check whether {step.output} is complete "
+                          f"({type(exc).__name__}: {exc})") from exc
+
+
+# --------------------------------------------------------------------------- the non-config steps
+
+
+def _run_world(step: StepPlan) -> dict:
+    from sea_ray.data.world import ensure_world, generate_world
+
+    if not storage.is_remote(step.output):
+        return ensure_world(step.output, **step.args)
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="sea-world-") as tmp:
+        summary = generate_world(tmp, **step.args)
+        fs, path = storage.fsspec_fs(step.output)
+        if fs.exists(f"{path}/world.json"):
+            fs.rm(f"{path}/world.json")
+        files = sorted(p for p in Path(tmp).rglob("*") if p.is_file() and p.name != "world.json")
+        fs.put([str(p) for p in files], [f"{path}/{p.relative_to(tmp).as_posix()}" for p in files])
+        fs.put(str(Path(tmp) / "world.json"), f"{path}/world.json")  # last: marks the world complete
+    return dict(summary, out_dir=step.output)
+
+
+def _run_import(step: StepPlan) -> dict:
+    from sea_ray.data.importer import import_manifest
+
+    out = {}
+    for key, (src, dst, require_image) in step.args["manifests"].items():
+        if storage.is_complete(dst):
+            out[key] = {"output": dst, "skipped": True}
+            continue
+        root = step.args["instruct_image_root"] if key == "instruct" else step.args["image_root"]
+        out[key] = import_manifest(src, dst, image_root=root,
+                                   embed_images=step.args["embed_images"],
+                                   rows_per_shard=step.args["rows_per_shard"], require_image=require_image)
+    return out
+
+
+def _run_job(step: StepPlan) -> dict:
+    import importlib
+
+    cfg = step.cfg
+    if step.name == "eval" and storage.is_remote(cfg.world):
+        # eval runs in this process and reads the ground truth with local-file readers: give it a
+        # local copy of the (small, synthetic) world, downloaded once into the sea_ray cache
+        log.info("pipeline: eval reads a local copy of %s", cfg.world)
+        cfg = cfg.model_copy(update={"world": storage.local_copy(cfg.world)})
+    module, _, func = _available_verbs()[step.name].partition(":")
+    return getattr(importlib.import_module(module), func)(cfg)
+
+
+# --------------------------------------------------------------------------- the lock
+
+
+def _job_id() -> Optional[str]:
+    try:
+        meta = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("metadata", {})
+    except ValueError:
+        return None
+    return meta.get("job_submission_id")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class OutputLock:
+    """``<output>/_pipeline/LOCK``, created exclusively: ``O_EXCL`` on a local disk, a conditional
+    PUT (``If-None-Match: *``) on S3."""
+
+    def __init__(self, records_uri: str):
+        self.uri = storage.join(records_uri, LOCK_FILE)
+        self.owner = {"owner": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(),
+                      "ray_job": _job_id(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        self.held = False
+
+    def _create(self) -> bool:
+        data = json.dumps(self.owner, indent=1).encode()
+        fs, path = storage.fsspec_fs(self.uri)
+        if not storage.is_remote(self.uri):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            return True
+        if self.uri.startswith("s3://"):
+            try:
+                fs.pipe_file(path, data, mode="create")
+            except (FileExistsError, OSError) as exc:
+                if storage.exists(self.uri):
+                    return False
+                raise SeaRayError(f"cannot create the lock {self.uri}: {type(exc).__name__}: {exc}") from exc
+            return True
+        if storage.exists(self.uri):  # no exclusive create on this store: best effort
+            return False
+        storage.write_bytes(self.uri, data)
+        return True
+
+    def holder(self) -> dict:
+        try:
+            return json.loads(storage.read_text(self.uri))
+        except (FileNotFoundError, ValueError):
+            return {}
+
+    def _remove(self) -> None:
+        fs, path = storage.fsspec_fs(self.uri)
+        try:
+            fs.rm(path)
+        except FileNotFoundError:
+            pass
+
+    def acquire(self, break_lock: bool = False) -> None:
+        for attempt in range(2):
+            if self._create():
+                self.held = True
+                return
+            holder = self.holder()
+            stale = (holder.get("host") == self.owner["host"] and isinstance(holder.get("pid"), int)
+                     and not _pid_alive(holder["pid"]))
+            if attempt == 0 and (break_lock or stale):
+                log.warning("removing the lock %s of %s (%s)", self.uri, _describe(holder),
+                            "its process is gone" if stale else "--break-lock")
+                self._remove()
+                continue
+            raise PipelineLocked(f"{self.uri} is held by {_describe(holder)}: another pipeline run writes this "
+                                 "output. Wait for it, give this run another `output`, or, if no run is alive, "
+                                 "re-run with --break-lock")
+        raise PipelineLocked(f"could not take {self.uri}")
+
+    def release(self) -> None:
+        if self.held and self.holder().get("owner") == self.owner["owner"]:
+            self._remove()
+        self.held = False
+
+
+def _describe(holder: dict) -> str:
+    if not holder:
+        return "an unknown run"
+    job = f", Ray job {holder['ray_job']}" if holder.get("ray_job") else ""
+    return f"pid {holder.get('pid')} on {holder.get('host')}{job}, since {holder.get('started')}"
+
+
+# --------------------------------------------------------------------------- running
+
+
+def _record(plan: Plan, name: str, payload: dict) -> None:
+    storage.write_text(storage.join(plan.records, f"{name}.json"),
+                       json.dumps(payload, indent=2, sort_keys=True, default=str))
+
+
+def describe(plan: Plan, force: tuple[str, ...] = ()) -> dict:
+    """What a run would do: every step with its output and whether it would be skipped."""
+    steps = []
+    for step in plan.steps:
+        try:
+            done = None if step.name in force else completed(step)
+            action = f"skip (complete: {done})" if done else "run"
+        except SeaRayError as exc:
+            action = f"unknown: {str(exc).splitlines()[0]}"
+        steps.append({"step": step.name, "output": step.output, "action": action})
+    return {"output": _abs(plan.cfg.output), "data": plan.data, "steps": steps}
+
+
+def _tune_params(step: StepPlan) -> dict:
+    summary = json.loads(storage.read_text(storage.join(step.output, TUNE_SUMMARY)))
+    return summary.get("best_params") or {}
+
+
+def _sigterm_to_exit():
+    """Ray stops a job with SIGTERM: turn it into SystemExit so the lock is released."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:
+        return None
+
+
+def run(plan: Plan, force: tuple[str, ...] = (), break_lock: bool = False) -> dict:
+    """Run the planned steps in order (skipping complete ones); returns the summary."""
+    cfg = plan.cfg
+    unknown = sorted(set(force) - {s.name for s in plan.steps})
+    if unknown:
+        raise ConfigError([f"--force {s}: not a step of this pipeline ({', '.join(cfg.steps)})" for s in unknown])
+    lock = OutputLock(plan.records) if cfg.lock else None
+    previous = _sigterm_to_exit()
+    started = time.time()
+    results = []
+    try:
+        if lock is not None:
+            lock.acquire(break_lock=break_lock)
+        storage.write_text(storage.join(plan.records, "plan.json"), json.dumps(
+            {"pipeline": to_dict(cfg), "source": plan.source, "data": plan.data,
+             "steps": {s.name: {"output": s.output, "config": to_dict(s.cfg) if s.cfg is not None else s.args}
+                       for s in plan.steps}}, indent=2, sort_keys=True, default=str))
+        ray_started = False
+        for step in plan.steps:
+            if step.name == "align" and plan.step("tune") is not None:
+                step = _with_tune_params(plan, step)
+            done = None if step.name in force else completed(step)
+            if done:
+                log.info("pipeline: %s skipped (complete: %s)", step.name, done)
+                results.append({"step": step.name, "status": "skipped", "output": step.output, "complete": done})
+                continue
+            if step.name not in ("world", "import") and not ray_started:
+                from sea_ray.runtime import init_ray
+
+                init_ray(cfg.ray)
+                ray_started = True
+            log.info("pipeline: %s -> %s", step.name, step.output)
+            t0 = time.time()
+            runner = {"world": _run_world, "import": _run_import}.get(step.name, _run_job)
+            summary = runner(step)
+            seconds = round(time.time() - t0, 2)
+            _record(plan, step.name, {"output": step.output, "seconds": seconds, "summary": summary})
+            log.info("pipeline: %s done in %.1f s", step.name, seconds)
+            results.append({"step": step.name, "status": "ran", "output": step.output, "seconds": seconds})
+    finally:
+        if lock is not None:
+            lock.release()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    return {"output": _abs(cfg.output), "seconds": round(time.time() - started, 2), "steps": results}
+
+
+def _with_tune_params(plan: Plan, step: StepPlan) -> StepPlan:
+    """The align step with the best parameters of the tune step applied (before align's ``set``)."""
+    params = _tune_params(plan.step("tune"))
+    if not params:
+        return step
+    problems: list[str] = []
+    so_far = {s.name: s for s in plan.steps[: plan.steps.index(step)]}
+    cfg = build_step_config("align", plan.cfg, plan.base_dir, plan.data, so_far, problems, extra=params)
+    if cfg is None or problems:
+        raise ConfigError(problems, plan.source)
+    log.info("pipeline: align takes tune's best parameters %s", params)
+    return StepPlan("align", cfg, _output_of("align", cfg))

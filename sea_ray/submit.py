@@ -1,0 +1,380 @@
+"""``sea-ray submit`` and ``sea-ray jobs``: sea_ray jobs on a Ray cluster, through the Ray Jobs API.
+
+Run it::
+
+    sea-ray submit --address http://127.0.0.1:8265 --wait -- pipeline --config workflows/configs/tiny_pipeline.yaml
+    sea-ray jobs --address http://127.0.0.1:8265 [list | status ID | logs ID [--follow] | stop ID]
+
+``submit`` validates the job's config here, then submits ``python -m workflows.<verb> <args>`` with
+a runtime environment: the working directory (default: this repository, without ``.venv``,
+``out``, ``runs`` and what ``.gitignore`` lists), optional pip requirements, and environment
+variables. Variables are passed **by name**: their values are read from this process's
+environment and go only into the runtime environment; they are never printed, logged or written
+to a file here (the job's summary shows names only). With ``--wait`` it streams the job's logs
+and returns the job's exit code (0 when it SUCCEEDED).
+
+Authentication follows Ray's: with ``RAY_AUTH_MODE=token`` the token comes from
+``RAY_AUTH_TOKEN``, the file ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``; with
+``RAY_AUTH_MODE`` unset a token found in those places is used (Ray's own CLI only sends one in
+token mode); ``RAY_AUTH_MODE=disabled`` sends none.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shlex
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Optional
+
+from sea_ray.errors import ConfigError, SeaRayError
+
+log = logging.getLogger(__name__)
+
+# Never uploaded: the environment, outputs and caches (.gitignore'd paths are skipped by Ray too).
+WORKING_DIR_EXCLUDES = [".git", ".venv", "out", "runs", "**/__pycache__", "*.egg-info", ".pytest_cache",
+                        ".whl", "*.pyc"]
+
+# Forwarded by name when set here: object storage, Hugging Face, offline switches.
+DEFAULT_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL",
+               "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_EC2_METADATA_DISABLED",
+               "HF_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+class SubmitError(SeaRayError):
+    """The cluster cannot be reached, refused the job, or the job could not be followed."""
+
+
+# --------------------------------------------------------------------------- client
+
+
+def repo_root() -> Optional[Path]:
+    """The repository this package runs from (it holds ``workflows/``), if any."""
+    here = Path(__file__).resolve().parents[1]
+    if (here / "workflows" / "__init__.py").is_file() and (here / "sea_ray").is_dir():
+        return here
+    return None
+
+
+def resolve_address(address: Optional[str]) -> str:
+    address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
+    if not address:
+        raise ConfigError(["--address: required (the cluster's dashboard URL, e.g. http://127.0.0.1:8265), or "
+                           "set RAY_API_SERVER_ADDRESS"])
+    if "://" not in address:
+        address = f"http://{address}"
+    return address.rstrip("/")
+
+
+def enable_token_auth_if_available() -> None:
+    """With ``RAY_AUTH_MODE`` unset, present a token when one is configured (env or file), as
+    ``ray start`` does. Ray's Jobs SDK alone sends a token only when ``RAY_AUTH_MODE=token``."""
+    if os.environ.get("RAY_AUTH_MODE") is not None:
+        return
+    try:
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
+    except ImportError:  # another Ray version: its own defaults apply
+        return
+    try:
+        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    except Exception as exc:  # an unreadable token file: let the request fail with Ray's message
+        log.debug("token auto-detection failed: %s", type(exc).__name__)
+
+
+def client(address: Optional[str]):
+    """A JobSubmissionClient for ``address`` (auth from the environment, see the module doc)."""
+    enable_token_auth_if_available()
+    from ray.job_submission import JobSubmissionClient
+
+    url = resolve_address(address)
+    try:
+        return JobSubmissionClient(url)
+    except Exception as exc:
+        raise SubmitError(f"cannot reach the Ray Jobs API at {url}: {_first_line(exc)}") from exc
+
+
+@contextlib.contextmanager
+def _sdk(what: str):
+    """Errors of the Jobs SDK (HTTP, auth, unknown job id) become one-line SubmitErrors (exit 1)."""
+    try:
+        yield
+    except (SeaRayError, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        raise SubmitError(f"{what}: {_first_line(exc)}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+# --------------------------------------------------------------------------- runtime env
+
+
+def parse_env(items: list[str], defaults: bool = True) -> tuple[dict[str, str], list[str]]:
+    """(env_vars, names missing here) from ``--env NAME`` (value from this environment) and
+    ``--env NAME=VALUE`` (a literal, for settings that are not secret)."""
+    env: dict[str, str] = {}
+    missing: list[str] = []
+    if defaults:
+        env.update({k: os.environ[k] for k in DEFAULT_ENV if k in os.environ})
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not name.isidentifier():
+            raise ConfigError([f"--env {name!r}: not a variable name"])
+        if sep:
+            env[name] = value
+        elif name in os.environ:
+            env[name] = os.environ[name]
+        else:
+            missing.append(name)
+    return env, missing
+
+
+def runtime_env(working_dir: Path, env_vars: dict[str, str], pip: list[str], excludes: list[str]) -> dict:
+    out: dict = {"working_dir": str(working_dir), "excludes": WORKING_DIR_EXCLUDES + list(excludes)}
+    if env_vars:
+        # The job's driver (sea_ray.runtime.init_ray) forwards the same variables to its workers;
+        # without this, Ray refuses to merge two env_vars holding one key and its error message
+        # prints every value of the job's runtime env into the job's logs.
+        out["env_vars"] = {**env_vars, "RAY_OVERRIDE_JOB_RUNTIME_ENV": "1"}
+    if pip:
+        if len(pip) == 1 and Path(pip[0]).is_file():
+            out["pip"] = str(Path(pip[0]).resolve())  # a requirements file
+        else:
+            out["pip"] = list(pip)
+    return out
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def _config_arg(args: list[str]) -> Optional[int]:
+    for i, word in enumerate(args):
+        if word == "--config" and i + 1 < len(args):
+            return i + 1
+        if word.startswith("--config="):
+            return i
+    return None
+
+
+def entrypoint_for(command: list[str], working_dir: Path, python: str) -> str:
+    """``python -m workflows.<verb> ARGS`` (or ``-m sea_ray.cli <verb>`` for a verb without an entry
+    point), quoted for the shell."""
+    verb, rest = command[0], command[1:]
+    module = f"workflows.{verb.replace('-', '_')}"
+    if (working_dir / "workflows" / f"{verb.replace('-', '_')}.py").is_file():
+        words = [python, "-m", module, *rest]
+    else:
+        words = [python, "-m", "sea_ray.cli", verb, *rest]
+    return " ".join(shlex.quote(w) if i else w for i, w in enumerate(words))
+
+
+def prepare_command(command: list[str], working_dir: Path, validate: bool = True) -> list[str]:
+    """Check the verb, make ``--config`` relative to the working dir (what the job sees) and
+    validate the config here, before anything is uploaded."""
+    from sea_ray.cli import VERBS, build_parser
+
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        raise ConfigError(["nothing to submit: give the job after `--`, e.g. -- pipeline --config FILE"])
+    verb = command[0]
+    if verb not in VERBS or verb in ("submit", "jobs"):
+        valid = ", ".join(v for v in VERBS if v not in ("submit", "jobs"))
+        raise ConfigError([f"{verb!r} is not a sea-ray job verb; valid: {valid}"])
+    command = list(command)
+    index = _config_arg(command)
+    if index is not None:
+        raw = command[index].split("=", 1)[1] if command[index].startswith("--config=") else command[index]
+        path = Path(raw)
+        local = path if path.is_absolute() else working_dir / path
+        if not local.is_file() and not path.is_absolute() and Path(raw).is_file():
+            local = Path(raw).resolve()  # given relative to the current dir
+        try:
+            rel = local.resolve().relative_to(working_dir.resolve())
+        except ValueError:
+            raise ConfigError([f"--config {raw}: not inside the working dir {working_dir}; the job would not "
+                               "find it (copy it there or pass --working-dir)"]) from None
+        if not local.is_file():
+            raise ConfigError([f"--config {raw}: file not found under {working_dir}"])
+        command[index] = rel.as_posix() if not command[index].startswith("--config=") else f"--config={rel.as_posix()}"
+    try:
+        args = build_parser().parse_args(command)
+    except SystemExit as exc:
+        raise ConfigError([f"the job's command line is not valid: {shlex.join(command)}"]) from exc
+    if validate and getattr(args, "config", None):
+        _validate_here(args, working_dir)
+    return command
+
+
+def _validate_here(args, working_dir: Path) -> None:
+    from sea_ray.checks import job_problems
+    from sea_ray.config import load_config
+
+    path = working_dir / args.config
+    cfg = load_config(path, args.overrides, job=args.verb if args.verb in _config_jobs() else None)
+    if cfg.job == "pipeline":
+        from sea_ray.pipeline import plan
+
+        plan(cfg, path)
+        return
+    problems = job_problems(cfg)
+    if problems:
+        raise ConfigError(problems, str(path))
+
+
+def _config_jobs() -> set[str]:
+    from sea_ray.config import JOBS
+
+    return set(JOBS)
+
+
+def submit(command: list[str], address: Optional[str] = None, wait: bool = False,
+           working_dir: Optional[str] = None, pip: Optional[list[str]] = None, env: Optional[list[str]] = None,
+           default_env: bool = True, excludes: Optional[list[str]] = None, python: str = "python",
+           submission_id: Optional[str] = None, validate: bool = True, entrypoint_num_cpus: Optional[float] = None,
+           out=None) -> int:
+    """Submit a sea-ray job; with ``wait``, stream its logs and return its exit code."""
+    out = out or sys.stdout
+    wd = Path(working_dir) if working_dir else (repo_root() or Path.cwd())
+    if not wd.is_dir():
+        raise ConfigError([f"--working-dir {wd}: not a directory"])
+    if not (wd / "workflows").is_dir():
+        log.warning("%s has no workflows/ folder: the job runs `python -m sea_ray.cli`, which the cluster must "
+                    "have installed", wd)
+    command = prepare_command(command, wd, validate=validate)
+    env_vars, missing = parse_env(env or [], defaults=default_env)
+    if missing:
+        raise ConfigError([f"--env {name}: not set in this environment (nothing to pass through)" for name in missing])
+    runtime = runtime_env(wd, env_vars, pip or [], excludes or [])
+    entrypoint = entrypoint_for(command, wd, python)
+    sid = submission_id or f"sea-{command[0]}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    jobs = client(address)
+    print(f"submitting {sid}: {entrypoint}", file=out)
+    print(f"  working dir: {wd}" + (f"; pip: {runtime['pip']}" if "pip" in runtime else ""), file=out)
+    if env_vars:
+        print(f"  environment passed by name: {', '.join(sorted(env_vars))} (values not shown)", file=out)
+    try:
+        jobs.submit_job(entrypoint=entrypoint, runtime_env=runtime, submission_id=sid,
+                        metadata={"sea_ray_verb": command[0]}, entrypoint_num_cpus=entrypoint_num_cpus)
+    except Exception as exc:
+        raise SubmitError(f"the cluster refused the job: {_first_line(exc)}") from exc
+    if not wait:
+        print(f"submitted {sid}; follow it with: sea-ray jobs --address {resolve_address(address)} logs {sid} --follow",
+              file=out)
+        return 0
+    with _sdk(f"following {sid}"):
+        return follow(jobs, sid, out=out)
+
+
+def follow(jobs, sid: str, out=None, poll_s: float = 1.0) -> int:
+    """Stream the job's logs until it ends; return its exit code (0 on SUCCEEDED)."""
+    out = out or sys.stdout
+
+    async def tail():
+        async for chunk in jobs.tail_job_logs(sid):
+            out.write(chunk)
+            out.flush()
+
+    try:
+        try:
+            asyncio.run(tail())
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:  # the stream broke: fall back to polling, the job goes on
+            log.warning("log stream of %s interrupted (%s); waiting for the job to end", sid, _first_line(exc))
+        info = jobs.get_job_info(sid)
+        while str(info.status) not in TERMINAL and getattr(info.status, "value", None) not in TERMINAL:
+            time.sleep(poll_s)
+            info = jobs.get_job_info(sid)
+    except KeyboardInterrupt:
+        print(f"\nstopped following {sid}; the job goes on (sea-ray jobs stop {sid} stops it)", file=out)
+        return 130
+    return exit_code(info, out)
+
+
+def _status(info) -> str:
+    return getattr(info.status, "value", str(info.status))
+
+
+def exit_code(info, out=None) -> int:
+    status = _status(info)
+    code = getattr(info, "driver_exit_code", None)
+    if out is not None:
+        extra = f", exit code {code}" if code is not None else ""
+        message = f": {info.message}" if status != "SUCCEEDED" and info.message else ""
+        print(f"job {info.submission_id} {status}{extra}{message}", file=out)
+    if status == "SUCCEEDED":
+        return 0
+    return code if isinstance(code, int) and code > 0 else 1
+
+
+# --------------------------------------------------------------------------- jobs
+
+
+def _when(ms: Optional[int]) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000)) if ms else "-"
+
+
+def list_jobs(address: Optional[str], out=None) -> int:
+    """One line per job: id, status, start, end, exit code, entrypoint. Runtime-env values are
+    never shown (they may hold credentials); only the variable names are."""
+    out = out or sys.stdout
+    with _sdk("listing the jobs"):
+        jobs = client(address).list_jobs()
+    jobs.sort(key=lambda j: j.start_time or 0)
+    print(f"{'SUBMISSION ID':42s} {'STATUS':10s} {'START':19s} {'END':19s} {'EXIT':4s} ENTRYPOINT", file=out)
+    for job in jobs:
+        code = job.driver_exit_code if job.driver_exit_code is not None else "-"
+        print(f"{str(job.submission_id or job.job_id):42s} {_status(job):10s} {_when(job.start_time):19s} "
+              f"{_when(job.end_time):19s} {str(code):4s} {job.entrypoint}", file=out)
+    return 0
+
+
+def job_status(address: Optional[str], sid: str, out=None) -> int:
+    out = out or sys.stdout
+    with _sdk(f"job {sid}"):
+        info = client(address).get_job_info(sid)
+    names = sorted(((info.runtime_env or {}).get("env_vars") or {}))
+    print(f"{sid}: {_status(info)}" + (f" ({info.message})" if info.message else ""), file=out)
+    print(f"  entrypoint: {info.entrypoint}", file=out)
+    if names:
+        print(f"  environment: {', '.join(names)} (values not shown)", file=out)
+    return 0
+
+
+def job_logs(address: Optional[str], sid: str, follow_logs: bool = False, out=None) -> int:
+    out = out or sys.stdout
+    jobs = client(address)
+    with _sdk(f"logs of {sid}"):
+        if follow_logs:
+            return follow(jobs, sid, out=out)
+        out.write(jobs.get_job_logs(sid))
+    return 0
+
+
+def stop_job(address: Optional[str], sid: str, wait_s: float = 30.0, out=None) -> int:
+    out = out or sys.stdout
+    jobs = client(address)
+    with _sdk(f"stopping {sid}"):
+        if not jobs.stop_job(sid):
+            print(f"{sid}: already {_status(jobs.get_job_info(sid))}", file=out)
+            return 0
+        deadline = time.time() + wait_s
+        info = jobs.get_job_info(sid)
+        while _status(info) not in TERMINAL and time.time() < deadline:
+            time.sleep(0.5)
+            info = jobs.get_job_info(sid)
+    print(f"{sid}: {_status(info)}", file=out)
+    return 0 if _status(info) in TERMINAL else 1

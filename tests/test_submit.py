@@ -1,0 +1,213 @@
+"""`sea-ray submit` / `sea-ray jobs` without a cluster: the command, the runtime environment,
+credentials passed by name and never shown, validation before upload, token pick-up, exit codes.
+The same commands against real `ray start` clusters are in tests/test_submit_cluster.py."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from sea_ray import cli, submit
+
+REPO = Path(__file__).resolve().parents[1]
+SECRET = "sEcReT-value-0123456789"
+
+
+class FakeJobs:
+    """Stands in for JobSubmissionClient; records what would be sent."""
+
+    def __init__(self, status="SUCCEEDED", exit_code=0, logs=("line 1\n", "line 2\n")):
+        self.submitted = []
+        self.status, self.exit_code, self.logs = status, exit_code, logs
+
+    def submit_job(self, **kwargs):
+        self.submitted.append(kwargs)
+        return kwargs["submission_id"]
+
+    async def tail_job_logs(self, sid):
+        for chunk in self.logs:
+            yield chunk
+
+    def get_job_info(self, sid):
+        return SimpleNamespace(submission_id=sid, status=self.status, driver_exit_code=self.exit_code,
+                               message="boom" if self.status != "SUCCEEDED" else "",
+                               runtime_env={"env_vars": {"AWS_SECRET_ACCESS_KEY": SECRET}}, entrypoint="python -m x")
+
+
+@pytest.fixture
+def fake_jobs(monkeypatch):
+    jobs = FakeJobs()
+    monkeypatch.setattr(submit, "client", lambda address: jobs)
+    return jobs
+
+
+def test_submit_sends_entrypoint_runtime_env_and_secrets_by_name_only(fake_jobs, monkeypatch, capsys):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE")
+    monkeypatch.setenv("MY_TOKEN", SECRET + "-2")
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    code = cli.main(["submit", "--address", "http://127.0.0.1:1", "--env", "MY_TOKEN", "--env", "MODE=fast",
+                     "--pip", "rich==13.7.1", "--", "align", "--config", "workflows/configs/tiny_align.yaml",
+                     "optim.max_steps=3"])
+    assert code == 0
+    (sent,) = fake_jobs.submitted
+    assert sent["entrypoint"] == ("python -m workflows.align --config workflows/configs/tiny_align.yaml "
+                                  "optim.max_steps=3")
+    env = sent["runtime_env"]["env_vars"]
+    assert env["AWS_SECRET_ACCESS_KEY"] == SECRET and env["MY_TOKEN"] == SECRET + "-2" and env["MODE"] == "fast"
+    assert "HF_TOKEN" not in env
+    assert env["RAY_OVERRIDE_JOB_RUNTIME_ENV"] == "1"  # the driver's ray.init may forward the same names
+    assert sent["runtime_env"]["working_dir"] == str(REPO)
+    assert {".venv", "out", "runs", ".git"} <= set(sent["runtime_env"]["excludes"])
+    assert sent["runtime_env"]["pip"] == ["rich==13.7.1"]
+    assert sent["submission_id"].startswith("sea-align-")
+    out = capsys.readouterr()
+    assert SECRET not in out.out + out.err and "AKIDEXAMPLE" not in out.out + out.err
+    assert "AWS_SECRET_ACCESS_KEY" in out.out and "MY_TOKEN" in out.out and "values not shown" in out.out
+
+
+def test_wait_streams_logs_and_returns_the_jobs_exit_code(fake_jobs, capsys):
+    assert cli.main(["submit", "--address", "h:1", "--wait", "--", "presets"]) == 0
+    assert "line 1\nline 2\n" in capsys.readouterr().out
+    assert fake_jobs.submitted[0]["entrypoint"] == "python -m sea_ray.cli presets"  # no workflows/presets.py
+    fake_jobs.status, fake_jobs.exit_code = "FAILED", 2
+    assert cli.main(["submit", "--address", "h:1", "--wait", "--", "presets"]) == 2
+    assert "FAILED, exit code 2: boom" in capsys.readouterr().out
+    fake_jobs.status, fake_jobs.exit_code = "STOPPED", None
+    assert cli.main(["submit", "--address", "h:1", "--wait", "--", "presets"]) == 1
+
+
+def test_config_is_validated_before_anything_is_sent(fake_jobs, tmp_path, capsys):
+    assert cli.main(["submit", "--address", "h:1", "--", "align", "--config", "workflows/configs/tiny_align.yaml",
+                     "optim.lrr=1"]) == 2
+    assert "optim.lrr: unknown key" in capsys.readouterr().err
+    outside = tmp_path / "a.yaml"
+    outside.write_text((REPO / "workflows/configs/tiny_align.yaml").read_text())
+    assert cli.main(["submit", "--address", "h:1", "--", "align", "--config", str(outside)]) == 2
+    assert "not inside the working dir" in capsys.readouterr().err
+    assert cli.main(["submit", "--address", "h:1", "--", "bogus"]) == 2
+    assert cli.main(["submit", "--address", "h:1"]) == 2
+    assert cli.main(["submit", "--address", "h:1", "--env", "SEA_RAY_NOT_SET_ANYWHERE", "--", "presets"]) == 2
+    assert "not set in this environment" in capsys.readouterr().err
+    assert fake_jobs.submitted == []
+
+
+def test_pipeline_is_planned_before_submission(fake_jobs, capsys):
+    code = cli.main(["submit", "--address", "h:1", "--", "pipeline", "--config",
+                     "workflows/configs/tiny_pipeline.yaml", "align.set.optim.lr=-1"])
+    assert code == 2 and "align: optim.lr" in capsys.readouterr().err
+    assert cli.main(["submit", "--address", "h:1", "--", "pipeline", "--config",
+                     str(REPO / "workflows/configs/tiny_pipeline.yaml")]) == 0
+    # an absolute config path inside the working dir is sent relative to it
+    assert fake_jobs.submitted[0]["entrypoint"] == ("python -m workflows.pipeline --config "
+                                                    "workflows/configs/tiny_pipeline.yaml")
+
+
+def test_arguments_are_quoted_for_the_shell(tmp_path):
+    assert submit.entrypoint_for(["align", "--config", "a b.yaml", "run.name=x;rm -rf /"], REPO, "python") == (
+        "python -m workflows.align --config 'a b.yaml' 'run.name=x;rm -rf /'")
+    assert submit.entrypoint_for(["import-manifest", "--input", "x"], REPO, "/opt/py/bin/python") == (
+        "/opt/py/bin/python -m sea_ray.cli import-manifest --input x")
+
+
+def test_every_job_verb_has_a_workflows_entry_point():
+    for verb in [v for v in cli.JOB_RUNNERS] + ["pipeline"]:
+        module = REPO / "workflows" / f"{verb}.py"
+        assert module.is_file(), verb
+        text = module.read_text()
+        assert text.startswith('"""') and "python -m workflows." in text and f'main(["{verb}"' in text
+
+
+def test_workflows_entry_point_runs_the_verb():
+    out = subprocess.run([sys.executable, "-m", "workflows.pipeline", "--config",
+                          "workflows/configs/tiny_pipeline.yaml", "--dry-run"], cwd=REPO, capture_output=True,
+                         text=True, timeout=300, env=dict(os.environ, SEA_RAY_TEST="1"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert '"step": "instruct"' in out.stdout
+
+
+def test_jobs_status_never_shows_env_values(fake_jobs, capsys):
+    assert cli.main(["jobs", "--address", "h:1", "status", "sea-x"]) == 0
+    text = capsys.readouterr().out
+    assert "AWS_SECRET_ACCESS_KEY" in text and SECRET not in text
+    assert cli.main(["jobs", "--address", "h:1", "stop"]) == 2
+
+
+def test_address_is_required(monkeypatch, capsys):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
+    assert cli.main(["jobs", "list"]) == 2
+    assert "--address: required" in capsys.readouterr().err
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "127.0.0.1:8265")
+    assert submit.resolve_address(None) == "http://127.0.0.1:8265"
+
+
+def test_unreachable_cluster_is_exit_1(capsys, monkeypatch):
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # this process's Ray auth mode stays as it is
+    code = cli.main(["jobs", "--address", "http://127.0.0.1:9", "list"])
+    assert code == 1
+    assert "cannot reach the Ray Jobs API at http://127.0.0.1:9" in capsys.readouterr().err
+
+
+_AUTH_PROBE = """
+import os, sys
+from sea_ray.submit import enable_token_auth_if_available
+from ray._private.authentication.http_token_authentication import get_auth_headers_if_auth_enabled
+enable_token_auth_if_available()
+headers = get_auth_headers_if_auth_enabled({})
+value = headers.get("authorization", "")
+print("mode", os.environ.get("RAY_AUTH_MODE"), "sends", value == "Bearer " + sys.argv[1])
+"""
+
+
+@pytest.mark.parametrize("how", ["env", "file", "home", "disabled", "none"])
+def test_token_is_taken_from_the_environment(how, tmp_path):
+    """Ray 2.60's Jobs SDK sends a token only in token mode; with RAY_AUTH_MODE unset, submit turns
+    token mode on when a token is configured (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)."""
+    token = "t0ken" + "ab" * 16
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    env["HOME"] = str(tmp_path)  # no ~/.ray/auth_token of this machine
+    if how == "env":
+        env["RAY_AUTH_TOKEN"] = token
+    elif how == "file":
+        (tmp_path / "tok").write_text(token)
+        env["RAY_AUTH_TOKEN_PATH"] = str(tmp_path / "tok")
+    elif how == "home":
+        (tmp_path / ".ray").mkdir()
+        (tmp_path / ".ray" / "auth_token").write_text(token)
+    elif how == "disabled":
+        env.update(RAY_AUTH_TOKEN=token, RAY_AUTH_MODE="disabled")
+    out = subprocess.run([sys.executable, "-c", _AUTH_PROBE, token], env=env, capture_output=True, text=True,
+                         timeout=120, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-2000:]
+    expected = {"env": "mode token sends True", "file": "mode token sends True", "home": "mode token sends True",
+                "disabled": "mode disabled sends False", "none": "mode None sends False"}[how]
+    assert out.stdout.strip().splitlines()[-1] == expected
+    assert token not in out.stdout + out.stderr
+
+
+def test_list_prints_a_table(monkeypatch):
+    job = SimpleNamespace(submission_id="sea-a", job_id=None, status="SUCCEEDED", start_time=1_700_000_000_000,
+                          end_time=1_700_000_060_000, driver_exit_code=0, entrypoint="python -m workflows.align",
+                          runtime_env={"env_vars": {"AWS_SECRET_ACCESS_KEY": SECRET}})
+    monkeypatch.setattr(submit, "client", lambda address: SimpleNamespace(list_jobs=lambda: [job]))
+    buf = io.StringIO()
+    assert submit.list_jobs("h:1", out=buf) == 0
+    text = buf.getvalue()
+    assert "sea-a" in text and "SUCCEEDED" in text and SECRET not in text
+
+
+def test_sdk_errors_are_one_line_exit_1(fake_jobs, monkeypatch, capsys):
+    def missing(sid):
+        raise RuntimeError(f"Request failed with status code 404: Job {sid} does not exist.\nmore")
+
+    monkeypatch.setattr(fake_jobs, "get_job_info", missing)
+    assert cli.main(["jobs", "--address", "h:1", "status", "nope"]) == 1
+    err = capsys.readouterr().err
+    assert "job nope: RuntimeError: Request failed with status code 404" in err and "more" not in err

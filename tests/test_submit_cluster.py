@@ -1,0 +1,320 @@
+"""End to end on real Ray clusters: `ray start --head` on loopback, a moto S3 server holding the
+synthetic world, `sea-ray submit` of the tiny pipeline reading and writing the bucket; the same
+pipeline submitted twice at once; token authentication on and off.
+
+Each cluster is private to its test module: its own temp dir (`--temp-dir`), free ports for every
+Ray component, and its own process session. Teardown kills exactly that session's processes
+(never `ray stop`, which stops every Ray of the user on the machine, other test runs' included).
+The session's `ray_local` (address="local") never joins these clusters, and they never join it.
+
+"What does not corrupt the other's outputs" means here: two runs of one pipeline on one output
+never write beside each other. The first takes `<output>/_pipeline/LOCK` (an exclusive create:
+`If-None-Match: *` on S3), the second fails at once with exit code 1 and touches nothing, and the
+first run's outputs are complete. (Runs on different outputs share only read-only inputs.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from sea_ray import storage
+from sea_ray.train import checkpoint as ckpt
+
+pytestmark = [pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+PIPELINE = "workflows/configs/tiny_pipeline.yaml"
+# The tiny pipeline, smaller: two optimizer steps per stage on the session's 60-image world
+# (uploaded to the bucket: the world step is left out).
+SMALL = ["steps=[labels,align,instruct,eval]",
+         "align.set.optim.max_steps=2", "align.set.checkpoint.every_n_steps=2",
+         "align.set.batch.global_size=8", "align.set.batch.per_worker=4",
+         "instruct.set.optim.max_steps=2", "instruct.set.checkpoint.every_n_steps=2",
+         "instruct.set.batch.global_size=8", "instruct.set.batch.per_worker=4"]
+
+
+# --------------------------------------------------------------------------- a private cluster
+
+
+def _free_ports(n: int) -> list[int]:
+    held = []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        held.append(s)
+    ports = [s.getsockname()[1] for s in held]
+    for s in held:
+        s.close()
+    return ports
+
+
+def _session_pids(sid: int) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.getsid(int(entry)) == sid:
+                    pids.append(int(entry))
+            except OSError:
+                pass
+    return pids
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment without Ray addresses and auth settings (the pytest process may
+    hold the session Ray's), with the venv first on PATH."""
+    env = {k: v for k, v in os.environ.items()
+           if not (k.startswith("RAY_AUTH") or k in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"))}
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env.update(extra)
+    return env
+
+
+class LocalCluster:
+    """`ray start --head` on 127.0.0.1 in a temp dir and a process session of its own."""
+
+    def __init__(self, auth: str = "disabled", token: str | None = None, num_cpus: int = 4):
+        self.auth, self.token, self.num_cpus = auth, token, num_cpus
+        self.temp_dir = tempfile.mkdtemp(prefix="sea-rc-", dir="/tmp")  # short: Ray's socket paths
+        self.sid: int | None = None
+        self.address = ""
+
+    def env(self) -> dict[str, str]:
+        env = clean_env(RAY_AUTH_MODE=self.auth, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+                        RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+                        # Ray's runtime-env agent logs runtime envs (env var values included) at INFO
+                        RAY_LOGGER_LEVEL="warning", SEA_RAY_CACHE=os.path.join(self.temp_dir, "cache"))
+        for key in [k for k in env if k.startswith("AWS_")]:
+            del env[key]  # the jobs get credentials from `sea-ray submit`, by name, or not at all
+        if self.token:
+            env["RAY_AUTH_TOKEN"] = self.token
+        return env
+
+    def start(self) -> "LocalCluster":
+        (gcs, dashboard, client, agent_http, agent_grpc, runtime_env, metrics, node_manager,
+         object_manager) = _free_ports(9)
+        cmd = [str(BIN / "ray"), "start", "--head", f"--num-cpus={self.num_cpus}", "--num-gpus=0",
+               "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", "--disable-usage-stats",
+               f"--temp-dir={self.temp_dir}", f"--port={gcs}", f"--dashboard-port={dashboard}",
+               f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent_http}",
+               f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={runtime_env}",
+               f"--metrics-export-port={metrics}", f"--node-manager-port={node_manager}",
+               f"--object-manager-port={object_manager}"]
+        proc = subprocess.Popen(cmd, env=self.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        self.sid = proc.pid  # the session every process of this cluster lives in
+        try:
+            out, _ = proc.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            raise
+        if proc.returncode != 0:
+            self.stop()
+            raise RuntimeError(f"ray start failed:\n{out[-4000:]}")
+        self.address = f"http://127.0.0.1:{dashboard}"
+        deadline = time.time() + 120
+        while True:  # the Jobs API answers (401 with token auth on is an answer too)
+            try:
+                urllib.request.urlopen(f"{self.address}/api/version", timeout=5)
+                break
+            except urllib.error.HTTPError:
+                break
+            except OSError:
+                if time.time() > deadline:
+                    self.stop()
+                    raise
+                time.sleep(0.5)
+        return self
+
+    def stop(self) -> None:
+        if self.sid is None:
+            return
+        for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+            for pid in _session_pids(self.sid):
+                try:
+                    os.kill(pid, sig)
+                except OSError:
+                    pass
+            deadline = time.time() + wait
+            while _session_pids(self.sid) and time.time() < deadline:
+                time.sleep(0.1)
+        self.sid = None
+
+    def files_containing(self, needle: str) -> list[str]:
+        found = []
+        for path in Path(self.temp_dir).rglob("*"):
+            try:
+                if path.is_file() and not path.is_symlink() and needle.encode() in path.read_bytes():
+                    found.append(str(path))
+            except OSError:
+                pass
+        return found
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    c = LocalCluster(auth="disabled").start()
+    try:
+        yield c
+    finally:
+        c.cleanup()
+
+
+def sea_ray(*args: str, env: dict, timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "sea-ray"), *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _upload_world(world_dir: Path, uri: str) -> None:
+    fs, path = storage.fsspec_fs(uri)
+    files = sorted(p for p in Path(world_dir).rglob("*") if p.is_file())
+    fs.put([str(p) for p in files], [f"{path}/{p.relative_to(world_dir).as_posix()}" for p in files])
+
+
+def _bucket_objects(bucket: str) -> dict[str, bytes]:
+    fs, path = storage.fsspec_fs(bucket)
+    fs.invalidate_cache()
+    return {p: fs.cat_file(p) for p in fs.find(path)}
+
+
+def _assert_complete_outputs(out: str, steps=("labels", "align", "instruct", "eval")) -> None:
+    assert storage.exists(f"{out}/labels/_SUCCESS")
+    assert json.loads(storage.read_text(f"{out}/labels/_meta.json"))["counts"]["labelled"] == 48
+    for run, stage in (("tiny-align", "align"), ("tiny-instruct", "instruct")):
+        if stage in steps:
+            final = f"{out}/runs/{run}/{ckpt.step_dir_name(2)}"
+            assert ckpt.latest_complete(f"{out}/runs/{run}") == final
+            assert ckpt.load_checkpoint(final)["meta"]["stage"] == stage
+    if "eval" in steps:
+        report = json.loads(storage.read_text(f"{out}/eval/report.json"))
+        assert report["stage"] == "instruct" and report["checkpoint"].endswith(ckpt.step_dir_name(2))
+    assert storage.exists(f"{out}/_pipeline/plan.json")
+    assert not storage.exists(f"{out}/_pipeline/LOCK")
+
+
+# --------------------------------------------------------------------------- the tests
+
+
+def test_tiny_pipeline_submitted_to_a_cluster_reads_and_writes_a_bucket(cluster, s3_bucket, world_dir):
+    _upload_world(world_dir, f"{s3_bucket}/world")
+    secret = f"sea-secret-{secrets.token_hex(8)}"  # moto takes any secret key
+    env = clean_env(RAY_AUTH_MODE="disabled", AWS_SECRET_ACCESS_KEY=secret)
+    out = f"{s3_bucket}/tiny"
+    t0 = time.time()
+    result = sea_ray("submit", "--address", cluster.address, "--wait", "--", "pipeline", "--config", PIPELINE,
+                     f"output={out}", f"data.world={s3_bucket}/world", *SMALL, env=env)
+    seconds = time.time() - t0
+    text = result.stdout + result.stderr
+    assert result.returncode == 0, text[-6000:]
+    assert "SUCCEEDED" in result.stdout and '"status": "ran"' in result.stdout
+    _assert_complete_outputs(out)
+    plan = json.loads(storage.read_text(f"{out}/_pipeline/plan.json"))
+    assert plan["steps"]["align"]["config"]["data"]["labels"] == f"{out}/labels"
+    assert plan["steps"]["instruct"]["config"]["init_adapter"] == f"{out}/runs/tiny-align"
+    # the credentials went by name: never printed, never in the bucket, never on the cluster's disk
+    assert "AWS_SECRET_ACCESS_KEY" in result.stdout and secret not in text
+    assert not [k for k, v in _bucket_objects(s3_bucket).items() if secret.encode() in v]
+    assert cluster.files_containing(secret) == []
+    print(f"\nsubmit --wait of the tiny pipeline: {seconds:.1f} s")
+
+    again = sea_ray("submit", "--address", cluster.address, "--wait", "--", "pipeline", "--config", PIPELINE,
+                    f"output={out}", f"data.world={s3_bucket}/world", *SMALL, env=env)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
+    assert again.stdout.count('"status": "skipped"') == 4 and '"status": "ran"' not in again.stdout
+
+    listing = sea_ray("jobs", "--address", cluster.address, "list", env=env, timeout=120)
+    assert listing.returncode == 0 and listing.stdout.count("SUCCEEDED") >= 2 and secret not in listing.stdout
+
+
+def test_the_same_pipeline_submitted_twice_at_once_does_not_corrupt_it(cluster, s3_bucket, world_dir):
+    _upload_world(world_dir, f"{s3_bucket}/world")
+    env = clean_env(RAY_AUTH_MODE="disabled")
+    out = f"{s3_bucket}/shared"
+    args = ["submit", "--address", cluster.address, "--wait", "--", "pipeline", "--config", PIPELINE,
+            f"output={out}", f"data.world={s3_bucket}/world", *SMALL, "steps=[labels,align]"]
+    procs = [subprocess.Popen([str(BIN / "sea-ray"), *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=900)[0] for p in procs]
+    codes = [p.returncode for p in procs]
+    assert 0 in codes, "\n=====\n".join(o[-4000:] for o in outputs)
+    _assert_complete_outputs(out, steps=("labels", "align"))
+    other = outputs[codes.index(0) ^ 1] if codes != [0, 0] else None
+    if other is not None:  # the usual case: the second run found the lock and stopped at once
+        assert sorted(codes) == [0, 1], other[-4000:]
+        assert "another pipeline run writes this output" in other
+        assert "FAILED, exit code 1" in other
+    else:  # the second one started after the first had finished: it skipped every step
+        assert any(o.count('"status": "skipped"') == 2 for o in outputs)
+
+
+def test_token_authentication_on(tmp_path):
+    """A cluster with token auth: no token, no access; the token from RAY_AUTH_TOKEN (mode unset)
+    or RAY_AUTH_TOKEN_PATH (mode token) submits, follows and lists; the job's exit code comes back."""
+    token = secrets.token_hex(16)
+    c = LocalCluster(auth="token", token=token, num_cpus=1).start()
+    try:
+        home = tmp_path / "home"  # no ~/.ray/auth_token of this machine
+        home.mkdir()
+        denied = sea_ray("jobs", "--address", c.address, "list", env=clean_env(HOME=str(home),
+                                                                                RAY_AUTH_MODE="token"),
+                         timeout=120)
+        assert denied.returncode == 1 and "Authentication" in denied.stderr, denied.stderr[-3000:]
+
+        ok = sea_ray("submit", "--address", c.address, "--wait", "--", "presets",
+                     env=clean_env(HOME=str(home), RAY_AUTH_TOKEN=token), timeout=300)
+        assert ok.returncode == 0, (ok.stdout + ok.stderr)[-4000:]
+        assert "tiny-openclip-llama" in ok.stdout and "SUCCEEDED" in ok.stdout
+
+        token_file = tmp_path / "auth_token"
+        token_file.write_text(token)
+        env = clean_env(HOME=str(home), RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file))
+        failed = sea_ray("submit", "--address", c.address, "--wait", "--no-validate", "--", "validate", "--config",
+                         "workflows/configs/tiny_align.yaml", "bogus=1", env=env, timeout=300)
+        assert failed.returncode == 2, (failed.stdout + failed.stderr)[-4000:]
+        assert "bogus: unknown key" in failed.stdout and "FAILED, exit code 2" in failed.stdout
+        listing = sea_ray("jobs", "--address", c.address, env=env, timeout=120)
+        assert listing.returncode == 0 and "SUCCEEDED" in listing.stdout and "FAILED" in listing.stdout
+        for result in (denied, ok, failed, listing):
+            assert token not in result.stdout + result.stderr
+    finally:
+        c.cleanup()
+
+
+def test_stopping_a_pipeline_job_releases_its_lock(cluster, s3_bucket, world_dir):
+    """`sea-ray jobs stop` sends SIGTERM: the pipeline releases `_pipeline/LOCK`, so the next run on
+    that output starts without --break-lock."""
+    _upload_world(world_dir, f"{s3_bucket}/world")
+    env = clean_env(RAY_AUTH_MODE="disabled")
+    out = f"{s3_bucket}/stopped"
+    sid = f"sea-stop-{secrets.token_hex(4)}"
+    started = sea_ray("submit", "--address", cluster.address, "--submission-id", sid, "--", "pipeline", "--config",
+                      PIPELINE, f"output={out}", f"data.world={s3_bucket}/world", *SMALL, env=env, timeout=300)
+    assert started.returncode == 0 and f"submitted {sid}" in started.stdout, started.stderr[-3000:]
+    deadline = time.time() + 300
+    while not storage.exists(f"{out}/_pipeline/LOCK"):
+        assert time.time() < deadline, "the pipeline never took its lock"
+        time.sleep(0.5)
+    stopped = sea_ray("jobs", "--address", cluster.address, "stop", sid, env=env, timeout=120)
+    assert stopped.returncode == 0 and "STOPPED" in stopped.stdout, stopped.stdout + stopped.stderr
+    assert not storage.exists(f"{out}/_pipeline/LOCK")
+    status = sea_ray("jobs", "--address", cluster.address, "status", sid, env=env, timeout=120)
+    assert "STOPPED" in status.stdout
