@@ -47,6 +47,15 @@ def cmd_world(args) -> int:
     return EXIT_OK
 
 
+def cmd_import_manifest(args) -> int:
+    from sea_ray.data.importer import import_manifest
+
+    summary = import_manifest(args.input, args.output, image_root=args.image_root, embed_images=args.embed_images,
+                              rows_per_shard=args.rows_per_shard, require_image=args.require_image)
+    print(json.dumps(summary, indent=2, sort_keys=True))
+    return EXIT_OK
+
+
 def cmd_presets(args) -> int:
     from sea_ray.presets import PRESETS
 
@@ -74,8 +83,58 @@ def cmd_job(args) -> int:
     return EXIT_OK
 
 
+def cmd_vocab(args) -> int:
+    """Build the labels config's vocabulary from its manifest; print a summary; save it."""
+    from sea_ray import storage
+    from sea_ray.config import load_config, to_dict
+    from sea_ray.labels.vocab import save_vocab, vocab_from_config
+
+    cfg = load_config(args.config, args.overrides, job="labels")
+    vocab = vocab_from_config(cfg)
+    out = args.out or storage.join(cfg.output, "vocab.json")
+    save_vocab(vocab, out, to_dict(cfg.vocab))
+    top = sorted(vocab.words, key=lambda w: (-vocab.counts.get(w, 0), w))[: args.show]
+    print(json.dumps({"size": len(vocab), "hash": vocab.hash, "saved": out, "extra_words": len(vocab.extra),
+                      "most_frequent": " ".join(f"{w}:{vocab.counts.get(w, 0)}" for w in top)}, indent=2))
+    return EXIT_OK
+
+
+def _vocab_args(p):
+    _add_config_args(p)
+    p.add_argument("--out", help="vocabulary JSON to write (default: <output>/vocab.json)")
+    p.add_argument("--show", type=int, default=20, help="how many of the most frequent words to print")
+
+
+def cmd_audit_labels(args) -> int:
+    """Precision@1 of patch labels against the synthetic world's ground truth, per variant."""
+    from sea_ray import storage
+    from sea_ray.config import load_config
+    from sea_ray.labels.audit import audit, to_markdown, write_report
+
+    cfg = load_config(args.config, args.overrides, job="labels")
+    report = audit(cfg, args.world, limit=args.limit or None)
+    out = args.out or storage.join(cfg.output, "_audit.json")
+    json_uri, md_uri = write_report(report, out)
+    print(to_markdown(report), end="")
+    print(f"written: {json_uri} and {md_uri}")
+    return EXIT_OK
+
+
+def _audit_args(p):
+    _add_config_args(p)
+    p.add_argument("--world", required=True, help="synthetic world folder (sea-ray world --out DIR)")
+    p.add_argument("--out", help="report JSON to write, Markdown beside it (default: <output>/_audit.json)")
+    p.add_argument("--limit", type=int, default=200, help="world images to audit (0 = all)")
+
+
 # verb -> "module:function" taking the validated config and returning a JSON-able summary
-JOB_RUNNERS: dict[str, str] = {}
+JOB_RUNNERS: dict[str, str] = {
+    "labels": "sea_ray.labels.job:run",
+    "align": "sea_ray.train.driver:run",
+    "instruct": "sea_ray.train.driver:run",
+    "tune": "sea_ray.tune.search:run",
+    "eval": "sea_ray.eval.job:run",
+}
 
 
 def _world_args(p):
@@ -83,6 +142,16 @@ def _world_args(p):
     p.add_argument("--num-images", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, default=224)
+
+
+def _import_args(p):
+    p.add_argument("--input", required=True, metavar="URI", help="LLaVA JSON/JSONL (or Parquet) manifest")
+    p.add_argument("--output", required=True, metavar="URI", help="output folder of Parquet shards (local or s3://)")
+    p.add_argument("--image-root", metavar="URI", help="folder the manifest's image paths are relative to")
+    p.add_argument("--embed-images", action="store_true", help="store the image bytes in the shards")
+    p.add_argument("--rows-per-shard", type=int, metavar="N",
+                   help="rows per Parquet shard (default: 50000, or 1000 with --embed-images)")
+    p.add_argument("--require-image", action="store_true", help="skip text-only rows (stage-1 data)")
 
 
 def _validate_args(p):
@@ -94,6 +163,11 @@ VERBS: dict[str, tuple[str, Callable, Callable]] = {
     "validate": ("validate a job config without starting anything", _validate_args, cmd_validate),
     "world": ("generate the synthetic world (images, captions, QA, ground truth)", _world_args, cmd_world),
     "presets": ("list the model presets", lambda p: None, cmd_presets),
+    "vocab": ("build and save the label vocabulary of a labels config", _vocab_args, cmd_vocab),
+    "audit-labels": ("precision@1 of patch labels vs the synthetic world's ground truth", _audit_args,
+                     cmd_audit_labels),
+    "import-manifest": ("convert a LLaVA JSON/JSONL manifest into validated Parquet shards", _import_args,
+                        cmd_import_manifest),
 }
 
 
@@ -104,6 +178,139 @@ for _verb, _help in (("labels", "precompute CLIP patch labels with Ray Data"),
                      ("eval", "evaluate a checkpoint (alignment diagnostics, QA accuracy)")):
     if _verb in JOB_RUNNERS:
         VERBS[_verb] = (_help, _add_config_args, cmd_job)
+
+
+# --------------------------------------------------------------------------- pipeline, submit, jobs
+
+
+def cmd_pipeline(args) -> int:
+    """Plan (validate every step), then run the steps in order, skipping complete ones."""
+    from sea_ray import pipeline
+    from sea_ray.config import load_config
+
+    cfg = load_config(args.config, args.overrides, job="pipeline")
+    plan = pipeline.plan(cfg, args.config)
+    force = tuple(args.force or ())
+    if args.dry_run:
+        print(json.dumps(pipeline.describe(plan, force), indent=2, sort_keys=True, default=str))
+        return EXIT_OK
+    summary = pipeline.run(plan, force=force, break_lock=args.break_lock)
+    print(json.dumps(summary, indent=2, sort_keys=True, default=str))
+    return EXIT_OK
+
+
+def _pipeline_args(p):
+    _add_config_args(p)
+    p.add_argument("--dry-run", action="store_true", help="validate every step and print what would run or be "
+                   "skipped; start nothing")
+    p.add_argument("--force", action="append", metavar="STEP", help="run STEP even if its output is complete "
+                   "(repeatable)")
+    p.add_argument("--break-lock", action="store_true", help="remove another run's lock on the output first "
+                   "(only when no other run is alive)")
+
+
+def cmd_submit(args) -> int:
+    from sea_ray.submit import submit
+
+    return submit(args.command, address=args.address, wait=args.wait, working_dir=args.working_dir, pip=args.pip,
+                  env=args.env, default_env=not args.no_default_env, excludes=args.exclude, python=args.python,
+                  submission_id=args.submission_id, validate=not args.no_validate,
+                  entrypoint_num_cpus=args.entrypoint_num_cpus)
+
+
+def _submit_args(p):
+    p.add_argument("--address", help="the cluster's dashboard URL (default: RAY_API_SERVER_ADDRESS or RAY_ADDRESS)")
+    p.add_argument("--wait", action="store_true", help="stream the job's logs and exit with its exit code")
+    p.add_argument("--working-dir", metavar="DIR", help="uploaded as the job's working dir (default: this "
+                   "repository; .venv, out, runs and .gitignore'd paths are left out)")
+    p.add_argument("--exclude", action="append", default=[], metavar="PATTERN", help="more paths to leave out")
+    p.add_argument("--pip", action="append", default=[], metavar="REQ", help="a pip requirement (repeatable) or "
+                   "one requirements file, installed for the job")
+    p.add_argument("--env", action="append", default=[], metavar="NAME[=VALUE]", help="pass variable NAME from "
+                   "this environment (its value is never printed); NAME=VALUE sets a non-secret value")
+    p.add_argument("--no-default-env", action="store_true", help="do not pass the AWS_*, HF_TOKEN and offline "
+                   "variables that are set here")
+    p.add_argument("--python", default="python", help="the cluster's Python interpreter (default: python on the "
+                   "cluster's PATH)")
+    p.add_argument("--submission-id", help="job id (default: sea-<verb>-<time>-<random>)")
+    p.add_argument("--entrypoint-num-cpus", type=float, help="CPUs reserved for the job's driver")
+    p.add_argument("--no-validate", action="store_true", help="skip validating the config here")
+    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- VERB ARGS",
+                   help="the sea-ray command to run on the cluster, after --")
+
+
+def cmd_jobs(args) -> int:
+    from sea_ray import submit
+
+    if args.action != "list" and not args.job_id:
+        raise ConfigError([f"jobs {args.action}: give the job's submission id"])
+    if args.action == "list":
+        return submit.list_jobs(args.address)
+    if args.action == "status":
+        return submit.job_status(args.address, args.job_id)
+    if args.action == "logs":
+        return submit.job_logs(args.address, args.job_id, follow_logs=args.follow)
+    return submit.stop_job(args.address, args.job_id)
+
+
+def _jobs_args(p):
+    p.add_argument("--address", help="the cluster's dashboard URL (default: RAY_API_SERVER_ADDRESS or RAY_ADDRESS)")
+    p.add_argument("action", nargs="?", default="list", choices=["list", "status", "logs", "stop"])
+    p.add_argument("job_id", nargs="?", metavar="ID", help="submission id (status, logs, stop)")
+    p.add_argument("--follow", action="store_true", help="logs: stream until the job ends, exit with its code")
+
+
+VERBS["pipeline"] = ("run world/import -> labels -> [tune] -> align -> instruct -> eval, skipping finished steps",
+                     _pipeline_args, cmd_pipeline)
+VERBS["submit"] = ("submit a sea-ray job to a Ray cluster (Ray Jobs API)", _submit_args, cmd_submit)
+VERBS["jobs"] = ("list, inspect, follow or stop the jobs of a Ray cluster", _jobs_args, cmd_jobs)
+
+
+# --------------------------------------------------------------------------- quickstart, generate
+
+
+def cmd_quickstart(args) -> int:
+    """The embedded default end to end: world -> labels -> align (baseline, +SEA) -> instruct -> eval."""
+    from sea_ray.config import apply_overrides, load_config, validate
+    from sea_ray.quickstart import run
+
+    if args.config:
+        cfg = load_config(args.config, args.overrides, job="quickstart")
+    else:
+        cfg = validate(apply_overrides({"job": "quickstart"}, args.overrides), job="quickstart")
+    run(cfg)
+    return EXIT_OK
+
+
+def _quickstart_args(p):
+    p.add_argument("--config", metavar="FILE", help="quickstart config YAML (default: the built-in settings)")
+    p.add_argument("overrides", nargs="*", metavar="dotted.key=value",
+                   help="override settings, e.g. seeds=[0] align.max_steps=50 output=out/qs")
+
+
+def cmd_generate(args) -> int:
+    """Answer a prompt about an image with a trained checkpoint."""
+    from sea_ray.eval.generate import generate
+
+    print(generate(args.checkpoint, args.image, args.prompt, max_new_tokens=args.max_new_tokens,
+                   template=args.template, device=args.device))
+    return EXIT_OK
+
+
+def _generate_args(p):
+    p.add_argument("--checkpoint", required=True, metavar="URI",
+                   help="checkpoint or run folder (local or s3://); its config.json gives the model")
+    p.add_argument("--image", metavar="PATH_OR_URI", help="image file (local or s3://); omit for a text-only prompt")
+    p.add_argument("--prompt", required=True, help="the question")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--template", choices=("auto", "llava_v1", "chat"), default="auto",
+                   help="prompt template (auto: the checkpoint's instruct template)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+
+
+VERBS["quickstart"] = ("the embedded default end to end: the paper's table in miniature (local Ray, offline)",
+                       _quickstart_args, cmd_quickstart)
+VERBS["generate"] = ("answer a prompt about an image with a trained checkpoint", _generate_args, cmd_generate)
 
 
 def build_parser() -> argparse.ArgumentParser:

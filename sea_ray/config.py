@@ -211,7 +211,6 @@ class LabelsComputeConfig(_Section):
     decode_batch_size: Optional[int] = Field(None, ge=1, description="images per decode task batch; none = "
                                              "labeler.batch_size")
     cpus_per_decode_task: float = Field(1.0, gt=0, description="CPUs reserved per read+decode task")
-    read_threads: int = Field(8, ge=1, description="parallel image reads per decode batch (object storage)")
     ship: Literal["uint8", "float32"] = Field("uint8", description="what decode tasks send to the labeler: "
                                               "resized uint8 pixels (4x smaller; normalised in the actor) or "
                                               "the transformed float tensor")
@@ -242,6 +241,9 @@ class LabelsConfig(_Section):
 
 
 class SearchDim(_Section):
+    """One search dimension. uniform / loguniform: a float in [low, high]; randint: an integer in
+    [low, high] (both ends included); choice: one of ``values``."""
+
     type: Literal["uniform", "loguniform", "choice", "randint"]
     low: Optional[float] = None
     high: Optional[float] = None
@@ -254,35 +256,252 @@ class AshaConfig(_Section):
     reduction_factor: float = Field(3.0, gt=1)
 
 
+class OptunaConfig(_Section):
+    n_startup_trials: int = Field(4, ge=0, description="random trials before TPE takes over")
+    multivariate: bool = Field(True, description="multivariate TPE (models parameter interactions)")
+    gamma: Optional[float] = Field(0.25, gt=0, lt=1, description="share of the trials TPE models as good (at "
+                                   "most 25 trials); none = Optuna's 10%, a single trial below ten, very greedy "
+                                   "on the small budgets of a search")
+
+
+class TuneValidationConfig(_Section):
+    """The held-out metric every trial reports: same images, same sampled pairs, same temperature
+    in every trial, so trials are compared on one yardstick."""
+
+    labels: Optional[str] = Field(None, description="labels dataset of base.data.val_manifest; none = hold out "
+                                  "num_images images of base.data.labels (never trained on by any trial)")
+    num_images: int = Field(32, ge=1, description="held-out labelled images (drawn with seed)")
+    seed: int = Field(0, description="draws the held-out images and the fixed SEA pairs (windows, labels)")
+    temperature: Optional[float] = Field(None, gt=0, description="fixed InfoNCE temperature of val_sea_loss; "
+                                         "none = base.sea.init_temperature (a constant across trials)")
+    window: Optional[int] = Field(None, ge=1, description="k of the fixed pairs; none = base.sea.window")
+    top_n: Optional[int] = Field(None, ge=1, description="labels per patch used; none = base.sea.top_n")
+    batch_size: Optional[int] = Field(None, ge=2, description="images per contrastive batch (its negatives); "
+                                      "none = base.batch.per_worker")
+    lm_loss: bool = Field(True, description="also report val_lm_loss (caption loss; needs an LLM forward)")
+
+
+TUNE_METRICS = ("val_sea_loss", "val_word_acc", "val_lm_loss", "loss_lm", "loss_sea")
+
+
 class TuneConfig(_Section):
     job: Literal["tune"] = "tune"
-    base: AlignConfig = Field(..., description="the align config every trial starts from")
+    base: AlignConfig = Field(..., description="the align config every trial starts from; the experiment "
+                              "folder is <base.run.storage>/<base.run.name>")
     space: dict[str, SearchDim] = Field(..., description="dotted key of the base config -> search dimension")
-    num_samples: int = Field(8, ge=1)
-    max_concurrent: int = Field(2, ge=1)
-    metric: str = "val_sea_loss"
+    num_samples: int = Field(8, ge=1, description="trials")
+    max_concurrent: int = Field(2, ge=1, description="trials running at once")
+    metric: str = Field("val_sea_loss", description="val_sea_loss | val_word_acc | val_lm_loss (held out) or "
+                        "loss_lm | loss_sea (training windows)")
     mode: Literal["min", "max"] = "min"
-    report_every_n_steps: int = Field(10, ge=1)
+    report_every_n_steps: int = Field(10, ge=1, description="validation + report cadence (the trials' "
+                                      "log_every_n_steps)")
     searcher: Literal["optuna", "random"] = "optuna"
+    optuna: OptunaConfig = OptunaConfig()
     asha: AshaConfig = AshaConfig()
-    trial_mode: Literal["auto", "in_process", "ray_train"] = "auto"
-    max_trial_failures: int = Field(1, ge=0)
+    validation: TuneValidationConfig = TuneValidationConfig()
+    trial_mode: Literal["auto", "in_process", "ray_train"] = Field("auto", description="auto: ray_train on a "
+                                                                   "cluster with a dashboard and several nodes, "
+                                                                   "GPUs or many CPUs; else in_process")
+    auto_ray_train_min_cpus: int = Field(16, ge=1, description="auto: a one-node CPU-only Ray needs this many "
+                                         "CPUs for ray_train")
+    trial_cpus: float = Field(1.0, gt=0, description="in_process: CPUs per trial (also its torch threads)")
+    max_trial_failures: int = Field(1, ge=0, description="retries of a failed trial (resumes from its "
+                                    "newest checkpoint)")
+    worker_group_start_timeout_s: float = Field(120.0, gt=0, description="ray_train: a trial whose workers "
+                                                "cannot start fails after this long instead of hanging")
+    state_save_period_s: float = Field(2.0, ge=0, description="how often Tune snapshots the experiment state "
+                                       "(what a resume restarts from)")
+    plots: bool = True
     seed: int = 0
 
 
 # --------------------------------------------------------------------------- eval
 
 
+EVAL_METRICS = ("alignment", "qa", "perplexity")
+
+
 class EvalConfig(_Section):
+    """``sea-ray eval``: a checkpoint on a held-out split of the synthetic world (see docs/eval.md)."""
+
     job: Literal["eval"] = "eval"
-    checkpoint: str = Field(..., description="checkpoint URI (align or instruct)")
-    model: ModelConfig = ModelConfig()
-    world: Optional[str] = Field(None, description="synthetic world dir (for ground-truth metrics)")
+    checkpoint: str = Field(..., description="checkpoint URI, or a run URI (its newest complete checkpoint); "
+                            "align or instruct")
+    model: Optional[ModelConfig] = Field(None, description="the model; none = the checkpoint's own config.json")
+    world: str = Field(..., description="synthetic world folder (sea-ray world): images, ground truth, QA")
     split: Literal["train", "val", "test"] = "test"
-    output: str = "./eval"
-    max_samples: Optional[int] = Field(None, ge=1)
-    max_new_tokens: int = Field(8, ge=1)
+    output: str = Field("./eval", description="report folder (local or s3://): report.json, report.md, plots/, "
+                        "predictions.jsonl")
+    max_samples: Optional[int] = Field(None, ge=1, description="held-out images evaluated (their patches and "
+                                       "their questions); none = every image of the split")
+    metrics: list[Literal["alignment", "qa", "perplexity"]] = Field(list(EVAL_METRICS), min_length=1,
+                                                                     description="alignment: nearest-word "
+                                                                     "accuracy, TACS, modality gap; qa: accuracy "
+                                                                     "by generation; perplexity: the LLM on "
+                                                                     "held-out text before vs after")
+    vocab: Optional[str] = Field(None, description="nearest-word vocabulary: a labels dataset (its _meta.json) or "
+                                 "a vocab.json; none = the world's training captions under the labels job's "
+                                 "vocabulary rules (the vocab section's defaults)")
+    top_k: int = Field(10, ge=1, description="TACS: the best visual-token cosines averaged per image")
+    template: Literal["auto", "llava_v1", "chat"] = Field("auto", description="QA prompt template; auto = the "
+                                                           "instruct checkpoint's own, else resolved from the "
+                                                           "tokenizer as the instruct stage does")
+    max_new_tokens: int = Field(8, ge=1, description="QA: greedy decoding stops at eos or after this many tokens")
+    batch_size: int = Field(32, ge=1, description="images (or questions) per forward pass")
+    curves: list[str] = Field([], description="extra run folders whose TensorBoard loss curves join the report "
+                              "(the checkpoint's run and, for instruct, its align run are always plotted)")
+    audit: Optional[str] = Field(None, description="a label-audit JSON (sea-ray audit-labels) plotted in the "
+                                 "report; none = <vocab>/_audit.json when vocab is a labels dataset that has one")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available")
+    ray: RayConfig = Field(RayConfig(), description="unused: evaluation runs in this process (kept so pipeline "
+                           "wiring can pass its Ray section)")
+
+
+# --------------------------------------------------------------------------- quickstart
+
+
+class QuickstartWorldConfig(_Section):
+    num_images: int = Field(1200, ge=10, description="world images (80/10/10 train/val/test)")
+    seed: int = Field(0, description="the world's seed (the shipped backbones were trained on other seeds)")
+    image_size: int = Field(64, ge=32, description="pixels per side; the world presets' towers take 64")
+
+
+class QuickstartAlignConfig(_Section):
+    max_steps: int = Field(250, ge=1, description="optimizer steps (about 2 epochs of the 960 training images)")
+    lr: float = Field(2e-3, gt=0)
+    global_batch: int = Field(8, ge=1, description="samples per step (one process: no accumulation)")
+
+
+class QuickstartInstructConfig(_Section):
+    max_steps: int = Field(450, ge=1, description="optimizer steps (about 3.5 epochs of the conversations)")
+    lr: float = Field(1e-3, gt=0)
+    global_batch: int = Field(8, ge=1, description="samples per step (one process: no accumulation)")
+
+
+class QuickstartConfig(_Section):
+    """``sea-ray quickstart``: world -> labels -> align (baseline and +SEA) -> instruct -> eval for
+    several seeds, and the paper's table in miniature (see docs/quickstart.md). Every job config
+    it runs is built from the job classes above plus the values here, and written into its run
+    folder."""
+
+    job: Literal["quickstart"] = "quickstart"
+    output: str = Field("./out/quickstart", description="root of every output (local dir)")
+    preset: str = Field("world-clip-llama", description="model preset (its CLIP labels the patches)")
+    seeds: list[int] = Field([0, 1, 2], min_length=1, description="one baseline and one +SEA model per seed")
+    world: QuickstartWorldConfig = QuickstartWorldConfig()
+    arms: list[Literal["baseline", "+SEA"]] = Field(["baseline", "+SEA"], min_length=1, description="which arms "
+                                                     "to train (investigations may run one)")
+    labels: Literal["clip", "oracle"] = Field("clip", description="clip: the labels job with the preset's CLIP; "
+                                              "oracle: the world's ground-truth patch words in the labels schema "
+                                              "(the upper bound of label quality)")
+    labels_top_n: int = Field(5, ge=1, description="labels kept per patch")
+    labeler_features: Literal["joint", "dense"] = Field("dense", description="the labeler's patch features: the "
+                                                        "label audit of the shipped world CLIP measured dense "
+                                                        "(MaskCLIP) best (docs/eval.md)")
+    align: QuickstartAlignConfig = QuickstartAlignConfig()
+    instruct: QuickstartInstructConfig = QuickstartInstructConfig()
+    sea: SeaConfig = Field(SeaConfig(), description="the +SEA arm's SEA section (the baseline: enabled=false)")
+    set: dict[str, dict[str, Any]] = Field({}, description="per job (labels, align, instruct, eval): dotted "
+                                           "values applied last to every config of that job")
+    eval_max_samples: Optional[int] = Field(None, ge=1, description="test images evaluated; none = all")
+    mode: Literal["tasks", "ray_train"] = Field("tasks", description="tasks: each seed x arm trains in one Ray task "
+                                                "(in-process recipe, Ray Data ingest), several at once; ray_train: "
+                                                "every stage is a TorchTrainer run, one after the other")
+    cpus_per_task: float = Field(1.0, gt=0, description="tasks mode: CPUs (and torch threads) per seed x arm")
     ray: RayConfig = RayConfig()
+
+
+# --------------------------------------------------------------------------- pipeline
+
+PIPELINE_STEPS = ("world", "import", "labels", "tune", "align", "instruct", "eval")
+
+
+class PipelineDataConfig(_Section):
+    """The pipeline's input data; every URI is a local path or ``s3://``."""
+
+    world: Optional[str] = Field(None, description="synthetic world folder: the manifests, image root and ground "
+                                 "truth below default to it; the `world` step generates it (default there: "
+                                 "<output>/world)")
+    pretrain: Optional[str] = Field(None, description="caption manifest of labels and align; default: "
+                                    "<world>/train/pretrain.json")
+    instruct: Optional[str] = Field(None, description="conversation manifest of instruct; default: "
+                                    "<world>/train/instruct.json")
+    val: Optional[str] = Field(None, description="held-out caption manifest (tune); default: "
+                               "<world>/val/pretrain.json")
+    image_root: Optional[str] = Field(None, description="folder the manifests' image paths are relative to; "
+                                      "default: <world>/images")
+    instruct_image_root: Optional[str] = Field(None, description="image folder of the instruct manifest, when it "
+                                               "differs; default: image_root")
+
+
+class PipelineWorldConfig(_Section):
+    """The ``world`` step: generate the synthetic world at ``data.world``."""
+
+    num_images: int = Field(300, ge=1)
+    seed: int = 0
+    image_size: int = Field(64, ge=16, description="pixels per side; the tiny towers take 64")
+
+
+class PipelineImportConfig(_Section):
+    """The ``import`` step: ``sea-ray import-manifest`` of the pretrain and instruct manifests into
+    Parquet shards under ``<output>/manifests/``, which the later steps then read."""
+
+    embed_images: bool = Field(False, description="store the image bytes in the shards (no image folder needed)")
+    rows_per_shard: Optional[int] = Field(None, ge=1, description="none = the importer's default")
+
+
+class PipelineStepConfig(_Section):
+    """One job of the pipeline: its recipe, then the pipeline's wiring, then ``set``."""
+
+    recipe: Optional[str] = Field(None, description="the job's YAML recipe, relative to the pipeline file "
+                                  "(none = only the wiring and `set`)")
+    set: dict[str, Any] = Field({}, description="values applied last, over the recipe and the wiring (nested "
+                                "mappings or dotted keys, e.g. optim.max_steps: 10)")
+
+
+class PipelineConfig(_Section):
+    """``sea-ray pipeline``: world/import -> labels -> [tune] -> align -> instruct -> eval in one Ray
+    session; each step reads the previous step's output and is skipped when its output is complete."""
+
+    job: Literal["pipeline"] = "pipeline"
+    output: str = Field(..., description="root of every output (local dir or s3://): <output>/labels, "
+                        "<output>/runs/<run name>, <output>/tune, <output>/eval, <output>/_pipeline")
+    steps: list[str] = Field(["labels", "align", "instruct", "eval"], min_length=1,
+                             description=f"steps to run, in this order: {', '.join(PIPELINE_STEPS)}")
+    ray: RayConfig = RayConfig()
+    data: PipelineDataConfig = PipelineDataConfig()
+    world: PipelineWorldConfig = PipelineWorldConfig()
+    importer: PipelineImportConfig = PipelineImportConfig()
+    labels: PipelineStepConfig = PipelineStepConfig()
+    tune: PipelineStepConfig = PipelineStepConfig()
+    align: PipelineStepConfig = PipelineStepConfig()
+    instruct: PipelineStepConfig = PipelineStepConfig()
+    eval: PipelineStepConfig = PipelineStepConfig()
+    lock: bool = Field(True, description="hold <output>/_pipeline/LOCK while running: a second run on the same "
+                       "output fails at once instead of writing beside the first")
+
+
+def _pipeline_problems(cfg: PipelineConfig) -> list[str]:
+    """Pipeline-level rules; every step's own config is validated by ``sea_ray.pipeline.plan``."""
+    problems = []
+    unknown = [s for s in cfg.steps if s not in PIPELINE_STEPS]
+    for step in unknown:
+        close = difflib.get_close_matches(step, PIPELINE_STEPS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        problems.append(f"steps: unknown step {step!r}{hint}; valid: {', '.join(PIPELINE_STEPS)}")
+    known = [s for s in cfg.steps if s in PIPELINE_STEPS]
+    if len(set(known)) != len(known):
+        problems.append(f"steps: a step is listed twice: {cfg.steps}")
+    elif known != sorted(known, key=PIPELINE_STEPS.index):
+        problems.append(f"steps: must follow the order {' -> '.join(PIPELINE_STEPS)} (got {' -> '.join(known)})")
+    has_world = bool(cfg.data.world) or "world" in known
+    needs = {"pretrain": ("import", "labels", "tune", "align"), "instruct": ("import", "instruct")}
+    for field, steps in needs.items():
+        users = [s for s in steps if s in known]
+        if users and not (getattr(cfg.data, field) or has_world):
+            problems.append(f"data.{field}: required by the {', '.join(users)} step(s) (or give data.world)")
+    return problems
 
 
 JOBS: dict[str, type[_Section]] = {
@@ -291,6 +510,8 @@ JOBS: dict[str, type[_Section]] = {
     "instruct": InstructConfig,
     "tune": TuneConfig,
     "eval": EvalConfig,
+    "quickstart": QuickstartConfig,
+    "pipeline": PipelineConfig,
 }
 
 
@@ -509,21 +730,101 @@ def cross_field_problems(cfg: BaseModel) -> list[str]:
         if cfg.model.vision.backend == "hf" and cfg.model.vision.name == "custom":
             problems.append("model.vision: labeling with the hf backend needs a saved CLIPModel dir with its "
                             "tokenizer (vision.name=DIR); a random-init 'custom' hf tower has no tokenizer")
-    if isinstance(cfg, EvalConfig):
+    if isinstance(cfg, EvalConfig) and cfg.model is not None:
         problems += _model_problems(cfg.model, "model")
+    if isinstance(cfg, PipelineConfig):
+        problems += _pipeline_problems(cfg)
     if isinstance(cfg, TuneConfig):
-        base = cfg.base.model_dump()
-        for key, dim in cfg.space.items():
-            node: Any = base
-            for part in key.split("."):
-                node = node.get(part, KeyError) if isinstance(node, dict) else KeyError
-            if node is KeyError:
-                problems.append(f"space.{key}: not a key of the base align config")
-            if dim.type in ("uniform", "loguniform", "randint"):
-                if dim.low is None or dim.high is None or dim.low >= dim.high:
-                    problems.append(f"space.{key}: {dim.type} needs low < high")
-                elif dim.type == "loguniform" and dim.low <= 0:
-                    problems.append(f"space.{key}: loguniform needs low > 0")
-            elif not dim.values:
-                problems.append(f"space.{key}: choice needs a non-empty values list")
+        problems += _tune_problems(cfg)
     return problems
+
+
+# Top-level sections of the base config a search may not change: they locate the data and the
+# run, or decide the trial's shape (every trial trains on the same data with the same workers).
+TUNE_FIXED_SECTIONS = ("job", "run", "ray", "data", "scaling")
+TUNE_MODES = {"val_word_acc": "max"}  # every other metric is a loss (min)
+
+
+def _set_dotted(raw: dict, key: str, value: Any) -> dict:
+    out = copy.deepcopy(raw)
+    node = out
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = node[part]
+    node[leaf] = value
+    return out
+
+
+def _tune_problems(cfg: TuneConfig) -> list[str]:
+    problems: list[str] = []
+    base = cfg.base.model_dump(mode="json")
+    for key, dim in cfg.space.items():
+        node: Any = base
+        for part in key.split("."):
+            node = node.get(part, KeyError) if isinstance(node, dict) else KeyError
+        if node is KeyError or isinstance(node, dict):
+            close = difflib.get_close_matches(key, _dotted_leaves(base), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            problems.append(f"space.{key}: not a key of the base align config{hint}")
+            continue
+        if key.split(".")[0] in TUNE_FIXED_SECTIONS:
+            problems.append(f"space.{key}: {', '.join(TUNE_FIXED_SECTIONS)} are fixed for every trial")
+            continue
+        if dim.type in ("uniform", "loguniform", "randint"):
+            if dim.values is not None:
+                problems.append(f"space.{key}: {dim.type} takes low and high, not values")
+            if dim.low is None or dim.high is None or dim.low >= dim.high:
+                problems.append(f"space.{key}: {dim.type} needs low < high")
+                continue
+            if dim.type == "loguniform" and dim.low <= 0:
+                problems.append(f"space.{key}: loguniform needs low > 0")
+                continue
+            if dim.type == "randint" and not (float(dim.low).is_integer() and float(dim.high).is_integer()):
+                problems.append(f"space.{key}: randint needs integer low and high")
+                continue
+            cast = int if dim.type == "randint" else float
+            candidates = [cast(dim.low), cast(dim.high)]
+        else:
+            if dim.low is not None or dim.high is not None:
+                problems.append(f"space.{key}: choice takes values, not low/high")
+            if not dim.values:
+                problems.append(f"space.{key}: choice needs a non-empty values list")
+                continue
+            bad = [v for v in dim.values if not isinstance(v, (str, int, float, bool))]
+            if bad:
+                problems.append(f"space.{key}: choice values must be strings, numbers or booleans (got {bad})")
+                continue
+            candidates = list(dim.values)
+        for value in candidates:  # every end of the range must give a valid align config
+            try:
+                validate(_set_dotted(base, key, value), job="align")
+            except ConfigError as exc:
+                problems.extend(f"space.{key}={value!r} gives an invalid align config: {p}" for p in exc.problems)
+    if cfg.metric not in TUNE_METRICS:
+        close = difflib.get_close_matches(cfg.metric, TUNE_METRICS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        problems.append(f"metric: unknown metric {cfg.metric!r}{hint}; valid: {', '.join(TUNE_METRICS)}")
+    elif cfg.mode != TUNE_MODES.get(cfg.metric, "min"):
+        problems.append(f"mode: {cfg.metric} is optimised with mode={TUNE_MODES.get(cfg.metric, 'min')}")
+    if cfg.metric == "val_lm_loss" and not cfg.validation.lm_loss:
+        problems.append("validation.lm_loss: must be true when metric is val_lm_loss")
+    if cfg.metric == "loss_sea" and not cfg.base.sea.enabled:
+        problems.append("metric: loss_sea needs base.sea.enabled=true")
+    if cfg.validation.labels:
+        if not cfg.base.data.val_manifest:
+            problems.append("base.data.val_manifest: required with validation.labels (the manifest they label)")
+    elif not cfg.base.data.labels:
+        problems.append("base.data.labels: required (validation holds out labelled images), or give "
+                        "validation.labels")
+    if cfg.base.optim.max_steps and cfg.report_every_n_steps > cfg.base.optim.max_steps:
+        problems.append(f"report_every_n_steps: {cfg.report_every_n_steps} > base.optim.max_steps "
+                        f"{cfg.base.optim.max_steps}: trials would report once, at their end")
+    return problems
+
+
+def _dotted_leaves(raw: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key, value in raw.items():
+        dotted = f"{prefix}{key}"
+        out += _dotted_leaves(value, dotted + ".") if isinstance(value, dict) and value else [dotted]
+    return out

@@ -10,6 +10,7 @@ path, an ``s3://`` URI, or a hub id when the machine is online).
 from __future__ import annotations
 
 import copy
+import os
 
 # A tiny open_clip ViT: 64 px images, 8 px patches -> an 8 x 8 grid of visual tokens.
 _TINY_OPEN_CLIP = {
@@ -49,6 +50,22 @@ _TINY_QWEN2 = {
     "tokenizer": "world",
 }
 
+# The synthetic world's trained backbones, shipped in sea_ray/assets/world (made by
+# workflows/backbones.py; see sea_ray/backbones.py): a CLIP ViT with 64 px images and 8 px patches
+# (an 8 x 8 grid), class-token pooling as in CLIP, and a 4-layer Llama with the world tokenizer.
+WORLD_CLIP_ARCH = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 64, "patch_size": 8, "width": 96, "layers": 4, "head_width": 32},
+    "text_cfg": {"context_length": 40, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 3},
+}
+WORLD_LLM_CONFIG = {"model_type": "llama", "hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4,
+                    "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 512}
+WORLD_ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "world")
+_WORLD_CLIP = {"backend": "open_clip", "name": "custom", "custom": WORLD_CLIP_ARCH,
+               "weights": os.path.join(WORLD_ASSETS, "clip", "open_clip_model.safetensors")}
+_WORLD_LLM = {"name_or_path": os.path.join(WORLD_ASSETS, "llm")}
+_WORLD_RANDOM_LLM = {"config": WORLD_LLM_CONFIG, "tokenizer": os.path.join(WORLD_ASSETS, "llm")}
+
 _CLIP_L336 = {"backend": "open_clip", "name": "ViT-L-14-336", "weights": "openai"}
 
 PRESETS: dict[str, dict] = {
@@ -65,6 +82,9 @@ PRESETS: dict[str, dict] = {
                            "num_hidden_layers": 11, "num_attention_heads": 12, "num_key_value_heads": 12,
                            "max_position_embeddings": 1024}, "tokenizer": "world"},
     },
+    # the synthetic world's trained CLIP with its trained LLM (the quickstart), or a random-init one
+    "world-clip-llama": {"vision": _WORLD_CLIP, "adapter": {"type": "mlp2x_gelu"}, "llm": _WORLD_LLM},
+    "world-clip-random-llama": {"vision": _WORLD_CLIP, "adapter": {"type": "mlp2x_gelu"}, "llm": _WORLD_RANDOM_LLM},
     # the paper's combinations (LLaVA-1.5 recipe: CLIP ViT-L/14-336, 24 x 24 patches, mlp2x_gelu)
     "clip-l336-vicuna7b": {"vision": _CLIP_L336, "adapter": {"type": "mlp2x_gelu"},
                            "llm": {"name_or_path": "lmsys/vicuna-7b-v1.5"}},

@@ -2,11 +2,18 @@
 
 A labels dataset is a folder (local or ``s3://``)::
 
-    shards/shard-00000.parquet ...   one row per labelled image (schema below)
-    markers/shard-00000.json ...     a shard's completion marker, written after its Parquet file
-    errors/shard-00000.parquet ...   rows that could not be labelled, with the reason
+    _config.json                     the resolved config and the fingerprint re-runs must match (written first)
+    vocab.json                       the vocabulary (words, counts, hash), written before any shard
+    shards/shard-00000.parquet ...   one row per labelled image (schema below), in manifest order
+    errors/manifest.parquet          malformed manifest rows (ERRORS_SCHEMA)
+    errors/shard-00000.parquet ...   rows of that shard that could not be read, decoded or labelled
+    markers/shard-00000.json ...     a shard's completion marker, written after its Parquet and errors files
     _meta.json                       vocabulary, model, transform, grid, counts (written at the end)
     _SUCCESS                         written last: the whole dataset is complete
+
+Shard ``k`` holds the valid manifest rows ``[k * rows_per_shard, (k + 1) * rows_per_shard)`` (valid
+= passed manifest validation, in manifest order). Only shards with a marker count; a re-run
+rewrites every shard without one, so each image id appears in exactly one shard file exactly once.
 
 Per image, ``label_ids`` and ``label_scores`` are flat row-major ``[P * top_n]`` arrays
 (P = grid_h * grid_w patches); a patch with fewer than ``top_n`` positive scores is padded with
@@ -27,15 +34,16 @@ LABELS_SCHEMA = pa.schema([
     pa.field("grid_h", pa.int16(), nullable=False),
     pa.field("grid_w", pa.int16(), nullable=False),
     pa.field("top_n", pa.int16(), nullable=False),
-    pa.field("label_ids", pa.list_(pa.int32()), nullable=False),
-    pa.field("label_scores", pa.list_(pa.float16()), nullable=False),
+    # list children are named "element", as Parquet's compliant nested types store and read them back
+    pa.field("label_ids", pa.list_(pa.field("element", pa.int32())), nullable=False),
+    pa.field("label_scores", pa.list_(pa.field("element", pa.float16())), nullable=False),
 ], metadata={"sea_ray.labels.schema_version": str(SCHEMA_VERSION)})
 
 ERRORS_SCHEMA = pa.schema([
     pa.field("row", pa.int64()),          # position in the manifest (-1 when unknown)
     pa.field("image_id", pa.string()),    # may be null for a malformed row
     pa.field("image", pa.string()),       # the manifest's image reference, if any
-    pa.field("stage", pa.string()),       # manifest | decode | label
+    pa.field("stage", pa.string()),       # manifest | read | decode | label
     pa.field("reason", pa.string()),
 ])
 

@@ -1,0 +1,177 @@
+"""Benchmark of the labels job: the whole Ray Data job vs the labeler alone, side by side.
+
+Run (CPU, a few minutes; starts its own local Ray unless one is running in this process)::
+
+    .venv/bin/python bench/labels.py                      # ViT-B-32-sized open_clip, random weights
+    .venv/bin/python bench/labels.py --images 256 --ship float32
+    .venv/bin/python bench/labels.py --dry-run            # tiny tower, 64 px, seconds
+
+Both measurements use the same tower (seeded random weights), the same vocabulary, the same
+batch size and the same torch thread count, on synthetic-world images:
+
+- ``labeler_alone_img_s``: :meth:`PatchLabeler.label` over pre-made, already transformed tensors
+  (after one warm-up batch), in this process;
+- ``end_to_end_img_s``: ``sea_ray.labels.job.run`` from start to ``_SUCCESS`` (manifest read,
+  vocabulary, tower probe, actor start-up, read -> decode -> label -> Parquet write), Ray already up.
+
+The last four lines are ``labeler_alone_img_s``, ``end_to_end_img_s``, ``ratio`` (end-to-end /
+alone) and ``bytes_per_image`` (bytes shipped from the decode tasks to the labeler per image).
+No wall-clock value is asserted anywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+VIT_B_32 = {"backend": "open_clip", "name": "ViT-B-32", "weights": None, "custom": None}
+
+
+def _cores() -> int:
+    """Cores this process may run on (taskset / cgroup affinity), not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def _config(args, world: Path, output: Path):
+    from sea_ray.config import validate
+
+    model = {"preset": "tiny-openclip-llama"}
+    if not args.dry_run:
+        model["vision"] = dict(VIT_B_32)
+    threads = args.threads or _cores()
+    return validate({
+        "job": "labels", "output": str(output), "seed": 0, "model": model,
+        "ray": {"num_cpus": args.num_cpus or _cores()},
+        "data": {"manifest": str(world / "train" / "pretrain.json"), "image_root": str(world / "images")},
+        "vocab": {"min_count": 1},
+        "labeler": {"top_n": 10, "batch_size": args.batch_size},
+        "compute": {"num_actors": 1, "cpus_per_actor": args.cpus_per_actor, "torch_threads": threads,
+                    "cpus_per_decode_task": args.cpus_per_decode_task, "rows_per_shard": args.rows_per_shard,
+                    "decode_batch_size": args.decode_batch_size, "ship": args.ship},
+    })
+
+
+def labeler_alone(cfg, world: Path, threads: int, limit: int) -> tuple[float, int]:
+    """(images/s, images) of the labeler on pre-made tensors, same tower/vocab/batch size as the job."""
+    import torch
+
+    from sea_ray.data.images import decode_image
+    from sea_ray.data.manifest import read_manifest
+    from sea_ray.labels.labeler import PatchLabeler
+    from sea_ray.labels.vocab import build_vocab, captions_of
+    from sea_ray.model.vision import build_vision_tower
+
+    torch.set_num_threads(threads)
+    rows = read_manifest(cfg.data.manifest, require_image=True).rows
+    vocab = build_vocab(captions_of(rows), cfg.vocab)  # the job's vocabulary: all rows' captions
+    rows = rows[:limit]
+    torch.manual_seed(cfg.seed)
+    tower = build_vision_tower(cfg.model.vision).eval()
+    labeler = PatchLabeler.from_config(tower, vocab.words, cfg.labeler)
+    tensors = []
+    for r in rows:
+        img, _ = decode_image((world / "images" / r["image"]).read_bytes())
+        tensors.append(tower.transform(img))
+    x = torch.stack(tensors)
+    bs = cfg.labeler.batch_size
+    labeler.label(x[:bs])  # warm-up
+    start = time.perf_counter()
+    for i in range(0, len(x), bs):
+        labeler.label(x[i:i + bs])
+    return len(x) / (time.perf_counter() - start), len(x)
+
+
+def end_to_end(cfg) -> dict:
+    from sea_ray.labels.job import run
+
+    start = time.perf_counter()
+    summary = run(cfg)
+    summary["wall_s"] = time.perf_counter() - start
+    return summary
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", type=int, default=1536, help="train images of the synthetic world")
+    ap.add_argument("--image-size", type=int, default=224)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--alone-images", type=int, default=256, help="images for each labeler-alone measurement")
+    ap.add_argument("--decode-batch-size", type=int, default=None)
+    ap.add_argument("--rows-per-shard", type=int, default=256)
+    ap.add_argument("--cpus-per-actor", type=float, default=1.0)
+    ap.add_argument("--cpus-per-decode-task", type=float, default=1.0)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (both measurements); default: the "
+                    "cores this process may use")
+    ap.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray; default: the cores this "
+                    "process may use")
+    ap.add_argument("--ship", choices=["uint8", "float32"], default="uint8")
+    ap.add_argument("--workdir", default=None, help="keep the world and outputs here (default: a temp dir)")
+    ap.add_argument("--dry-run", action="store_true", help="tiny tower, 64 px, 64 images: checks the bench runs")
+    args = ap.parse_args(argv)
+    if args.dry_run:
+        args.images, args.image_size, args.rows_per_shard, args.alone_images = 64, 64, 32, 64
+    logging.basicConfig(level=logging.WARNING)
+
+    from sea_ray.data.world import ensure_world
+    from sea_ray.runtime import init_ray
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="sea_ray_bench_"))
+    n_total = int(round(args.images / 0.8))  # the train split is 80 %
+    world = work / f"world_{n_total}_{args.image_size}"
+    t = time.perf_counter()
+    ensure_world(world, n_total, seed=0, image_size=args.image_size)
+    print(f"world: {world} ({time.perf_counter() - t:.1f}s)", flush=True)
+    out = work / f"labels_{int(time.time())}"
+    cfg = _config(args, world, out)
+    threads = cfg.compute.torch_threads
+
+    load_start = os.getloadavg()[0]
+    init_ray(cfg.ray, quiet=True)  # the cluster start-up is not part of the job
+    # the labeler alone before and after the job (this machine may be shared: average the two)
+    before, n = labeler_alone(cfg, world, threads, args.alone_images)
+    e2e = end_to_end(cfg)
+    after, _ = labeler_alone(cfg, world, threads, args.alone_images)
+    alone = (before + after) / 2
+    e2e_rate = e2e["images_processed"] / e2e["wall_s"]
+    meta = json.loads((out / "_meta.json").read_text())
+    size = meta["transform"]["image_size"]
+    e2e_grid = meta["grid"]
+    shipped = size * size * 3 * (1 if cfg.compute.ship == "uint8" else 4)
+    label_bytes = sum(p.stat().st_size for p in (out / "shards").iterdir()) / max(1, e2e["images_processed"])
+    steady = None
+    if e2e.get("first_batch_s"):
+        steady = e2e["images_processed"] / max(1e-9, e2e["wall_s"] - e2e["first_batch_s"])
+    print(json.dumps({"model": "tiny (dry run)" if args.dry_run else "ViT-B-32 (random weights)",
+                      "images": e2e["images_processed"], "alone_images": n,
+                      "labeler_alone_before_after_img_s": [round(before, 3), round(after, 3)],
+                      "image_size": size, "grid": e2e_grid, "batch_size": cfg.labeler.batch_size,
+                      "torch_threads": threads, "cores": _cores(),
+                      "load_avg_1min_start_end": [round(load_start, 2), round(os.getloadavg()[0], 2)], "ship": cfg.compute.ship,
+                      "job_wall_s": round(e2e["wall_s"], 2), "job_first_batch_s": e2e.get("first_batch_s"),
+                      "end_to_end_after_first_batch_img_s": round(steady, 3) if steady else None,
+                      "labels_parquet_bytes_per_image": round(label_bytes, 1)}, indent=1), flush=True)
+    result = {"labeler_alone_img_s": alone, "end_to_end_img_s": e2e_rate, "ratio": e2e_rate / alone,
+              "bytes_per_image": shipped}
+    print(f"labeler_alone_img_s: {alone:.3f}")
+    print(f"end_to_end_img_s: {e2e_rate:.3f}")
+    print(f"ratio: {e2e_rate / alone:.3f}")
+    print(f"bytes_per_image: {shipped}")
+    sys.stdout.flush()
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""Greedy generation with the composed model: prompt (with an image) -> answer text.
+
+The prompt is rendered exactly as the instruct stage renders a conversation up to the answer:
+``llava_v1`` -> ``"{system} USER: <image>\\n{question} ASSISTANT:"`` (the answer's leading space
+belongs to its first token, as in training), ``chat`` -> the tokenizer's chat template with the
+generation prompt. The ``<image>`` placeholder becomes the sentinel the model replaces by the
+visual tokens. Batches are left-padded; decoding is greedy with a KV cache and stops at eos.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from sea_ray.constants import IMAGE_PLACEHOLDER
+
+
+def render_prompt(question: str, tokenizer, template: str = "auto", with_image: bool = True) -> str:
+    """The text the model sees before its answer (``template``: auto | llava_v1 | chat)."""
+    from sea_ray.data.templates import LLAVA_V1_ROLES, LLAVA_V1_SYSTEM, resolve_template
+
+    content = f"{IMAGE_PLACEHOLDER}\n{question}" if with_image and IMAGE_PLACEHOLDER not in question else question
+    if resolve_template(template, tokenizer) == "chat":
+        return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                             add_generation_prompt=True)
+    user, assistant = LLAVA_V1_ROLES
+    return f"{LLAVA_V1_SYSTEM} {user}: {content} {assistant}:"
+
+
+def encode_prompt(question: str, tokenizer, template: str = "auto", with_image: bool = True) -> list[int]:
+    """Token ids of :func:`render_prompt` with the image sentinel in place of the placeholder."""
+    from sea_ray.data.templates import _encode_text, adds_bos, resolve_template
+
+    text = render_prompt(question, tokenizer, template, with_image)
+    bos = adds_bos(tokenizer) and resolve_template(template, tokenizer) != "chat"
+    ids, _ = _encode_text(text, [], tokenizer, bos)
+    return ids
+
+
+def _cache_kwarg(llm) -> str:
+    """The KV-cache argument's name: ``cache`` in recent transformers, ``past_key_values`` before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(llm.forward).parameters else "past_key_values"
+
+
+def _cache_of(out):
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+@torch.no_grad()
+def greedy_generate(model, prompts: Sequence[Sequence[int]], images: Optional[torch.Tensor],
+                    max_new_tokens: int = 8, eos_id: Optional[int] = None) -> list[list[int]]:
+    """Greedy continuations of ``prompts`` (token ids with at most one image sentinel each;
+    ``images`` holds the images of the prompts that have one, in order). Returns the new token
+    ids per prompt, without the eos."""
+    if not prompts:
+        return []
+    tokenizer = model.tokenizer
+    eos_id = eos_id if eos_id is not None else tokenizer.eos_token_id
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    device = next(model.llm.parameters()).device
+    n = len(prompts)
+    length = max(len(p) for p in prompts)
+    ids = torch.full((n, length), pad_id, dtype=torch.long)
+    mask = torch.zeros((n, length), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, :len(p)] = torch.as_tensor(list(p), dtype=torch.long)
+        mask[i, :len(p)] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    visual = model.encode_images(images.to(device)) if images is not None and images.shape[0] else None
+    embeds, emb_mask, _, _ = model.splice(ids, mask, None, visual)
+    # right-padded -> left-padded, so every prompt ends at the last position
+    lengths = emb_mask.sum(dim=1)
+    total = int(lengths.max())
+    left = embeds.new_zeros((n, total, embeds.shape[-1]))
+    left_mask = emb_mask.new_zeros((n, total))
+    for i in range(n):
+        k = int(lengths[i])
+        left[i, total - k:] = embeds[i, :k]
+        left_mask[i, total - k:] = 1
+    positions = (left_mask.cumsum(dim=1) - 1).clamp(min=0)
+    out = model.llm(inputs_embeds=left, attention_mask=left_mask, position_ids=positions, use_cache=True)
+    past = _cache_of(out)
+    next_pos = positions[:, -1:] + 1
+    done = torch.zeros(n, dtype=torch.bool, device=device)
+    generated: list[list[int]] = [[] for _ in range(n)]
+    logits = out.logits[:, -1]
+    for step in range(max_new_tokens):
+        token = logits.argmax(dim=-1)
+        for i in range(n):
+            if not done[i] and int(token[i]) != eos_id:
+                generated[i].append(int(token[i]))
+        done |= token == eos_id
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        left_mask = torch.cat([left_mask, left_mask.new_ones((n, 1))], dim=1)
+        out = model.llm(input_ids=token.unsqueeze(1), attention_mask=left_mask, position_ids=next_pos,
+                        use_cache=True, **{_cache_kwarg(model.llm): past})
+        past = _cache_of(out)
+        next_pos = next_pos + 1
+        logits = out.logits[:, -1]
+    return generated
+
+
+def answer(model, image_tensors: Optional[torch.Tensor], questions: Sequence[str], template: str = "auto",
+           max_new_tokens: int = 8) -> list[str]:
+    """Decoded greedy answers to ``questions``, one image per question (``image_tensors [N, 3, H, W]``,
+    the tower's transform) or none."""
+    with_image = image_tensors is not None
+    prompts = [encode_prompt(q, model.tokenizer, template, with_image) for q in questions]
+    new = greedy_generate(model, prompts, image_tensors, max_new_tokens)
+    return [model.tokenizer.decode(t, skip_special_tokens=True).strip() for t in new]
+
+
+def generate(checkpoint: str, image: Optional[str], prompt: str, max_new_tokens: int = 32, template: str = "auto",
+             device: str = "auto") -> str:
+    """``sea-ray generate``: load a checkpoint (its ``config.json`` gives the model), answer ``prompt``
+    about ``image`` (a local path or an s3:// URI; None for a text-only prompt)."""
+    from sea_ray import storage
+    from sea_ray.data.images import decode_image
+    from sea_ray.errors import DataError
+    from sea_ray.eval.job import _device, load_model
+
+    model, info = load_model(checkpoint, device=_device(device))
+    if template == "auto" and info["config"].get("job") == "instruct":
+        template = info["config"].get("template", "auto")
+    tensors = None
+    if image:
+        try:
+            data = storage.read_bytes(image)
+        except (OSError, FileNotFoundError) as exc:
+            raise DataError(f"cannot read {image}: {exc}") from None
+        img, reason = decode_image(data)
+        if img is None:
+            raise DataError(f"{image}: {reason}")
+        tensors = model.vision.transform(img).unsqueeze(0)
+    return answer(model, tensors, [prompt], template, max_new_tokens)[0]

@@ -1,0 +1,191 @@
+"""Reading and writing a labels dataset folder (layout in :mod:`sea_ray.labels.schema`).
+
+All I/O goes through one pyarrow filesystem (local, or ``s3://`` with the endpoint from
+``AWS_ENDPOINT_URL``), which has no listing cache, so what a re-run lists is what is stored.
+Local writes go to a hidden temporary name and are renamed into place; an S3 PUT is atomic by
+itself. Either way a file is never seen half-written.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import posixpath
+import uuid
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from sea_ray import storage
+from sea_ray.labels.schema import ERRORS_SCHEMA, LABELS_SCHEMA
+
+SHARDS, MARKERS, ERRORS = "shards", "markers", "errors"
+CONFIG_FILE, VOCAB_FILE, META_FILE = "_config.json", "vocab.json", "_meta.json"
+MANIFEST_ERRORS = "manifest"
+_TMP_PREFIX = ".tmp-"
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}"
+
+
+def _shard_index(name: str) -> Optional[int]:
+    stem = name.rsplit(".", 1)[0]
+    if stem.startswith("shard-") and stem[6:].isdigit():
+        return int(stem[6:])
+    return None
+
+
+class LabelsDir:
+    """A labels dataset folder: ``LabelsDir("s3://bucket/labels")`` or a local path."""
+
+    def __init__(self, uri: str):
+        self.uri = str(uri).rstrip("/")
+        self.fs, self.root = storage.pyarrow_fs(self.uri)
+        self.root = self.root.rstrip("/")
+        self.local = not storage.is_remote(self.uri)
+
+    def path(self, *parts: str) -> str:
+        return posixpath.join(self.root, *parts)
+
+    # ------------------------------------------------------------------ primitive I/O
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        target = self.path(rel)
+        if not self.local:
+            with self.fs.open_output_stream(target) as f:
+                f.write(data)
+            return
+        parent = posixpath.dirname(target)
+        self.fs.create_dir(parent, recursive=True)
+        tmp = posixpath.join(parent, f"{_TMP_PREFIX}{uuid.uuid4().hex}")
+        with self.fs.open_output_stream(tmp) as f:
+            f.write(data)
+        self.fs.move(tmp, target)
+
+    def write_text(self, rel: str, text: str) -> None:
+        self.write_bytes(rel, text.encode("utf-8"))
+
+    def write_json(self, rel: str, obj) -> None:
+        self.write_text(rel, json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False, default=str) + "\n")
+
+    def read_bytes(self, rel: str) -> bytes:
+        with self.fs.open_input_stream(self.path(rel)) as f:
+            return f.read()
+
+    def read_json(self, rel: str):
+        return json.loads(self.read_bytes(rel).decode("utf-8"))
+
+    def exists(self, rel: str) -> bool:
+        import pyarrow.fs as pafs
+
+        return self.fs.get_file_info(self.path(rel)).type != pafs.FileType.NotFound
+
+    def delete(self, rel: str) -> None:
+        if self.exists(rel):
+            self.fs.delete_file(self.path(rel))
+
+    def list(self, rel_dir: str) -> list[str]:
+        """File names directly under ``rel_dir`` (empty when it does not exist)."""
+        import pyarrow.fs as pafs
+
+        selector = pafs.FileSelector(self.path(rel_dir), allow_not_found=True, recursive=False)
+        return sorted(posixpath.basename(i.path) for i in self.fs.get_file_info(selector)
+                      if i.type == pafs.FileType.File)
+
+    def clean_temporaries(self) -> int:
+        """Remove half-written temporaries a killed run left behind (local only); returns how many."""
+        removed = 0
+        if self.local:
+            for sub in (SHARDS, ERRORS, MARKERS, ""):
+                for name in self.list(sub):
+                    if name.startswith(_TMP_PREFIX):
+                        self.fs.delete_file(self.path(sub, name))
+                        removed += 1
+        return removed
+
+    # ------------------------------------------------------------------ shards
+
+    def completed_shards(self) -> set[int]:
+        """Shards whose marker and Parquet file both exist."""
+        marked = {_shard_index(n) for n in self.list(MARKERS) if n.endswith(".json")}
+        files = {_shard_index(n) for n in self.list(SHARDS) if n.endswith(".parquet")}
+        return {i for i in marked & files if i is not None}
+
+    def markers(self) -> dict[int, dict]:
+        return {i: self.read_json(posixpath.join(MARKERS, shard_name(i) + ".json"))
+                for i in sorted(self.completed_shards())}
+
+    def write_table(self, rel: str, table: pa.Table) -> None:
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd")
+        self.write_bytes(rel, buf.getvalue())
+
+    def write_shard(self, index: int, labels: pa.Table, errors: pa.Table) -> None:
+        """The shard's Parquet and errors files (its marker is written separately, last)."""
+        name = shard_name(index)
+        self.write_table(posixpath.join(SHARDS, name + ".parquet"), labels)
+        self.write_table(posixpath.join(ERRORS, name + ".parquet"), errors)
+
+    def write_marker(self, index: int, marker: dict) -> None:
+        self.write_json(posixpath.join(MARKERS, shard_name(index) + ".json"), marker)
+
+    def read_table(self, rel: str) -> pa.Table:
+        # use_threads=False: pyarrow 26 sometimes aborts at interpreter exit after threaded reads
+        return pq.read_table(io.BytesIO(self.read_bytes(rel)), use_threads=False)
+
+
+def labels_table(image_ids: list[str], grid: tuple[int, int], top_n: int, ids: np.ndarray,
+                 scores: np.ndarray) -> pa.Table:
+    """A LABELS_SCHEMA table from ``ids [N, P * top_n]`` int32 and ``scores [N, P * top_n]`` float16."""
+    n = len(image_ids)
+    width = int(grid[0]) * int(grid[1]) * int(top_n)
+    ids = np.ascontiguousarray(ids, dtype=np.int32).reshape(n, width)
+    scores = np.ascontiguousarray(scores, dtype=np.float16).reshape(n, width)
+    offsets = pa.array(np.arange(n + 1, dtype=np.int32) * width, pa.int32())
+    return pa.Table.from_arrays([
+        pa.array(image_ids, pa.string()),
+        pa.array(np.full(n, grid[0], np.int16), pa.int16()),
+        pa.array(np.full(n, grid[1], np.int16), pa.int16()),
+        pa.array(np.full(n, top_n, np.int16), pa.int16()),
+        pa.ListArray.from_arrays(offsets, pa.array(ids.reshape(-1), pa.int32())),
+        pa.ListArray.from_arrays(offsets, pa.array(scores.reshape(-1), pa.float16())),
+    ], schema=LABELS_SCHEMA)
+
+
+def errors_table(errors: list[dict]) -> pa.Table:
+    return pa.Table.from_pylist([{k: e.get(k) for k in ERRORS_SCHEMA.names} for e in errors], schema=ERRORS_SCHEMA)
+
+
+def read_labels(uri: str, require_complete: bool = True) -> pa.Table:
+    """Every labels row of a dataset (shards with a marker), in shard order.
+
+    ``require_complete``: refuse a dataset whose ``_SUCCESS`` marker is missing (still being
+    written, or killed part-way: re-run the labels job to finish it)."""
+    out = LabelsDir(uri)
+    if require_complete and not out.exists(storage.MARKER):
+        raise FileNotFoundError(f"{uri} is not a complete labels dataset (no {storage.MARKER}); "
+                                "re-run the labels job to finish it")
+    tables = [out.read_table(posixpath.join(SHARDS, shard_name(i) + ".parquet")) for i in sorted(out.completed_shards())]
+    if not tables:
+        return LABELS_SCHEMA.empty_table()
+    return pa.concat_tables(tables)
+
+
+def read_errors(uri: str) -> pa.Table:
+    """The whole errors table: malformed manifest rows, then each completed shard's errors."""
+    out = LabelsDir(uri)
+    names = [MANIFEST_ERRORS] if out.exists(posixpath.join(ERRORS, MANIFEST_ERRORS + ".parquet")) else []
+    names += [shard_name(i) for i in sorted(out.completed_shards())]
+    tables = [out.read_table(posixpath.join(ERRORS, n + ".parquet")) for n in names]
+    if not tables:
+        return ERRORS_SCHEMA.empty_table()
+    return pa.concat_tables(tables)
+
+
+def shard_uris(uri: str) -> list[str]:
+    """URIs of the completed shard files (for ``ray.data.read_parquet`` in the training stage)."""
+    out = LabelsDir(uri)
+    return [storage.join(out.uri, SHARDS, shard_name(i) + ".parquet") for i in sorted(out.completed_shards())]

@@ -1,0 +1,404 @@
+"""The labels job: CLIP patch labels for every image of a manifest, with Ray Data.
+
+Run it::
+
+    sea-ray world --out out/world --num-images 300 --image-size 64
+    sea-ray labels --config workflows/configs/tiny_labels.yaml [dotted.key=value ...]
+
+or from Python: ``sea_ray.labels.job.run(load_config(path, job="labels"))``.
+
+Recipe (top to bottom in :func:`run`):
+
+1. **plan, on the driver, before any Ray resource:** read and validate the manifest (bad rows
+   go to ``errors/manifest.parquet``), build the vocabulary from its captions, build the tower
+   once (seeded) for its transform and patch grid and to check that its text tower works, cut
+   the valid rows into shards of ``compute.rows_per_shard`` in manifest order, and compare the
+   fingerprint of this setup with the one stored in ``_config.json`` (a re-run must match).
+2. **skip** every shard whose completion marker exists; if none is pending, only refresh
+   ``_meta.json`` and ``_SUCCESS``.
+3. **pipeline** over the pending rows: ``from_arrow`` -> ``map_batches(decode_batch)`` (CPU tasks:
+   read, decode, resize + crop) -> ``map_batches(LabelActor, compute=ActorPoolStrategy)`` (the
+   labeler; ``num_gpus`` per actor, or CPUs) -> ``iter_batches`` back on the driver.
+4. **write** each shard as soon as all its rows arrived: Parquet (``LABELS_SCHEMA``), its errors
+   (``ERRORS_SCHEMA``), then its marker. A kill at any point loses at most the shards without a
+   marker, which the next run rewrites under the same names: no id is ever duplicated or lost.
+5. **finish:** check that the markers cover every valid row exactly once, write ``_meta.json``
+   and, last, ``_SUCCESS``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+from sea_ray import storage
+from sea_ray.config import LabelsConfig, to_dict
+from sea_ray.errors import ConfigError, DataError, SeaRayError
+from sea_ray.labels import dataset as D
+from sea_ray.labels.schema import META_KEYS, SCHEMA_VERSION
+from sea_ray.labels.vocab import Vocab, build_vocab, captions_of
+
+log = logging.getLogger(__name__)
+
+_MAX_BLOCKS = 4096  # cap on input blocks (bigger manifests get bigger blocks)
+
+
+class LabelsInterrupted(SeaRayError):
+    """Raised by the ``stop_after_shards`` test hook: the job stopped as if killed."""
+
+
+@dataclass
+class Plan:
+    """Everything the driver decides before Ray starts."""
+
+    cfg: LabelsConfig
+    rows: list[dict]
+    manifest_errors: list[dict]
+    manifest_rows: int
+    vocab: Vocab
+    transform: object
+    transform_spec: dict
+    grid: tuple[int, int]
+    embed_dim: int
+    shards: list[list[dict]] = field(default_factory=list)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.transform_spec["image_size"])
+
+    def fingerprint(self) -> dict:
+        """What must not change between runs writing the same output."""
+        ids = hashlib.sha256("\n".join(r["id"] for r in self.rows).encode("utf-8")).hexdigest()
+        lab = self.cfg.labeler
+        return {"schema_version": SCHEMA_VERSION, "valid_rows": len(self.rows), "ids_sha256": ids,
+                "rows_per_shard": self.cfg.compute.rows_per_shard, "vocab_hash": self.vocab.hash,
+                "vision": self.cfg.model.vision.model_dump(mode="json"), "seed": self.cfg.seed,
+                "labeler": {"top_n": lab.top_n, "templates": list(lab.templates), "score_sign": lab.score_sign,
+                            "features": lab.features},
+                "max_image_pixels": self.cfg.data.max_image_pixels, "transform": self.transform_spec}
+
+
+def resolve_image(image: Optional[str], image_root: Optional[str]) -> Optional[str]:
+    """The URI of a manifest image path: joined to ``image_root`` unless already absolute or a URI."""
+    if not image:
+        return None
+    if storage.is_remote(image) or image.startswith("file://") or os.path.isabs(image):
+        return image
+    if image_root is None:
+        return os.path.abspath(image)
+    if storage.is_remote(image_root):
+        return storage.join(image_root, image)
+    root = image_root[len("file://"):] if image_root.startswith("file://") else image_root
+    return os.path.join(os.path.abspath(root), image)
+
+
+def _probe_tower(cfg: LabelsConfig):
+    """Build the tower once on the driver for its transform and grid. (Its text tower is first used
+    in the actors; a failure there, e.g. a Hugging Face dir without a tokenizer, stops the job
+    with the actor's error within seconds.)"""
+    import torch
+
+    from sea_ray.model.vision import build_vision_tower
+
+    torch.manual_seed(cfg.seed)
+    try:
+        tower = build_vision_tower(cfg.model.vision)
+    except Exception as exc:
+        raise ConfigError([f"model.vision: cannot build the tower ({type(exc).__name__}: {exc})"]) from exc
+    if cfg.model.vision.backend == "hf" and getattr(tower, "_tokenizer", None) is None:
+        raise ConfigError([f"model.vision.name: {cfg.model.vision.name} has no tokenizer; the labeler needs the "
+                           "text tower and its tokenizer (save the tokenizer into the model dir)"])
+    out = (tower.transform, tower.transform_spec(), tuple(tower.grid), int(tower.embed_dim))
+    del tower
+    return out
+
+
+def plan(cfg: LabelsConfig) -> Plan:
+    """Step 1 of the recipe (no Ray)."""
+    from sea_ray.data.manifest import read_manifest
+
+    try:
+        manifest = read_manifest(cfg.data.manifest, require_image=True)
+    except FileNotFoundError as exc:
+        raise DataError(f"manifest not found: {cfg.data.manifest} ({exc})") from None
+    except ValueError as exc:
+        raise DataError(str(exc)) from None
+    vocab = build_vocab(captions_of(manifest.rows), cfg.vocab)
+    if not vocab.words:
+        raise DataError(f"the vocabulary is empty: no caption word of {cfg.data.manifest} passed the vocab rules "
+                        f"(min_count={cfg.vocab.min_count}) and no extra_words were given")
+    transform, spec, grid, embed_dim = _probe_tower(cfg)
+    p = Plan(cfg=cfg, rows=manifest.rows, manifest_errors=manifest.errors, manifest_rows=manifest.num_read,
+             vocab=vocab, transform=transform, transform_spec=spec, grid=grid, embed_dim=embed_dim)
+    size = cfg.compute.rows_per_shard
+    p.shards = [p.rows[i:i + size] for i in range(0, len(p.rows), size)]
+    return p
+
+
+def _check_output(out: D.LabelsDir, p: Plan) -> bool:
+    """Read-only: True when ``_config.json`` exists and its fingerprint matches this plan; False on
+    a fresh output; raises when the output holds labels made differently."""
+    fingerprint = p.fingerprint()
+    if out.exists(D.CONFIG_FILE):
+        stored = out.read_json(D.CONFIG_FILE).get("fingerprint", {})
+        diff = sorted(k for k in set(stored) | set(fingerprint) if stored.get(k) != fingerprint.get(k))
+        if diff:
+            raise DataError(f"{out.uri} holds labels made with a different setup (changed: {', '.join(diff)}); "
+                            "write to a new output, or delete it to start over")
+        return True
+    if out.completed_shards():
+        raise DataError(f"{out.uri} holds label shards but no {D.CONFIG_FILE}: not written by this job version; "
+                        "write to a new output")
+    return False
+
+
+def _meta(p: Plan, markers: dict[int, dict]) -> dict:
+    by_stage = Counter({"manifest": len(p.manifest_errors)})
+    for m in markers.values():
+        by_stage.update(m.get("errors_by_stage", {}))
+    labelled = sum(m["labelled"] for m in markers.values())
+    lab = p.cfg.labeler
+    meta = {
+        "schema_version": SCHEMA_VERSION,
+        "vocab": p.vocab.to_dict(to_dict(p.cfg.vocab)),
+        "model": {"vision": p.cfg.model.vision.model_dump(mode="json"), "embed_dim": p.embed_dim,
+                  "seed": p.cfg.seed},
+        "transform": p.transform_spec,
+        "grid": list(p.grid),
+        "top_n": lab.top_n,
+        "score_sign": lab.score_sign,
+        "features": lab.features,
+        "templates": list(lab.templates),
+        "counts": {"manifest_rows": p.manifest_rows, "valid_rows": len(p.rows), "labelled": labelled,
+                   "errors": sum(by_stage.values()), "errors_by_stage": dict(sorted(by_stage.items())),
+                   "shards": len(p.shards)},
+        "manifest": p.cfg.data.manifest,
+        "image_root": p.cfg.data.image_root,
+        "rows_per_shard": p.cfg.compute.rows_per_shard,
+        "max_image_pixels": p.cfg.data.max_image_pixels,
+    }
+    assert set(META_KEYS) <= set(meta)
+    return meta
+
+
+def _input_blocks(p: Plan, pending: list[int], block_rows: int):
+    import pyarrow as pa
+
+    rows = [(k, r) for k in pending for r in p.shards[k]]
+    block_rows = max(block_rows, math.ceil(len(rows) / _MAX_BLOCKS))
+    blocks = []
+    for i in range(0, len(rows), block_rows):
+        chunk = rows[i:i + block_rows]
+        blocks.append(pa.table({
+            "row": pa.array([r["row"] for _, r in chunk], pa.int64()),
+            "shard": pa.array([k for k, _ in chunk], pa.int32()),
+            "image_id": pa.array([r["id"] for _, r in chunk], pa.string()),
+            "uri": pa.array([resolve_image(r.get("image"), p.cfg.data.image_root) for _, r in chunk], pa.string()),
+            "image_bytes": pa.array([r.get("image_bytes") for _, r in chunk], pa.binary()),
+        }))
+    return blocks
+
+
+def _resources(ray, cfg: LabelsConfig) -> tuple[float, str]:
+    """(GPUs per actor, device) after the CPU fallback; refuses a CPU plan that cannot run."""
+    comp = cfg.compute
+    res = ray.cluster_resources()
+    gpus = comp.gpus_per_actor
+    if gpus > 0 and res.get("GPU", 0) == 0 and comp.cpu_fallback:
+        log.warning("compute.gpus_per_actor=%s but the cluster shows no GPU: labeling on CPUs "
+                    "(compute.cpu_fallback=false waits for GPUs instead)", gpus)
+        gpus = 0.0
+    cpus = res.get("CPU", 0)
+    need = comp.num_actors * comp.cpus_per_actor + comp.cpus_per_decode_task
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    if 0 < cpus < need and len(alive) == 1:  # a fixed single-node Ray: this plan would hang forever
+        raise ConfigError([f"compute: {comp.num_actors} actor(s) x {comp.cpus_per_actor} CPU + "
+                           f"{comp.cpus_per_decode_task} CPU per decode task need {need:g} CPUs but this Ray has "
+                           f"{cpus:g}; the actors would leave nothing for the decode tasks (deadlock). Lower "
+                           "compute.cpus_per_actor / cpus_per_decode_task (fractions are fine)"])
+    return gpus, ("cuda" if gpus > 0 else "cpu")
+
+
+class _ShardWriter:
+    """Collects the pipeline's rows per shard and writes each shard once it is whole."""
+
+    def __init__(self, out: D.LabelsDir, p: Plan, pending: list[int], stop_after: Optional[int]):
+        self.out, self.p = out, p
+        self.expected = {k: len(p.shards[k]) for k in pending}
+        self.image_of = {r["row"]: r.get("image") for k in pending for r in p.shards[k]}
+        self.got: dict[int, dict[int, tuple]] = {k: {} for k in pending}
+        self.written = 0
+        self.stop_after = stop_after
+        self.labelled = 0
+        self.errors = 0
+        self.first_batch_s: Optional[float] = None  # pipeline start-up: until the first labelled batch
+
+    def add(self, batch: dict) -> int:
+        n = len(batch["row"])
+        for i in range(n):
+            k = int(batch["shard"][i])
+            bucket = self.got.get(k)
+            if bucket is None:
+                raise DataError(f"the pipeline returned row {int(batch['row'][i])} of shard {k}, which is not pending")
+            bucket[int(batch["row"][i])] = (str(batch["image_id"][i]), bool(batch["ok"][i]), str(batch["stage"][i]),
+                                            str(batch["reason"][i]), batch["label_ids"][i], batch["label_scores"][i])
+            if len(bucket) == self.expected[k]:
+                self._flush(k)
+        return n
+
+    def _flush(self, k: int) -> None:
+        bucket = self.got.pop(k)
+        rows = sorted(bucket)
+        good = [r for r in rows if bucket[r][1]]
+        bad = [r for r in rows if not bucket[r][1]]
+        width = self.p.grid[0] * self.p.grid[1] * self.p.cfg.labeler.top_n
+        ids = np.stack([bucket[r][4] for r in good]) if good else np.zeros((0, width), np.int32)
+        scores = np.stack([bucket[r][5] for r in good]) if good else np.zeros((0, width), np.float16)
+        labels = D.labels_table([bucket[r][0] for r in good], self.p.grid, self.p.cfg.labeler.top_n, ids, scores)
+        errors = D.errors_table([{"row": r, "image_id": bucket[r][0], "image": self.image_of.get(r),
+                                  "stage": bucket[r][2] or "label", "reason": bucket[r][3]} for r in bad])
+        self.out.write_shard(k, labels, errors)
+        if self.stop_after is not None and self.written >= self.stop_after:
+            raise LabelsInterrupted(f"stopped after {self.written} shard(s), shard {k} written without its marker")
+        shard_ids = [r["id"] for r in self.p.shards[k]]
+        self.out.write_marker(k, {
+            "shard": k, "rows": len(rows), "labelled": len(good), "errors": len(bad),
+            "errors_by_stage": dict(Counter(bucket[r][2] or "label" for r in bad)),
+            "first_row": self.p.shards[k][0]["row"] if shard_ids else None,
+            "last_row": self.p.shards[k][-1]["row"] if shard_ids else None,
+            "ids_sha256": hashlib.sha256("\n".join(shard_ids).encode("utf-8")).hexdigest()})
+        self.written += 1
+        self.labelled += len(good)
+        self.errors += len(bad)
+        log.info("shard %s written: %d labelled, %d error(s)", D.shard_name(k), len(good), len(bad))
+
+    @property
+    def incomplete(self) -> list[int]:
+        return sorted(self.got)
+
+
+def _progress(total: int):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm ships with ray[data]
+        return None
+    return tqdm(total=total, unit="img", desc="labels", disable=None if sys.stderr.isatty() else True,
+                mininterval=1.0)
+
+
+def _stream(p: Plan, pending: list[int], out: D.LabelsDir, stop_after: Optional[int], gpus: float,
+            device: str) -> _ShardWriter:
+    """Steps 3 and 4: the Ray Data pipeline over the pending shards, written as they complete."""
+    import ray.data
+
+    from sea_ray.data.images import split_transform
+    from sea_ray.labels.pipeline import LabelActor, decode_batch
+
+    cfg = p.cfg
+    comp = cfg.compute
+    pil_part, tensor_part = split_transform(p.transform)
+    decode_bs = comp.decode_batch_size or cfg.labeler.batch_size
+    threads = comp.torch_threads or max(1, round(comp.cpus_per_actor))
+
+    writer = _ShardWriter(out, p, pending, stop_after)
+    total = sum(writer.expected.values())
+    ctx = ray.data.DataContext.get_current()
+    old_bars = ctx.enable_progress_bars
+    ctx.enable_progress_bars = False
+    bar = _progress(total)
+    iterator = None
+    started = time.time()
+    try:
+        ds = ray.data.from_arrow(_input_blocks(p, pending, decode_bs))
+        ds = ds.map_batches(decode_batch, batch_size=decode_bs, batch_format="pyarrow",
+                            num_cpus=comp.cpus_per_decode_task,
+                            # max_calls=0 is Ray's default (unlimited) for tasks; stating it makes the
+                            # remote args differ from the actors', which keeps Ray Data from fusing the
+                            # decode tasks into the actors (fused, decoding would stall labeling).
+                            max_calls=0,
+                            fn_kwargs={"pil_part": pil_part, "image_size": p.image_size,
+                                       "tensor_part": tensor_part if comp.ship == "float32" else None,
+                                       "ship": comp.ship, "max_pixels": cfg.data.max_image_pixels})
+        ds = ds.map_batches(LabelActor, batch_size=cfg.labeler.batch_size, batch_format="numpy",
+                            compute=ray.data.ActorPoolStrategy(size=comp.num_actors),
+                            num_cpus=comp.cpus_per_actor, num_gpus=gpus,
+                            fn_constructor_kwargs={"vision_cfg": cfg.model.vision, "labeler_cfg": cfg.labeler,
+                                                   "words": p.vocab.words, "seed": cfg.seed, "device": device,
+                                                   "torch_threads": threads, "tensor_part": tensor_part,
+                                                   "ship": comp.ship})
+        # an explicit generator, so that close() below stops the executor at once on any exit
+        iterator = iter(ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1))
+        for batch in iterator:
+            if writer.first_batch_s is None:
+                writer.first_batch_s = time.time() - started
+            n = writer.add(batch)
+            if bar is not None:
+                bar.update(n)
+    finally:
+        if iterator is not None and hasattr(iterator, "close"):
+            iterator.close()  # shuts the streaming executor down (actors released)
+        if bar is not None:
+            bar.close()
+        ctx.enable_progress_bars = old_bars
+    if writer.incomplete:
+        raise DataError(f"the pipeline ended with shards {writer.incomplete} incomplete; re-run the job")
+    return writer
+
+
+def run(cfg: LabelsConfig, *, stop_after_shards: Optional[int] = None) -> dict:
+    """Run the labels job (recipe in the module docstring); returns a JSON-able summary.
+
+    ``stop_after_shards`` (tests): after that many shards, write the next shard's files but not
+    its marker and raise :class:`LabelsInterrupted`, as a kill at the worst moment would.
+    """
+    start = time.time()
+    p = plan(cfg)
+    out = D.LabelsDir(cfg.output)
+    known = _check_output(out, p)
+    done = out.completed_shards() if known else set()
+    pending = [k for k in range(len(p.shards)) if k not in done]
+    log.info("%d valid rows in %d shard(s): %d complete, %d pending; %d malformed manifest row(s)",
+             len(p.rows), len(p.shards), len(p.shards) - len(pending), len(pending), len(p.manifest_errors))
+    gpus, device = 0.0, "cpu"
+    if pending:  # connect and check the cluster before writing anything
+        from sea_ray.runtime import init_ray
+
+        gpus, device = _resources(init_ray(cfg.ray), cfg)
+    if not known:
+        out.write_json(D.CONFIG_FILE, {"fingerprint": p.fingerprint(), "config": to_dict(cfg)})
+    removed = out.clean_temporaries()
+    if removed:
+        log.info("removed %d temporary file(s) left by an interrupted run", removed)
+    out.write_json(D.VOCAB_FILE, p.vocab.to_dict(to_dict(cfg.vocab)))  # fixed by the fingerprint
+    out.write_table(f"{D.ERRORS}/{D.MANIFEST_ERRORS}.parquet", D.errors_table(p.manifest_errors))
+    writer = None
+    if pending:
+        out.delete(storage.MARKER)
+        out.delete(D.META_FILE)
+        writer = _stream(p, pending, out, stop_after_shards, gpus, device)
+
+    markers = out.markers()
+    missing = sorted(set(range(len(p.shards))) - set(markers))
+    covered = sum(m["rows"] for m in markers.values())
+    if missing or covered != len(p.rows):
+        raise DataError(f"{out.uri}: shards {missing} have no marker or rows are unaccounted for "
+                        f"({covered} of {len(p.rows)}); re-run the job")
+    meta = _meta(p, markers)
+    out.write_json(D.META_FILE, meta)
+    out.write_text(storage.MARKER, "")
+    seconds = time.time() - start
+    processed = sum(writer.expected.values()) if writer else 0
+    return {"output": out.uri, "counts": meta["counts"], "vocab_size": len(p.vocab), "vocab_hash": p.vocab.hash,
+            "grid": list(p.grid), "shards_skipped": len(p.shards) - len(pending),
+            "shards_written": writer.written if writer else 0, "images_processed": processed,
+            "seconds": round(seconds, 2), "img_per_s": round(processed / seconds, 2) if processed else None,
+            "first_batch_s": round(writer.first_batch_s, 2) if writer and writer.first_batch_s else None}

@@ -1,0 +1,625 @@
+"""``sea-ray quickstart``: the paper's table in miniature, offline, on a laptop's CPUs.
+
+Run it (README line 1)::
+
+    sea-ray quickstart [--config FILE] [dotted.key=value ...]     # e.g. seeds=[0] align.max_steps=50
+
+Steps, each printed as it runs:
+
+1. **world**: the synthetic world (``world.num_images`` 64 px images; train/val/test 80/10/10).
+2. **labels**: the real labels job (``sea_ray.labels.job.run``: Ray Data, the preset's CLIP in an
+   actor pool) on the training captions' vocabulary; then the label audit (precision@1 against the
+   ground truth) on held-out test images.
+3. **ingest**: Ray Data decodes and tokenizes the align set (images + captions + labels) and the
+   instruct set (conversations) once; both are materialized in the object store and shared.
+4. **train**: for every seed, two arms, identical but for SEA: ``baseline`` (``sea.enabled=false``)
+   and ``+SEA``; each arm runs align then instruct (init from its align checkpoint) then eval.
+5. **eval**: on the test split: nearest-word accuracy of the visual tokens after align and after
+   instruct, TACS, modality gap, QA accuracy (greedy generation, per type), perplexity of the LLM
+   on held-out text before and after instruct.
+6. **table**: rows baseline / +SEA, columns the metrics, mean ± std over seeds; ``report.md``,
+   ``results.json`` and ``plots/`` under ``output``.
+
+Compute plan (``mode``): Ray Train costs ~8 s of start-up per ``fit()`` on a 2-core machine, and
+3 seeds x 2 arms x 2 stages are 12 fits, so by default (``mode: tasks``) each seed x arm chain is
+one Ray task (``cpus_per_task`` CPUs, as many at once as the local Ray has CPUs) that runs the very
+same stage recipe in-process (:func:`sea_ray.train.loop.run_stage` with
+:class:`~sea_ray.train.loop.LocalIO`), fed from the shared Ray Data sets. ``mode: ray_train`` runs
+every stage as a 1-worker ``TorchTrainer`` job instead (the ``sea-ray align``/``instruct`` path),
+one after another. Both write the same run folders (checkpoints, TensorBoard events, config).
+
+Re-running with the same ``output`` reuses what is complete (world, labels, finished runs); an
+output made with other settings is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any, Callable, Optional
+
+from sea_ray import storage
+from sea_ray.config import QuickstartConfig, apply_overrides, to_dict, validate
+from sea_ray.errors import DataError
+
+log = logging.getLogger(__name__)
+
+ARMS: tuple[tuple[str, str, bool], ...] = (("baseline", "baseline", False), ("+SEA", "sea", True))
+
+# (key, header, digits) of the main table and of the per-type QA table
+TABLE_COLUMNS = (
+    ("nw_align", "nearest-word acc (align)", 3),
+    ("nw_align_object", "nearest-word acc, object patches (align)", 3),
+    ("nw_final", "nearest-word acc (final)", 3),
+    ("tacs", "TACS", 3),
+    ("modality_gap", "modality gap", 3),
+    ("qa", "QA acc", 3),
+    ("ppl_after", "perplexity after", 2),
+)
+QA_TYPES = ("color", "shape", "count", "existence", "position")
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+def _paths(cfg: QuickstartConfig) -> dict[str, str]:
+    out = os.path.abspath(cfg.output)
+    world = os.path.join(out, "world")
+    return {"out": out, "world": world, "images": os.path.join(world, "images"),
+            "labels": os.path.join(out, "labels"), "runs": os.path.join(out, "runs"),
+            "eval": os.path.join(out, "eval")}
+
+
+def _flatten(prefix: str, value: Any, out: dict) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten(f"{prefix}.{k}" if prefix else k, v, out)
+    else:
+        out[prefix] = value
+
+
+def _with_set(raw: dict, values: dict) -> dict:
+    flat: dict = {}
+    _flatten("", values or {}, flat)
+    return apply_overrides(raw, [f"{k}={json.dumps(v)}" for k, v in flat.items()])
+
+
+def build_configs(cfg: QuickstartConfig) -> dict:
+    """Every job config of the quickstart, validated (no Ray, no writes): ``{"labels", "audit",
+    "chains": [{"seed", "arm", "key", "align", "instruct", "eval", "eval_align"}]}``."""
+    from sea_ray.checks import job_problems
+    from sea_ray.errors import ConfigError
+
+    p = _paths(cfg)
+    problems: list[str] = []
+
+    def make(raw: dict, job: str, where: str):
+        raw = _with_set(raw, cfg.set.get(job, {}))
+        try:
+            c = validate(raw, job=job)
+        except ConfigError as exc:
+            problems.extend(f"{where}: {x}" for x in exc.problems)
+            return None
+        problems.extend(f"{where}: {x}" for x in job_problems(c))
+        return c
+
+    labels_raw = {"output": p["labels"], "model": {"preset": cfg.preset},
+                  "data": {"manifest": os.path.join(p["world"], "train", "pretrain.json"), "image_root": p["images"]},
+                  "labeler": {"top_n": cfg.labels_top_n, "features": cfg.labeler_features},
+                  "compute": {"num_actors": 1, "cpus_per_actor": 1, "cpus_per_decode_task": 0.5},
+                  "ray": to_dict(cfg.ray)}
+    labels = make(labels_raw, "labels", "labels")
+    audit = None
+    if labels is not None:  # the same labeler and vocabulary (written by the labels job) on held-out images
+        audit_raw = dict(to_dict(labels), data={"manifest": os.path.join(p["world"], "test", "pretrain.json"),
+                                                "image_root": p["images"]},
+                         vocab={"extra_words": os.path.join(p["labels"], "vocab_words.txt"), "min_count": 10**9})
+        audit = validate(audit_raw, job="labels")
+    chains = []
+    for seed in cfg.seeds:
+        for arm, key, sea_on in (a for a in ARMS if a[0] in cfg.arms):
+            tag = f"{key}-s{seed}"
+            steps_a, steps_i = cfg.align.max_steps, cfg.instruct.max_steps
+            align_run = os.path.join(p["runs"], f"align-{tag}")
+            instruct_run = os.path.join(p["runs"], f"instruct-{tag}")
+            common = {"model": {"preset": cfg.preset}, "ray": to_dict(cfg.ray),
+                      "scaling": {"num_workers": 1, "cpus_per_worker": cfg.cpus_per_task}}
+            align = make({**common, "run": {"name": f"align-{tag}", "storage": p["runs"], "seed": seed},
+                          "data": {"manifest": os.path.join(p["world"], "train", "pretrain.json"),
+                                   "image_root": p["images"], "labels": p["labels"], "max_length": 64},
+                          "batch": {"global_size": cfg.align.global_batch, "per_worker": cfg.align.global_batch},
+                          "optim": {"max_steps": steps_a, "lr": cfg.align.lr},
+                          "checkpoint": {"every_n_steps": steps_a, "num_to_keep": 1},
+                          "log_every_n_steps": max(1, steps_a // 5),
+                          "sea": dict(to_dict(cfg.sea), enabled=sea_on)}, "align", f"align[{tag}]")
+            instruct = make({**common, "run": {"name": f"instruct-{tag}", "storage": p["runs"], "seed": seed},
+                             "init_adapter": align_run,
+                             "data": {"manifest": os.path.join(p["world"], "train", "instruct.json"),
+                                      "image_root": p["images"], "max_length": 128},
+                             "batch": {"global_size": cfg.instruct.global_batch,
+                                       "per_worker": cfg.instruct.global_batch},
+                             "optim": {"max_steps": steps_i, "lr": cfg.instruct.lr},
+                             "checkpoint": {"every_n_steps": steps_i, "num_to_keep": 1},
+                             "log_every_n_steps": max(1, steps_i // 5)}, "instruct", f"instruct[{tag}]")
+            # the nearest-word vocabulary is the world's caption words (what the CLIP labels use too),
+            # whatever the labels, so that runs with oracle labels compare
+            ev = {"world": p["world"], "split": "test", "device": "cpu",
+                  "max_samples": cfg.eval_max_samples, "audit": os.path.join(p["labels"], "_audit.json")}
+            evaluation = make({**ev, "checkpoint": instruct_run, "output": os.path.join(p["eval"], tag)},
+                              "eval", f"eval[{tag}]")
+            eval_align = make({**ev, "checkpoint": align_run, "metrics": ["alignment"],
+                               "output": os.path.join(p["eval"], tag, "align")}, "eval", f"eval[{tag}/align]")
+            chains.append({"seed": seed, "arm": arm, "key": tag, "align": align, "instruct": instruct,
+                           "eval": evaluation, "eval_align": eval_align})
+    if problems:
+        raise ConfigError(problems)
+    return {"labels": labels, "audit": audit, "chains": chains}
+
+
+# --------------------------------------------------------------------------- one chain (seed x arm)
+
+
+def _batches_fn(dataset, per_worker: int, seed: int) -> Callable:
+    """LocalIO's ``batches(epoch, skip)`` over a materialized Ray Dataset (seeded local shuffle)."""
+
+    def batches(epoch: int, skip: int):
+        it = dataset.iter_batches(batch_size=per_worker, batch_format="numpy", drop_last=True, prefetch_batches=1,
+                                  local_shuffle_buffer_size=8 * per_worker,
+                                  local_shuffle_seed=seed * 7919 + epoch * 31)
+        for i, batch in enumerate(it):
+            if i >= skip:
+                yield batch
+
+    return batches
+
+
+class LocalDataset:
+    """A Ray-free stand-in for a materialized Ray Dataset (experiments, tests, machines without
+    Ray): the same preprocessing (:class:`sea_ray.train.data.Preprocess`) run in this process, and
+    ``iter_batches`` with a seeded full shuffle."""
+
+    def __init__(self, cfg, image_size: int, chunk: int = 64):
+        import pyarrow as pa
+
+        from sea_ray.train.data import Preprocess, _label_shards, _manifest_rows, _read_label_shard
+
+        stage = cfg.job
+        manifest = _manifest_rows(cfg.data.manifest, require_image=stage == "align")
+        pre = Preprocess(stage, cfg.model.llm.tokenizer or cfg.model.llm.name_or_path, image_size,
+                         cfg.data.image_root, cfg.data.max_length, getattr(cfg, "template", "plain"))
+        labels = cfg.data.labels if stage == "align" else None
+        if labels:
+            pre.by_id = {r["id"]: (r["image"], r["image_bytes"], r["conversations"]) for r in manifest.rows}
+            shards, _ = _label_shards(labels)
+            table = _read_label_shard(pa.table({"path": shards}))
+            inputs = [table.slice(i, chunk).to_pydict() for i in range(0, table.num_rows, chunk)]
+        else:
+            rows = manifest.rows
+            inputs = [{"sample_id": [r["id"] for r in rows[i:i + chunk]],
+                       "image": [r["image"] or "" for r in rows[i:i + chunk]],
+                       "image_bytes": [r["image_bytes"] or b"" for r in rows[i:i + chunk]],
+                       "conversations": [r["conversations"] for r in rows[i:i + chunk]]}
+                      for i in range(0, len(rows), chunk)]
+        self.samples: list[dict] = []
+        for batch in inputs:
+            out = pre(batch)
+            for j in range(len(out["sample_id"])):
+                self.samples.append({k: v[j] for k, v in out.items()})
+        self.num_rows = sum(len(b.get("sample_id", b.get("image_id", []))) for b in inputs)
+
+    def count(self) -> int:
+        return len(self.samples)
+
+    def iter_batches(self, batch_size: int, batch_format: str = "numpy", drop_last: bool = True, prefetch_batches=0,
+                     local_shuffle_buffer_size=None, local_shuffle_seed=None):
+        import numpy as np
+
+        order = np.random.default_rng(local_shuffle_seed).permutation(len(self.samples))
+        stop = len(order) - (len(order) % batch_size if drop_last else 0)
+        for i in range(0, stop, batch_size):
+            rows = [self.samples[k] for k in order[i:i + batch_size]]
+            batch = {}
+            for key in rows[0]:
+                values = [r[key] for r in rows]
+                if key == "image":
+                    batch[key] = np.stack(values)
+                elif isinstance(values[0], np.ndarray):
+                    arr = np.empty(len(values), dtype=object)
+                    arr[:] = values
+                    batch[key] = arr
+                else:
+                    batch[key] = np.asarray(values)
+            yield batch
+
+
+def _train_local(cfg, dataset, num_rows: int, progress: Callable[[dict], None], device: str = "cpu") -> dict:
+    """One stage in this process: the stage recipe with LocalIO (same run folder as Ray Train's)."""
+    from sea_ray.train.driver import run_uri
+    from sea_ray.train.loop import LocalIO, run_stage, total_steps
+
+    uri = run_uri(cfg)
+    storage.makedirs(uri)
+    storage.write_text(storage.join(uri, "config.json"), json.dumps(to_dict(cfg), indent=2, sort_keys=True))
+    steps = total_steps(cfg, num_rows)
+
+    def on_report(metrics: dict) -> None:
+        progress({"stage": cfg.job, "step": metrics.get("step"), "total": steps,
+                  **{k: metrics[k] for k in ("loss_lm", "loss_sea", "temperature", "samples_per_s") if k in metrics}})
+
+    io = LocalIO(uri, num_rows, _batches_fn(dataset, cfg.batch.per_worker, cfg.run.seed), on_report, device=device)
+    return run_stage(cfg, io)
+
+
+def _evaluate(chain: dict, progress: Callable[[dict], None]) -> dict:
+    """Eval of the align checkpoint (alignment) and of the instruct checkpoint (everything);
+    writes both reports and returns the chain's flat metrics."""
+    from sea_ray.eval.job import evaluate
+    from sea_ray.eval.report import write_report
+
+    progress({"stage": "eval", "note": "align checkpoint"})
+    rep_a = evaluate(chain["eval_align"], log_fn=lambda m: None)
+    write_report(rep_a, chain["eval_align"])
+    progress({"stage": "eval", "note": "instruct checkpoint (QA, perplexity)"})
+    rep = evaluate(chain["eval"], log_fn=lambda m: None)
+    write_report(rep, chain["eval"])
+    flat = {"seed": chain["seed"], "arm": chain["arm"],
+            "nw_align": rep_a["alignment"]["nearest_word_accuracy"],
+            "nw_align_object": rep_a["alignment"]["nearest_word_by_group"].get("object", {}).get("accuracy"),
+            "nw_align_background": rep_a["alignment"]["nearest_word_by_group"].get("background", {}).get("accuracy"),
+            "nw_final": rep["alignment"]["nearest_word_accuracy"],
+            "nw_chance": rep["alignment"]["nearest_word_chance"],
+            "tacs": rep["alignment"]["tacs"], "modality_gap": rep["alignment"]["modality_gap"],
+            "tacs_align": rep_a["alignment"]["tacs"], "modality_gap_align": rep_a["alignment"]["modality_gap"],
+            "qa": rep["qa"]["accuracy"], "qa_questions": rep["qa"]["count"],
+            "ppl_before": rep["perplexity"]["perplexity_before"], "ppl_after": rep["perplexity"]["perplexity_after"]}
+    for t, v in rep["qa"]["by_type"].items():
+        flat[f"qa_{t}"] = v["accuracy"]
+    return flat
+
+
+def run_chain(chain: dict, align_ds, instruct_ds, align_rows: int, instruct_rows: int, threads: Optional[int],
+              queue=None, device: str = "cpu") -> dict:
+    """Align -> instruct -> eval of one seed x arm, in this process (the body of a Ray task)."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(max(1, int(threads)))
+    logging.getLogger("sea_ray").setLevel(logging.WARNING)
+    started, cpu_started = time.time(), time.process_time()
+
+    def progress(event: dict) -> None:
+        event = dict(event, chain=chain["key"], arm=chain["arm"], seed=chain["seed"],
+                     elapsed=round(time.time() - started, 1))
+        if queue is not None:
+            queue.put(event)
+        else:
+            _print_event(event)
+
+    progress({"stage": "align", "note": "start"})
+    _train_local(chain["align"], align_ds, align_rows, progress, device)
+    progress({"stage": "instruct", "note": "start"})
+    _train_local(chain["instruct"], instruct_ds, instruct_rows, progress, device)
+    metrics = _evaluate(chain, progress)
+    metrics["seconds"] = round(time.time() - started, 1)
+    metrics["cpu_seconds"] = round(time.process_time() - cpu_started, 1)  # = wall time on an idle core
+    progress({"stage": "done", "note": f"QA {metrics['qa']:.3f}, nearest-word {metrics['nw_align']:.3f}"})
+    return metrics
+
+
+def _print_event(e: dict) -> None:
+    who = f"[{e['arm']:>8s} seed {e['seed']}]"
+    if "step" in e and e.get("step") is not None:
+        parts = [f"{k} {e[k]:.3f}" for k in ("loss_lm", "loss_sea") if k in e]
+        _say(f"  {who} {e['stage']:8s} step {e['step']:>4}/{e['total']}  " + "  ".join(parts)
+             + f"  ({e['elapsed']:.0f}s)")
+    else:
+        _say(f"  {who} {e['stage']:8s} {e.get('note', '')}  ({e['elapsed']:.0f}s)")
+
+
+# --------------------------------------------------------------------------- the whole quickstart
+
+
+def _check_output(cfg: QuickstartConfig, out: str) -> None:
+    path = os.path.join(out, "quickstart.json")
+    mine = to_dict(cfg)
+    if os.path.exists(path):
+        stored = json.load(open(path))
+        diff = sorted(k for k in set(stored) | set(mine) if stored.get(k) != mine.get(k) and k != "output")
+        if diff:
+            raise DataError(f"{out} holds a quickstart made with other settings (changed: {', '.join(diff)}); "
+                            "use output=NEW_DIR or delete it")
+    os.makedirs(out, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(mine, f, indent=2, sort_keys=True)
+
+
+def _ingest(chain: dict, image_size: int):
+    """Ray Data: preprocess the align set (with labels) and the instruct set once; materialize."""
+    import ray.data
+
+    from sea_ray.train.data import build_dataset
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # the same order on every run
+    align_ds, align_rows = build_dataset(chain["align"], image_size, 1, 0.5)
+    instruct_ds, instruct_rows = build_dataset(chain["instruct"], image_size, 1, 0.5)
+    return align_ds.materialize(), align_rows, instruct_ds.materialize(), instruct_rows
+
+
+def _run_tasks(cfg: QuickstartConfig, plan: dict, ray) -> list[dict]:
+    from ray.util.queue import Empty, Queue
+
+    chain0 = plan["chains"][0]
+    from sea_ray.checks import tower_image_size
+
+    (image_size, _), _ = tower_image_size(chain0["align"].model.vision)
+    t = time.time()
+    _say("[3/5] ingest: Ray Data decodes and tokenizes the align set (with labels) and the instruct set")
+    align_ds, align_rows, instruct_ds, instruct_rows = _ingest(chain0, image_size)
+    _say(f"      {align_rows} captioned images, {instruct_rows} conversations ({time.time() - t:.0f}s)")
+    total_cpus = int(ray.cluster_resources().get("CPU", 1))
+    at_once = max(1, int(total_cpus // cfg.cpus_per_task))
+    _say(f"[4/5] train + eval: {len(plan['chains'])} chains (seeds {cfg.seeds} x baseline/+SEA), align "
+         f"{cfg.align.max_steps} steps -> instruct {cfg.instruct.max_steps} steps -> eval; {min(at_once, len(plan['chains']))} "
+         f"at a time, {cfg.cpus_per_task:g} CPU each")
+    queue = Queue(actor_options={"num_cpus": 0})
+    remote = ray.remote(num_cpus=cfg.cpus_per_task, max_retries=0)(run_chain)
+    threads = max(1, int(round(cfg.cpus_per_task)))
+    # At most `at_once` chains in flight: a task blocked in ray.get (its data iterator) lends its CPU
+    # to the scheduler, which would otherwise start more chains than there are cores.
+    waiting = list(enumerate(plan["chains"]))
+    refs: dict = {}
+    running: list = []
+    try:
+        while waiting or running:
+            while waiting and len(running) < at_once:
+                i, chain = waiting.pop(0)
+                ref = remote.remote(chain, align_ds, instruct_ds, align_rows, instruct_rows, threads, queue)
+                refs[i] = ref
+                running.append(ref)
+            _, running = ray.wait(running, num_returns=len(running), timeout=0.5)
+            while True:
+                try:
+                    _print_event(queue.get_nowait())
+                except Empty:
+                    break
+        results = ray.get([refs[i] for i in range(len(plan["chains"]))])
+        while True:
+            try:
+                _print_event(queue.get_nowait())
+            except Empty:
+                break
+    finally:
+        ray.kill(queue.actor)
+    return results
+
+
+def _run_ray_train(cfg: QuickstartConfig, plan: dict) -> list[dict]:
+    from sea_ray.train.driver import run as train
+
+    _say(f"[3/5] ingest: each TorchTrainer job streams its own Ray Data set")
+    _say(f"[4/5] train + eval: {len(plan['chains'])} chains, each stage a 1-worker TorchTrainer run, in turn")
+    results = []
+    for chain in plan["chains"]:
+        started = time.time()
+
+        def progress(event: dict, chain=chain, started=started) -> None:
+            _print_event(dict(event, chain=chain["key"], arm=chain["arm"], seed=chain["seed"],
+                              elapsed=round(time.time() - started, 1)))
+
+        for stage in ("align", "instruct"):
+            progress({"stage": stage, "note": "TorchTrainer"})
+            train(chain[stage])
+        metrics = _evaluate(chain, progress)
+        metrics["seconds"] = round(time.time() - started, 1)
+        results.append(metrics)
+    return results
+
+
+def _oracle_labels(plan: dict, p: dict) -> dict:
+    """Ground-truth patch words in the labels schema (the upper bound of label quality)."""
+    from sea_ray.labels.oracle import write_oracle_labels
+    from sea_ray.model.vision import build_vision_tower
+
+    tower = build_vision_tower(plan["labels"].model.vision)
+    n = write_oracle_labels(p["world"], p["labels"], tower.grid[0], tower.transform_spec(),
+                            top_n=min(3, plan["labels"].labeler.top_n))
+    return {"output": p["labels"], "oracle": True, "images": n}
+
+
+def _audit(plan: dict, world: str, out: str) -> dict:
+    """The label audit on the held-out test images, over the labels' own (training) vocabulary."""
+    from sea_ray.labels.audit import audit, write_report
+
+    words = json.loads(storage.read_text(os.path.join(out, "_meta.json")))["vocab"]["words"]
+    storage.write_text(os.path.join(out, "vocab_words.txt"), "\n".join(words) + "\n")
+    report = audit(plan["audit"], world, limit=None)
+    write_report(report, os.path.join(out, "_audit.json"))
+    return report
+
+
+def run(cfg: QuickstartConfig) -> dict:
+    """The quickstart (module docstring); returns the summary written to ``results.json``."""
+    from sea_ray.data.world import ensure_world
+    from sea_ray.labels.job import run as run_labels
+    from sea_ray.runtime import init_ray
+
+    t0 = time.time()
+    for key, value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                       "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+                       "RAY_TRAIN_METRICS_ENABLED": "0"}.items():
+        os.environ.setdefault(key, value)
+    if not logging.getLogger("sea_ray").isEnabledFor(logging.DEBUG):  # -v keeps the libraries' logs
+        for name in ("", "sea_ray"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    p = _paths(cfg)
+    plan = build_configs(cfg)  # every config validated before anything runs
+    _check_output(cfg, p["out"])
+    timings: dict[str, float] = {}
+    _say(f"sea-ray quickstart -> {p['out']}  (preset {cfg.preset}, seeds {cfg.seeds}, mode {cfg.mode})")
+
+    t = time.time()
+    summary = ensure_world(p["world"], num_images=cfg.world.num_images, seed=cfg.world.seed,
+                           image_size=cfg.world.image_size)
+    timings["world"] = time.time() - t
+    _say(f"[1/5] world: {summary['num_images']} images {summary['counts']}, {sum(summary['num_qa'].values())} "
+         f"questions ({timings['world']:.0f}s)")
+
+    t = time.time()
+    ray = init_ray(cfg.ray, quiet=True)
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    for name in ("ray.data", "ray.train", "tensorboard"):  # this command prints its own progress
+        logging.getLogger(name).setLevel(logging.WARNING)
+    timings["ray_start"] = time.time() - t
+    t = time.time()
+    how = "the labels job (Ray Data, the preset's CLIP)" if cfg.labels == "clip" else "oracle labels"
+    _say(f"[2/5] labels: {how} on {summary['counts']['train']} training images; Ray has "
+         f"{int(ray.cluster_resources().get('CPU', 0))} CPUs")
+    if storage.is_complete(p["labels"]):
+        _say("      complete already: reused")
+        labels_summary = {"output": p["labels"], "reused": True}
+    elif cfg.labels == "oracle":
+        labels_summary = _oracle_labels(plan, p)
+        _say(f"      oracle labels (the ground truth) for {labels_summary['images']} images")
+    else:
+        labels_summary = run_labels(plan["labels"])
+        _say(f"      {labels_summary['counts']['labelled']} images labelled, vocabulary {labels_summary['vocab_size']} "
+             f"words, {labels_summary.get('img_per_s')} img/s")
+    audit = None
+    if cfg.labels == "clip":
+        audit = _audit(plan, p["world"], p["labels"])
+        best = max(audit["results"], key=lambda r: r["precision_at_1"] or 0)
+        used = next(r for r in audit["results"] if r["features"] == plan["labels"].labeler.features
+                    and r["score_sign"] == plan["labels"].labeler.score_sign)
+        _say(f"      label audit on {audit['images']} held-out images: precision@1 {used['precision_at_1']:.3f} "
+             f"({used['features']}/{used['score_sign']}, the labels used; best {best['features']}/"
+             f"{best['score_sign']} {best['precision_at_1']:.3f}); chance {audit['chance_precision_at_1']:.3f}, "
+             f"one word everywhere {audit['one_word_precision_at_1']:.3f}")
+    timings["labels"] = time.time() - t
+    _say(f"      ({timings['labels']:.0f}s)")
+
+    t = time.time()
+    results = _run_tasks(cfg, plan, ray) if cfg.mode == "tasks" else _run_ray_train(cfg, plan)
+    timings["train_eval"] = time.time() - t
+
+    t = time.time()
+    _say("[5/5] report")
+    rows = {arm: [r for r in results if r["arm"] == arm] for arm, _, _ in ARMS if arm in cfg.arms}
+    timings["report"] = 0.0
+    timings["total"] = time.time() - t0
+    report = {"config": to_dict(cfg), "results": results, "label_audit": audit, "labels": labels_summary,
+              "timings_s": {k: round(v, 1) for k, v in timings.items()}, "world": summary["counts"]}
+    paths = write_quickstart_report(report, rows, p["out"])
+    timings["report"] = time.time() - t
+    timings["total"] = time.time() - t0
+    report["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
+    with open(os.path.join(p["out"], "results.json"), "w") as f:
+        json.dump(report, f, indent=1, default=str)
+    _say("")
+    _say(report["table"])
+    _say(report["qa_table"])
+    _say(f"report: {paths['markdown']}   results: {os.path.join(p['out'], 'results.json')}   "
+         f"wall time {timings['total']:.0f}s")
+    return {"output": p["out"], "report": paths["markdown"], "timings_s": report["timings_s"],
+            "table": {arm: {k: _mean(rows[arm], k) for k, _, _ in TABLE_COLUMNS} for arm in rows}}
+
+
+def _mean(rows: list[dict], key: str) -> Optional[float]:
+    from sea_ray.eval.report import mean_std
+
+    return mean_std([r.get(key) for r in rows])[0]
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def write_quickstart_report(report: dict, rows: dict[str, list[dict]], out: str) -> dict:
+    """``report.md`` (the table, per-type QA, audit, plots, timings) and ``plots/*.png``."""
+    from sea_ray.eval.report import mean_std, paper_table, plot_audit, plot_bars, plot_curves, read_scalars
+
+    n = len(next(iter(rows.values())))
+    report["table"] = paper_table(rows, TABLE_COLUMNS)
+    report["qa_table"] = paper_table(rows, [(f"qa_{t}", t, 3) for t in QA_TYPES])
+    plots_dir = os.path.join(out, "plots")
+    os.makedirs(plots_dir, exist_ok=True)
+    plots = {}
+
+    def save(name: str, png: Optional[bytes]) -> None:
+        if png:
+            with open(os.path.join(plots_dir, name), "wb") as f:
+                f.write(png)
+            plots[name] = f"plots/{name}"
+
+    keys = ["qa"] + [f"qa_{t}" for t in QA_TYPES]
+    means = {arm: {k.replace("qa_", "") if k != "qa" else "all": mean_std([r.get(k) for r in rs])[0] or 0.0
+                   for k in keys} for arm, rs in rows.items()}
+    stds = {arm: {k.replace("qa_", "") if k != "qa" else "all": mean_std([r.get(k) for r in rs])[1] or 0.0
+                  for k in keys} for arm, rs in rows.items()}
+    save("qa_by_type.png", plot_bars(means, f"QA accuracy (mean ± std over {n} seeds)", "exact match", stds))
+    akeys = {"nw_align": "nearest-word (align)", "nw_final": "nearest-word (final)", "tacs": "TACS",
+             "modality_gap": "modality gap"}
+    means = {arm: {label: mean_std([r.get(k) for r in rs])[0] or 0.0 for k, label in akeys.items()}
+             for arm, rs in rows.items()}
+    stds = {arm: {label: mean_std([r.get(k) for r in rs])[1] or 0.0 for k, label in akeys.items()}
+            for arm, rs in rows.items()}
+    chance = mean_std([r.get("nw_chance") for rs in rows.values() for r in rs])[0]
+    save("alignment.png", plot_bars(means, "alignment diagnostics (test split)", "value", stds,
+                                    ("nearest-word chance", chance) if chance else None))
+    seed0 = report["config"]["seeds"][0]
+    curves = {}
+    for stage in ("align", "instruct"):
+        for _, key, _ in ARMS:
+            run = os.path.join(out, "runs", f"{stage}-{key}-s{seed0}")
+            try:
+                curves[run] = read_scalars(run)
+            except Exception as exc:  # a missing event file only loses a plot
+                log.warning("no curves from %s: %s", run, exc)
+    save("loss_curves.png", plot_curves({k: v for k, v in curves.items() if v}))
+    audit = report["label_audit"]
+    if audit:
+        save("label_audit.png", plot_audit(audit))
+    from sea_ray.labels.audit import to_markdown as audit_md
+
+    t = report["timings_s"]
+    cfg = report["config"]
+    lines = ["# sea-ray quickstart: SEA vs the plain baseline on the synthetic world", "",
+             f"{n} seed(s) {cfg['seeds']}, preset `{cfg['preset']}`, world of {cfg['world']['num_images']} images "
+             f"{report['world']}; align {cfg['align']['max_steps']} steps x {cfg['align']['global_batch']}, "
+             f"instruct {cfg['instruct']['max_steps']} steps x {cfg['instruct']['global_batch']}; "
+             f"SEA weight {cfg['sea']['weight']}, initial temperature {cfg['sea']['init_temperature']}, "
+             f"window {cfg['sea']['window']}. Mean ± std over seeds, test split.", "",
+             report["table"],
+             "Nearest-word accuracy: how often a visual token's nearest vocabulary word (in the LLM's input "
+             f"embedding space) is one of its patch's true words (chance {_fmt(chance)}). Perplexity of the LLM on "
+             f"held-out text: {_fmt(_mean(sum(rows.values(), []), 'ppl_before'), 2)} before instruction tuning.", "",
+             "QA accuracy by question type:", "", report["qa_table"],
+             "## Patch labels (the CLIP labeler on held-out images)", "",
+             audit_md(audit) if audit else "Oracle labels: the ground-truth patch words (precision 1 by "
+             "construction), the upper bound of label quality.\n", "## Plots", ""]
+    lines += [f"![{name}]({path})" for name, path in plots.items()]
+    lines += ["", "## Per seed", "", "| arm | seed | " + " | ".join(h for _, h, _ in TABLE_COLUMNS) + " | seconds |",
+              "|" + "---|" * (len(TABLE_COLUMNS) + 3)]
+    for arm, rs in rows.items():
+        for r in rs:
+            lines.append(f"| {arm} | {r['seed']} | " + " | ".join(_fmt(r.get(k), d) for k, _, d in TABLE_COLUMNS)
+                         + f" | {r.get('seconds')} |")
+    lines += ["", "## Wall time (s)", "", "| " + " | ".join(t) + " |", "|" + "---|" * len(t),
+              "| " + " | ".join(str(v) for v in t.values()) + " |", "",
+              "Per-run reports: `eval/<arm>-s<seed>/report.md`; run folders (checkpoints, TensorBoard): `runs/`.", ""]
+    md = os.path.join(out, "report.md")
+    with open(md, "w") as f:
+        f.write("\n".join(lines))
+    return {"markdown": md, "plots": [os.path.join(out, v) for v in plots.values()]}
+
+
+def _fmt(value, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"

@@ -1,0 +1,251 @@
+"""One trial of a search: a function trainable that trains the align recipe with the trial's
+parameters and reports the held-out metric every ``report_every_n_steps`` steps.
+
+Two ways to run it (``trial_mode``):
+
+- ``in_process``: the trial trains in its own Tune actor with :func:`run_stage` and
+  :class:`LocalIO` (one process; the global batch comes from gradient accumulation), on rows
+  pre-materialised once by the driver and shared through the object store. For small machines.
+- ``ray_train``: the trial is the driver of a multi-worker Ray Train run (a ``TorchTrainer``
+  built and fitted per trial); workers report through ``TuneReportCallback``. The controller may
+  fail once (``controller_failure_limit=1``) and a worker group that cannot start fails after
+  ``worker_group_start_timeout_s``, so a stopped or broken trial fails instead of hanging. For
+  clusters (the dashboard must be on).
+
+Each trial owns the folder ``<experiment>/trials/<trial_id>/`` (local or ``s3://``)::
+
+    step_00000020/ ...   its checkpoints (complete or invisible; a retried trial resumes there)
+    params.json          its sampled parameters
+    executions.json      one entry per time it started training (retries, resumes)
+    history.json         every reported result, by step
+    _DONE                its last result; a finished trial that is started again only re-reports
+                         its history (a resumed search never retrains it)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from typing import Optional
+
+from sea_ray import storage
+
+log = logging.getLogger(__name__)
+
+TRIALS_DIR = "trials"
+DONE, HISTORY, EXECUTIONS, PARAMS = "_DONE", "history.json", "executions.json", "params.json"
+
+
+class TrialFolder:
+    """The files of one trial (see the module docstring)."""
+
+    def __init__(self, uri: str):
+        self.uri = uri
+
+    def _read_json(self, name: str, default):
+        path = storage.join(self.uri, name)
+        return json.loads(storage.read_text(path)) if storage.exists(path) else default
+
+    def _write_json(self, name: str, value) -> None:
+        storage.write_text(storage.join(self.uri, name), json.dumps(value, indent=1, sort_keys=True, default=float))
+
+    def done(self) -> bool:
+        return storage.exists(storage.join(self.uri, DONE))
+
+    def history(self) -> list[dict]:
+        return self._read_json(HISTORY, [])
+
+    def executions(self) -> list[dict]:
+        return self._read_json(EXECUTIONS, [])
+
+    def params(self) -> dict:
+        return self._read_json(PARAMS, {})
+
+    def begin(self, params: dict, mode: str) -> None:
+        from sea_ray.train.checkpoint import latest_complete
+
+        storage.makedirs(self.uri)
+        self._write_json(PARAMS, params)
+        latest = latest_complete(self.uri)
+        entry = {"started": time.time(), "mode": mode, "host": socket.gethostname(), "pid": os.getpid(),
+                 "resumed_from": latest.rstrip("/").split("/")[-1] if latest else None}
+        self._write_json(EXECUTIONS, self.executions() + [entry])
+
+    def record(self, metrics: dict, total_steps: int) -> dict:
+        """Add a reported result (keyed by step: a resumed trial overwrites what it redoes). The
+        last step's result also marks the trial done: its last checkpoint is already saved, and
+        ASHA stops a trial as soon as it reports its last step (``max_t``), so nothing after
+        that report is sure to run."""
+        result = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
+        result.setdefault("timestamp", time.time())
+        by_step = {int(r["step"]): r for r in self.history()}
+        by_step[int(result["step"])] = result
+        self._write_json(HISTORY, [by_step[s] for s in sorted(by_step)])
+        if int(result["step"]) >= total_steps:
+            self._write_json(DONE, result)
+        return result
+
+
+def _replay(folder: TrialFolder) -> None:
+    """Report a finished trial's history again without training (a trial that Tune restarts
+    after a resume, when its last state snapshot predates its end)."""
+    from ray import tune
+
+    log.info("trial %s already finished: re-reporting its history", folder.uri)
+    for result in folder.history():
+        tune.report(dict(result, replayed=True))
+
+
+def _trial_setup(config: dict, setup: dict):
+    from ray import tune
+
+    from sea_ray.tune.space import params_of, trial_config
+
+    cfg = setup["tune"]
+    trial_id = tune.get_context().get_trial_id()
+    params = params_of(cfg, config)
+    trial_cfg = trial_config(cfg, params, setup["trials_root"], trial_id)
+    return cfg, params, trial_cfg, TrialFolder(storage.join(setup["trials_root"], trial_id))
+
+
+def in_process_trial(config: dict, *, setup: dict, train_rows: dict, val_rows: dict) -> None:
+    """Tune function trainable: train one trial in this process."""
+    import torch
+    from ray import tune
+
+    from sea_ray.train.loop import LocalIO, run_stage, total_steps
+    from sea_ray.tune.validation import Evaluator, epoch_batches, num_rows
+
+    logging.basicConfig(level=logging.INFO)
+    cfg, params, trial_cfg, folder = _trial_setup(config, setup)
+    if folder.done():
+        _replay(folder)
+        return
+    folder.begin(params, "in_process")
+    torch.set_num_threads(max(1, int(round(cfg.trial_cpus))))
+    device = "cuda" if trial_cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu"
+    evaluate = Evaluator(val_rows, setup["val_labels"], trial_cfg, **setup["eval"])
+    steps = total_steps(trial_cfg, num_rows(train_rows))
+    reported = []
+
+    def on_report(metrics: dict) -> None:
+        result = folder.record(metrics, steps)
+        reported.append(result["step"])
+        tune.report(result)
+
+    io = LocalIO(folder.uri, num_rows(train_rows),
+                 epoch_batches(train_rows, trial_cfg.batch.per_worker, trial_cfg.run.seed), on_report, device)
+    run_stage(trial_cfg, io, evaluate)
+    if not reported:  # it had already reached its last checkpoint
+        _replay(folder)
+
+
+class _DropRows:
+    """Ray Data batch filter: drops the held-out sample ids from the training stream."""
+
+    def __init__(self, ids):
+        self.ids = list(ids)
+
+    def __call__(self, batch: dict) -> dict:
+        import numpy as np
+
+        keep = ~np.isin(np.asarray(batch["sample_id"]).astype(str), self.ids)
+        return {k: v[keep] for k, v in batch.items()}
+
+
+def ray_train_worker(loop_config: dict) -> None:
+    """Ray Train worker entry point of a ``ray_train`` trial: the align recipe plus the held-out
+    metric, evaluated on rank 0 (the rank whose metrics reach Tune)."""
+    import ray
+
+    from sea_ray.train.loop import RayTrainIO, parse_config, run_stage
+    from sea_ray.tune.validation import Evaluator
+
+    logging.basicConfig(level=logging.INFO)
+    cfg = parse_config(loop_config["cfg"])
+    io = RayTrainIO(loop_config["run_uri"], loop_config["num_rows"], cfg.batch.per_worker, cfg.run.seed)
+    evaluate = None
+    if io.world_rank == 0:
+        evaluate = Evaluator(ray.get(loop_config["val_rows"]), loop_config["val_labels"], cfg, **loop_config["eval"])
+    run_stage(cfg, io, evaluate)
+
+
+def _history_callback(folder_uri: str, total_steps: int):
+    from ray.train import UserCallback
+
+    class History(UserCallback):
+        """Keeps the trial's history.json (runs in the Train controller)."""
+
+        def after_report(self, run_context, metrics, checkpoint):
+            if metrics:
+                TrialFolder(folder_uri).record(dict(metrics[0]), total_steps)
+
+    return History()
+
+
+def ray_train_trial(config: dict, *, setup: dict, val_rows: dict) -> None:
+    """Tune function trainable: build and fit a TorchTrainer for one trial."""
+    import ray
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from sea_ray.checks import tower_image_size
+    from sea_ray.config import to_dict
+    from sea_ray.train.data import build_dataset
+    from sea_ray.train.loop import total_steps
+
+    logging.basicConfig(level=logging.INFO)
+    cfg, params, trial_cfg, folder = _trial_setup(config, setup)
+    if folder.done():
+        _replay(folder)
+        return
+    folder.begin(params, "ray_train")
+    # read by the Train controller this trial starts (Ray Train propagates it from the driver)
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(cfg.worker_group_start_timeout_s)
+    (image_size, _), _ = tower_image_size(trial_cfg.model.vision)
+    dataset, rows = build_dataset(trial_cfg, image_size, trial_cfg.data.preprocess_actors,
+                                  trial_cfg.data.preprocess_cpus)
+    held_out = setup["held_out_ids"]
+    if held_out:
+        dataset = dataset.map_batches(_DropRows(held_out), batch_format="numpy", batch_size=None,
+                                      num_cpus=trial_cfg.data.preprocess_cpus / 2)
+    resources = {"CPU": trial_cfg.scaling.cpus_per_worker}
+    if trial_cfg.scaling.use_gpu:
+        resources["GPU"] = trial_cfg.scaling.gpus_per_worker
+    fs, path = storage.pyarrow_fs(setup["trials_root"])
+    ingest = DataConfig.default_ingest_options()
+    ingest.preserve_order = True
+    rows -= len(held_out)
+    before = len(folder.history())
+    trainer = TorchTrainer(
+        ray_train_worker,
+        train_loop_config={"cfg": to_dict(trial_cfg), "run_uri": folder.uri, "num_rows": rows,
+                           "val_rows": ray.put(val_rows), "val_labels": setup["val_labels"], "eval": setup["eval"]},
+        scaling_config=ScalingConfig(num_workers=trial_cfg.scaling.num_workers, use_gpu=trial_cfg.scaling.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name=trial_cfg.run.name, storage_path=path, storage_filesystem=fs,
+                             failure_config=FailureConfig(max_failures=trial_cfg.max_failures,
+                                                          controller_failure_limit=1),
+                             checkpoint_config=CheckpointConfig(num_to_keep=trial_cfg.checkpoint.num_to_keep),
+                             callbacks=[_history_callback(folder.uri, total_steps(trial_cfg, rows)),
+                                        TuneReportCallback()]),
+        datasets={"train": dataset},
+        dataset_config=DataConfig(execution_options=ingest),
+    )
+    trainer.fit()
+    if len(folder.history()) == before and before:  # it had already reached its last checkpoint
+        _replay(folder)
+
+
+def trial_folder(trials_root: str, trial_id: str) -> TrialFolder:
+    return TrialFolder(storage.join(trials_root, trial_id))
+
+
+def latest_checkpoint(folder: TrialFolder) -> Optional[str]:
+    from sea_ray.train.checkpoint import latest_complete
+
+    return latest_complete(folder.uri)

@@ -1,0 +1,108 @@
+"""The quickstart: its configs (the two arms differ only in SEA), one seed x arm chain without
+Ray, and the whole command at reduced size on the session's local Ray."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sea_ray.config import to_dict, validate
+from sea_ray.errors import ConfigError
+
+
+def _diff(a: dict, b: dict, prefix: str = "") -> set[str]:
+    keys = set(a) | set(b)
+    out = set()
+    for k in keys:
+        x, y = a.get(k), b.get(k)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out |= _diff(x, y, f"{prefix}{k}.")
+        elif x != y:
+            out.add(f"{prefix}{k}")
+    return out
+
+
+def test_arms_differ_only_in_sea_and_names(tmp_path):
+    from sea_ray.quickstart import build_configs
+
+    plan = build_configs(validate({"job": "quickstart", "output": str(tmp_path), "seeds": [0, 1]}))
+    chains = plan["chains"]
+    assert [(c["seed"], c["arm"]) for c in chains] == [(0, "baseline"), (0, "+SEA"), (1, "baseline"), (1, "+SEA")]
+    base, sea = chains[0], chains[1]
+    assert _diff(to_dict(base["align"]), to_dict(sea["align"])) == {"sea.enabled", "run.name"}
+    assert _diff(to_dict(base["instruct"]), to_dict(sea["instruct"])) == {"run.name", "init_adapter"}
+    assert base["align"].data.labels == sea["align"].data.labels == plan["labels"].output
+    assert sea["instruct"].init_adapter.endswith("align-sea-s0")
+    assert _diff(to_dict(chains[0]["align"]), to_dict(chains[2]["align"])) == {"run.seed", "run.name"}
+    assert plan["labels"].labeler.features == "dense"
+    assert plan["audit"].data.manifest.endswith("test/pretrain.json")
+
+
+def test_bad_settings_are_listed_per_job_before_anything_runs(tmp_path):
+    from sea_ray.quickstart import build_configs
+
+    with pytest.raises(ConfigError) as exc:
+        build_configs(validate({"job": "quickstart", "output": str(tmp_path), "seeds": [0],
+                                "set": {"align": {"optim": {"lr": -1}}, "eval": {"top_k": 0}}}))
+    text = str(exc.value)
+    assert "align[baseline-s0]: optim.lr" in text and "align[sea-s0]: optim.lr" in text
+    assert "eval[baseline-s0]: top_k" in text
+    with pytest.raises(ConfigError, match="seeds"):
+        validate({"job": "quickstart", "seeds": []})
+
+
+def test_one_chain_in_process_without_ray(tmp_path, world_dir):
+    """align -> instruct -> eval of the +SEA arm with oracle labels, on the session world."""
+    from sea_ray.labels.oracle import write_oracle_labels
+    from sea_ray.model.vision import build_vision_tower
+    from sea_ray.quickstart import LocalDataset, build_configs, run_chain
+
+    plan = build_configs(validate({"job": "quickstart", "output": str(tmp_path), "seeds": [0],
+                                   "align": {"max_steps": 2, "global_batch": 4},
+                                   "instruct": {"max_steps": 2, "global_batch": 4}, "eval_max_samples": 2}))
+    chain = plan["chains"][1]
+    labels = str(tmp_path / "oracle")
+    write_oracle_labels(world_dir, labels, 8, build_vision_tower(chain["align"].model.vision).transform_spec())
+    world = str(world_dir)
+    chain["align"] = chain["align"].model_copy(update={"data": chain["align"].data.model_copy(update={
+        "labels": labels, "manifest": f"{world}/train/pretrain.json", "image_root": f"{world}/images"})})
+    chain["instruct"] = chain["instruct"].model_copy(update={"data": chain["instruct"].data.model_copy(update={
+        "manifest": f"{world}/train/instruct.json", "image_root": f"{world}/images"})})
+    for key in ("eval", "eval_align"):
+        chain[key] = chain[key].model_copy(update={"world": world, "vocab": None, "audit": None})
+    align, instruct = LocalDataset(chain["align"], 64), LocalDataset(chain["instruct"], 64)
+    assert align.count() == 48 and instruct.count() > 48
+    batch = next(align.iter_batches(4, local_shuffle_seed=0))
+    assert batch["image"].shape == (4, 64, 64, 3) and len(batch["label_ids"][0]) == 64 * 3
+    metrics = run_chain(chain, align, instruct, align.count(), instruct.count(), 1, None)
+    for key in ("nw_align", "nw_final", "tacs", "modality_gap", "qa", "ppl_before", "ppl_after"):
+        assert metrics[key] is not None, key
+    assert 0 <= metrics["qa"] <= 1 and metrics["ppl_before"] != metrics["ppl_after"]
+    report = json.loads((tmp_path / "eval" / "sea-s0" / "report.json").read_text())
+    assert report["stage"] == "instruct" and report["step"] == 2
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_quickstart_end_to_end_at_reduced_size(ray_local, tmp_path, capsys):
+    from sea_ray.cli import main
+
+    out = tmp_path / "qs"
+    assert main(["quickstart", f"output={out}", "seeds=[0]", "world.num_images=40", "align.max_steps=2",
+                 "align.global_batch=4", "instruct.max_steps=2", "instruct.global_batch=4",
+                 "eval_max_samples=3"]) == 0
+    printed = capsys.readouterr().out
+    for step in ("[1/5] world", "[2/5] labels", "[3/5] ingest", "[4/5] train + eval", "[5/5] report"):
+        assert step in printed
+    assert "| baseline |" in printed and "| +SEA |" in printed and "step    2/2" in printed
+    results = json.loads((out / "results.json").read_text())
+    assert {r["arm"] for r in results["results"]} == {"baseline", "+SEA"}
+    assert results["label_audit"]["images"] == 4 and results["timings_s"]["total"] > 0
+    md = (out / "report.md").read_text()
+    assert "| model |" in md and "label audit" in md.lower()
+    for name in ("qa_by_type.png", "alignment.png", "loss_curves.png", "label_audit.png"):
+        assert (out / "plots" / name).stat().st_size > 1000, name
+    assert (out / "labels" / "_SUCCESS").exists() and (out / "eval" / "sea-s0" / "report.md").exists()
+    # a second run with other settings is refused, not mixed in
+    assert main(["quickstart", f"output={out}", "seeds=[0]", "world.num_images=41"]) == 1
