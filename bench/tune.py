@@ -61,7 +61,8 @@ def _world(root: Path, images: int):
     world, labels = root / "world", root / "labels"
     generate_world(world, num_images=images, seed=0, image_size=64)
     align = validate({"job": "align", "model": {"preset": "tiny-openclip-llama"},
-                      "data": {"manifest": "unused", "labels": str(labels)}, "batch": {"global_size": 8, "per_worker": 8}})
+                      "data": {"manifest": "unused", "labels": str(labels)},
+                      "batch": {"global_size": 8, "per_worker": 8}})
     write_oracle_labels(world, str(labels), 8, build_vision_tower(align.model.vision).transform_spec())
     return world, labels
 
@@ -98,6 +99,20 @@ def trial_steps_to_reach(history, target: float):
     return reached, sum(latest.values())
 
 
+def expected_random_steps(history, target: float, steps: int) -> float:
+    """Trial-steps random search needs to reach ``target``, averaged over every order of its
+    trials (they are exchangeable: which one comes first is luck). With ``k`` of ``N`` trials
+    reaching it, ``(N - k) / (k + 1)`` full trials come first on average, then the mean step at
+    which those ``k`` reach it."""
+    reach = []
+    for _, trial in history.sort_values("step").groupby("trial_id"):
+        hit = trial[trial["val_sea_loss"] <= target + 1e-12]
+        if len(hit):
+            reach.append(int(hit["step"].iloc[0]))
+    n, k = history["trial_id"].nunique(), len(reach)
+    return (n - k) / (k + 1) * steps + sum(reach) / k
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, default=16, help="trial budget of each search")
@@ -124,7 +139,7 @@ def main() -> int:
     world, labels = _world(root, args.images)
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}})
-    lines, spent = [], {"random": [], "asha_tpe": []}
+    lines, spent, expected = [], {"random": [], "asha_tpe": []}, {}
     for seed in args.seeds:
         out = {}
         for name, smart in (("random", False), ("asha_tpe", True)):
@@ -134,6 +149,7 @@ def main() -> int:
             history = pd.read_parquet(root / "runs" / f"{name}-seed{seed}" / "history.parquet")
             out[name] = (summary, history, time.perf_counter() - start)
         target = float(out["random"][1]["val_sea_loss"].min())
+        expected[seed] = expected_random_steps(out["random"][1], target, args.steps)
         for name, (summary, history, seconds) in out.items():
             reached, total = trial_steps_to_reach(history, target)
             spent[name].append(reached)
@@ -157,6 +173,8 @@ def main() -> int:
         ratio = sum(spent["asha_tpe"]) / random_total
     print(f"trial-steps to reach (summed over seeds): random {random_total}, "
           f"asha_tpe {sum(s for s in spent['asha_tpe'] if s is not None)}")
+    print(f"for reference, random search averaged over the orders of its trials: {sum(expected.values()):.0f} "
+          f"trial-steps ({', '.join(f'seed {k}: {v:.0f}' for k, v in expected.items())})")
     print(f"ratio: {ratio:.3f}")
     return 0
 

@@ -60,6 +60,7 @@ TABLE_COLUMNS = (
     ("ppl_after", "perplexity after", 2),
 )
 QA_TYPES = ("color", "shape", "count", "existence", "position")
+ORACLE_TOP_N = 3  # a patch has at most two true words
 
 
 def _say(msg: str) -> None:
@@ -123,6 +124,7 @@ def build_configs(cfg: QuickstartConfig) -> dict:
                          vocab={"extra_words": os.path.join(p["labels"], "vocab_words.txt"), "min_count": 10**9})
         audit = validate(audit_raw, job="labels")
     chains = []
+    stored_top_n = cfg.labels_top_n if cfg.labels == "clip" else min(ORACLE_TOP_N, cfg.labels_top_n)
     for seed in cfg.seeds:
         for arm, key, sea_on in (a for a in ARMS if a[0] in cfg.arms):
             tag = f"{key}-s{seed}"
@@ -138,7 +140,8 @@ def build_configs(cfg: QuickstartConfig) -> dict:
                           "optim": {"max_steps": steps_a, "lr": cfg.align.lr},
                           "checkpoint": {"every_n_steps": steps_a, "num_to_keep": 1},
                           "log_every_n_steps": max(1, steps_a // 5),
-                          "sea": dict(to_dict(cfg.sea), enabled=sea_on)}, "align", f"align[{tag}]")
+                          "sea": dict(to_dict(cfg.sea), enabled=sea_on, top_n=min(cfg.sea.top_n, stored_top_n))},
+                         "align", f"align[{tag}]")
             instruct = make({**common, "run": {"name": f"instruct-{tag}", "storage": p["runs"], "seed": seed},
                              "init_adapter": align_run,
                              "data": {"manifest": os.path.join(p["world"], "train", "instruct.json"),
@@ -430,7 +433,7 @@ def _oracle_labels(plan: dict, p: dict) -> dict:
 
     tower = build_vision_tower(plan["labels"].model.vision)
     n = write_oracle_labels(p["world"], p["labels"], tower.grid[0], tower.transform_spec(),
-                            top_n=min(3, plan["labels"].labeler.top_n))
+                            top_n=min(ORACLE_TOP_N, plan["labels"].labeler.top_n))
     return {"output": p["labels"], "oracle": True, "images": n}
 
 

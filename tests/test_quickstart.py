@@ -36,6 +36,7 @@ def test_arms_differ_only_in_sea_and_names(tmp_path):
     assert sea["instruct"].init_adapter.endswith("align-sea-s0")
     assert _diff(to_dict(chains[0]["align"]), to_dict(chains[2]["align"])) == {"run.seed", "run.name"}
     assert plan["labels"].labeler.features == "dense"
+    assert sea["align"].sea.top_n <= plan["labels"].labeler.top_n  # valid again once the labels exist
     assert plan["audit"].data.manifest.endswith("test/pretrain.json")
 
 

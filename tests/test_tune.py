@@ -168,7 +168,8 @@ def test_search_space_rules_list_every_problem(labelled_world, tmp_path):
     with pytest.raises(ConfigError) as info:
         validate(raw)
     text = "\n".join(info.value.problems)
-    assert "space.sea.init_temperatur: not a key of the base align config (did you mean 'sea.init_temperature'?)" in text
+    assert ("space.sea.init_temperatur: not a key of the base align config "
+            "(did you mean 'sea.init_temperature'?)") in text
     assert "space.optim.lr: loguniform needs low > 0" in text
     assert "space.sea.window: randint needs integer low and high" in text
     assert "space.model.adapter.type='mlp0x_gelu' gives an invalid align config" in text

@@ -68,8 +68,9 @@ def trial_records(cfg: TuneConfig, results, trials_root: str, total_steps: int) 
                cfg.metric: last.get(cfg.metric),
                f"best_{cfg.metric}": (min(values) if cfg.mode == "min" else max(values)) if values else None}
         row.update({f"last_{k}": last.get(k) for k in LAST_METRICS if k != cfg.metric})
+        error = str(result.error).strip().splitlines()[-1][:500] if result.error else None
         row.update({"time_s": sum(_execution_times(folder, history)), "checkpoint": latest_checkpoint(folder),
-                    "trial_dir": folder.uri, "error": str(result.error).splitlines()[0][:500] if result.error else None})
+                    "trial_dir": folder.uri, "error": error})
         rows.append(row)
     rows.sort(key=lambda r: r["trial_id"])
     return rows, history_rows
