@@ -98,7 +98,9 @@ class LocalCluster:
         env = clean_env(RAY_AUTH_MODE=self.auth, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
                         RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                         # Ray's runtime-env agent logs runtime envs (env var values included) at INFO
-                        RAY_LOGGER_LEVEL="warning", SEA_RAY_CACHE=os.path.join(self.temp_dir, "cache"))
+                        RAY_LOGGER_LEVEL="warning", SEA_RAY_CACHE=os.path.join(self.temp_dir, "cache"),
+                        # time for a stopped job's SIGTERM handler on a loaded 2-core box (Ray: 3 s)
+                        RAY_JOB_STOP_WAIT_TIME_S="30")
         for key in [k for k in env if k.startswith("AWS_")]:
             del env[key]  # the jobs get credentials from `sea-ray submit`, by name, or not at all
         if self.token:
@@ -315,6 +317,9 @@ def test_stopping_a_pipeline_job_releases_its_lock(cluster, s3_bucket, world_dir
         time.sleep(0.5)
     stopped = sea_ray("jobs", "--address", cluster.address, "stop", sid, env=env, timeout=120)
     assert stopped.returncode == 0 and "STOPPED" in stopped.stdout, stopped.stdout + stopped.stderr
+    released = time.time() + 30
+    while storage.exists(f"{out}/_pipeline/LOCK") and time.time() < released:
+        time.sleep(0.5)
     assert not storage.exists(f"{out}/_pipeline/LOCK")
     status = sea_ray("jobs", "--address", cluster.address, "status", sid, env=env, timeout=120)
     assert "STOPPED" in status.stdout
