@@ -407,7 +407,7 @@ def _run_tasks(cfg: QuickstartConfig, plan: dict, ray) -> list[dict]:
 def _run_ray_train(cfg: QuickstartConfig, plan: dict) -> list[dict]:
     from sea_ray.train.driver import run as train
 
-    _say(f"[3/5] ingest: each TorchTrainer job streams its own Ray Data set")
+    _say("[3/5] ingest: each TorchTrainer job streams its own Ray Data set")
     _say(f"[4/5] train + eval: {len(plan['chains'])} chains, each stage a 1-worker TorchTrainer run, in turn")
     results = []
     for chain in plan["chains"]:
