@@ -37,7 +37,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import time
 from typing import Any, Callable, Optional
 
@@ -95,21 +94,14 @@ def _with_set(raw: dict, values: dict) -> dict:
 def build_configs(cfg: QuickstartConfig) -> dict:
     """Every job config of the quickstart, validated (no Ray, no writes): ``{"labels", "audit",
     "chains": [{"seed", "arm", "key", "align", "instruct", "eval", "eval_align"}]}``."""
-    from sea_ray.checks import job_problems
+    from sea_ray.checks import validated
     from sea_ray.errors import ConfigError
 
     p = _paths(cfg)
     problems: list[str] = []
 
     def make(raw: dict, job: str, where: str):
-        raw = _with_set(raw, cfg.set.get(job, {}))
-        try:
-            c = validate(raw, job=job)
-        except ConfigError as exc:
-            problems.extend(f"{where}: {x}" for x in exc.problems)
-            return None
-        problems.extend(f"{where}: {x}" for x in job_problems(c))
-        return c
+        return validated(_with_set(raw, cfg.set.get(job, {})), job, where, problems)
 
     labels_raw = {"output": p["labels"], "model": {"preset": cfg.preset},
                   "data": {"manifest": os.path.join(p["world"], "train", "pretrain.json"), "image_root": p["images"]},
@@ -191,7 +183,7 @@ class LocalDataset:
     def __init__(self, cfg, image_size: int, chunk: int = 64):
         import pyarrow as pa
 
-        from sea_ray.train.data import Preprocess, _label_shards, _manifest_rows, _read_label_shard
+        from sea_ray.train.data import Preprocess, label_shards, _manifest_rows, read_label_shard
 
         stage = cfg.job
         manifest = _manifest_rows(cfg.data.manifest, require_image=stage == "align")
@@ -200,8 +192,8 @@ class LocalDataset:
         labels = cfg.data.labels if stage == "align" else None
         if labels:
             pre.by_id = {r["id"]: (r["image"], r["image_bytes"], r["conversations"]) for r in manifest.rows}
-            shards, _ = _label_shards(labels)
-            table = _read_label_shard(pa.table({"path": shards}))
+            shards, _ = label_shards(labels)
+            table = read_label_shard(pa.table({"path": shards}))
             inputs = [table.slice(i, chunk).to_pydict() for i in range(0, table.num_rows, chunk)]
         else:
             rows = manifest.rows

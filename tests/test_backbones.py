@@ -10,7 +10,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from sea_ray.presets import PRESETS, WORLD_ASSETS, WORLD_CLIP_ARCH, WORLD_LLM_CONFIG
 

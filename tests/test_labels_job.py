@@ -4,10 +4,8 @@ re-run, every bad input, the CLI. Uses the session's local Ray (``ray_local``)."
 from __future__ import annotations
 
 import json
-import posixpath
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -102,7 +100,7 @@ def test_local_run_writes_the_documented_dataset(reference, world300):
     assert meta["vocab"]["hash"] == vocab_hash(vocab) == summary["vocab_hash"] and vocab == sorted(vocab)
     assert {"red", "circle", "gray"} <= set(vocab) and "the" not in vocab
     assert meta["grid"] == [8, 8] and meta["transform"]["image_size"] == 64 and meta["top_n"] == TOP_N
-    assert meta["score_sign"] == "raw" and meta["features"] == "joint" and meta["templates"] == ["a photo of a {}."]
+    assert meta["score_sign"] == "raw" and meta["features"] == "dense" and meta["templates"] == ["a photo of a {}."]
     assert meta["model"]["vision"]["backend"] == "open_clip"
     assert meta["counts"] == {"manifest_rows": N_IMAGES, "valid_rows": N_IMAGES, "labelled": N_IMAGES, "errors": 0,
                               "errors_by_stage": {"manifest": 0}, "shards": 5}

@@ -6,10 +6,10 @@ import json
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from sea_ray import storage
 from sea_ray.data.world import load_ground_truth, patch_ground_truth, patch_words
+from sea_ray.labels.dataset import LabelsDir, errors_table
 from sea_ray.labels.schema import LABELS_SCHEMA, SCHEMA_VERSION
 
 
@@ -28,9 +28,10 @@ def write_oracle_labels(world_dir, out: str, grid: int, transform: dict, top_n: 
                 ids[p, j], scores[p, j] = index[word], 1.0
         rows.append({"image_id": record["id"], "grid_h": grid, "grid_w": grid, "top_n": top_n,
                      "label_ids": ids.ravel(), "label_scores": scores.ravel()})
-    fs, path = storage.pyarrow_fs(storage.join(out, "shards"))
-    fs.create_dir(path, recursive=True)
-    pq.write_table(pa.Table.from_pylist(rows, schema=LABELS_SCHEMA), f"{path}/shard-00000.parquet", filesystem=fs)
+    labels = pa.Table.from_pylist(rows, schema=LABELS_SCHEMA)
+    out_dir = LabelsDir(out)
+    out_dir.write_shard(0, labels, errors_table([]))
+    out_dir.write_marker(0, {"shard": 0, "rows": len(rows), "labelled": len(rows), "errors": 0, "oracle": True})
     meta = {"schema_version": SCHEMA_VERSION, "vocab": {"words": words, "hash": "oracle"}, "grid": [grid, grid],
             "top_n": top_n, "transform": transform, "counts": {"images": len(rows)}}
     storage.write_text(storage.join(out, "_meta.json"), json.dumps(meta))

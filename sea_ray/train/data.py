@@ -148,31 +148,32 @@ def _manifest_rows(uri: str, require_image: bool):
 LABEL_COLUMNS = ["image_id", "grid_h", "grid_w", "top_n", "label_ids", "label_scores"]
 
 
-def _label_shards(labels_uri: str) -> tuple[list[str], int]:
-    """The labels' Parquet shard URIs in order, and their total row count (from the footers)."""
-    import pyarrow.fs as pafs
-    import pyarrow.parquet as pq
+def label_shards(labels_uri: str) -> tuple[list[str], int]:
+    """The completed labels shards' URIs in order, and their total row count (from the markers).
 
-    fs, path = storage.pyarrow_fs(storage.join(labels_uri, "shards"))
-    infos = fs.get_file_info(pafs.FileSelector(path))
-    files = sorted(i.path for i in infos if i.path.endswith(".parquet") and not i.base_name.startswith(("_", ".")))
+    Only a finished labels dataset (``_SUCCESS`` present) is read; a shard without its marker
+    (a killed run's last one) is never used."""
+    from sea_ray.errors import DataError
+    from sea_ray.labels.dataset import LabelsDir, shard_uris
+
+    if not storage.is_complete(labels_uri):
+        raise DataError(f"{labels_uri} is not a complete labels dataset (no {storage.MARKER}): "
+                        "re-run the labels job to finish it")
+    files = shard_uris(labels_uri)
     if not files:
-        from sea_ray.errors import DataError
-
         raise DataError(f"no labels shards under {labels_uri}")
-    rows = sum(pq.ParquetFile(fs.open_input_file(f)).metadata.num_rows for f in files)
-    prefix = "s3://" if storage.is_remote(labels_uri) else ""
-    return [prefix + f for f in files], rows
+    return files, sum(int(m["labelled"]) for m in LabelsDir(labels_uri).markers().values())
 
 
-def _read_label_shard(batch):
+def read_label_shard(batch):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     tables = []
     for uri in batch.column("path").to_pylist():
         fs, path = storage.pyarrow_fs(uri)
-        tables.append(pq.read_table(path, filesystem=fs, columns=LABEL_COLUMNS))
+        # use_threads=False: threaded reads sometimes abort pyarrow at interpreter exit
+        tables.append(pq.read_table(path, filesystem=fs, columns=LABEL_COLUMNS, use_threads=False))
     return pa.concat_tables(tables)
 
 
@@ -191,11 +192,11 @@ def build_dataset(cfg, image_size: int, num_actors: int = 1, actor_cpus: float =
     if labels:
         by_id = {r["id"]: (r["image"], r["image_bytes"], r["conversations"]) for r in manifest.rows}
         kwargs["manifest_ref"] = ray.put(by_id)
-        shards, num_rows = _label_shards(labels)
+        shards, num_rows = label_shards(labels)
         # One light task per shard file, in shard (= manifest) order. (read_parquet's file
         # listing asks for a whole CPU, which a 2-core box with Train workers cannot give.)
         source = ray.data.from_items([{"path": p} for p in shards], override_num_blocks=len(shards)).map_batches(
-            _read_label_shard, batch_size=1, batch_format="pyarrow", num_cpus=actor_cpus / 2)
+            read_label_shard, batch_size=1, batch_format="pyarrow", num_cpus=actor_cpus / 2)
     else:
         items = [{"sample_id": r["id"], "image": r["image"] or "", "image_bytes": r["image_bytes"] or b"",
                   "conversations": r["conversations"]} for r in manifest.rows]

@@ -50,21 +50,11 @@ RAGGED = ("input_ids", "labels", "label_ids", "label_scores", "grid")
 # --------------------------------------------------------------------------- held-out images
 
 
-def _shard_files(labels_uri: str) -> list[str]:
-    from sea_ray.train.data import _label_shards
-
-    return _label_shards(labels_uri)[0]
-
-
 def label_image_ids(labels_uri: str) -> list[str]:
-    """Every image id of a labels dataset, in shard order."""
-    import pyarrow.parquet as pq
+    """Every image id of a (complete) labels dataset, in shard order."""
+    from sea_ray.labels.dataset import read_labels
 
-    ids: list[str] = []
-    for uri in _shard_files(labels_uri):
-        fs, path = storage.pyarrow_fs(uri)
-        ids += pq.read_table(path, filesystem=fs, columns=["image_id"]).column("image_id").to_pylist()
-    return ids
+    return read_labels(labels_uri).column("image_id").to_pylist()
 
 
 def write_holdout(source_uri: str, out_uri: str, num_images: int, seed: int, reuse: bool = True) -> list[str]:
@@ -73,27 +63,24 @@ def write_holdout(source_uri: str, out_uri: str, num_images: int, seed: int, reu
     copy is kept as it is (a resumed search validates on the very same images)."""
     import pyarrow as pa
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
+
+    from sea_ray.labels.dataset import LabelsDir, errors_table, read_labels
 
     if reuse and storage.is_complete(out_uri):
         return sorted(label_image_ids(out_uri))
-    ids = sorted(set(label_image_ids(source_uri)))
+    source = read_labels(source_uri)
+    ids = sorted(set(source.column("image_id").to_pylist()))
     if not ids:
         from sea_ray.errors import DataError
 
         raise DataError(f"{source_uri}: no labelled images to validate on")
     rng = np.random.default_rng(seed)
     chosen = sorted(rng.choice(ids, size=min(num_images, len(ids)), replace=False).tolist())
-    wanted = pa.array(chosen)
-    tables = []
-    for uri in _shard_files(source_uri):
-        fs, path = storage.pyarrow_fs(uri)
-        table = pq.read_table(path, filesystem=fs)
-        tables.append(table.filter(pc.is_in(table.column("image_id"), value_set=wanted)))
-    table = pa.concat_tables(tables)
-    fs, path = storage.pyarrow_fs(storage.join(out_uri, "shards"))
-    fs.create_dir(path, recursive=True)
-    pq.write_table(table, f"{path}/shard-00000.parquet", filesystem=fs)
+    table = source.filter(pc.is_in(source.column("image_id"), value_set=pa.array(chosen)))
+    out = LabelsDir(out_uri)
+    out.write_shard(0, table, errors_table([]))
+    out.write_marker(0, {"shard": 0, "rows": table.num_rows, "labelled": table.num_rows, "errors": 0,
+                         "held_out_from": source_uri, "seed": seed})
     meta = json.loads(storage.read_text(storage.join(source_uri, "_meta.json")))
     meta["counts"] = {"images": table.num_rows, "held_out_from": source_uri, "seed": seed}
     storage.write_text(storage.join(out_uri, "_meta.json"), json.dumps(meta))
