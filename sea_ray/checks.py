@@ -97,4 +97,44 @@ def job_problems(cfg) -> list[str]:
                                 f"tower gives {list(grid)}: label grid must equal the tower's patch grid")
             if meta.get("top_n", align.sea.top_n) < align.sea.top_n:
                 problems.append(f"sea.top_n: {align.sea.top_n} > the {meta['top_n']} labels stored per patch")
+    if getattr(cfg, "job", None) == "instruct" and cfg.init_adapter:
+        trained = _checkpoint_adapter(cfg.init_adapter)
+        wanted = cfg.model.adapter.model_dump(mode="json")
+        if trained is not None and trained != wanted:
+            problems.append(f"init_adapter: {cfg.init_adapter} holds a {trained} adapter but model.adapter is "
+                            f"{wanted}: give instruct the align run's adapter")
     return problems
+
+
+def _checkpoint_adapter(uri: str) -> Optional[dict]:
+    """``model.adapter`` of the newest complete checkpoint at ``uri`` (a run or a checkpoint), or
+    None when there is none yet (a pipeline validates instruct before align has run) or it
+    cannot be reached from here (the job loads it when it starts)."""
+    from sea_ray.train import checkpoint as ckpt
+
+    try:
+        config = json.loads(storage.read_text(storage.join(ckpt.resolve(uri), "config.json")))
+    except FileNotFoundError:
+        return None
+    except Exception as exc:  # unreachable storage is not a config error
+        log.warning("cannot read the checkpoint %s (%s); its adapter is checked when the job starts", uri,
+                    type(exc).__name__)
+        return None
+    adapter = config.get("model", {}).get("adapter")
+    return {"hidden_size": None, **adapter} if isinstance(adapter, dict) else None
+
+
+def validated(raw: dict, job: str, where: str, problems: list[str]):
+    """``raw`` validated as a ``job`` config and checked with :func:`job_problems`: the config, or
+    None when validation fails. Every problem found is appended to ``problems`` prefixed with
+    ``where`` (a step of a pipeline or quickstart), so one report can cover many jobs."""
+    from sea_ray.config import validate
+    from sea_ray.errors import ConfigError
+
+    try:
+        cfg = validate(raw, job=job)
+    except ConfigError as exc:
+        problems.extend(f"{where}: {p}" for p in exc.problems)
+        return None
+    problems.extend(f"{where}: {p}" for p in job_problems(cfg))
+    return cfg

@@ -49,7 +49,7 @@ from typing import Any, Callable, Optional
 import yaml
 
 from sea_ray import storage
-from sea_ray.config import PIPELINE_STEPS, PipelineConfig, to_dict, validate
+from sea_ray.config import PIPELINE_STEPS, PipelineConfig, to_dict
 from sea_ray.errors import ConfigError, SeaRayError
 
 log = logging.getLogger(__name__)
@@ -186,6 +186,8 @@ def _wiring(name: str, plan_so_far: dict[str, StepPlan], cfg: PipelineConfig, da
     elif name == "instruct":
         w = {"data.manifest": data["instruct"], "data.image_root": data["instruct_image_root"],
              "init_adapter": align.output if align else None, "run.storage": storage.join(out, "runs"), "ray": ray}
+        if align is not None:  # the adapter it loads: same shape (tune may have changed align's)
+            w["model.adapter"] = to_dict(align.cfg.model.adapter)
     elif name == "eval":
         trained = instruct or align
         w = {"checkpoint": trained.output if trained else None, "world": data["world"],
@@ -220,21 +222,14 @@ def build_step_config(name: str, cfg: PipelineConfig, base_dir: Path, data: dict
                       problems: list[str], extra: Optional[dict] = None):
     """The validated config of a config step (``extra``: dotted values applied before ``set``,
     e.g. tune's best parameters for align), or None with its problems appended."""
-    from sea_ray.checks import job_problems
+    from sea_ray.checks import validated
 
     section = getattr(cfg, name)
     raw = _read_recipe(name, section.recipe, base_dir, problems)
     raw["job"] = name
     for key, value in {**_wiring(name, so_far, cfg, data), **(extra or {})}.items():
         _put(raw, key, value)
-    raw = _apply_set(raw, section.set)
-    try:
-        step_cfg = validate(raw, job=name)
-    except ConfigError as exc:
-        problems.extend(f"{name}: {p}" for p in exc.problems)
-        return None
-    problems.extend(f"{name}: {p}" for p in job_problems(step_cfg))
-    return step_cfg
+    return validated(_apply_set(raw, section.set), name, name, problems)
 
 
 def plan(cfg: PipelineConfig, source: str | Path) -> Plan:
@@ -313,13 +308,13 @@ def _tune_done(step: StepPlan) -> Optional[str]:
 
 def expected_steps(cfg) -> int:
     """The optimizer steps a train config runs to (what its final checkpoint holds)."""
-    from sea_ray.train.data import _label_shards, _manifest_rows
+    from sea_ray.train.data import label_shards, _manifest_rows
     from sea_ray.train.loop import total_steps
 
     if cfg.optim.max_steps:
         return cfg.optim.max_steps
     if cfg.job == "align" and cfg.data.labels:
-        num_rows = _label_shards(cfg.data.labels)[1]
+        num_rows = label_shards(cfg.data.labels)[1]
     else:
         num_rows = len(_manifest_rows(cfg.data.manifest, require_image=cfg.job == "align").rows)
     return total_steps(cfg, num_rows)
@@ -496,7 +491,10 @@ class OutputLock:
         raise PipelineLocked(f"could not take {self.uri}")
 
     def release(self) -> None:
-        if self.held and self.holder().get("owner") == self.owner["owner"]:
+        """Remove the lock if this run holds it. The holder is read back rather than trusting
+        ``held``: a stop signal can land after the store created the lock but before ``acquire``
+        saw the reply."""
+        if self.holder().get("owner") == self.owner["owner"]:
             self._remove()
         self.held = False
 
@@ -534,14 +532,21 @@ def _tune_params(step: StepPlan) -> dict:
     return summary.get("best_params") or {}
 
 
-def _sigterm_to_exit():
-    """Ray stops a job with SIGTERM: turn it into SystemExit so the lock is released."""
+def _on_sigterm(lock: Optional[OutputLock]):
+    """Ray stops a job with SIGTERM (and SIGKILLs it a little later): release the lock at once,
+    in the handler, then exit through SystemExit so the rest unwinds. Installed again after
+    ``ray.init``, which sets its own SIGTERM handler. Returns the previous handler."""
     import threading
 
     if threading.current_thread() is not threading.main_thread():
         return None
 
     def handler(signum, frame):
+        if lock is not None:
+            try:
+                lock.release()
+            except Exception as exc:  # noqa: BLE001 - exiting anyway; say why the lock stays
+                log.warning("could not release %s on SIGTERM: %s", lock.uri, exc)
         raise SystemExit(128 + signum)
 
     try:
@@ -557,7 +562,7 @@ def run(plan: Plan, force: tuple[str, ...] = (), break_lock: bool = False) -> di
     if unknown:
         raise ConfigError([f"--force {s}: not a step of this pipeline ({', '.join(cfg.steps)})" for s in unknown])
     lock = OutputLock(plan.records) if cfg.lock else None
-    previous = _sigterm_to_exit()
+    previous = _on_sigterm(lock)
     started = time.time()
     results = []
     try:
@@ -568,9 +573,13 @@ def run(plan: Plan, force: tuple[str, ...] = (), break_lock: bool = False) -> di
              "steps": {s.name: {"output": s.output, "config": to_dict(s.cfg) if s.cfg is not None else s.args}
                        for s in plan.steps}}, indent=2, sort_keys=True, default=str))
         ray_started = False
+        ran: dict[str, StepPlan] = {}
         for step in plan.steps:
             if step.name == "align" and plan.step("tune") is not None:
                 step = _with_tune_params(plan, step)
+            elif step.cfg is not None and ran.get("align") not in (None, plan.step("align")):
+                step = _rebuilt(plan, step, dict(ran))  # wired to the tuned align
+            ran[step.name] = step
             done = None if step.name in force else completed(step)
             if done:
                 log.info("pipeline: %s skipped (complete: %s)", step.name, done)
@@ -581,6 +590,7 @@ def run(plan: Plan, force: tuple[str, ...] = (), break_lock: bool = False) -> di
 
                 init_ray(cfg.ray)
                 ray_started = True
+                _on_sigterm(lock)
             log.info("pipeline: %s -> %s", step.name, step.output)
             t0 = time.time()
             runner = {"world": _run_world, "import": _run_import}.get(step.name, _run_job)
@@ -602,10 +612,14 @@ def _with_tune_params(plan: Plan, step: StepPlan) -> StepPlan:
     params = _tune_params(plan.step("tune"))
     if not params:
         return step
+    log.info("pipeline: align takes tune's best parameters %s", params)
+    return _rebuilt(plan, step, {s.name: s for s in plan.steps[: plan.steps.index(step)]}, params)
+
+
+def _rebuilt(plan: Plan, step: StepPlan, so_far: dict[str, StepPlan], extra: Optional[dict] = None) -> StepPlan:
+    """A config step built again from the steps as they actually ran (after tune changed align)."""
     problems: list[str] = []
-    so_far = {s.name: s for s in plan.steps[: plan.steps.index(step)]}
-    cfg = build_step_config("align", plan.cfg, plan.base_dir, plan.data, so_far, problems, extra=params)
+    cfg = build_step_config(step.name, plan.cfg, plan.base_dir, plan.data, so_far, problems, extra=extra)
     if cfg is None or problems:
         raise ConfigError(problems, plan.source)
-    log.info("pipeline: align takes tune's best parameters %s", params)
-    return StepPlan("align", cfg, _output_of("align", cfg))
+    return StepPlan(step.name, cfg, _output_of(step.name, cfg))
