@@ -47,6 +47,8 @@ class VisionConfig(_Section):
 
 class AdapterConfig(_Section):
     type: str = Field("mlp2x_gelu", description="linear | mlp2x_gelu (LLaVA-1.5) | mlpNx_gelu (N >= 1 layers)")
+    hidden_size: Optional[int] = Field(None, ge=1, description="width of an mlpNx_gelu's hidden layers (N >= 2; "
+                                       "default: the LLM's width, as in LLaVA-1.5); ignored by linear")
 
 
 class LLMConfig(_Section):
@@ -190,8 +192,9 @@ class LabelerConfig(_Section):
     templates: list[str] = Field(["a photo of a {}."], min_length=1, description="prompt templates; several = "
                                  "ensemble (mean of normalised text embeddings)")
     score_sign: Literal["raw", "negate"] = Field("raw", description="rank by cosine (raw) or negated cosine")
-    features: Literal["joint", "dense"] = Field("joint", description="joint: final layer -> ln_post -> proj; "
-                                                "dense: MaskCLIP value path in the last block")
+    features: Literal["joint", "dense"] = Field("dense", description="dense: MaskCLIP value path in the last "
+                                                "block (the label audit's best, docs/labels.md); joint: final "
+                                                "layer -> ln_post -> proj")
     batch_size: int = Field(32, ge=1, description="images per labeler forward pass")
     precision: Literal["auto", "fp32", "fp16", "bf16"] = Field("auto", description="image-tower autocast: auto = "
                                                                "fp16 on a GPU, fp32 on the CPU; scores are "

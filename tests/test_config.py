@@ -106,6 +106,22 @@ def test_label_grid_must_equal_tower_grid(tmp_path):
                                                                            "sea.window": 9}))))
 
 
+def test_instruct_adapter_must_match_the_align_checkpoint(tmp_path):
+    from sea_ray.config import to_dict
+    from sea_ray.train.checkpoint import step_dir_name, write_checkpoint
+
+    run = tmp_path / "align-run"
+    raw = {"job": "instruct", "model": {"preset": "tiny-openclip-llama"}, "data": {"manifest": "m.json"},
+           "batch": {"global_size": 8, "per_worker": 8}, "init_adapter": str(run)}
+    assert job_problems(validate(raw)) == []  # no checkpoint yet (a pipeline plans before align runs)
+    aligned = validate(_align(**{"model.adapter.type": "mlp3x_gelu", "model.adapter.hidden_size": 24}))
+    write_checkpoint(str(run / step_dir_name(4)), {}, None, {"step": 4}, to_dict(aligned), "align")
+    problems = job_problems(validate(raw))
+    assert len(problems) == 1 and problems[0].startswith("init_adapter:") and "mlp3x_gelu" in problems[0]
+    raw["model"]["adapter"] = {"type": "mlp3x_gelu", "hidden_size": 24}
+    assert job_problems(validate(raw)) == []
+
+
 def test_named_tower_grid_and_unknown_arch():
     cfg = validate(_align(**{"model.preset": "clip-l336-vicuna7b"}))
     assert tower_grid(cfg.model.vision)[0] == (24, 24)

@@ -165,6 +165,12 @@ def test_adapter_registry():
     assert sum(isinstance(m, torch.nn.Linear) for m in mlp2) == 2
     assert sum(isinstance(m, torch.nn.Linear) for m in mlp4) == 4
     assert mlp4(torch.randn(3, 8)).shape == (3, 16)
+    # LLaVA-1.5's layout by default; a given width changes only the hidden layers
+    assert [tuple(m.weight.shape) for m in mlp2 if isinstance(m, torch.nn.Linear)] == [(16, 8), (16, 16)]
+    narrow = get_adapter("mlp3x_gelu", 8, 16, hidden=4)
+    assert [tuple(m.weight.shape) for m in narrow if isinstance(m, torch.nn.Linear)] == [(4, 8), (4, 4), (16, 4)]
+    assert narrow(torch.randn(3, 8)).shape == (3, 16)
+    assert isinstance(get_adapter("linear", 8, 16, hidden=4), torch.nn.Linear)  # no hidden layer to size
     with pytest.raises(KeyError, match="valid: linear"):
         get_adapter("qformer", 8, 16)
 

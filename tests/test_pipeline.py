@@ -64,7 +64,9 @@ def _fake_tune(cfg):
     CALLS.append(("tune", cfg.model_dump(mode="json")))
     exp = storage.join(os.path.abspath(cfg.base.run.storage), cfg.base.run.name)
     storage.write_text(storage.join(exp, pipeline.TUNE_SUMMARY),
-                       json.dumps({"best_params": {"sea.weight": 0.5, "optim.lr": 0.002}}))
+                       json.dumps({"best_params": {"sea.weight": 0.5, "optim.lr": 0.002,
+                                                   "model.adapter.type": "mlp3x_gelu",
+                                                   "model.adapter.hidden_size": 24}}))
     return {"experiment": exp}
 
 
@@ -80,6 +82,7 @@ def fake_runners(monkeypatch):
     for verb, fn in FAKES.items():
         runners[verb] = f"{__name__}:{fn.__name__}"
     monkeypatch.setattr(cli, "JOB_RUNNERS", runners)
+    monkeypatch.setattr("sea_ray.runtime.init_ray", lambda *a, **k: None)  # the fakes need no Ray
     return CALLS
 
 
@@ -223,17 +226,23 @@ def test_wiring_outputs_to_inputs_and_set_wins(tmp_path, world_dir, fake_runners
     assert all(c.ray.num_cpus == 2 for c in (labels, align, instruct, ev))
 
 
-def test_tune_best_parameters_reach_align(tmp_path, world_dir, fake_runners):
-    raw = _raw(world_dir, tmp_path / "out", steps=["labels", "tune", "align"])
+def test_tune_best_parameters_reach_align_and_what_follows(tmp_path, world_dir, fake_runners):
+    raw = _raw(world_dir, tmp_path / "out", steps=["labels", "tune", "align", "instruct", "eval"])
     plan = _plan(tmp_path, raw)
     tune = plan.step("tune").cfg
     assert tune.base.data.labels == plan.step("labels").output
     assert tune.base.data.val_manifest == str(world_dir / "val" / "pretrain.json")
     assert tune.base.run.storage == str(tmp_path / "out" / "tune")
+    assert plan.step("instruct").cfg.model.adapter == plan.step("align").cfg.model.adapter
     pipeline.run(plan)
-    align = [cfg for verb, cfg in fake_runners if verb == "align"][0]
+    calls = dict(fake_runners)
+    align = calls["align"]
     assert align["sea"]["weight"] == 0.5 and align["optim"]["lr"] == 0.002
     assert align["optim"]["max_steps"] == 2  # align's own `set` still applies
+    # instruct loads the tuned adapter, so it builds the same shape; eval builds instruct's model
+    tuned = {"type": "mlp3x_gelu", "hidden_size": 24}
+    assert align["model"]["adapter"] == calls["instruct"]["model"]["adapter"] == tuned
+    assert calls["eval"]["model"]["adapter"] == tuned
 
 
 # --------------------------------------------------------------------------- running and skipping

@@ -154,6 +154,50 @@ def test_killed_search_resumes_without_rerunning_finished_trials(interrupted_sea
     assert interrupted_search.summary["status"]["completed"] >= len(finished)
 
 
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_killed_trial_is_retried_and_resumes_from_its_checkpoint(labelled_world, ray_local, tmp_path):
+    """SIGKILL the process of a running trial after its first checkpoint: Tune retries it
+    (`max_trial_failures`) and the retry resumes from that checkpoint instead of starting over."""
+    import threading
+
+    import psutil
+
+    from sea_ray.tune.search import run
+    from sea_ray.tune.trials import EXECUTIONS
+
+    world, labels = labelled_world
+    raw = _tune_raw(world, labels, tmp_path, "retry", num_samples=1, max_concurrent=1, max_trial_failures=1,
+                    plots=False)
+    trials = tmp_path / "retry" / "trials"
+    killed = []
+
+    def killer():
+        deadline = time.time() + 300
+        while time.time() < deadline and not killed:
+            if list(trials.glob(f"*/step_{EVERY:08d}/_COMPLETE")):
+                for proc in psutil.process_iter(["cmdline"]):
+                    if "ImplicitFunc" in " ".join(proc.info["cmdline"] or []):
+                        proc.send_signal(signal.SIGKILL)
+                        killed.append(proc.pid)
+                        return
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    summary = run(validate(raw))
+    thread.join(timeout=1)
+    assert killed, "no trial process was killed: the trial ended before its first checkpoint was seen"
+    (trial,) = [p for p in trials.iterdir() if p.is_dir()]
+    executions = json.loads((trial / EXECUTIONS).read_text())
+    assert len(executions) == 2 and executions[0]["resumed_from"] is None
+    assert executions[1]["resumed_from"] is not None and executions[1]["pid"] != executions[0]["pid"]
+    assert int(executions[1]["resumed_from"].split("_")[-1]) >= EVERY
+    table = pd.read_parquet(tmp_path / "retry" / "results.parquet")
+    assert table["status"].tolist() == ["completed"] and table["steps"].tolist() == [STEPS]
+    assert table["executions"].tolist() == [2] and summary["status"]["completed"] == 1
+
+
 def test_search_space_rules_list_every_problem(labelled_world, tmp_path):
     world, labels = labelled_world
     raw = _tune_raw(world, labels, tmp_path, "bad", metric="val_word_acc", mode="min")

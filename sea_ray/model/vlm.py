@@ -169,7 +169,7 @@ def build_vlm(model_cfg, sea_cfg=None) -> VLM:
     vision = build_vision_tower(model_cfg.vision)
     llm, tokenizer = build_llm(model_cfg.llm)
     llm_width = llm.get_input_embeddings().embedding_dim
-    adapter = get_adapter(model_cfg.adapter.type, vision.width, llm_width)
+    adapter = get_adapter(model_cfg.adapter.type, vision.width, llm_width, model_cfg.adapter.hidden_size)
     head = None
     if sea_cfg is not None and sea_cfg.enabled:
         from sea_ray.sea import SeaLoss
