@@ -129,3 +129,15 @@ def test_world_texts_use_the_training_formats():
     assert texts[1].startswith(LLAVA_V1_SYSTEM + " USER: ") and " ASSISTANT: " in texts[1]
     assert texts[1].endswith("<|eos|>") and "<image>" not in "".join(texts)
     assert len(texts) == 2 * len(records) + 1  # + the text-only facts
+
+
+def test_a_wheel_ships_every_asset():
+    """pyproject's package-data globs cover every shipped backbone file (a non-editable install,
+    e.g. a cluster image, needs them for the world presets)."""
+    import fnmatch
+    import tomllib
+
+    globs = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["sea_ray.assets"]
+    root = REPO / "sea_ray" / "assets"
+    files = [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+    assert files and [f for f in files if not any(fnmatch.fnmatchcase(f, g) for g in globs)] == []
