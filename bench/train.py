@@ -58,7 +58,8 @@ def make_world(root: str, image_size: int, grid: int, num_images: int, preset: s
     generate_world(world, num_images=num_images, seed=0, image_size=image_size)
     vision = validate({"job": "align", "model": {"preset": preset}, "data": {"manifest": "x", "labels": "y"},
                        "batch": {"global_size": 1, "per_worker": 1}}).model.vision
-    write_oracle_labels(world, labels, grid, build_vision_tower(vision).transform_spec())
+    # shards of 32 rows, as a labels job writes them (in fewer, bigger ones): the ingest streams
+    write_oracle_labels(world, labels, grid, build_vision_tower(vision).transform_spec(), rows_per_shard=32)
     return world, labels
 
 

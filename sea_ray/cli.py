@@ -25,14 +25,29 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 # --------------------------------------------------------------------------- verbs
 
 
-def cmd_validate(args) -> int:
+def check_config(cfg, source) -> None:
+    """Every check a job runs before it asks Ray for anything; one ConfigError lists them all."""
     from sea_ray.checks import job_problems
+
+    if cfg.job == "pipeline":  # every step resolved, wired and checked, as `pipeline --dry-run` does
+        from sea_ray.pipeline import plan
+
+        plan(cfg, source)
+        return
+    problems = job_problems(cfg)
+    if cfg.job == "tune":  # the job-level checks at every end of every search dimension
+        from sea_ray.tune.search import search_problems
+
+        problems += search_problems(cfg)
+    if problems:
+        raise ConfigError(problems, str(source))
+
+
+def cmd_validate(args) -> int:
     from sea_ray.config import load_config, to_dict
 
     cfg = load_config(args.config, args.overrides)
-    problems = job_problems(cfg)
-    if problems:
-        raise ConfigError(problems, args.config)
+    check_config(cfg, args.config)
     if args.print:
         print(json.dumps(to_dict(cfg), indent=2))
     print(f"{args.config}: valid {cfg.job} config")
@@ -70,13 +85,10 @@ def cmd_job(args) -> int:
     """Every config job: load + validate everything, then hand the typed config to its runner."""
     import importlib
 
-    from sea_ray.checks import job_problems
     from sea_ray.config import load_config
 
     cfg = load_config(args.config, args.overrides, job=args.verb)
-    problems = job_problems(cfg)
-    if problems:
-        raise ConfigError(problems, args.config)
+    check_config(cfg, args.config)
     module, _, func = JOB_RUNNERS[args.verb].partition(":")
     summary = getattr(importlib.import_module(module), func)(cfg)
     print(json.dumps(summary, indent=2, sort_keys=True, default=str))

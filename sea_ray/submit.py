@@ -219,19 +219,11 @@ def prepare_command(command: list[str], working_dir: Path, validate: bool = True
 
 
 def _validate_here(args, working_dir: Path) -> None:
-    from sea_ray.checks import job_problems
+    from sea_ray.cli import check_config
     from sea_ray.config import load_config
 
     path = working_dir / args.config
-    cfg = load_config(path, args.overrides, job=args.verb if args.verb in _config_jobs() else None)
-    if cfg.job == "pipeline":
-        from sea_ray.pipeline import plan
-
-        plan(cfg, path)
-        return
-    problems = job_problems(cfg)
-    if problems:
-        raise ConfigError(problems, str(path))
+    check_config(load_config(path, args.overrides, job=args.verb if args.verb in _config_jobs() else None), path)
 
 
 def _config_jobs() -> set[str]:

@@ -201,6 +201,8 @@ def test_cli_exit_code_2_on_a_bad_step(tmp_path, world_dir, capsys):
     path = _write(tmp_path, raw)
     assert cli.main(["pipeline", "--config", str(path), "--dry-run"]) == 2
     assert "align: optim.lr" in capsys.readouterr().err
+    assert cli.main(["validate", "--config", str(path)]) == 2  # validate checks every step too
+    assert "align: optim.lr" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- wiring

@@ -3,10 +3,8 @@ local disk and in an S3 bucket, a killed worker, a stopped driver, half-written 
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -85,26 +83,12 @@ def test_align_run_writes_complete_checkpoints_and_metrics(reference):
 def test_killed_worker_resumes_and_matches_uninterrupted_run(reference, labelled_world, tmp_path):
     """SIGKILL one Train worker after the first checkpoint; FailureConfig restarts the group,
     which resumes from that checkpoint; the final adapter equals the uninterrupted one."""
-    import psutil
+    from tests.faults import kill_when
 
     world, labels = labelled_world
     cfg = _align_cfg(world, labels, str(tmp_path), name="killed", max_failures=1)
     first = Path(tmp_path, "killed", ckpt.step_dir_name(EVERY))
-    killed = []
-
-    def killer():
-        deadline = time.time() + 240
-        while time.time() < deadline and not killed:
-            if ckpt.is_complete(str(first)):
-                for proc in psutil.process_iter(["cmdline"]):
-                    if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []):
-                        proc.send_signal(signal.SIGKILL)
-                        killed.append(proc.pid)
-                        return
-            time.sleep(0.02)
-
-    thread = threading.Thread(target=killer, daemon=True)
-    thread.start()
+    thread, killed = kill_when(lambda: ckpt.is_complete(str(first)), "RayTrainWorker")
     summary = run(cfg)
     thread.join(timeout=1)
     assert killed, "no Train worker was killed: the run ended before its first checkpoint was seen"

@@ -159,32 +159,16 @@ def test_killed_search_resumes_without_rerunning_finished_trials(interrupted_sea
 def test_a_killed_trial_is_retried_and_resumes_from_its_checkpoint(labelled_world, ray_local, tmp_path):
     """SIGKILL the process of a running trial after its first checkpoint: Tune retries it
     (`max_trial_failures`) and the retry resumes from that checkpoint instead of starting over."""
-    import threading
-
-    import psutil
-
     from sea_ray.tune.search import run
     from sea_ray.tune.trials import EXECUTIONS
+    from tests.faults import kill_when
 
     world, labels = labelled_world
     raw = _tune_raw(world, labels, tmp_path, "retry", num_samples=1, max_concurrent=1, max_trial_failures=1,
                     plots=False)
     trials = tmp_path / "retry" / "trials"
-    killed = []
-
-    def killer():
-        deadline = time.time() + 300
-        while time.time() < deadline and not killed:
-            if list(trials.glob(f"*/step_{EVERY:08d}/_COMPLETE")):
-                for proc in psutil.process_iter(["cmdline"]):
-                    if "ImplicitFunc" in " ".join(proc.info["cmdline"] or []):
-                        proc.send_signal(signal.SIGKILL)
-                        killed.append(proc.pid)
-                        return
-            time.sleep(0.02)
-
-    thread = threading.Thread(target=killer, daemon=True)
-    thread.start()
+    thread, killed = kill_when(lambda: bool(list(trials.glob(f"*/step_{EVERY:08d}/_COMPLETE"))), "ImplicitFunc",
+                               timeout=300)
     summary = run(validate(raw))
     thread.join(timeout=1)
     assert killed, "no trial process was killed: the trial ended before its first checkpoint was seen"
@@ -236,6 +220,11 @@ def test_job_level_rules_check_every_end_of_the_space(labelled_world, tmp_path):
     assert any(p.startswith("space.sea.window=9: sea.window: 9 is larger than the 8 x 8 patch grid") for p in problems)
     assert any(p.startswith("space.sea.top_n=5: sea.top_n: 5 > the 3 labels") for p in problems)
     assert len(problems) == 2
+    path = tmp_path / "ends.yaml"  # `sea-ray validate` runs the same checks
+    path.write_text(yaml.safe_dump(raw))
+    from sea_ray.cli import main
+
+    assert main(["validate", "--config", str(path)]) == 2
 
 
 def test_a_resume_with_another_search_is_refused(labelled_world, tmp_path):

@@ -13,7 +13,10 @@ from sea_ray.labels.dataset import LabelsDir, errors_table
 from sea_ray.labels.schema import LABELS_SCHEMA, SCHEMA_VERSION
 
 
-def write_oracle_labels(world_dir, out: str, grid: int, transform: dict, top_n: int = 3, split: str = "train"):
+def write_oracle_labels(world_dir, out: str, grid: int, transform: dict, top_n: int = 3, split: str = "train",
+                        rows_per_shard: int = 0):
+    """Write the labels of ``split`` to ``out``, in one shard or in shards of ``rows_per_shard``
+    rows; returns the number of images."""
     words = patch_words()
     index = {w: i for i, w in enumerate(words)}
     rows = []
@@ -30,8 +33,12 @@ def write_oracle_labels(world_dir, out: str, grid: int, transform: dict, top_n: 
                      "label_ids": ids.ravel(), "label_scores": scores.ravel()})
     labels = pa.Table.from_pylist(rows, schema=LABELS_SCHEMA)
     out_dir = LabelsDir(out)
-    out_dir.write_shard(0, labels, errors_table([]))
-    out_dir.write_marker(0, {"shard": 0, "rows": len(rows), "labelled": len(rows), "errors": 0, "oracle": True})
+    size = rows_per_shard or max(1, len(rows))
+    for k, start in enumerate(range(0, max(1, len(rows)), size)):
+        shard = labels.slice(start, size)
+        out_dir.write_shard(k, shard, errors_table([]))
+        out_dir.write_marker(k, {"shard": k, "rows": shard.num_rows, "labelled": shard.num_rows, "errors": 0,
+                                 "oracle": True})
     meta = {"schema_version": SCHEMA_VERSION, "vocab": {"words": words, "hash": "oracle"}, "grid": [grid, grid],
             "top_n": top_n, "transform": transform, "counts": {"images": len(rows)}}
     storage.write_text(storage.join(out, "_meta.json"), json.dumps(meta))
