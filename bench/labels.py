@@ -105,7 +105,8 @@ def end_to_end(cfg) -> dict:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--images", type=int, default=1536, help="train images of the synthetic world")
+    ap.add_argument("--images", type=int, default=4000, help="train images of the synthetic world (the job's "
+                    "fixed start-up weighs less the more it labels; see docs/labels.md)")
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--alone-images", type=int, default=256, help="images for each labeler-alone measurement")

@@ -308,7 +308,7 @@ def _tune_done(step: StepPlan) -> Optional[str]:
 
 def expected_steps(cfg) -> int:
     """The optimizer steps a train config runs to (what its final checkpoint holds)."""
-    from sea_ray.train.data import label_shards, _manifest_rows
+    from sea_ray.train.data import label_shards, manifest_rows
     from sea_ray.train.loop import total_steps
 
     if cfg.optim.max_steps:
@@ -316,7 +316,7 @@ def expected_steps(cfg) -> int:
     if cfg.job == "align" and cfg.data.labels:
         num_rows = label_shards(cfg.data.labels)[1]
     else:
-        num_rows = len(_manifest_rows(cfg.data.manifest, require_image=cfg.job == "align").rows)
+        num_rows = len(manifest_rows(cfg.data.manifest, require_image=cfg.job == "align").rows)
     return total_steps(cfg, num_rows)
 
 

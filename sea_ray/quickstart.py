@@ -183,10 +183,10 @@ class LocalDataset:
     def __init__(self, cfg, image_size: int, chunk: int = 64):
         import pyarrow as pa
 
-        from sea_ray.train.data import Preprocess, label_shards, _manifest_rows, read_label_shard
+        from sea_ray.train.data import Preprocess, label_shards, manifest_rows, read_label_shard
 
         stage = cfg.job
-        manifest = _manifest_rows(cfg.data.manifest, require_image=stage == "align")
+        manifest = manifest_rows(cfg.data.manifest, require_image=stage == "align")
         pre = Preprocess(stage, cfg.model.llm.tokenizer or cfg.model.llm.name_or_path, image_size,
                          cfg.data.image_root, cfg.data.max_length, getattr(cfg, "template", "plain"))
         labels = cfg.data.labels if stage == "align" else None
@@ -337,12 +337,10 @@ def _check_output(cfg: QuickstartConfig, out: str) -> None:
 
 def _ingest(chain: dict, image_size: int):
     """Ray Data: preprocess the align set (with labels) and the instruct set once; materialize."""
-    import ray.data
-
+    from sea_ray.data import ingest
     from sea_ray.train.data import build_dataset
 
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # the same order on every run
+    ingest.configure(preserve_order=True)  # the same order on every run
     align_ds, align_rows = build_dataset(chain["align"], image_size, 1, 0.5)
     instruct_ds, instruct_rows = build_dataset(chain["instruct"], image_size, 1, 0.5)
     return align_ds.materialize(), align_rows, instruct_ds.materialize(), instruct_rows
@@ -469,9 +467,9 @@ def run(cfg: QuickstartConfig) -> dict:
 
     t = time.time()
     ray = init_ray(cfg.ray, quiet=True)
-    import ray.data
+    from sea_ray.data import ingest
 
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    ingest.configure(progress_bars=False)
     for name in ("ray.data", "ray.train", "tensorboard"):  # this command prints its own progress
         logging.getLogger(name).setLevel(logging.WARNING)
     timings["ray_start"] = time.time() - t

@@ -131,7 +131,7 @@ class Preprocess:
         return result
 
 
-def _manifest_rows(uri: str, require_image: bool):
+def manifest_rows(uri: str, require_image: bool):
     from sea_ray.data.manifest import read_manifest
 
     result = read_manifest(uri, require_image=require_image)
@@ -180,10 +180,11 @@ def read_label_shard(batch):
 def build_dataset(cfg, image_size: int, num_actors: int = 1, actor_cpus: float = 0.5):
     """(Ray Dataset of preprocessed samples, number of input rows) for an align/instruct config."""
     import ray
-    import ray.data
+
+    from sea_ray.data import ingest
 
     stage = cfg.job
-    manifest = _manifest_rows(cfg.data.manifest, require_image=stage == "align")
+    manifest = manifest_rows(cfg.data.manifest, require_image=stage == "align")
     tokenizer_spec = cfg.model.llm.tokenizer or cfg.model.llm.name_or_path
     kwargs = dict(stage=stage, tokenizer_spec=tokenizer_spec, image_size=image_size,
                   image_root=cfg.data.image_root, max_length=cfg.data.max_length,
@@ -193,15 +194,11 @@ def build_dataset(cfg, image_size: int, num_actors: int = 1, actor_cpus: float =
         by_id = {r["id"]: (r["image"], r["image_bytes"], r["conversations"]) for r in manifest.rows}
         kwargs["manifest_ref"] = ray.put(by_id)
         shards, num_rows = label_shards(labels)
-        # One light task per shard file, in shard (= manifest) order. (read_parquet's file
-        # listing asks for a whole CPU, which a 2-core box with Train workers cannot give.)
-        source = ray.data.from_items([{"path": p} for p in shards], override_num_blocks=len(shards)).map_batches(
-            read_label_shard, batch_size=1, batch_format="pyarrow", num_cpus=actor_cpus / 2)
+        source = ingest.from_files(shards, read_label_shard, cpus=actor_cpus / 2)  # shard (= manifest) order
     else:
         items = [{"sample_id": r["id"], "image": r["image"] or "", "image_bytes": r["image_bytes"] or b"",
                   "conversations": r["conversations"]} for r in manifest.rows]
-        source = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // 64, 200)))
+        source = ingest.from_rows(items)
         num_rows = len(items)
-    ds = source.map_batches(Preprocess, fn_constructor_kwargs=kwargs, batch_size=32, batch_format="numpy",
-                            compute=ray.data.ActorPoolStrategy(size=num_actors), num_cpus=actor_cpus)
+    ds = ingest.preprocessed(source, Preprocess, kwargs, num_actors, actor_cpus)
     return ds, num_rows

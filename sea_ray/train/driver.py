@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from typing import Callable, Optional
 
 from sea_ray import storage
 from sea_ray.config import to_dict
@@ -68,11 +69,52 @@ def absolute_paths(cfg):
     return cfg.model_copy(update=update)
 
 
-def run(cfg) -> dict:
-    """Train ``cfg`` (an AlignConfig or InstructConfig) on Ray Train; returns a summary."""
+def make_trainer(cfg, worker_fn, loop_config: dict, dataset, callbacks: list,
+                 controller_failure_limit: Optional[int] = None):
+    """A ``TorchTrainer`` running ``worker_fn(loop_config)`` with ``cfg``'s scaling, run storage,
+    failure and checkpoint settings, fed ``dataset`` in order (the same samples in the same
+    place on every run: exact resume). ``controller_failure_limit``: how often the controller
+    itself may fail before the run does (a tune trial sets 1, so it fails instead of hanging)."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    resources = {"CPU": cfg.scaling.cpus_per_worker}
+    if cfg.scaling.use_gpu:
+        resources["GPU"] = cfg.scaling.gpus_per_worker
+    fs, path = storage.pyarrow_fs(cfg.run.storage)
+    ingest = DataConfig.default_ingest_options()
+    ingest.preserve_order = True
+    failure = {"max_failures": cfg.max_failures}
+    if controller_failure_limit is not None:
+        failure["controller_failure_limit"] = controller_failure_limit
+    return TorchTrainer(
+        worker_fn,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name=cfg.run.name, storage_path=path, storage_filesystem=fs,
+                             failure_config=FailureConfig(**failure),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
+                             callbacks=callbacks),
+        datasets={"train": dataset},
+        dataset_config=DataConfig(execution_options=ingest),
+    )
+
+
+def on_report_callback(fn: Callable[[dict], None]):
+    """A Ray Train callback calling ``fn(rank 0's metrics)`` on the controller after each report."""
+    from ray.train import UserCallback
+
+    class OnReport(UserCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            if metrics:
+                fn(dict(metrics[0]))
+
+    return OnReport()
+
+
+def run(cfg) -> dict:
+    """Train ``cfg`` (an AlignConfig or InstructConfig) on Ray Train; returns a summary."""
     from sea_ray.checks import job_problems, tower_image_size
     from sea_ray.errors import ConfigError
     from sea_ray.runtime import init_ray
@@ -94,24 +136,8 @@ def run(cfg) -> dict:
     storage.makedirs(uri)
     storage.write_text(storage.join(uri, "config.json"), json.dumps(to_dict(cfg), indent=2, sort_keys=True))
 
-    resources = {"CPU": cfg.scaling.cpus_per_worker}
-    if cfg.scaling.use_gpu:
-        resources["GPU"] = cfg.scaling.gpus_per_worker
-    fs, path = storage.pyarrow_fs(cfg.run.storage)
-    ingest = DataConfig.default_ingest_options()
-    ingest.preserve_order = True  # the same samples in the same order on every run: exact resume
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"cfg": to_dict(cfg), "run_uri": uri, "num_rows": num_rows},
-        scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-                                     resources_per_worker=resources),
-        run_config=RunConfig(name=cfg.run.name, storage_path=path, storage_filesystem=fs,
-                             failure_config=FailureConfig(max_failures=cfg.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
-                             callbacks=[_progress_callback(steps, cfg.job)]),
-        datasets={"train": dataset},
-        dataset_config=DataConfig(execution_options=ingest),
-    )
+    trainer = make_trainer(cfg, train_loop, {"cfg": to_dict(cfg), "run_uri": uri, "num_rows": num_rows}, dataset,
+                           callbacks=[_progress_callback(steps, cfg.job)])
     result = trainer.fit()
     from sea_ray.train.checkpoint import latest_complete
 

@@ -173,29 +173,16 @@ def ray_train_worker(loop_config: dict) -> None:
     run_stage(cfg, io, evaluate)
 
 
-def _history_callback(folder_uri: str, total_steps: int):
-    from ray.train import UserCallback
-
-    class History(UserCallback):
-        """Keeps the trial's history.json (runs in the Train controller)."""
-
-        def after_report(self, run_context, metrics, checkpoint):
-            if metrics:
-                TrialFolder(folder_uri).record(dict(metrics[0]), total_steps)
-
-    return History()
-
-
 def ray_train_trial(config: dict, *, setup: dict, val_rows: dict) -> None:
     """Tune function trainable: build and fit a TorchTrainer for one trial."""
     import ray
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from sea_ray.checks import tower_image_size
     from sea_ray.config import to_dict
+    from sea_ray.data import ingest
     from sea_ray.train.data import build_dataset
+    from sea_ray.train.driver import make_trainer, on_report_callback
     from sea_ray.train.loop import total_steps
 
     logging.basicConfig(level=logging.INFO)
@@ -211,31 +198,19 @@ def ray_train_trial(config: dict, *, setup: dict, val_rows: dict) -> None:
                                   trial_cfg.data.preprocess_cpus)
     held_out = setup["held_out_ids"]
     if held_out:
-        dataset = dataset.map_batches(_DropRows(held_out), batch_format="numpy", batch_size=None,
-                                      num_cpus=trial_cfg.data.preprocess_cpus / 2)
-    resources = {"CPU": trial_cfg.scaling.cpus_per_worker}
-    if trial_cfg.scaling.use_gpu:
-        resources["GPU"] = trial_cfg.scaling.gpus_per_worker
-    fs, path = storage.pyarrow_fs(setup["trials_root"])
-    ingest = DataConfig.default_ingest_options()
-    ingest.preserve_order = True
+        dataset = ingest.filtered(dataset, _DropRows(held_out), cpus=trial_cfg.data.preprocess_cpus / 2)
     rows -= len(held_out)
     before = len(folder.history())
-    trainer = TorchTrainer(
-        ray_train_worker,
-        train_loop_config={"cfg": to_dict(trial_cfg), "run_uri": folder.uri, "num_rows": rows,
-                           "val_rows": ray.put(val_rows), "val_labels": setup["val_labels"], "eval": setup["eval"]},
-        scaling_config=ScalingConfig(num_workers=trial_cfg.scaling.num_workers, use_gpu=trial_cfg.scaling.use_gpu,
-                                     resources_per_worker=resources),
-        run_config=RunConfig(name=trial_cfg.run.name, storage_path=path, storage_filesystem=fs,
-                             failure_config=FailureConfig(max_failures=trial_cfg.max_failures,
-                                                          controller_failure_limit=1),
-                             checkpoint_config=CheckpointConfig(num_to_keep=trial_cfg.checkpoint.num_to_keep),
-                             callbacks=[_history_callback(folder.uri, total_steps(trial_cfg, rows)),
-                                        TuneReportCallback()]),
-        datasets={"train": dataset},
-        dataset_config=DataConfig(execution_options=ingest),
-    )
+    steps = total_steps(trial_cfg, rows)
+    trainer = make_trainer(
+        trial_cfg, ray_train_worker,
+        {"cfg": to_dict(trial_cfg), "run_uri": folder.uri, "num_rows": rows, "val_rows": ray.put(val_rows),
+         "val_labels": setup["val_labels"], "eval": setup["eval"]},
+        dataset,
+        # history.json is kept by the Train controller; Tune gets the same reports
+        callbacks=[on_report_callback(lambda metrics: TrialFolder(folder.uri).record(metrics, steps)),
+                   TuneReportCallback()],
+        controller_failure_limit=1)
     trainer.fit()
     if len(folder.history()) == before and before:  # it had already reached its last checkpoint
         _replay(folder)
