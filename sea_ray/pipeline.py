@@ -532,9 +532,14 @@ def _tune_params(step: StepPlan) -> dict:
     return summary.get("best_params") or {}
 
 
+STOP_GRACE_S = 10.0
+
+
 def _on_sigterm(lock: Optional[OutputLock]):
     """Ray stops a job with SIGTERM (and SIGKILLs it a little later): release the lock at once,
-    in the handler, then exit through SystemExit so the rest unwinds. Installed again after
+    in the handler, then exit through SystemExit so the rest unwinds. A SystemExit can be
+    swallowed by library code it lands in (a bare ``except:`` inside an import, say), so a timer
+    ends the process ``STOP_GRACE_S`` later whatever happens. Installed again after
     ``ray.init``, which sets its own SIGTERM handler. Returns the previous handler."""
     import threading
 
@@ -547,6 +552,10 @@ def _on_sigterm(lock: Optional[OutputLock]):
                 lock.release()
             except Exception as exc:  # noqa: BLE001 - exiting anyway; say why the lock stays
                 log.warning("could not release %s on SIGTERM: %s", lock.uri, exc)
+        log.warning("pipeline: stopped by signal %d", signum)
+        timer = threading.Timer(STOP_GRACE_S, os._exit, (128 + signum,))
+        timer.daemon = True
+        timer.start()
         raise SystemExit(128 + signum)
 
     try:

@@ -355,6 +355,36 @@ def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
     other.release()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("delay", [0.0, 2.0])
+def test_sigterm_stops_the_run_and_releases_its_lock(tmp_path, world_dir, delay):
+    """What `sea-ray jobs stop` does to a pipeline: SIGTERM as soon as the lock exists (while
+    Ray is being imported) and a little later (Ray starting, labels running). The run ends and
+    its lock is gone, wherever the signal lands."""
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    path = _write(tmp_path, _raw(world_dir, out, steps=["labels", "align"], ray={"num_cpus": 1}))
+    lock = out / pipeline.RECORDS / pipeline.LOCK_FILE
+    env = dict(os.environ, PYTHONPATH=str(REPO), RAY_ADDRESS="")
+    with open(tmp_path / "run.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "sea_ray.cli", "pipeline", "--config", str(path)], env=env,
+                                stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 120
+        while not lock.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        assert lock.exists(), (tmp_path / "run.log").read_text()[-3000:]
+        time.sleep(delay)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise AssertionError("the run went on after SIGTERM")
+    assert code != 0 and not lock.exists(), (tmp_path / "run.log").read_text()[-3000:]
+
+
 def test_a_locked_output_fails_the_run_without_touching_it(tmp_path, world_dir, fake_runners, capsys):
     out = tmp_path / "out"
     path = _write(tmp_path, _raw(world_dir, out, steps=["labels"]))
