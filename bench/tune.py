@@ -74,7 +74,7 @@ def _config(args, world: Path, labels: Path, runs: Path, name: str, smart: bool)
         "job": "tune", "num_samples": args.trials, "max_concurrent": 1, "trial_cpus": 2,
         "report_every_n_steps": args.every, "seed": args.seed, "metric": "val_sea_loss", "mode": "min",
         "searcher": "optuna" if smart else "random", "optuna": {"n_startup_trials": args.startup},
-        "asha": {"enabled": smart, "grace_period": args.grace, "reduction_factor": 3}, "plots": False,
+        "asha": {"enabled": smart, "grace_period": args.grace, "reduction_factor": args.reduction}, "plots": False,
         "validation": {"num_images": 24, "lm_loss": False},
         "base": {"model": {"preset": "tiny-openclip-llama"}, "run": {"name": name, "storage": str(runs), "seed": 0},
                  "data": {"manifest": f"{world}/train/pretrain.json", "image_root": f"{world}/images",
@@ -119,8 +119,9 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=24, help="optimizer steps of a full trial")
     parser.add_argument("--every", type=int, default=3, help="report (and ASHA time unit) cadence in steps")
     parser.add_argument("--grace", type=int, default=2, help="ASHA grace period, in reports")
+    parser.add_argument("--reduction", type=int, default=3, help="ASHA reduction factor")
     parser.add_argument("--startup", type=int, default=4, help="random TPE start-up trials")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="one pair of searches per seed")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3], help="one pair of searches per seed")
     parser.add_argument("--images", type=int, default=120, help="synthetic-world images (80%% train)")
     parser.add_argument("--out", help="keep the experiments here (default: a temporary folder)")
     parser.add_argument("--dry-run", action="store_true", help="3 trials of 6 steps, one seed")
