@@ -280,6 +280,20 @@ def world_texts(records: Sequence[dict], seed: int, split_index: int = 0, eos: s
     return texts
 
 
+def world_tokenizer():
+    """The synthetic world's tokenizer: a byte-level BPE in which every world word is a whole token
+    in mid-sentence form (shipped with the world LLM; ``tokenizer: world`` loads that copy)."""
+    from sea_ray.data.world import world_words
+    from sea_ray.model.llm import train_bpe_tokenizer
+
+    words = world_words()
+    # Each word mid-sentence and at the start, plus the prompt scaffolding the templates use.
+    corpus = [" ".join(words)] * 4 + [f" {w}" for w in words] + words
+    corpus += ["USER: ASSISTANT: A chat between a curious user and an artificial intelligence assistant. "
+               "The assistant gives helpful, detailed, and polite answers to the user's questions.\n<image>"]
+    return train_bpe_tokenizer(corpus, vocab_size=1024)
+
+
 def train_world_llm(out_dir: str, *, num_images: int = 16000, seed: int = 1000, epochs: int = 4,
                     batch_size: int = 64, lr: float = 3e-3, weight_decay: float = 0.01, warmup_ratio: float = 0.05,
                     config: Optional[dict] = None, threads: Optional[int] = None, device: str = "cpu",
@@ -289,7 +303,6 @@ def train_world_llm(out_dir: str, *, num_images: int = 16000, seed: int = 1000, 
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from sea_ray.model.llm import world_tokenizer
     from sea_ray.presets import WORLD_LLM_CONFIG
 
     say = _progress(log_fn)

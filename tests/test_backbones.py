@@ -72,7 +72,7 @@ def test_shipped_weights_are_small_safetensors_inside_the_package():
 def test_shipped_tokenizer_is_the_world_tokenizer():
     from transformers import AutoTokenizer
 
-    from sea_ray.model.llm import world_tokenizer
+    from sea_ray.backbones import world_tokenizer
 
     shipped = AutoTokenizer.from_pretrained(os.path.join(WORLD_ASSETS, "llm"))
     assert shipped.get_vocab() == world_tokenizer().get_vocab()

@@ -88,7 +88,7 @@ class _UniformLM(torch.nn.Module):
 
 
 def test_perplexity_of_a_uniform_lm_is_the_vocabulary_size():
-    from sea_ray.model.llm import world_tokenizer
+    from sea_ray.backbones import world_tokenizer
 
     tok = world_tokenizer()
     nll, n = M.lm_nll(_UniformLM(len(tok)), tok, ["a red circle on a gray background", "yes", "two"], batch_size=2)
@@ -161,7 +161,7 @@ class _StubModel:
 def test_alignment_metrics_known_answers(world_dir):
     from sea_ray.data.world import load_ground_truth, patch_ground_truth, patch_words
     from sea_ray.eval.job import alignment_metrics
-    from sea_ray.model.llm import world_tokenizer
+    from sea_ray.backbones import world_tokenizer
 
     tok = world_tokenizer()
     torch.manual_seed(0)

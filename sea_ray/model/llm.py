@@ -2,13 +2,15 @@
 
 Weights come from a local dir, an ``s3://`` URI (downloaded once into the cache) or a hub id
 (online only). ``config:`` builds a random-init model of a real architecture (tests, the
-synthetic world). The tokenizer spec ``world`` trains a small byte-level BPE on the synthetic
-world's words, deterministically, so tiny models run offline with a real tokenizer.
+synthetic world). The tokenizer spec ``world`` is the synthetic world's byte-level BPE, shipped
+with the world LLM (``sea_ray/assets/world/llm``, made by :func:`sea_ray.backbones.world_tokenizer`),
+so tiny models run offline with a real tokenizer that keeps every world word whole.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
@@ -35,22 +37,13 @@ def train_bpe_tokenizer(texts: list[str], vocab_size: int = 1024):
                                    eos_token="<|eos|>", unk_token="<|unk|>")
 
 
-def world_tokenizer():
-    """The synthetic world's tokenizer: every world word is a whole token in mid-sentence form."""
-    from sea_ray.data.world import world_words  # plain data, no heavy imports
-
-    words = world_words()
-    # Each word mid-sentence and at the start, plus the prompt scaffolding the templates use.
-    corpus = [" ".join(words)] * 4 + [f" {w}" for w in words] + words
-    corpus += ["USER: ASSISTANT: A chat between a curious user and an artificial intelligence assistant. "
-               "The assistant gives helpful, detailed, and polite answers to the user's questions.\n<image>"]
-    return train_bpe_tokenizer(corpus, vocab_size=1024)
-
-
 def load_tokenizer(spec: str):
-    if spec == "world":
-        return world_tokenizer()
     from transformers import AutoTokenizer
+
+    if spec == "world":
+        from sea_ray.presets import WORLD_ASSETS
+
+        spec = os.path.join(WORLD_ASSETS, "llm")
 
     local = storage.local_copy(spec) if storage.is_remote(spec) else spec
     tok = AutoTokenizer.from_pretrained(local)
