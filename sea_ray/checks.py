@@ -11,7 +11,7 @@ import os
 from typing import Optional
 
 from sea_ray import storage
-from sea_ray.config import AlignConfig, ModelConfig
+from sea_ray.config import AdapterConfig, AlignConfig, ModelConfig
 
 LABELS_META = "_meta.json"
 log = logging.getLogger(__name__)
@@ -81,8 +81,9 @@ def _model_grid(model: ModelConfig, problems: list[str]):
     return grid
 
 
-def job_problems(cfg) -> list[str]:
-    """Every problem found; empty when the job may start."""
+def job_problems(cfg, labels_meta: Optional[dict] = None) -> list[str]:
+    """Every problem found; empty when the job may start. ``labels_meta``: the labels' metadata
+    when the caller already read it (checking many variants of one config)."""
     problems: list[str] = []
     model = getattr(cfg, "model", None) or getattr(getattr(cfg, "base", None), "model", None)
     grid = _model_grid(model, problems) if model is not None else None
@@ -90,7 +91,7 @@ def job_problems(cfg) -> list[str]:
     if isinstance(align, AlignConfig) and align.sea.enabled:
         if grid is not None and align.sea.window > min(grid):
             problems.append(f"sea.window: {align.sea.window} is larger than the {grid[0]} x {grid[1]} patch grid")
-        meta = read_labels_meta(align.data.labels) if align.data.labels else None
+        meta = labels_meta or (read_labels_meta(align.data.labels) if align.data.labels else None)
         if meta is not None:
             if grid is not None and tuple(meta.get("grid", ())) != tuple(grid):
                 problems.append(f"data.labels: labels were computed on a {meta.get('grid')} grid but the vision "
@@ -120,8 +121,10 @@ def _checkpoint_adapter(uri: str) -> Optional[dict]:
         log.warning("cannot read the checkpoint %s (%s); its adapter is checked when the job starts", uri,
                     type(exc).__name__)
         return None
-    adapter = config.get("model", {}).get("adapter")
-    return {"hidden_size": None, **adapter} if isinstance(adapter, dict) else None
+    try:  # with today's defaults filled in, to compare like with like
+        return AdapterConfig.model_validate(config.get("model", {}).get("adapter", {})).model_dump(mode="json")
+    except ValueError:
+        return None
 
 
 def validated(raw: dict, job: str, where: str, problems: list[str]):

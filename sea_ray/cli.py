@@ -85,10 +85,13 @@ def cmd_job(args) -> int:
     """Every config job: load + validate everything, then hand the typed config to its runner."""
     import importlib
 
+    from sea_ray.checks import job_problems
     from sea_ray.config import load_config
 
     cfg = load_config(args.config, args.overrides, job=args.verb)
-    check_config(cfg, args.config)
+    problems = job_problems(cfg)  # (tune's runner adds its search-space checks itself)
+    if problems:
+        raise ConfigError(problems, args.config)
     module, _, func = JOB_RUNNERS[args.verb].partition(":")
     summary = getattr(importlib.import_module(module), func)(cfg)
     print(json.dumps(summary, indent=2, sort_keys=True, default=str))

@@ -583,11 +583,13 @@ def run(plan: Plan, force: tuple[str, ...] = (), break_lock: bool = False) -> di
                        for s in plan.steps}}, indent=2, sort_keys=True, default=str))
         ray_started = False
         ran: dict[str, StepPlan] = {}
+        tuned = False  # align took tune's parameters: what follows is wired to it again
         for step in plan.steps:
             if step.name == "align" and plan.step("tune") is not None:
-                step = _with_tune_params(plan, step)
-            elif step.cfg is not None and ran.get("align") not in (None, plan.step("align")):
-                step = _rebuilt(plan, step, dict(ran))  # wired to the tuned align
+                planned, step = step, _with_tune_params(plan, step)
+                tuned = step is not planned
+            elif tuned and step.cfg is not None:
+                step = _rebuilt(plan, step, dict(ran))
             ran[step.name] = step
             done = None if step.name in force else completed(step)
             if done:

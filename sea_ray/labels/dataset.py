@@ -185,7 +185,24 @@ def read_errors(uri: str) -> pa.Table:
     return pa.concat_tables(tables)
 
 
-def shard_uris(uri: str) -> list[str]:
-    """URIs of the completed shard files (for ``ray.data.read_parquet`` in the training stage)."""
+def completed_shards(uri: str) -> tuple[list[str], int]:
+    """URIs of the completed shard files in shard order (what the training stage reads), and the
+    rows labelled in them (from their markers)."""
     out = LabelsDir(uri)
-    return [storage.join(out.uri, SHARDS, shard_name(i) + ".parquet") for i in sorted(out.completed_shards())]
+    markers = out.markers()
+    return ([storage.join(out.uri, SHARDS, shard_name(i) + ".parquet") for i in markers],
+            sum(int(m["labelled"]) for m in markers.values()))
+
+
+def write_labels(uri: str, labels: pa.Table, meta: dict, rows_per_shard: int = 0, **marker) -> None:
+    """A complete labels dataset from an in-memory table (oracle labels, a held-out copy): shards
+    of ``rows_per_shard`` rows (0: one shard), each with an empty errors file and its marker
+    (``marker`` adds fields to it), then ``_meta.json`` and ``_SUCCESS``."""
+    out = LabelsDir(uri)
+    size = rows_per_shard or max(1, labels.num_rows)
+    for k, start in enumerate(range(0, max(1, labels.num_rows), size)):
+        shard = labels.slice(start, size)
+        out.write_shard(k, shard, errors_table([]))
+        out.write_marker(k, {"shard": k, "rows": shard.num_rows, "labelled": shard.num_rows, "errors": 0, **marker})
+    out.write_json(META_FILE, meta)
+    storage.mark_complete(uri)

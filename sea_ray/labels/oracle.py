@@ -2,14 +2,11 @@
 schema the labels job writes. The upper bound of label quality, for experiments and tests that
 must not depend on a CLIP run."""
 
-import json
-
 import numpy as np
 import pyarrow as pa
 
-from sea_ray import storage
 from sea_ray.data.world import load_ground_truth, patch_ground_truth, patch_words
-from sea_ray.labels.dataset import LabelsDir, errors_table
+from sea_ray.labels.dataset import write_labels
 from sea_ray.labels.schema import LABELS_SCHEMA, SCHEMA_VERSION
 
 
@@ -31,16 +28,7 @@ def write_oracle_labels(world_dir, out: str, grid: int, transform: dict, top_n: 
                 ids[p, j], scores[p, j] = index[word], 1.0
         rows.append({"image_id": record["id"], "grid_h": grid, "grid_w": grid, "top_n": top_n,
                      "label_ids": ids.ravel(), "label_scores": scores.ravel()})
-    labels = pa.Table.from_pylist(rows, schema=LABELS_SCHEMA)
-    out_dir = LabelsDir(out)
-    size = rows_per_shard or max(1, len(rows))
-    for k, start in enumerate(range(0, max(1, len(rows)), size)):
-        shard = labels.slice(start, size)
-        out_dir.write_shard(k, shard, errors_table([]))
-        out_dir.write_marker(k, {"shard": k, "rows": shard.num_rows, "labelled": shard.num_rows, "errors": 0,
-                                 "oracle": True})
     meta = {"schema_version": SCHEMA_VERSION, "vocab": {"words": words, "hash": "oracle"}, "grid": [grid, grid],
             "top_n": top_n, "transform": transform, "counts": {"images": len(rows)}}
-    storage.write_text(storage.join(out, "_meta.json"), json.dumps(meta))
-    storage.mark_complete(out)
+    write_labels(out, pa.Table.from_pylist(rows, schema=LABELS_SCHEMA), meta, rows_per_shard, oracle=True)
     return len(rows)

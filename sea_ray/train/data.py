@@ -154,15 +154,15 @@ def label_shards(labels_uri: str) -> tuple[list[str], int]:
     Only a finished labels dataset (``_SUCCESS`` present) is read; a shard without its marker
     (a killed run's last one) is never used."""
     from sea_ray.errors import DataError
-    from sea_ray.labels.dataset import LabelsDir, shard_uris
+    from sea_ray.labels.dataset import completed_shards
 
     if not storage.is_complete(labels_uri):
         raise DataError(f"{labels_uri} is not a complete labels dataset (no {storage.MARKER}): "
                         "re-run the labels job to finish it")
-    files = shard_uris(labels_uri)
+    files, rows = completed_shards(labels_uri)
     if not files:
         raise DataError(f"no labels shards under {labels_uri}")
-    return files, sum(int(m["labelled"]) for m in LabelsDir(labels_uri).markers().values())
+    return files, rows
 
 
 def read_label_shard(batch):

@@ -43,11 +43,13 @@ def experiment_uri(cfg: TuneConfig) -> str:
 def search_problems(cfg: TuneConfig) -> list[str]:
     """Job-level checks (tower grid, labels) of the base config at every end of every search
     dimension, e.g. ``sea.window`` larger than the patch grid or ``sea.top_n`` above the labels'."""
-    from sea_ray.checks import job_problems
+    from sea_ray.checks import job_problems, read_labels_meta
     from sea_ray.config import validate
     from sea_ray.tune.space import apply_params
 
     problems: list[str] = []
+    # the space never moves the data: every variant reads the same labels (read them once)
+    meta = read_labels_meta(cfg.base.data.labels) if cfg.base.data.labels else None
     for key, dim in cfg.space.items():
         if dim.type == "choice":
             candidates = list(dim.values)
@@ -56,7 +58,7 @@ def search_problems(cfg: TuneConfig) -> list[str]:
             candidates = [cast(dim.low), cast(dim.high)]
         for value in candidates:
             trial = validate(apply_params(cfg.base, {key: value}), job="align")
-            problems += [f"space.{key}={value!r}: {p}" for p in job_problems(trial)]
+            problems += [f"space.{key}={value!r}: {p}" for p in job_problems(trial, labels_meta=meta)]
     return problems
 
 

@@ -99,16 +99,23 @@ def _replay(folder: TrialFolder) -> None:
         tune.report(dict(result, replayed=True))
 
 
-def _trial_setup(config: dict, setup: dict):
+def _start_trial(config: dict, setup: dict, mode: str):
+    """(tune config, trial config, trial folder) of the trial Tune is running, its start recorded;
+    None for a trial that had already finished (its history is re-reported instead)."""
     from ray import tune
 
     from sea_ray.tune.space import params_of, trial_config
 
+    logging.basicConfig(level=logging.INFO)
     cfg = setup["tune"]
     trial_id = tune.get_context().get_trial_id()
     params = params_of(cfg, config)
-    trial_cfg = trial_config(cfg, params, setup["trials_root"], trial_id)
-    return cfg, params, trial_cfg, TrialFolder(storage.join(setup["trials_root"], trial_id))
+    folder = TrialFolder(storage.join(setup["trials_root"], trial_id))
+    if folder.done():
+        _replay(folder)
+        return None
+    folder.begin(params, mode)
+    return cfg, trial_config(cfg, params, setup["trials_root"], trial_id), folder
 
 
 def in_process_trial(config: dict, *, setup: dict, train_rows: dict, val_rows: dict) -> None:
@@ -119,12 +126,10 @@ def in_process_trial(config: dict, *, setup: dict, train_rows: dict, val_rows: d
     from sea_ray.train.loop import LocalIO, run_stage, total_steps
     from sea_ray.tune.validation import Evaluator, epoch_batches, num_rows
 
-    logging.basicConfig(level=logging.INFO)
-    cfg, params, trial_cfg, folder = _trial_setup(config, setup)
-    if folder.done():
-        _replay(folder)
+    started = _start_trial(config, setup, "in_process")
+    if started is None:
         return
-    folder.begin(params, "in_process")
+    cfg, trial_cfg, folder = started
     torch.set_num_threads(max(1, int(round(cfg.trial_cpus))))
     device = "cuda" if trial_cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu"
     evaluate = Evaluator(val_rows, setup["val_labels"], trial_cfg, **setup["eval"])
@@ -185,12 +190,10 @@ def ray_train_trial(config: dict, *, setup: dict, val_rows: dict) -> None:
     from sea_ray.train.driver import make_trainer, on_report_callback
     from sea_ray.train.loop import total_steps
 
-    logging.basicConfig(level=logging.INFO)
-    cfg, params, trial_cfg, folder = _trial_setup(config, setup)
-    if folder.done():
-        _replay(folder)
+    started = _start_trial(config, setup, "ray_train")
+    if started is None:
         return
-    folder.begin(params, "ray_train")
+    cfg, trial_cfg, folder = started
     # read by the Train controller this trial starts (Ray Train propagates it from the driver)
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(cfg.worker_group_start_timeout_s)
     (image_size, _), _ = tower_image_size(trial_cfg.model.vision)

@@ -64,7 +64,7 @@ def write_holdout(source_uri: str, out_uri: str, num_images: int, seed: int, reu
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from sea_ray.labels.dataset import LabelsDir, errors_table, read_labels
+    from sea_ray.labels.dataset import read_labels, write_labels
 
     if reuse and storage.is_complete(out_uri):
         return sorted(label_image_ids(out_uri))
@@ -77,14 +77,9 @@ def write_holdout(source_uri: str, out_uri: str, num_images: int, seed: int, reu
     rng = np.random.default_rng(seed)
     chosen = sorted(rng.choice(ids, size=min(num_images, len(ids)), replace=False).tolist())
     table = source.filter(pc.is_in(source.column("image_id"), value_set=pa.array(chosen)))
-    out = LabelsDir(out_uri)
-    out.write_shard(0, table, errors_table([]))
-    out.write_marker(0, {"shard": 0, "rows": table.num_rows, "labelled": table.num_rows, "errors": 0,
-                         "held_out_from": source_uri, "seed": seed})
     meta = json.loads(storage.read_text(storage.join(source_uri, "_meta.json")))
     meta["counts"] = {"images": table.num_rows, "held_out_from": source_uri, "seed": seed}
-    storage.write_text(storage.join(out_uri, "_meta.json"), json.dumps(meta))
-    storage.mark_complete(out_uri)
+    write_labels(out_uri, table, meta, held_out_from=source_uri, seed=seed)
     log.info("validation: %d held-out images of %s -> %s", table.num_rows, source_uri, out_uri)
     return chosen
 
