@@ -88,8 +88,10 @@ def cmd_job(args) -> int:
     from sea_ray.checks import job_problems
     from sea_ray.config import load_config
 
+    from sea_ray.paths import package_output_problems
+
     cfg = load_config(args.config, args.overrides, job=args.verb)
-    problems = job_problems(cfg)  # (tune's runner adds its search-space checks itself)
+    problems = job_problems(cfg) + package_output_problems(cfg)  # (tune's runner adds its space checks)
     if problems:
         raise ConfigError(problems, args.config)
     module, _, func = JOB_RUNNERS[args.verb].partition(":")
@@ -203,8 +205,13 @@ def cmd_pipeline(args) -> int:
     from sea_ray import pipeline
     from sea_ray.config import load_config
 
+    from sea_ray.paths import package_output_problems
+
     cfg = load_config(args.config, args.overrides, job="pipeline")
     plan = pipeline.plan(cfg, args.config)
+    problems = package_output_problems(cfg, plan)
+    if problems:
+        raise ConfigError(problems, args.config)
     force = tuple(args.force or ())
     if args.dry_run:
         print(json.dumps(pipeline.describe(plan, force), indent=2, sort_keys=True, default=str))
@@ -228,7 +235,7 @@ def cmd_submit(args) -> int:
     from sea_ray.submit import submit
 
     return submit(args.command, address=args.address, wait=args.wait, working_dir=args.working_dir, pip=args.pip,
-                  env=args.env, default_env=not args.no_default_env, excludes=args.exclude, python=args.python,
+                  env=args.env, cluster_env=args.cluster_env, default_env=not args.no_default_env, excludes=args.exclude, python=args.python,
                   submission_id=args.submission_id, validate=not args.no_validate,
                   entrypoint_num_cpus=args.entrypoint_num_cpus)
 
@@ -241,10 +248,13 @@ def _submit_args(p):
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN", help="more paths to leave out")
     p.add_argument("--pip", action="append", default=[], metavar="REQ", help="a pip requirement (repeatable) or "
                    "one requirements file, installed for the job")
-    p.add_argument("--env", action="append", default=[], metavar="NAME[=VALUE]", help="pass variable NAME from "
-                   "this environment (its value is never printed); NAME=VALUE sets a non-secret value")
-    p.add_argument("--no-default-env", action="store_true", help="do not pass the AWS_*, HF_TOKEN and offline "
-                   "variables that are set here")
+    p.add_argument("--env", action="append", default=[], metavar="NAME[=VALUE]", help="pass the non-secret "
+                   "variable NAME from this environment, or set NAME=VALUE; credentials are refused")
+    p.add_argument("--cluster-env", action="append", default=[], metavar="NAME", help="a variable the job needs "
+                   "from the cluster's own environment (e.g. AWS_SECRET_ACCESS_KEY from a Kubernetes Secret); "
+                   "only the name is sent, the job checks it at start")
+    p.add_argument("--no-default-env", action="store_true", help="do not pass the AWS endpoint/region and "
+                   "offline settings that are set here")
     p.add_argument("--python", default="python", help="the cluster's Python interpreter (default: python on the "
                    "cluster's PATH)")
     p.add_argument("--submission-id", help="job id (default: sea-<verb>-<time>-<random>)")

@@ -25,6 +25,15 @@ from sea_ray.presets import PRESETS, get_preset
 ADAPTER_PATTERN = re.compile(r"^(linear|identity|mlp(\d+)x_gelu)$")
 
 
+# Path fields are marked by role, so code that moves a config to another machine (sea-ray submit)
+# finds every path in one walk (path_fields): inputs are read, outputs written; a model path may
+# also be a hub id or a registered name; the pipeline's world folder is written by its world step.
+INPUT_PATH = {"path": "input"}
+OUTPUT_PATH = {"path": "output"}
+MODEL_PATH = {"path": "model"}
+WORLD_PATH = {"path": "world"}
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
@@ -36,9 +45,9 @@ class VisionConfig(_Section):
     """The vision tower (and its paired CLIP text tower, used by the labeler)."""
 
     backend: Literal["open_clip", "hf"] = Field("open_clip", description="open_clip or Hugging Face (CLIP / SigLIP)")
-    name: str = Field("ViT-L-14-336", description="open_clip architecture name, or a Hugging Face dir / hub id; "
+    name: str = Field("ViT-L-14-336", json_schema_extra=MODEL_PATH, description="open_clip architecture name, or a Hugging Face dir / hub id; "
                       "'custom' builds the tower from `custom`")
-    weights: Optional[str] = Field(None, description="open_clip: a local file or dir, an s3:// URI, or a pretrained "
+    weights: Optional[str] = Field(None, json_schema_extra=MODEL_PATH, description="open_clip: a local file or dir, an s3:// URI, or a pretrained "
                                    "tag/hub name (online only); none = random init")
     custom: Optional[dict[str, Any]] = Field(None, description="architecture for name=custom: open_clip "
                                              "{embed_dim, vision_cfg, text_cfg} or a Hugging Face CLIPConfig dict")
@@ -52,10 +61,10 @@ class AdapterConfig(_Section):
 
 
 class LLMConfig(_Section):
-    name_or_path: Optional[str] = Field(None, description="Hugging Face causal LM: local dir, s3:// URI or hub id")
+    name_or_path: Optional[str] = Field(None, json_schema_extra=MODEL_PATH, description="Hugging Face causal LM: local dir, s3:// URI or hub id")
     config: Optional[dict[str, Any]] = Field(None, description="build a random-init LM from this config "
                                              "(needs model_type) instead of loading weights")
-    tokenizer: Optional[str] = Field(None, description="tokenizer dir / hub id; 'world' builds one for the synthetic "
+    tokenizer: Optional[str] = Field(None, json_schema_extra=MODEL_PATH, description="tokenizer dir / hub id; 'world' builds one for the synthetic "
                                      "world; default: name_or_path")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights dtype when loading")
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
@@ -85,7 +94,7 @@ class ScalingConfig(_Section):
 
 class RunConfig(_Section):
     name: str = Field("sea", pattern=r"^[A-Za-z0-9_.-]+$", description="run name; the same name resumes in place")
-    storage: str = Field("./runs", description="run storage: local dir or s3:// URI")
+    storage: str = Field("./runs", json_schema_extra=OUTPUT_PATH, description="run storage: local dir or s3:// URI")
     seed: int = 0
 
 
@@ -123,11 +132,13 @@ class CheckpointConfig(_Section):
 
 
 class TrainDataConfig(_Section):
-    manifest: str = Field(..., description="LLaVA JSON/JSONL or Parquet manifest (local or s3://)")
-    image_root: Optional[str] = Field(None, description="folder the manifest's image paths are relative to")
-    labels: Optional[str] = Field(None, description="labels dataset URI (align with SEA)")
+    manifest: str = Field(..., json_schema_extra=INPUT_PATH, description="LLaVA JSON/JSONL or Parquet manifest (local or "
+                          "s3://)")
+    image_root: Optional[str] = Field(None, json_schema_extra=INPUT_PATH, description="folder the manifest's image "
+                                      "paths are relative to")
+    labels: Optional[str] = Field(None, json_schema_extra=INPUT_PATH, description="labels dataset URI (align with SEA)")
     max_length: int = Field(512, ge=8, description="text tokens per sample (visual tokens not counted)")
-    val_manifest: Optional[str] = None
+    val_manifest: Optional[str] = Field(None, json_schema_extra=INPUT_PATH)
     preprocess_actors: int = Field(1, ge=1, description="Ray Data actors that decode images and tokenize")
     preprocess_cpus: float = Field(0.5, gt=0, description="CPUs per preprocessing actor")
 
@@ -166,7 +177,7 @@ class InstructBatchConfig(BatchConfig):
 
 class InstructConfig(TrainConfig):
     job: Literal["instruct"] = "instruct"
-    init_adapter: Optional[str] = Field(None, description="align checkpoint URI the adapter starts from")
+    init_adapter: Optional[str] = Field(None, json_schema_extra=INPUT_PATH, description="align checkpoint URI the adapter starts from")
     train_vision: bool = False
     template: Literal["auto", "llava_v1", "chat"] = Field("auto", description="auto = the LLM's chat template if "
                                                            "it has one, else LLaVA v1")
@@ -183,8 +194,8 @@ class VocabConfig(_Section):
     max_size: int = Field(20000, ge=1, description="most words kept (by frequency, then alphabetical); the extra "
                           "words always stay")
     min_length: int = Field(2, ge=1, description="shortest word kept (letters)")
-    extra_words: Optional[str] = Field(None, description="word list file (one word per line), added as is")
-    stopwords: Optional[str] = Field(None, description="stop-word file; default: the built-in English list")
+    extra_words: Optional[str] = Field(None, json_schema_extra=INPUT_PATH, description="word list file (one word per line), added as is")
+    stopwords: Optional[str] = Field(None, json_schema_extra=INPUT_PATH, description="stop-word file; default: the built-in English list")
 
 
 class LabelerConfig(_Section):
@@ -220,8 +231,9 @@ class LabelsComputeConfig(_Section):
 
 
 class LabelsDataConfig(_Section):
-    manifest: str = Field(..., description="LLaVA JSON/JSONL or Parquet manifest (local or s3://)")
-    image_root: Optional[str] = Field(None, description="folder (local or s3://) the manifest's image paths are "
+    manifest: str = Field(..., json_schema_extra=INPUT_PATH, description="LLaVA JSON/JSONL or Parquet manifest (local or "
+                          "s3://)")
+    image_root: Optional[str] = Field(None, json_schema_extra=INPUT_PATH, description="folder (local or s3://) the manifest's image paths are "
                                       "relative to; none = paths as given")
     max_image_pixels: Optional[int] = Field(None, ge=1, description="decompression-bomb limit; none = PIL's "
                                             "Image.MAX_IMAGE_PIXELS (~89.5 Mpx). Larger JPEGs are decoded "
@@ -230,7 +242,7 @@ class LabelsDataConfig(_Section):
 
 class LabelsConfig(_Section):
     job: Literal["labels"] = "labels"
-    output: str = Field(..., description="labels dataset URI (local dir or s3://)")
+    output: str = Field(..., json_schema_extra=OUTPUT_PATH, description="labels dataset URI (local dir or s3://)")
     seed: int = Field(0, description="seeds random-init towers so every actor (and every re-run) builds the same one")
     ray: RayConfig = RayConfig()
     model: ModelConfig = ModelConfig()
@@ -329,12 +341,12 @@ class EvalConfig(_Section):
     """``sea-ray eval``: a checkpoint on a held-out split of the synthetic world (see docs/eval.md)."""
 
     job: Literal["eval"] = "eval"
-    checkpoint: str = Field(..., description="checkpoint URI, or a run URI (its newest complete checkpoint); "
+    checkpoint: str = Field(..., json_schema_extra=INPUT_PATH, description="checkpoint URI, or a run URI (its newest complete checkpoint); "
                             "align or instruct")
     model: Optional[ModelConfig] = Field(None, description="the model; none = the checkpoint's own config.json")
-    world: str = Field(..., description="synthetic world folder (sea-ray world): images, ground truth, QA")
+    world: str = Field(..., json_schema_extra=INPUT_PATH, description="synthetic world folder (sea-ray world): images, ground truth, QA")
     split: Literal["train", "val", "test"] = "test"
-    output: str = Field("./eval", description="report folder (local or s3://): report.json, report.md, plots/, "
+    output: str = Field("./eval", json_schema_extra=OUTPUT_PATH, description="report folder (local or s3://): report.json, report.md, plots/, "
                         "predictions.jsonl")
     max_samples: Optional[int] = Field(None, ge=1, description="held-out images evaluated (their patches and "
                                        "their questions); none = every image of the split")
@@ -343,7 +355,7 @@ class EvalConfig(_Section):
                                                                      "accuracy, TACS, modality gap; qa: accuracy "
                                                                      "by generation; perplexity: the LLM on "
                                                                      "held-out text before vs after")
-    vocab: Optional[str] = Field(None, description="nearest-word vocabulary: a labels dataset (its _meta.json) or "
+    vocab: Optional[str] = Field(None, json_schema_extra=INPUT_PATH, description="nearest-word vocabulary: a labels dataset (its _meta.json) or "
                                  "a vocab.json; none = the world's training captions under the labels job's "
                                  "vocabulary rules (the vocab section's defaults)")
     top_k: int = Field(10, ge=1, description="TACS: the best visual-token cosines averaged per image")
@@ -352,9 +364,9 @@ class EvalConfig(_Section):
                                                            "tokenizer as the instruct stage does")
     max_new_tokens: int = Field(8, ge=1, description="QA: greedy decoding stops at eos or after this many tokens")
     batch_size: int = Field(32, ge=1, description="images (or questions) per forward pass")
-    curves: list[str] = Field([], description="extra run folders whose TensorBoard loss curves join the report "
+    curves: list[str] = Field([], json_schema_extra=INPUT_PATH, description="extra run folders whose TensorBoard loss curves join the report "
                               "(the checkpoint's run and, for instruct, its align run are always plotted)")
-    audit: Optional[str] = Field(None, description="a label-audit JSON (sea-ray audit-labels) plotted in the "
+    audit: Optional[str] = Field(None, json_schema_extra=INPUT_PATH, description="a label-audit JSON (sea-ray audit-labels) plotted in the "
                                  "report; none = <vocab>/_audit.json when vocab is a labels dataset that has one")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available")
     ray: RayConfig = Field(RayConfig(), description="unused: evaluation runs in this process (kept so pipeline "
@@ -389,7 +401,7 @@ class QuickstartConfig(_Section):
     folder."""
 
     job: Literal["quickstart"] = "quickstart"
-    output: str = Field("./out/quickstart", description="root of every output (local dir)")
+    output: str = Field("./out/quickstart", json_schema_extra=OUTPUT_PATH, description="root of every output (local dir)")
     preset: str = Field("world-clip-llama", description="model preset (its CLIP labels the patches)")
     seeds: list[int] = Field([0, 1, 2], min_length=1, description="one baseline and one +SEA model per seed")
     world: QuickstartWorldConfig = QuickstartWorldConfig()
@@ -423,18 +435,18 @@ PIPELINE_STEPS = ("world", "import", "labels", "tune", "align", "instruct", "eva
 class PipelineDataConfig(_Section):
     """The pipeline's input data; every URI is a local path or ``s3://``."""
 
-    world: Optional[str] = Field(None, description="synthetic world folder: the manifests, image root and ground "
+    world: Optional[str] = Field(None, json_schema_extra=WORLD_PATH, description="synthetic world folder: the manifests, image root and ground "
                                  "truth below default to it; the `world` step generates it (default there: "
                                  "<output>/world)")
-    pretrain: Optional[str] = Field(None, description="caption manifest of labels and align; default: "
+    pretrain: Optional[str] = Field(None, json_schema_extra=INPUT_PATH, description="caption manifest of labels and align; default: "
                                     "<world>/train/pretrain.json")
-    instruct: Optional[str] = Field(None, description="conversation manifest of instruct; default: "
+    instruct: Optional[str] = Field(None, json_schema_extra=INPUT_PATH, description="conversation manifest of instruct; default: "
                                     "<world>/train/instruct.json")
-    val: Optional[str] = Field(None, description="held-out caption manifest (tune); default: "
+    val: Optional[str] = Field(None, json_schema_extra=INPUT_PATH, description="held-out caption manifest (tune); default: "
                                "<world>/val/pretrain.json")
-    image_root: Optional[str] = Field(None, description="folder the manifests' image paths are relative to; "
+    image_root: Optional[str] = Field(None, json_schema_extra=INPUT_PATH, description="folder the manifests' image paths are relative to; "
                                       "default: <world>/images")
-    instruct_image_root: Optional[str] = Field(None, description="image folder of the instruct manifest, when it "
+    instruct_image_root: Optional[str] = Field(None, json_schema_extra=INPUT_PATH, description="image folder of the instruct manifest, when it "
                                                "differs; default: image_root")
 
 
@@ -468,7 +480,7 @@ class PipelineConfig(_Section):
     session; each step reads the previous step's output and is skipped when its output is complete."""
 
     job: Literal["pipeline"] = "pipeline"
-    output: str = Field(..., description="root of every output (local dir or s3://): <output>/labels, "
+    output: str = Field(..., json_schema_extra=OUTPUT_PATH, description="root of every output (local dir or s3://): <output>/labels, "
                         "<output>/runs/<run name>, <output>/tune, <output>/eval, <output>/_pipeline")
     steps: list[str] = Field(["labels", "align", "instruct", "eval"], min_length=1,
                              description=f"steps to run, in this order: {', '.join(PIPELINE_STEPS)}")
@@ -672,6 +684,26 @@ def load_config(path: str | Path, overrides: list[str] | None = None, job: Optio
 def to_dict(cfg: BaseModel) -> dict:
     """The resolved config as plain data (what run folders record)."""
     return cfg.model_dump(mode="json")
+
+
+def path_fields(cfg: BaseModel, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, value, role) of every path set in a config, roles as marked on the fields
+    (input, output, model, world); list fields give one entry per item (``key.N``)."""
+    found = []
+    for name, field in type(cfg).model_fields.items():
+        value = getattr(cfg, name)
+        key = f"{prefix}{name}"
+        if isinstance(value, BaseModel):
+            found += path_fields(value, f"{key}.")
+            continue
+        role = (field.json_schema_extra or {}).get("path") if isinstance(field.json_schema_extra, dict) else None
+        if role is None or value is None:
+            continue
+        if isinstance(value, list):
+            found += [(f"{key}.{i}", item, role) for i, item in enumerate(value)]
+        else:
+            found.append((key, value, role))
+    return found
 
 
 # --------------------------------------------------------------------------- cross-field rules

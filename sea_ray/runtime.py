@@ -1,36 +1,69 @@
 """Connecting to Ray: a cluster when an address is given (config, ``--address`` or
 ``RAY_ADDRESS``), else a local Ray started with the config's CPU count. Jobs call
-:func:`init_ray` once, after their config validated, never at import."""
+:func:`init_ray` once, after their config validated, never at import.
+
+Two security rules live here and nowhere else:
+
+- **A local Ray listens on loopback only.** Ray reads ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` once,
+  when ``ray`` is first imported; set later it does nothing and the node binds the machine's
+  external address with listeners on ``0.0.0.0`` (the ShadowRay exposure, CVE-2023-48022).
+  :func:`init_ray` sets it before its first ``import ray`` and, when something imported Ray
+  earlier, switches the constant Ray read (see :func:`_keep_local_ray_on_loopback`).
+- **Credentials never travel in a runtime env.** Ray writes runtime envs into its job metadata
+  and its runtime-env agent's log. A local Ray's workers inherit this process's environment, so a
+  local run passes no runtime env at all; on a cluster, workers get credentials from the nodes'
+  own environment (a Kubernetes Secret, an instance role), and only the non-secret
+  :data:`SETTINGS_ENV` are forwarded. :func:`is_credential` is the one test of a name.
+"""
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import logging
 import os
+import re
+import sys
+
+from sea_ray.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-# Safe defaults for a local Ray on a laptop or CI box; a real cluster's env wins.
+LOOPBACK_VAR = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+# Safe defaults for a local Ray on a laptop or CI box; set before Ray is imported.
 LOCAL_ENV = {
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # bind a local Ray to loopback
+    LOOPBACK_VAR: "0",  # bind a local Ray to loopback (read by Ray at import)
     "RAY_USAGE_STATS_ENABLED": "0",
-    "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"),
 }
 
-# Environment forwarded to every worker: object-storage endpoint/region and offline flags.
-# Credentials are forwarded by name from this process's environment, never logged.
-FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION",
-                 "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_EC2_METADATA_DISABLED",
-                 "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "SEA_RAY_CACHE")
+# Non-secret settings forwarded to a cluster's workers (object-storage endpoint and region, offline
+# switches, caches). Credentials are not among them, on purpose: see the module doc.
+SETTINGS_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION",
+                "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "SEA_RAY_CACHE")
+
+# The variables a cluster job names with ``sea-ray submit --cluster-env``: they must be set on the
+# cluster's nodes; the job's driver checks that they are (names travel, values never do).
+CLUSTER_ENV_VAR = "SEA_RAY_CLUSTER_ENV"
+
+CREDENTIAL_NAMES = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN",
+                    "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY", "RAY_AUTH_TOKEN",
+                    "GOOGLE_APPLICATION_CREDENTIALS", "AZURE_STORAGE_KEY", "AZURE_CLIENT_SECRET"}
+_CREDENTIAL_PATTERN = re.compile(r"(SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|API_KEY|ACCESS_KEY|PRIVATE_KEY)")
 
 
-def worker_env() -> dict[str, str]:
-    return {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+def is_credential(name: str) -> bool:
+    """Whether a variable name holds a secret (never sent to a cluster, never logged)."""
+    return name.upper() in CREDENTIAL_NAMES or bool(_CREDENTIAL_PATTERN.search(name.upper()))
 
 
-def _submitted_job_env():
+def settings_env() -> dict[str, str]:
+    """The non-secret settings of this environment that a cluster's workers should see."""
+    return {k: os.environ[k] for k in SETTINGS_ENV if k in os.environ}
+
+
+def submitted_job_env():
     """The env vars of this driver's Ray job runtime env, or None when not a submitted job."""
-    import json
-
     raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
     if not raw:
         return None
@@ -40,26 +73,72 @@ def _submitted_job_env():
         return {}
 
 
-def init_ray(ray_cfg=None, quiet: bool = False):
-    """Connect to (or start) Ray unless this process already did; returns the ray module."""
+def _keep_local_ray_on_loopback() -> None:
+    """Make the local Ray about to start bind loopback. The caller may opt out by exporting
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1`` (a deliberate, multi-host local node)."""
+    for key, value in LOCAL_ENV.items():
+        os.environ.setdefault(key, value)
+    if os.environ[LOOPBACK_VAR].strip().lower() in ("1", "true", "yes"):
+        return
+    if "ray" in sys.modules:
+        # Ray was imported before this call (by the caller or a library) and has read the variable
+        # already. ENABLE_RAY_CLUSTER is the one switch Ray's node-address lookup reads at start
+        # (ray._private.services.get_node_ip_address); tests/test_security.py pins the behaviour.
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def check_loopback(ray) -> None:
+    """Refuse a local Ray that came up on a non-loopback address (shut it down first)."""
+    if os.environ.get(LOOPBACK_VAR, "0").strip().lower() in ("1", "true", "yes"):
+        return
+    address = ray.util.get_node_ip_address()
+    if not ipaddress.ip_address(address).is_loopback:
+        ray.shutdown()
+        raise RuntimeError(f"the local Ray came up on {address}, not on loopback; refusing to run exposed "
+                           f"(set {LOOPBACK_VAR}=0 before anything imports ray)")
+
+
+def check_cluster_env() -> None:
+    """In a submitted job: every variable the job names (``submit --cluster-env``) is set on this
+    node. One ConfigError lists the missing names (never a value)."""
+    names = [n for n in os.environ.get(CLUSTER_ENV_VAR, "").split(",") if n]
+    missing = [n for n in names if not os.environ.get(n)]
+    if missing:
+        raise ConfigError([f"{name}: the job needs it from the cluster (submit --cluster-env), but the cluster's "
+                           "environment does not set it; give the cluster's pods or nodes the variable (a "
+                           "Kubernetes Secret, docs/submit.md#credentials)" for name in missing])
+
+
+def init_ray(ray_cfg=None, quiet: bool = False, dashboard: bool = False):
+    """Connect to (or start) Ray unless this process already did; returns the ray module.
+
+    ``dashboard`` gives a local Ray its dashboard (on 127.0.0.1), which tune's ray_train trials
+    need; a cluster keeps its own."""
+    address = getattr(ray_cfg, "address", None) or os.environ.get("RAY_ADDRESS")
+    if not address:
+        _keep_local_ray_on_loopback()  # before the first `import ray`
     import ray
 
     if ray.is_initialized():
         return ray
-    address = getattr(ray_cfg, "address", None) or os.environ.get("RAY_ADDRESS")
-    kwargs = {"runtime_env": {"env_vars": worker_env()}, "log_to_driver": not quiet}
-    job_env = _submitted_job_env()
-    if job_env is not None:
-        # Inside a submitted Ray job the job's runtime env already reaches every worker; passing
-        # the same names again makes Ray refuse the merge (and print their values).
-        kwargs["runtime_env"]["env_vars"] = {k: v for k, v in worker_env().items() if k not in job_env}
+    kwargs = {"log_to_driver": not quiet}
     if address:
+        check_cluster_env()
+        if submitted_job_env() is None:
+            # A driver connecting from a node: its workers inherit their own node's environment,
+            # so only the non-secret settings are forwarded. Inside a submitted job the job's
+            # runtime env already reaches every worker.
+            kwargs["runtime_env"] = {"env_vars": settings_env()}
         log.info("connecting to the Ray cluster at %s", address)
         ray.init(address=address, **kwargs)
-    else:
-        for key, value in LOCAL_ENV.items():
-            os.environ.setdefault(key, value)
-        num_cpus = getattr(ray_cfg, "num_cpus", None)
-        log.info("starting a local Ray (%s CPUs)", num_cpus or "all")
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)
+        return ray
+    num_cpus = getattr(ray_cfg, "num_cpus", None)
+    log.info("starting a local Ray (%s CPUs)%s", num_cpus or "all", " with its dashboard" if dashboard else "")
+    # No runtime env: the local workers inherit this process's environment (credentials included),
+    # and nothing is written into Ray's metadata or logs.
+    extra = {"include_dashboard": True, "dashboard_host": "127.0.0.1"} if dashboard else {"include_dashboard": False}
+    ray.init(address="local", num_cpus=num_cpus, **extra, **kwargs)
+    check_loopback(ray)
     return ray

@@ -7,11 +7,14 @@ Run it::
 
 ``submit`` validates the job's config here, then submits ``python -m workflows.<verb> <args>`` with
 a runtime environment: the working directory (default: this repository, without ``.venv``,
-``out``, ``runs`` and what ``.gitignore`` lists), optional pip requirements, and environment
-variables. Variables are passed **by name**: their values are read from this process's
-environment and go only into the runtime environment; they are never printed, logged or written
-to a file here (the job's summary shows names only). With ``--wait`` it streams the job's logs
-and returns the job's exit code (0 when it SUCCEEDED).
+``out``, ``runs`` and what ``.gitignore`` lists), optional pip requirements, and non-secret
+environment settings. **Credentials never travel**: Ray keeps a job's runtime env in its job
+metadata (``ray job list``, the dashboard) and its runtime-env agent's log, so a credential
+(:func:`sea_ray.runtime.is_credential`) is refused in ``--env``; the cluster holds its own
+(a Kubernetes Secret, an instance role), and ``--cluster-env NAME`` names the variables the job
+needs from it (its driver checks them at start). Relative paths in the config are rewritten into
+the uploaded working dir or refused (:mod:`sea_ray.paths`). With ``--wait`` it streams the job's
+logs and returns the job's exit code (0 when it SUCCEEDED).
 
 Authentication follows Ray's: with ``RAY_AUTH_MODE=token`` the token comes from
 ``RAY_AUTH_TOKEN``, the file ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``; with
@@ -32,7 +35,9 @@ import uuid
 from pathlib import Path
 from typing import Optional
 
+from sea_ray import paths
 from sea_ray.errors import ConfigError, SeaRayError
+from sea_ray.runtime import CLUSTER_ENV_VAR, SETTINGS_ENV, is_credential
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +45,8 @@ log = logging.getLogger(__name__)
 WORKING_DIR_EXCLUDES = [".git", ".venv", "out", "runs", "**/__pycache__", "*.egg-info", ".pytest_cache",
                         ".whl", "*.pyc"]
 
-# Forwarded by name when set here: object storage, Hugging Face, offline switches.
-DEFAULT_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL",
-               "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_EC2_METADATA_DISABLED",
-               "HF_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+# Passed when set here: the object-storage endpoint and region, offline switches (never a credential).
+DEFAULT_ENV = tuple(k for k in SETTINGS_ENV if k not in ("HF_HOME", "SEA_RAY_CACHE"))
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
@@ -123,31 +126,47 @@ def _first_line(exc: BaseException) -> str:
 
 def parse_env(items: list[str], defaults: bool = True) -> tuple[dict[str, str], list[str]]:
     """(env_vars, names missing here) from ``--env NAME`` (value from this environment) and
-    ``--env NAME=VALUE`` (a literal, for settings that are not secret)."""
+    ``--env NAME=VALUE`` (a literal). Both are for settings that are not secret: a credential's
+    name is refused, whichever way it is given."""
     env: dict[str, str] = {}
     missing: list[str] = []
     if defaults:
         env.update({k: os.environ[k] for k in DEFAULT_ENV if k in os.environ})
+    refused = []
     for item in items:
         name, sep, value = item.partition("=")
         if not name.isidentifier():
             raise ConfigError([f"--env {name!r}: not a variable name"])
+        if is_credential(name):
+            refused.append(f"--env {name}: a credential; sea-ray never sends credential values to a cluster (Ray "
+                           "keeps a job's environment in its job metadata and logs). Give the cluster the "
+                           f"variable (a Kubernetes Secret or an instance role, docs/submit.md#credentials) and "
+                           f"pass --cluster-env {name}")
+            continue
         if sep:
             env[name] = value
         elif name in os.environ:
             env[name] = os.environ[name]
         else:
             missing.append(name)
+    if refused:
+        raise ConfigError(refused)
     return env, missing
+
+
+def parse_cluster_env(names: list[str]) -> dict[str, str]:
+    """``--cluster-env NAME``: the variables the job needs from the cluster's own environment.
+    Only the names travel (in ``SEA_RAY_CLUSTER_ENV``); the job's driver checks them at start."""
+    bad = [n for n in names if not n.isidentifier()]
+    if bad:
+        raise ConfigError([f"--cluster-env {n!r}: not a variable name" for n in bad])
+    return {CLUSTER_ENV_VAR: ",".join(dict.fromkeys(names))} if names else {}
 
 
 def runtime_env(working_dir: Path, env_vars: dict[str, str], pip: list[str], excludes: list[str]) -> dict:
     out: dict = {"working_dir": str(working_dir), "excludes": WORKING_DIR_EXCLUDES + list(excludes)}
     if env_vars:
-        # The job's driver (sea_ray.runtime.init_ray) forwards the same variables to its workers;
-        # without this, Ray refuses to merge two env_vars holding one key and its error message
-        # prints every value of the job's runtime env into the job's logs.
-        out["env_vars"] = {**env_vars, "RAY_OVERRIDE_JOB_RUNTIME_ENV": "1"}
+        out["env_vars"] = dict(env_vars)
     if pip:
         if len(pip) == 1 and Path(pip[0]).is_file():
             out["pip"] = str(Path(pip[0]).resolve())  # a requirements file
@@ -180,11 +199,14 @@ def entrypoint_for(command: list[str], working_dir: Path, python: str) -> str:
     return " ".join(shlex.quote(w) if i else w for i, w in enumerate(words))
 
 
-def prepare_command(command: list[str], working_dir: Path, validate: bool = True) -> list[str]:
-    """Check the verb, make ``--config`` relative to the working dir (what the job sees) and
-    validate the config here, before anything is uploaded."""
+def prepare_command(command: list[str], working_dir: Path, validate: bool = True,
+                    excludes: Optional[list[str]] = None, cwd: Optional[Path] = None) -> list[str]:
+    """Check the verb, make ``--config`` relative to the working dir (what the job sees), validate
+    the config here, and rewrite or refuse its relative paths (:func:`sea_ray.paths.for_submission`),
+    all before anything is uploaded."""
     from sea_ray.cli import VERBS, build_parser
 
+    cwd = cwd or Path.cwd()
     if command and command[0] == "--":
         command = command[1:]
     if not command:
@@ -199,8 +221,8 @@ def prepare_command(command: list[str], working_dir: Path, validate: bool = True
         raw = command[index].split("=", 1)[1] if command[index].startswith("--config=") else command[index]
         path = Path(raw)
         local = path if path.is_absolute() else working_dir / path
-        if not local.is_file() and not path.is_absolute() and Path(raw).is_file():
-            local = Path(raw).resolve()  # given relative to the current dir
+        if not local.is_file() and not path.is_absolute() and (cwd / raw).is_file():
+            local = (cwd / raw).resolve()  # given relative to the current dir
         try:
             rel = local.resolve().relative_to(working_dir.resolve())
         except ValueError:
@@ -213,28 +235,41 @@ def prepare_command(command: list[str], working_dir: Path, validate: bool = True
         args = build_parser().parse_args(command)
     except SystemExit as exc:
         raise ConfigError([f"the job's command line is not valid: {shlex.join(command)}"]) from exc
-    if validate and getattr(args, "config", None):
-        _validate_here(args, working_dir)
+    if getattr(args, "config", None):
+        rewrites = _portable_paths(args, working_dir, cwd, validate, excludes or [])
+        command += rewrites
     return command
 
 
-def _validate_here(args, working_dir: Path) -> None:
+def _portable_paths(args, working_dir: Path, cwd: Path, validate: bool, excludes: list[str]) -> list[str]:
+    """Validate the config here (unless told not to) and return the overrides that make its
+    relative inputs point into the uploaded working dir; refuse every other relative path."""
     from sea_ray.cli import check_config
-    from sea_ray.config import load_config
+    from sea_ray.config import JOBS, load_config
 
-    path = working_dir / args.config
-    check_config(load_config(path, args.overrides, job=args.verb if args.verb in _config_jobs() else None), path)
+    source = working_dir / args.config
+    cfg = load_config(source, args.overrides, job=args.verb if args.verb in JOBS else None)
+    plan = None
+    if validate:
+        check_config(cfg, source)
+    if cfg.job == "pipeline":
+        from sea_ray.pipeline import plan as make_plan
 
-
-def _config_jobs() -> set[str]:
-    from sea_ray.config import JOBS
-
-    return set(JOBS)
+        try:
+            plan = make_plan(cfg, source)
+        except ConfigError:
+            if validate:
+                raise
+    upload_excludes = WORKING_DIR_EXCLUDES + excludes + paths.gitignore_patterns(working_dir)
+    rewrites, problems = paths.for_submission(cfg, cwd, working_dir, upload_excludes, plan)
+    if problems:
+        raise ConfigError(problems, str(source))
+    return rewrites
 
 
 def submit(command: list[str], address: Optional[str] = None, wait: bool = False,
            working_dir: Optional[str] = None, pip: Optional[list[str]] = None, env: Optional[list[str]] = None,
-           default_env: bool = True, excludes: Optional[list[str]] = None, python: str = "python",
+           cluster_env: Optional[list[str]] = None, default_env: bool = True, excludes: Optional[list[str]] = None, python: str = "python",
            submission_id: Optional[str] = None, validate: bool = True, entrypoint_num_cpus: Optional[float] = None,
            out=None) -> int:
     """Submit a sea-ray job; with ``wait``, stream its logs and return its exit code."""
@@ -245,10 +280,11 @@ def submit(command: list[str], address: Optional[str] = None, wait: bool = False
     if not (wd / "workflows").is_dir():
         log.warning("%s has no workflows/ folder: the job runs `python -m sea_ray.cli`, which the cluster must "
                     "have installed", wd)
-    command = prepare_command(command, wd, validate=validate)
+    command = prepare_command(command, wd, validate=validate, excludes=excludes)
     env_vars, missing = parse_env(env or [], defaults=default_env)
     if missing:
         raise ConfigError([f"--env {name}: not set in this environment (nothing to pass through)" for name in missing])
+    env_vars.update(parse_cluster_env(cluster_env or []))
     runtime = runtime_env(wd, env_vars, pip or [], excludes or [])
     entrypoint = entrypoint_for(command, wd, python)
     sid = submission_id or f"sea-{command[0]}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
@@ -256,7 +292,14 @@ def submit(command: list[str], address: Optional[str] = None, wait: bool = False
     print(f"submitting {sid}: {entrypoint}", file=out)
     print(f"  working dir: {wd}" + (f"; pip: {runtime['pip']}" if "pip" in runtime else ""), file=out)
     if env_vars:
-        print(f"  environment passed by name: {', '.join(sorted(env_vars))} (values not shown)", file=out)
+        print(f"  environment: {', '.join(sorted(env_vars))} (values not shown)", file=out)
+    if cluster_env:
+        print(f"  from the cluster's own environment: {', '.join(cluster_env)}", file=out)
+    unsent = sorted(k for k in os.environ if is_credential(k) and k.startswith(("AWS_", "HF_")) and
+                    k not in (cluster_env or []))
+    if unsent:
+        print(f"  not sent (credentials never are): {', '.join(unsent)}; the cluster uses its own "
+              "(docs/submit.md#credentials)", file=out)
     try:
         jobs.submit_job(entrypoint=entrypoint, runtime_env=runtime, submission_id=sid,
                         metadata={"sea_ray_verb": command[0]}, entrypoint_num_cpus=entrypoint_num_cpus)

@@ -29,3 +29,52 @@ def kill_when(ready: Callable[[], bool], cmdline_has: str, timeout: float = 240.
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
     return thread, killed
+
+
+def session_pids(sid: int) -> list[int]:
+    """Every process of the process session ``sid`` (a test's private Ray lives in its own)."""
+    import os
+
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.getsid(int(entry)) == sid:
+                    pids.append(int(entry))
+            except OSError:
+                pass
+    return pids
+
+
+def listening_addresses(pids: list[int]) -> list[tuple[str, str, int]]:
+    """(process name, address, port) of every TCP socket the processes listen on, read from
+    /proc (the socket tables of this network namespace and each process's descriptors)."""
+    import ipaddress
+    import os
+
+    listening = {}  # socket inode -> (address, port)
+    for table, width in (("tcp", 4), ("tcp6", 16)):
+        with open(f"/proc/net/{table}") as f:
+            for line in f.read().splitlines()[1:]:
+                fields = line.split()
+                if fields[3] != "0A":  # TCP_LISTEN
+                    continue
+                hex_ip, hex_port = fields[1].split(":")
+                raw = bytes.fromhex(hex_ip)
+                raw = b"".join(raw[i:i + 4][::-1] for i in range(0, width, 4))  # kernel words are little-endian
+                ip = ipaddress.ip_address(raw)
+                if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+                    ip = ip.ipv4_mapped
+                listening[fields[9]] = (str(ip), int(hex_port, 16))
+    found = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/comm") as f:
+                name = f.read().strip()
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:[") and target[8:-1] in listening:
+                    found.append((name, *listening[target[8:-1]]))
+        except OSError:  # the process ended meanwhile
+            pass
+    return found

@@ -47,29 +47,53 @@ def fake_jobs(monkeypatch):
     return jobs
 
 
-def test_submit_sends_entrypoint_runtime_env_and_secrets_by_name_only(fake_jobs, monkeypatch, capsys):
+S3_PATHS = ["run.storage=s3://b/runs", "data.manifest=s3://b/world/train/pretrain.json",
+            "data.image_root=s3://b/world/images", "data.labels=s3://b/labels"]
+
+
+def test_submit_sends_settings_never_credentials(fake_jobs, monkeypatch, capsys):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE")
-    monkeypatch.setenv("MY_TOKEN", SECRET + "-2")
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    code = cli.main(["submit", "--address", "http://127.0.0.1:1", "--env", "MY_TOKEN", "--env", "MODE=fast",
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("MY_SETTING", "on")
+    code = cli.main(["submit", "--address", "http://127.0.0.1:1", "--no-validate", "--env", "MY_SETTING", "--env", "MODE=fast",
+                     "--cluster-env", "AWS_ACCESS_KEY_ID", "--cluster-env", "AWS_SECRET_ACCESS_KEY",
                      "--pip", "rich==13.7.1", "--", "align", "--config", "workflows/configs/tiny_align.yaml",
-                     "optim.max_steps=3"])
+                     "optim.max_steps=3", *S3_PATHS])
     assert code == 0
     (sent,) = fake_jobs.submitted
     assert sent["entrypoint"] == ("python -m workflows.align --config workflows/configs/tiny_align.yaml "
-                                  "optim.max_steps=3")
+                                  "optim.max_steps=3 " + " ".join(S3_PATHS))
     env = sent["runtime_env"]["env_vars"]
-    assert env["AWS_SECRET_ACCESS_KEY"] == SECRET and env["MY_TOKEN"] == SECRET + "-2" and env["MODE"] == "fast"
-    assert "HF_TOKEN" not in env
-    assert env["RAY_OVERRIDE_JOB_RUNTIME_ENV"] == "1"  # the driver's ray.init may forward the same names
+    assert {k: v for k, v in env.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")} == {
+        "AWS_ENDPOINT_URL": "http://127.0.0.1:9", "MY_SETTING": "on", "MODE": "fast",
+        "SEA_RAY_CLUSTER_ENV": "AWS_ACCESS_KEY_ID,AWS_SECRET_ACCESS_KEY"}
+    assert SECRET not in repr(sent) and "AKIDEXAMPLE" not in repr(sent)
     assert sent["runtime_env"]["working_dir"] == str(REPO)
     assert {".venv", "out", "runs", ".git"} <= set(sent["runtime_env"]["excludes"])
     assert sent["runtime_env"]["pip"] == ["rich==13.7.1"]
     assert sent["submission_id"].startswith("sea-align-")
     out = capsys.readouterr()
     assert SECRET not in out.out + out.err and "AKIDEXAMPLE" not in out.out + out.err
-    assert "AWS_SECRET_ACCESS_KEY" in out.out and "MY_TOKEN" in out.out and "values not shown" in out.out
+    assert "not sent (credentials never are): AWS_ACCESS_KEY_ID" not in out.out  # named: the cluster has it
+    assert "from the cluster's own environment: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY" in out.out
+
+
+@pytest.mark.parametrize("item", ["AWS_SECRET_ACCESS_KEY", "HF_TOKEN=x", "MY_API_KEY", "DB_PASSWORD=y"])
+def test_a_credential_in_env_is_refused(fake_jobs, monkeypatch, capsys, item):
+    monkeypatch.setenv(item.partition("=")[0], SECRET)
+    code = cli.main(["submit", "--address", "h:1", "--env", item, "--", "presets"])
+    err = capsys.readouterr().err
+    assert code == 2 and "a credential" in err and "--cluster-env" in err and SECRET not in err
+    assert fake_jobs.submitted == []
+
+
+def test_unsent_credentials_are_named_not_shown(fake_jobs, monkeypatch, capsys):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    assert cli.main(["submit", "--address", "h:1", "--", "presets"]) == 0
+    out = capsys.readouterr().out
+    assert "not sent (credentials never are): " in out and "AWS_SECRET_ACCESS_KEY" in out and SECRET not in out
+    assert "AWS_SECRET_ACCESS_KEY" not in (fake_jobs.submitted[0]["runtime_env"].get("env_vars") or {})
 
 
 def test_wait_streams_logs_and_returns_the_jobs_exit_code(fake_jobs, capsys):
@@ -85,7 +109,7 @@ def test_wait_streams_logs_and_returns_the_jobs_exit_code(fake_jobs, capsys):
 
 def test_config_is_validated_before_anything_is_sent(fake_jobs, tmp_path, capsys):
     assert cli.main(["submit", "--address", "h:1", "--", "align", "--config", "workflows/configs/tiny_align.yaml",
-                     "optim.lrr=1"]) == 2
+                     "optim.lrr=1", *S3_PATHS]) == 2
     assert "optim.lrr: unknown key" in capsys.readouterr().err
     outside = tmp_path / "a.yaml"
     outside.write_text((REPO / "workflows/configs/tiny_align.yaml").read_text())
@@ -100,13 +124,13 @@ def test_config_is_validated_before_anything_is_sent(fake_jobs, tmp_path, capsys
 
 def test_pipeline_is_planned_before_submission(fake_jobs, capsys):
     code = cli.main(["submit", "--address", "h:1", "--", "pipeline", "--config",
-                     "workflows/configs/tiny_pipeline.yaml", "align.set.optim.lr=-1"])
+                     "workflows/configs/tiny_pipeline.yaml", "output=s3://b/tiny", "align.set.optim.lr=-1"])
     assert code == 2 and "align: optim.lr" in capsys.readouterr().err
     assert cli.main(["submit", "--address", "h:1", "--", "pipeline", "--config",
-                     str(REPO / "workflows/configs/tiny_pipeline.yaml")]) == 0
+                     str(REPO / "workflows/configs/tiny_pipeline.yaml"), "output=s3://b/tiny"]) == 0
     # an absolute config path inside the working dir is sent relative to it
     assert fake_jobs.submitted[0]["entrypoint"] == ("python -m workflows.pipeline --config "
-                                                    "workflows/configs/tiny_pipeline.yaml")
+                                                    "workflows/configs/tiny_pipeline.yaml output=s3://b/tiny")
 
 
 def test_arguments_are_quoted_for_the_shell(tmp_path):

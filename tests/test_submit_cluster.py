@@ -33,6 +33,7 @@ import pytest
 
 from sea_ray import storage
 from sea_ray.train import checkpoint as ckpt
+from tests.faults import session_pids
 
 pytestmark = [pytest.mark.slow]
 
@@ -63,18 +64,6 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
-def _session_pids(sid: int) -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if os.getsid(int(entry)) == sid:
-                    pids.append(int(entry))
-            except OSError:
-                pass
-    return pids
-
-
 def clean_env(**extra: str) -> dict[str, str]:
     """This process's environment without Ray addresses and auth settings (the pytest process may
     hold the session Ray's), with the venv first on PATH."""
@@ -88,8 +77,9 @@ def clean_env(**extra: str) -> dict[str, str]:
 class LocalCluster:
     """`ray start --head` on 127.0.0.1 in a temp dir and a process session of its own."""
 
-    def __init__(self, auth: str = "disabled", token: str | None = None, num_cpus: int = 4):
-        self.auth, self.token, self.num_cpus = auth, token, num_cpus
+    def __init__(self, auth: str = "disabled", token: str | None = None, num_cpus: int = 4,
+                 secret: str | None = None):
+        self.auth, self.token, self.num_cpus, self.secret = auth, token, num_cpus, secret
         self.temp_dir = tempfile.mkdtemp(prefix="sea-rc-", dir="/tmp")  # short: Ray's socket paths
         self.sid: int | None = None
         self.address = ""
@@ -97,12 +87,13 @@ class LocalCluster:
     def env(self) -> dict[str, str]:
         env = clean_env(RAY_AUTH_MODE=self.auth, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
                         RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-                        # Ray's runtime-env agent logs runtime envs (env var values included) at INFO
-                        RAY_LOGGER_LEVEL="warning", SEA_RAY_CACHE=os.path.join(self.temp_dir, "cache"),
+                        SEA_RAY_CACHE=os.path.join(self.temp_dir, "cache"),
                         # time for a stopped job's SIGTERM handler on a loaded 2-core box (Ray: 3 s)
                         RAY_JOB_STOP_WAIT_TIME_S="30")
-        for key in [k for k in env if k.startswith("AWS_")]:
-            del env[key]  # the jobs get credentials from `sea-ray submit`, by name, or not at all
+        # The cluster holds its own credentials, as a Kubernetes Secret or an instance role gives
+        # them to real nodes; `sea-ray submit` never sends any.
+        if self.secret:
+            env["AWS_SECRET_ACCESS_KEY"] = self.secret
         if self.token:
             env["RAY_AUTH_TOKEN"] = self.token
         return env
@@ -147,13 +138,13 @@ class LocalCluster:
         if self.sid is None:
             return
         for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
-            for pid in _session_pids(self.sid):
+            for pid in session_pids(self.sid):
                 try:
                     os.kill(pid, sig)
                 except OSError:
                     pass
             deadline = time.time() + wait
-            while _session_pids(self.sid) and time.time() < deadline:
+            while session_pids(self.sid) and time.time() < deadline:
                 time.sleep(0.1)
         self.sid = None
 
@@ -172,9 +163,13 @@ class LocalCluster:
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
+# The cluster's secret key (moto takes any): planted so that the tests can look for it everywhere.
+CLUSTER_SECRET = f"sea-cluster-secret-{secrets.token_hex(8)}"
+
+
 @pytest.fixture(scope="module")
-def cluster():
-    c = LocalCluster(auth="disabled").start()
+def cluster(s3_server):
+    c = LocalCluster(auth="disabled", secret=CLUSTER_SECRET).start()
     try:
         yield c
     finally:
@@ -218,12 +213,13 @@ def _assert_complete_outputs(out: str, steps=("labels", "align", "instruct", "ev
 
 def test_tiny_pipeline_submitted_to_a_cluster_reads_and_writes_a_bucket(cluster, s3_bucket, world_dir):
     _upload_world(world_dir, f"{s3_bucket}/world")
-    secret = f"sea-secret-{secrets.token_hex(8)}"  # moto takes any secret key
+    secret = CLUSTER_SECRET  # the user has the same key here: it must not travel
     env = clean_env(RAY_AUTH_MODE="disabled", AWS_SECRET_ACCESS_KEY=secret)
     out = f"{s3_bucket}/tiny"
     t0 = time.time()
-    result = sea_ray("submit", "--address", cluster.address, "--wait", "--", "pipeline", "--config", PIPELINE,
-                     f"output={out}", f"data.world={s3_bucket}/world", *SMALL, env=env)
+    result = sea_ray("submit", "--address", cluster.address, "--wait", "--cluster-env", "AWS_SECRET_ACCESS_KEY",
+                     "--", "pipeline", "--config", PIPELINE, f"output={out}", f"data.world={s3_bucket}/world", *SMALL,
+                     env=env)
     seconds = time.time() - t0
     text = result.stdout + result.stderr
     assert result.returncode == 0, text[-6000:]
@@ -232,8 +228,12 @@ def test_tiny_pipeline_submitted_to_a_cluster_reads_and_writes_a_bucket(cluster,
     plan = json.loads(storage.read_text(f"{out}/_pipeline/plan.json"))
     assert plan["steps"]["align"]["config"]["data"]["labels"] == f"{out}/labels"
     assert plan["steps"]["instruct"]["config"]["init_adapter"] == f"{out}/runs/tiny-align"
-    # the credentials went by name: never printed, never in the bucket, never on the cluster's disk
-    assert "AWS_SECRET_ACCESS_KEY" in result.stdout and secret not in text
+    # the credentials stayed on the cluster: not sent, not printed, not in the job metadata, the
+    # bucket or anywhere on the cluster's disk (Ray's session logs included)
+    assert "from the cluster's own environment: AWS_SECRET_ACCESS_KEY" in result.stdout and secret not in text
+    with urllib.request.urlopen(f"{cluster.address}/api/jobs/", timeout=30) as response:
+        metadata = response.read().decode()
+    assert "sea-pipeline-" in metadata and secret not in metadata
     assert not [k for k, v in _bucket_objects(s3_bucket).items() if secret.encode() in v]
     assert cluster.files_containing(secret) == []
     print(f"\nsubmit --wait of the tiny pipeline: {seconds:.1f} s")
@@ -365,3 +365,30 @@ def test_stopping_a_pipeline_job_releases_its_lock(cluster, s3_bucket, world_dir
         pytest.fail(f"the stopped job left its lock; its log ends:\n{logs.stdout[-6000:]}")
     status = sea_ray("jobs", "--address", cluster.address, "status", sid, env=env, timeout=120)
     assert "STOPPED" in status.stdout
+
+
+def test_relative_paths_submitted_from_outside_the_repo(cluster, world_dir, tmp_path):
+    """A researcher's own folder: `sea-ray submit --working-dir . -- labels --config cfg.yaml` with
+    relative inputs (inside the upload: they reach the job) and a relative output: refused before
+    submission with the value to write; with that value the outputs land where the user pointed,
+    and nothing is written into the job's package folder."""
+    project = tmp_path / "project"
+    shutil.copytree(world_dir, project / "world")
+    (project / "cfg.yaml").write_text((REPO / "workflows/configs/tiny_labels.yaml").read_text())
+    env = clean_env(RAY_AUTH_MODE="disabled")
+    args = ["submit", "--address", cluster.address, "--wait", "--working-dir", ".", "--", "labels", "--config",
+            "cfg.yaml", "data.manifest=world/train/pretrain.json", "data.image_root=world/images"]
+
+    def run(*extra):
+        return subprocess.run([str(BIN / "sea-ray"), *args, *extra], cwd=project, env=env, capture_output=True,
+                              text=True, timeout=600)
+
+    refused = run("output=labels")
+    assert refused.returncode == 2, (refused.stdout + refused.stderr)[-4000:]
+    assert "output: 'labels' is a relative path" in refused.stderr
+    assert f"output={project / 'labels'}" in refused.stderr and "submitting" not in refused.stdout
+    done = run(f"output={project / 'labels'}")
+    assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
+    meta = json.loads((project / "labels" / "_meta.json").read_text())
+    assert meta["counts"]["labelled"] == 48 and (project / "labels" / "_SUCCESS").is_file()
+    assert not list(Path(cluster.temp_dir).rglob("_SUCCESS")), "an output was written into Ray's folders"

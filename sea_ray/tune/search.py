@@ -125,24 +125,13 @@ def _dashboard_up() -> bool:
 
 def _init_ray(cfg: TuneConfig):
     """Connect to (or start) Ray. A local Ray started here for ray_train trials gets a dashboard."""
-    import ray
+    from sea_ray.runtime import init_ray
 
-    from sea_ray.runtime import LOCAL_ENV, init_ray, worker_env
-
-    if ray.is_initialized():
-        return ray
     address = cfg.base.ray.address or os.environ.get("RAY_ADDRESS")
     local_cpus = cfg.base.ray.num_cpus or os.cpu_count() or 1
     wants_train = cfg.trial_mode == "ray_train" or (cfg.trial_mode == "auto"
                                                      and local_cpus >= cfg.auto_ray_train_min_cpus)
-    if address or not wants_train:
-        return init_ray(cfg.base.ray)
-    for key, value in LOCAL_ENV.items():
-        os.environ.setdefault(key, value)
-    log.info("starting a local Ray with its dashboard (%s CPUs) for ray_train trials", local_cpus)
-    ray.init(address="local", num_cpus=cfg.base.ray.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-             runtime_env={"env_vars": worker_env()})
-    return ray
+    return init_ray(cfg.base.ray, dashboard=bool(wants_train and not address))
 
 
 def resolve_trial_mode(cfg: TuneConfig) -> tuple[str, str]:
