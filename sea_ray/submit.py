@@ -248,7 +248,13 @@ def _portable_paths(args, working_dir: Path, cwd: Path, validate: bool, excludes
     from sea_ray.config import JOBS, load_config
 
     source = working_dir / args.config
-    cfg = load_config(source, args.overrides, job=args.verb if args.verb in JOBS else None)
+    try:
+        cfg = load_config(source, args.overrides, job=args.verb if args.verb in JOBS else None)
+    except ConfigError:
+        if validate:
+            raise
+        log.warning("--no-validate: the config does not load here, so its relative paths are not checked")
+        return []
     plan = None
     if validate:
         check_config(cfg, source)
