@@ -1,5 +1,9 @@
 """URIs -> filesystems: local paths and ``s3://`` (any S3-compatible endpoint).
 
+The one I/O layer of the package: where a manifest's image reference points
+(:func:`resolve_image`), reading (:func:`read_bytes`, :func:`read_many`), the atomic write
+(:func:`open_atomic`, :func:`write_bytes`) and the exclusive create (:func:`create_exclusive`).
+
 The endpoint and credentials come from the usual AWS variables (``AWS_ENDPOINT_URL``,
 ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``); they are never
 logged or written anywhere. Completion markers make outputs visible only when whole.
@@ -7,10 +11,14 @@ logged or written anywhere. Completion markers make outputs visible only when wh
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import os
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Iterator, Optional, Sequence
 
 MARKER = "_SUCCESS"
 
@@ -65,6 +73,31 @@ def join(uri: str, *parts: str) -> str:
     return "/".join([uri, *[p.strip("/") for p in parts]])
 
 
+def resolve_image(ref: Optional[str], image_root: Optional[str] = None) -> Optional[str]:
+    """Where a manifest's image reference points; the one rule for every job (labels, import,
+    training), so that they all read the same file.
+
+    - ``None`` or ``""`` -> ``None``;
+    - a URI (``s3://...``, any ``scheme://...``) or an absolute path -> as it is, whatever
+      ``image_root`` is (a ``file://`` URI becomes its local path);
+    - a relative path -> under ``image_root`` (a local folder, a ``file://`` folder or an
+      ``s3://`` prefix), or, without one, made absolute against the working directory.
+    """
+    if not ref:
+        return None
+    ref = str(ref)
+    if ref.startswith("file://"):
+        return os.path.abspath(_strip_file_scheme(ref))
+    if "://" in ref or os.path.isabs(ref):
+        return ref
+    if not image_root:
+        return os.path.abspath(ref)
+    image_root = str(image_root)
+    if is_remote(image_root):
+        return join(image_root, ref)
+    return os.path.join(os.path.abspath(_strip_file_scheme(image_root)), ref)
+
+
 def exists(uri: str) -> bool:
     fs, path = fsspec_fs(uri)
     return fs.exists(path)
@@ -80,23 +113,127 @@ def read_text(uri: str) -> str:
     return read_bytes(uri).decode("utf-8")
 
 
-def write_bytes(uri: str, data: bytes) -> None:
-    """Write a whole object. Local files are written to a temp name and renamed (atomic);
-    an S3 PUT is atomic by itself."""
+def _read_local(uri: str) -> tuple[Optional[bytes], Optional[str]]:
+    try:
+        with open(_strip_file_scheme(uri), "rb") as f:
+            return f.read(), None
+    except FileNotFoundError:
+        return None, f"missing file: {uri}"
+    except OSError as exc:  # a folder, no permission, an I/O error
+        return None, f"cannot read {uri}: {type(exc).__name__}: {exc}"
+
+
+def read_many(uris: Sequence[Optional[str]], threads: int = 1) -> list[tuple[Optional[bytes], Optional[str]]]:
+    """``(bytes, None)`` or ``(None, reason)`` per URI, in order; never raises for a bad file.
+
+    ``None`` -> ``(None, "no image")``. Remote URIs are fetched concurrently, one request batch
+    per scheme; local files are read by ``threads`` threads. Reasons start with ``missing file:``
+    or ``cannot read``."""
+    out: list[tuple[Optional[bytes], Optional[str]]] = [(None, "no image")] * len(uris)
+    remote: dict[str, list[int]] = {}
+    local: list[int] = []
+    for i, uri in enumerate(uris):
+        if uri is None:
+            continue
+        if is_remote(uri):
+            remote.setdefault(str(uri).split("://", 1)[0], []).append(i)
+        else:
+            local.append(i)
+    if threads > 1 and len(local) > 1:
+        with ThreadPoolExecutor(min(threads, len(local))) as pool:
+            for i, got in zip(local, pool.map(lambda j: _read_local(str(uris[j])), local)):
+                out[i] = got
+    else:
+        for i in local:
+            out[i] = _read_local(str(uris[i]))
+    for idx in remote.values():
+        fs, _ = fsspec_fs(uris[idx[0]])
+        paths = [fsspec_fs(uris[i])[1] for i in idx]
+        try:
+            got = fs.cat(paths, on_error="return")
+        except Exception as exc:  # noqa: BLE001 - the whole request failed: every row gets the reason
+            got = {p: exc for p in paths}
+        if not isinstance(got, dict):  # fsspec returns the bytes alone for a single path
+            got = {paths[0]: got}
+        for i, p in zip(idx, paths):
+            value = got.get(p, FileNotFoundError(p))
+            if isinstance(value, FileNotFoundError):
+                out[i] = (None, f"missing file: {uris[i]}")
+            elif isinstance(value, BaseException):
+                out[i] = (None, f"cannot read {uris[i]}: {type(value).__name__}: {value}")
+            else:
+                out[i] = (bytes(value), None)
+    return out
+
+
+TMP_PREFIX = ".tmp-"  # local temporaries of open_atomic: hidden from Parquet readers, removable
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+@contextlib.contextmanager
+def open_atomic(uri: str) -> Iterator:
+    """A binary file to write ``uri`` whole: nobody sees it half-written.
+
+    Locally the data goes to a hidden temporary (``.tmp-*``) next to the target, renamed over it
+    on success and removed on an error. Remote, the bytes are buffered in memory and sent in one
+    upload on success (an S3 object is visible only once whole); an error uploads nothing."""
     fs, path = fsspec_fs(uri)
     if is_remote(uri):
-        with fs.open(path, "wb") as f:
-            f.write(data)
+        buf = io.BytesIO()
+        yield buf
+        fs.pipe_file(path, buf.getvalue())
         return
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
-    with os.fdopen(fd, "wb") as f:
+    parent = os.path.dirname(path) or "."
+    os.makedirs(parent, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=parent, prefix=TMP_PREFIX)
+    try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # what open() would give, not mkstemp's 0600
+        with os.fdopen(fd, "wb") as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write a whole object atomically (:func:`open_atomic`)."""
+    with open_atomic(uri) as f:
         f.write(data)
-    os.replace(tmp, path)
 
 
 def write_text(uri: str, text: str) -> None:
     write_bytes(uri, text.encode("utf-8"))
+
+
+def create_exclusive(uri: str, data: bytes) -> bool:
+    """Create ``uri`` holding ``data`` only if it does not exist: True when this call created it,
+    False when it already existed. ``O_EXCL`` on a local disk, a conditional PUT
+    (``If-None-Match: *``) on S3; on other stores a check-then-write (best effort)."""
+    fs, path = fsspec_fs(uri)
+    if not is_remote(uri):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return True
+    if str(uri).startswith("s3://"):
+        try:
+            fs.pipe_file(path, data, mode="create")
+        except (FileExistsError, OSError):
+            if exists(uri):
+                return False
+            raise
+        return True
+    if exists(uri):
+        return False
+    write_bytes(uri, data)
+    return True
 
 
 def makedirs(uri: str) -> None:

@@ -62,8 +62,9 @@ def test_import_local_embeds_images_and_reports_bad_rows(world_dir, tmp_path):
 
     errors = {e["image_id"]: e for e in _errors(str(out))}
     assert len(_errors(str(out))) == len(bad)
-    assert errors["bad_missing_image"]["stage"] == "decode" and "not found" in errors["bad_missing_image"]["reason"]
-    assert errors["bad_corrupt_image"]["stage"] == "decode" and "unreadable" in errors["bad_corrupt_image"]["reason"]
+    # the labels job's reasons: storage.read_many's and decode_image's
+    assert errors["bad_missing_image"]["stage"] == "decode" and "missing file" in errors["bad_missing_image"]["reason"]
+    assert errors["bad_corrupt_image"]["stage"] == "decode" and "not an image" in errors["bad_corrupt_image"]["reason"]
     assert errors["bad_no_placeholder"]["stage"] == "manifest"
     assert errors[None]["reason"] == "missing id"
     assert "duplicate id" in errors[rows[1]["id"]]["reason"]
@@ -101,6 +102,44 @@ def test_cli_import_manifest(world_dir, tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["rows_written"] == len(read_manifest(str(out)).rows) == 48 and summary["rows_skipped"] == 0
     assert main(["import-manifest", "--input", str(tmp_path / "missing.json"), "--output", str(tmp_path / "x")]) == 1
+
+
+def test_cli_embed_images_makes_bad_images_error_rows(world_dir, tmp_path, capsys):
+    """--embed-images decodes as the labels job does (decode_image): a decompression bomb, a
+    truncated JPEG and a zero-byte file each become one error row; the import neither crashes nor
+    embeds an image the labels job would refuse."""
+    from tests.test_images import bad_and_awkward_images, png_bomb
+
+    rows = json.loads((world_dir / "train" / "pretrain.json").read_text())
+    bad_dir = tmp_path / "bad"
+    bad_dir.mkdir()
+    (bad_dir / "bomb.png").write_bytes(png_bomb(20000, 20000))  # 400 Mpx, ~50 KB on disk
+    (bad_dir / "truncated.jpg").write_bytes(bad_and_awkward_images()["truncated_jpeg"])
+    (bad_dir / "empty.jpg").write_bytes(b"")
+    conv = rows[0]["conversations"]
+    bad = {"bad_bomb": ("bomb.png", "decompression bomb"), "bad_truncated": ("truncated.jpg", "truncated"),
+           "bad_empty": ("empty.jpg", "empty file")}
+    mixed = rows[:3] + [{"id": k, "image": str(bad_dir / f), "conversations": conv} for k, (f, _) in bad.items()]
+    mixed += rows[3:]
+    src = tmp_path / "pretrain.json"
+    src.write_text(json.dumps(mixed))
+
+    out = tmp_path / "embedded"
+    code = main(["import-manifest", "--input", str(src), "--output", str(out), "--image-root",
+                 str(world_dir / "images"), "--embed-images", "--rows-per-shard", "20"])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["rows_read"] == len(rows) + 3
+    assert summary["rows_written"] == summary["images_embedded"] == len(rows) and summary["rows_skipped"] == 3
+    errors = _errors(str(out))
+    assert len(errors) == 3
+    assert {e["image_id"]: e["row"] for e in errors} == {"bad_bomb": 3, "bad_truncated": 4, "bad_empty": 5}
+    for e in errors:
+        assert e["stage"] == "decode" and bad[e["image_id"]][1] in e["reason"], e
+    back = read_manifest(str(out), require_image=True)
+    assert back.errors == [] and [r["id"] for r in back.rows] == [r["id"] for r in rows]
+    for got, want in zip(back.rows, rows):
+        assert got["image_bytes"] == (world_dir / "images" / want["image"]).read_bytes()
 
 
 @pytest.mark.parametrize("bad", ["{not json", '{"a": 1}'])

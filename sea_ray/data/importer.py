@@ -13,18 +13,17 @@ Output folder (local or ``s3://``)::
 
 The errors table and the marker start with ``_`` so that Parquet readers of the folder (pyarrow
 datasets, ``ray.data.read_parquet``, :func:`sea_ray.data.manifest.read_manifest`) skip them.
-Every row is validated by ``read_manifest``; with ``--embed-images`` each image is read from
-``--image-root`` (relative paths) and checked to open as an image, and an unreadable or missing
-image makes the row an error (stage ``decode``), never a crash. Without it, image paths are kept as
-written (relative to the image root the jobs are given).
+Every row is validated by ``read_manifest``; with ``--embed-images`` each image is read where
+:func:`sea_ray.storage.resolve_image` points (relative paths under ``--image-root``) and decoded
+by :func:`sea_ray.data.images.decode_image`, as the labels job does; a missing, empty, truncated,
+corrupt or decompression-bomb image makes the row an error (stage ``decode``), never a crash.
+Without it, image paths are kept as written (relative to the image root the jobs are given).
 """
 
 from __future__ import annotations
 
-import io
 import json
 import logging
-import os
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -47,31 +46,25 @@ DEFAULT_ROWS_PER_SHARD_EMBEDDED = 1_000  # with image bytes: shards of tens of M
 IO_THREADS = 16
 
 
-def image_uri(image: str, image_root: Optional[str]) -> str:
-    """Where a manifest's image reference points: URIs and absolute paths as they are, relative
-    paths under ``image_root`` (or the working directory without one)."""
-    if "://" in image or os.path.isabs(image) or not image_root:
-        return image
-    return storage.join(image_root, image)
+def _check_images(rows: list[dict], image_root: Optional[str], max_pixels: Optional[int],
+                  pool: ThreadPoolExecutor) -> list[tuple[Optional[bytes], Optional[str]]]:
+    """(bytes, None) or (None, reason) per row: each image read where
+    :func:`~sea_ray.storage.resolve_image` says (the labels job's rule) and decoded by the labels
+    job's :func:`~sea_ray.data.images.decode_image` (same bomb limit, truncation and format checks),
+    so an image embedded here is one the labels job can label."""
+    from sea_ray.data.images import decode_image
 
+    uris = [storage.resolve_image(r["image"], image_root) for r in rows]
+    fetched = storage.read_many(uris, threads=IO_THREADS)
 
-def _load_image(image: str, image_root: Optional[str]) -> tuple[Optional[bytes], Optional[str]]:
-    """(bytes, None) or (None, reason)."""
-    from PIL import Image, UnidentifiedImageError
+    def check(item):
+        data, reason = item
+        if data is None:
+            return None, reason
+        img, reason = decode_image(data, max_pixels)
+        return (data, None) if img is not None else (None, reason)
 
-    uri = image_uri(image, image_root)
-    try:
-        data = storage.read_bytes(uri)
-    except FileNotFoundError:
-        return None, f"image not found: {uri}"
-    except OSError as exc:
-        return None, f"cannot read image {uri}: {type(exc).__name__}: {exc}"
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        return None, f"unreadable image {uri}: {type(exc).__name__}: {exc}"
-    return data, None
+    return list(pool.map(check, fetched))
 
 
 def _clear_output(output: str) -> None:
@@ -83,28 +76,27 @@ def _clear_output(output: str) -> None:
     if fs.get_file_info(marker).type != pafs.FileType.NotFound:
         fs.delete_file(marker)
     for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
-        if info.type == pafs.FileType.File and (SHARD_RE.fullmatch(info.base_name) or info.base_name == ERRORS_FILE):
-            fs.delete_file(info.path)
+        if info.type == pafs.FileType.File and (SHARD_RE.fullmatch(info.base_name) or info.base_name == ERRORS_FILE
+                                                or info.base_name.startswith(storage.TMP_PREFIX)):
+            fs.delete_file(info.path)  # .tmp-*: what a killed import left half-written
 
 
 def _write_table(table: pa.Table, output: str, name: str) -> None:
-    fs, path = storage.pyarrow_fs(output)
-    target = f"{path.rstrip('/')}/{name}"
-    if storage.is_remote(output):  # one S3 upload, visible when complete
-        pq.write_table(table, target, filesystem=fs, compression="zstd")
-        return
-    fs.create_dir(path, recursive=True)
-    tmp = f"{path.rstrip('/')}/.tmp-{name}"  # hidden from Parquet readers until renamed
-    pq.write_table(table, tmp, filesystem=fs, compression="zstd")
-    fs.move(tmp, target)
+    """One Parquet file, written atomically (:func:`sea_ray.storage.open_atomic`: a hidden
+    ``.tmp-*`` renamed into place locally, one upload on S3)."""
+    with storage.open_atomic(storage.join(output, name)) as f:
+        pq.write_table(table, f, compression="zstd")
 
 
 def import_manifest(input: str, output: str, image_root: Optional[str] = None, embed_images: bool = False,
-                    rows_per_shard: Optional[int] = None, require_image: bool = False) -> dict:
+                    rows_per_shard: Optional[int] = None, require_image: bool = False,
+                    max_image_pixels: Optional[int] = None) -> dict:
     """Convert the manifest at ``input`` into Parquet shards under ``output``; return a summary.
 
     Bad rows are skipped, counted and written to ``output/_errors.parquet``; ``_SUCCESS`` is
-    written last. Re-running into the same folder replaces an earlier import."""
+    written last. Re-running into the same folder replaces an earlier import.
+    ``max_image_pixels``: the decompression-bomb limit of ``embed_images`` (the labels job's
+    ``data.max_image_pixels``; default PIL's ``Image.MAX_IMAGE_PIXELS``)."""
     if rows_per_shard is None:
         rows_per_shard = DEFAULT_ROWS_PER_SHARD_EMBEDDED if embed_images else DEFAULT_ROWS_PER_SHARD
     if rows_per_shard < 1:
@@ -125,7 +117,7 @@ def import_manifest(input: str, output: str, image_root: Optional[str] = None, e
             chunk = manifest.rows[start:start + rows_per_shard]
             if embed_images:
                 todo = [r for r in chunk if r["image"] and not r["image_bytes"]]
-                loaded = pool.map(lambda r: _load_image(r["image"], image_root), todo)
+                loaded = _check_images(todo, image_root, max_image_pixels, pool)
                 bad = set()
                 for row, (data, reason) in zip(todo, loaded):
                     if data is None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import json
 import posixpath
-import uuid
 from typing import Optional
 
 import numpy as np
@@ -24,7 +23,7 @@ from sea_ray.labels.schema import ERRORS_SCHEMA, LABELS_SCHEMA
 SHARDS, MARKERS, ERRORS = "shards", "markers", "errors"
 CONFIG_FILE, VOCAB_FILE, META_FILE = "_config.json", "vocab.json", "_meta.json"
 MANIFEST_ERRORS = "manifest"
-_TMP_PREFIX = ".tmp-"
+_TMP_PREFIX = storage.TMP_PREFIX
 
 
 def shard_name(index: int) -> str:
@@ -53,17 +52,7 @@ class LabelsDir:
     # ------------------------------------------------------------------ primitive I/O
 
     def write_bytes(self, rel: str, data: bytes) -> None:
-        target = self.path(rel)
-        if not self.local:
-            with self.fs.open_output_stream(target) as f:
-                f.write(data)
-            return
-        parent = posixpath.dirname(target)
-        self.fs.create_dir(parent, recursive=True)
-        tmp = posixpath.join(parent, f"{_TMP_PREFIX}{uuid.uuid4().hex}")
-        with self.fs.open_output_stream(tmp) as f:
-            f.write(data)
-        self.fs.move(tmp, target)
+        storage.write_bytes(storage.join(self.uri, rel), data)  # atomic: a temporary file, then a rename
 
     def write_text(self, rel: str, text: str) -> None:
         self.write_bytes(rel, text.encode("utf-8"))

@@ -31,7 +31,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import os
 import sys
 import time
 from collections import Counter
@@ -85,20 +84,6 @@ class Plan:
                 "labeler": {"top_n": lab.top_n, "templates": list(lab.templates), "score_sign": lab.score_sign,
                             "features": lab.features},
                 "max_image_pixels": self.cfg.data.max_image_pixels, "transform": self.transform_spec}
-
-
-def resolve_image(image: Optional[str], image_root: Optional[str]) -> Optional[str]:
-    """The URI of a manifest image path: joined to ``image_root`` unless already absolute or a URI."""
-    if not image:
-        return None
-    if storage.is_remote(image) or image.startswith("file://") or os.path.isabs(image):
-        return image
-    if image_root is None:
-        return os.path.abspath(image)
-    if storage.is_remote(image_root):
-        return storage.join(image_root, image)
-    root = image_root[len("file://"):] if image_root.startswith("file://") else image_root
-    return os.path.join(os.path.abspath(root), image)
 
 
 def _probe_tower(cfg: LabelsConfig):
@@ -202,7 +187,8 @@ def _input_blocks(p: Plan, pending: list[int], block_rows: int):
             "row": pa.array([r["row"] for _, r in chunk], pa.int64()),
             "shard": pa.array([k for k, _ in chunk], pa.int32()),
             "image_id": pa.array([r["id"] for _, r in chunk], pa.string()),
-            "uri": pa.array([resolve_image(r.get("image"), p.cfg.data.image_root) for _, r in chunk], pa.string()),
+            "uri": pa.array([storage.resolve_image(r.get("image"), p.cfg.data.image_root) for _, r in chunk],
+                            pa.string()),
             "image_bytes": pa.array([r.get("image_bytes") for _, r in chunk], pa.binary()),
         }))
     return blocks

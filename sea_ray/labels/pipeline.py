@@ -3,10 +3,10 @@
 Both are plain callables, usable without Ray (the tests call them directly):
 
 - :func:`decode_batch` reads each row's image (``image_bytes``, or the file at its resolved URI,
-  local or ``s3://``), decodes it with :func:`sea_ray.data.images.decode_image` and applies the
-  PIL part of the tower's transform (resize + centre crop). It ships either uint8 pixels
-  ``[B, S, S, 3]`` (``ship="uint8"``, 4x fewer bytes; normalised in the actor) or the float
-  tensor ``[B, 3, S, S]``. A row that fails keeps its place with ``ok=False``, a ``stage``
+  local or ``s3://``, with :func:`sea_ray.storage.read_many`), decodes it with
+  :func:`sea_ray.data.images.decode_image` and applies the PIL part of the tower's transform
+  (resize + centre crop). It ships either uint8 pixels ``[B, S, S, 3]`` (``ship="uint8"``, 4x
+  fewer bytes; normalised in the actor) or the float tensor ``[B, 3, S, S]``. A row that fails keeps its place with ``ok=False``, a ``stage``
   (``read`` | ``decode``) and a ``reason``; its pixels are zeros and are never labelled.
 - :class:`LabelActor` builds the tower from the config (seeded, so every actor holds the same
   random-init tower), the :class:`~sea_ray.labels.labeler.PatchLabeler` (text embeddings once per
@@ -26,43 +26,6 @@ log = logging.getLogger(__name__)
 PASS_THROUGH = ("row", "shard", "image_id")
 
 
-def _read_all(uris: list[Optional[str]]) -> list[tuple[Optional[bytes], Optional[str]]]:
-    """(bytes, None) or (None, reason) per URI; remote URIs are fetched concurrently per filesystem."""
-    from sea_ray import storage
-
-    out: list[tuple[Optional[bytes], Optional[str]]] = [(None, "no image")] * len(uris)
-    remote: dict[str, list[int]] = {}
-    for i, uri in enumerate(uris):
-        if uri is None:
-            continue
-        if storage.is_remote(uri):
-            remote.setdefault(uri.split("://", 1)[0], []).append(i)
-            continue
-        try:
-            with open(uri[len("file://"):] if uri.startswith("file://") else uri, "rb") as f:
-                out[i] = (f.read(), None)
-        except FileNotFoundError:
-            out[i] = (None, f"missing file: {uri}")
-        except (IsADirectoryError, PermissionError, OSError) as exc:
-            out[i] = (None, f"cannot read {uri}: {type(exc).__name__}: {exc}")
-    for _scheme, idx in remote.items():
-        fs, _ = storage.fsspec_fs(uris[idx[0]])
-        paths = [storage.fsspec_fs(uris[i])[1] for i in idx]
-        try:
-            got = fs.cat(paths, on_error="return")
-        except Exception as exc:  # noqa: BLE001 - the whole request failed: every row gets the reason
-            got = {p: exc for p in paths}
-        for i, p in zip(idx, paths):
-            value = got.get(p, FileNotFoundError(p))
-            if isinstance(value, FileNotFoundError):
-                out[i] = (None, f"missing file: {uris[i]}")
-            elif isinstance(value, BaseException):
-                out[i] = (None, f"cannot read {uris[i]}: {type(value).__name__}: {value}")
-            else:
-                out[i] = (bytes(value), None)
-    return out
-
-
 def decode_batch(batch, pil_part, tensor_part, image_size: int, ship: str = "uint8",
                  max_pixels: Optional[int] = None) -> dict:
     """One Ray Data batch (pyarrow Table or dict of columns: row, shard, image_id, uri, image_bytes)
@@ -70,13 +33,14 @@ def decode_batch(batch, pil_part, tensor_part, image_size: int, ship: str = "uin
 
     With ``ship="uint8"`` and CLIP's standard transform (``pil_part`` a ResizeCenterCrop) this
     never imports torch; ``tensor_part`` is only used (and may be None otherwise) for ``float32``."""
+    from sea_ray import storage
     from sea_ray.data.images import ResizeCenterCrop, decode_image, pil_to_uint8, pixel_limit
 
     cols = batch.to_pydict() if hasattr(batch, "to_pydict") else {k: list(v) for k, v in batch.items()}
     n = len(cols["row"])
     inline = cols.get("image_bytes") or [None] * n
     uris = [None if inline[i] else cols["uri"][i] for i in range(n)]
-    fetched = _read_all(uris)
+    fetched = storage.read_many(uris)  # uris resolved by the driver (storage.resolve_image)
     pixels = np.zeros((n, image_size, image_size, 3), dtype=np.uint8)
     ok = np.zeros(n, dtype=bool)
     stage = np.full(n, "", dtype=object)

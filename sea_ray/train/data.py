@@ -35,11 +35,18 @@ def pil_geometry(image_size: int):
 
 
 def _load_image(ref: Optional[str], data: Optional[bytes], image_root: Optional[str]):
+    """``(RGB image, None)`` or ``(None, reason)`` for a manifest image: its embedded bytes, else
+    the file ``ref`` points to by the same rule as the labels job (:func:`sea_ray.storage.resolve_image`),
+    decoded by the same :func:`~sea_ray.data.images.decode_image`."""
     from sea_ray.data.images import decode_image
 
     if data is None:
-        uri = storage.join(image_root, ref) if image_root and not storage.is_remote(ref) else ref
-        data = storage.read_bytes(uri)
+        uri = storage.resolve_image(ref, image_root)
+        if uri is None:
+            return None, "no image"
+        data, reason = storage.read_many([uri])[0]
+        if data is None:
+            return None, reason
     return decode_image(data)
 
 
@@ -99,10 +106,7 @@ class Preprocess:
             image = blank
             has_image = bool(image_ref) or bool(image_bytes)
             if has_image:
-                try:
-                    pil, reason = _load_image(image_ref or None, image_bytes or None, self.image_root)
-                except (OSError, FileNotFoundError) as exc:
-                    pil, reason = None, f"unreadable: {exc}"
+                pil, reason = _load_image(image_ref or None, image_bytes or None, self.image_root)
                 if pil is None:
                     log.warning("sample %s skipped: image %s", sid, reason)
                     continue
