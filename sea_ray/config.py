@@ -752,6 +752,11 @@ def cross_field_problems(cfg: BaseModel) -> list[str]:
         sea = cfg.sea
         if sea.min_temperature > sea.max_temperature:
             problems.append(f"sea.min_temperature: {sea.min_temperature} > sea.max_temperature {sea.max_temperature}")
+        elif sea.learnable_temperature and not sea.min_temperature < sea.init_temperature < sea.max_temperature:
+            # strict, as in SeaLoss: a learnable temperature must start off its bounds
+            problems.append(f"sea.init_temperature: {sea.init_temperature} must lie strictly inside "
+                            f"(sea.min_temperature, sea.max_temperature) = "
+                            f"({sea.min_temperature}, {sea.max_temperature})")
         elif not sea.min_temperature <= sea.init_temperature <= sea.max_temperature:
             problems.append(f"sea.init_temperature: {sea.init_temperature} is outside "
                             f"[{sea.min_temperature}, {sea.max_temperature}]")

@@ -6,7 +6,7 @@ space as the mean of its token embeddings (paper Eq. 10, :func:`word_targets`). 
 random patch per ``k x k`` window (:func:`window_patch_indices`), draws one label per patch in
 proportion to its scores (:func:`sample_labels`), keeps one pair per distinct label
 (:func:`dedup_by_label`) and aligns the adapter outputs at those patches with the label targets by
-a symmetric InfoNCE with a learnable, clamped temperature (paper Eq. 11, :class:`SeaLoss`). The
+a symmetric InfoNCE with a learnable, bounded temperature (paper Eq. 11, :class:`SeaLoss`). The
 objective is ``L_lm + lambda * L_sea`` (:func:`lambda_at`, :func:`total_loss`).
 
 Pure PyTorch; every random draw goes through the ``torch.Generator`` passed in. The one collective
@@ -237,8 +237,13 @@ def select_pairs(
 class SeaLoss(torch.nn.Module):
     """Symmetric InfoNCE between visual tokens and word targets, in-batch negatives.
 
-    The temperature is a CLIP-style logit scale ``log(1/T)`` clamped on use to
-    ``[log(1/max_temperature), log(1/min_temperature)]``.
+    The temperature is a CLIP-style logit scale ``log(1/T)``, used unclamped in the loss so its
+    gradient never vanishes at a bound. As in open_clip, the training recipe calls :meth:`clamp_`
+    after every optimizer step, which clamps the parameter in place to
+    ``[log(1/max_temperature), log(1/min_temperature)]``; a temperature that reaches a bound can
+    therefore move off it again. A learnable temperature must start strictly inside
+    ``(min_temperature, max_temperature)``; a fixed one (``learnable=False``) never moves, so it may
+    sit on a bound (``min_temperature == init_temperature == max_temperature`` pins it).
     """
 
     def __init__(
@@ -249,7 +254,12 @@ class SeaLoss(torch.nn.Module):
         learnable: bool = True,
     ) -> None:
         super().__init__()
-        if not 0 < min_temperature <= init_temperature <= max_temperature:
+        if learnable and not 0 < min_temperature < init_temperature < max_temperature:
+            raise ValueError(
+                "a learnable temperature needs 0 < min_temperature < init_temperature < "
+                f"max_temperature, got {min_temperature}, {init_temperature}, {max_temperature}"
+            )
+        if not learnable and not 0 < min_temperature <= init_temperature <= max_temperature:
             raise ValueError(
                 "need 0 < min_temperature <= init_temperature <= max_temperature, got "
                 f"{min_temperature}, {init_temperature}, {max_temperature}"
@@ -262,12 +272,18 @@ class SeaLoss(torch.nn.Module):
         )
 
     def _logit_scale(self) -> torch.Tensor:
+        return self.log_inv_temperature.exp()
+
+    @torch.no_grad()
+    def clamp_(self) -> "SeaLoss":
+        """Clamp the temperature parameter in place to its bounds; call after each optimizer step."""
         low, high = math.log(1.0 / self.max_temperature), math.log(1.0 / self.min_temperature)
-        return self.log_inv_temperature.clamp(low, high).exp()
+        self.log_inv_temperature.clamp_(low, high)
+        return self
 
     @property
     def temperature(self) -> float:
-        """Current (clamped) temperature."""
+        """Current temperature (within its bounds once :meth:`clamp_` has run)."""
         return float(1.0 / self._logit_scale().detach())
 
     def forward(

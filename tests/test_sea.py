@@ -52,7 +52,7 @@ def _direction_loss(rows: list[list[float]], cols: list[list[float]], offset: in
 
 
 def test_aligned_pairs_near_zero_shuffled_high():
-    loss_fn = SeaLoss(init_temperature=0.01, min_temperature=0.01)
+    loss_fn = SeaLoss(init_temperature=0.01, min_temperature=0.005)
     x = torch.eye(8) * 3.0  # distinct, orthogonal directions
     aligned = loss_fn(x, x.clone())["loss"]
     shuffled = loss_fn(x, x[torch.roll(torch.arange(8), 1)])["loss"]
@@ -110,17 +110,80 @@ def test_gathered_path_matches_hand_loop():
 def test_temperature_clamp_and_validation():
     loss_fn = SeaLoss(init_temperature=0.07, min_temperature=0.01, max_temperature=1.0)
     assert loss_fn.temperature == pytest.approx(0.07)
+    assert loss_fn.clamp_().temperature == pytest.approx(0.07)  # inside the bounds: untouched
     with torch.no_grad():
         loss_fn.log_inv_temperature.fill_(math.log(1 / 0.001))
-    assert loss_fn.temperature == pytest.approx(0.01)
     x = torch.randn(4, 3, generator=_gen(3))
+    assert loss_fn(x, x)["temperature"].item() == pytest.approx(0.001)  # used unclamped
+    loss_fn.clamp_()  # the recipe's in-place clamp after an optimizer step
+    assert loss_fn.temperature == pytest.approx(0.01)
     assert loss_fn(x, x)["temperature"].item() == pytest.approx(0.01)
     with torch.no_grad():
         loss_fn.log_inv_temperature.fill_(math.log(1 / 5.0))
-    assert loss_fn.temperature == pytest.approx(1.0)
+    assert loss_fn.clamp_().temperature == pytest.approx(1.0)
     with pytest.raises(ValueError):
         SeaLoss(init_temperature=2.0)
     assert not SeaLoss(learnable=False).log_inv_temperature.requires_grad
+
+
+def test_temperature_recovers_from_its_bound():
+    """A temperature pushed onto a bound moves off it once the data asks (issue 12, item 8).
+
+    Under the old clamp-on-use the parameter overshot the bound, got zero gradient and stayed."""
+    torch.manual_seed(0)
+    loss_fn = SeaLoss(init_temperature=0.9, min_temperature=0.01, max_temperature=1.0)
+    opt = torch.optim.Adam(loss_fn.parameters(), lr=0.05)
+    x = torch.randn(16, 8, generator=_gen(7))
+
+    def step(targets):
+        opt.zero_grad(set_to_none=True)
+        loss_fn(x, targets)["loss"].backward()
+        opt.step()
+        loss_fn.clamp_()
+
+    # Anti-aligned pairs: every positive is the least similar column, so the loss rises with the
+    # logit scale and the temperature climbs to max_temperature.
+    for _ in range(500):
+        step(-x)
+        if loss_fn.temperature == pytest.approx(1.0):
+            break
+    for _ in range(20):  # sit on the bound a while, momentum still pushing outwards
+        step(-x)
+    assert loss_fn.temperature == pytest.approx(1.0)
+    # Aligned pairs (targets == features): a sharper softmax lowers the loss; the temperature must
+    # leave the bound.
+    for _ in range(300):
+        step(x.clone())
+    assert loss_fn.temperature < 0.5
+    assert 0.01 <= loss_fn.temperature
+
+
+@pytest.mark.parametrize("init", [0.01, 1.0, 0.005, 2.0])
+def test_init_temperature_on_or_outside_a_bound_is_refused(init):
+    from sea_ray.config import validate
+    from sea_ray.errors import ConfigError
+
+    with pytest.raises(ValueError, match="min_temperature < init_temperature"):
+        SeaLoss(init_temperature=init, min_temperature=0.01, max_temperature=1.0)
+    raw = {"job": "align", "model": {"preset": "tiny-openclip-llama"},
+           "data": {"manifest": "m.json", "labels": "labels"}, "batch": {"global_size": 16, "per_worker": 8},
+           "sea": {"init_temperature": init, "min_temperature": 0.01, "max_temperature": 1.0}}
+    with pytest.raises(ConfigError) as info:
+        validate(raw)
+    problems = [p for p in info.value.problems if p.startswith("sea.init_temperature:")]
+    assert len(problems) == 1 and "0.01" in problems[0] and "1.0" in problems[0]
+    # strictly inside is fine for both
+    raw["sea"]["init_temperature"] = 0.07
+    validate(raw)
+    SeaLoss(init_temperature=0.07, min_temperature=0.01, max_temperature=1.0)
+
+
+def test_fixed_temperature_may_sit_on_its_bounds():
+    # tune validation pins its scoring temperature with min == init == max and learnable=False
+    head = SeaLoss(init_temperature=0.1, min_temperature=0.1, max_temperature=0.1, learnable=False)
+    assert head.clamp_().temperature == pytest.approx(0.1)
+    with pytest.raises(ValueError):
+        SeaLoss(init_temperature=0.2, min_temperature=0.01, max_temperature=0.1, learnable=False)
 
 
 def test_gradient_reaches_temperature_and_inputs():
