@@ -175,7 +175,7 @@ def test_align_to_s3_then_instruct_from_its_adapter(labelled_world, s3_bucket, r
 def test_scale_out_semantics_and_schedule():
     from types import SimpleNamespace
 
-    from sea_ray.train.loop import accumulation_steps, lr_lambda, total_steps
+    from sea_ray.train.loop import accumulation_steps, build_optimizer, total_steps
 
     cfg = SimpleNamespace(batch=SimpleNamespace(global_size=256, per_worker=16),
                           optim=SimpleNamespace(max_steps=None, epochs=1.0))
@@ -185,8 +185,18 @@ def test_scale_out_semantics_and_schedule():
     with pytest.raises(ValueError, match="not divisible"):
         accumulation_steps(cfg, 3)
     assert total_steps(cfg, 558_128) == 2180  # LCS-558K, one epoch at 256
-    fn = lr_lambda(warmup=3, total=13)
-    assert [round(fn(s), 3) for s in (0, 2, 3, 8, 13)] == [0.333, 1.0, 1.0, 0.5, 0.0]
+    param = torch.nn.Parameter(torch.zeros(2, 2))
+    model = torch.nn.Linear(1, 1)
+    model.weight = param
+    sched_cfg = SimpleNamespace(optim=SimpleNamespace(weight_decay=0.0, lr=1.0, betas=(0.9, 0.999),
+                                                      warmup_ratio=3 / 13))
+    optimizer, scheduler = build_optimizer(model, sched_cfg, 13)
+    lrs = []
+    for _ in range(14):
+        lrs.append(round(scheduler.get_last_lr()[0], 3))
+        optimizer.step()
+        scheduler.step()
+    assert [lrs[s] for s in (0, 2, 3, 8, 13)] == [0.0, 0.667, 1.0, 0.5, 0.0]
 
 
 def test_relative_paths_become_absolute(tmp_path, monkeypatch):

@@ -19,6 +19,7 @@ from typing import Callable, Iterable, Optional
 
 import numpy as np
 import torch
+from transformers import get_cosine_schedule_with_warmup
 
 from sea_ray import storage
 from sea_ray.train import checkpoint as ckpt
@@ -48,25 +49,14 @@ def total_steps(cfg, num_rows: int) -> int:
     return max(1, math.floor(cfg.optim.epochs * num_rows / cfg.batch.global_size))
 
 
-def lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
-    """Linear warm-up then cosine decay to zero (LLaVA's schedule)."""
-
-    def fn(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return fn
-
-
 def build_optimizer(model, cfg, steps: int):
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.optim.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
     opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
     warmup = int(round(cfg.optim.warmup_ratio * steps))
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(warmup, steps))
+    # linear warm-up, then cosine decay to zero: the schedule LLaVA trains with (HF Trainer's)
+    return opt, get_cosine_schedule_with_warmup(opt, warmup, steps)
 
 
 def sea_setup(model, cfg, device):
@@ -295,6 +285,8 @@ def run_stage(cfg, io, evaluate: Optional[Callable[[object, int], dict]] = None)
                 torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
                                                cfg.optim.max_grad_norm)
             optimizer.step()
+            if getattr(model, "sea_head", None) is not None:
+                model.sea_head.clamp_()  # keep the SEA temperature in its bounds (clamped in place)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             state["step"] += 1
