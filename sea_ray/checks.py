@@ -1,6 +1,6 @@
 """Checks that need more than the config itself: the tower's patch grid (from its architecture,
-without building it) and the metadata of an existing labels dataset. Run by every job before
-any Ray resource is requested, and by ``sea-ray validate``."""
+without building it) and the metadata of an existing labels dataset. The job table
+(:mod:`sea_ray.jobs`) runs them for every job before any Ray resource is requested."""
 
 from __future__ import annotations
 
@@ -127,17 +127,81 @@ def _checkpoint_adapter(uri: str) -> Optional[dict]:
         return None
 
 
-def validated(raw: dict, job: str, where: str, problems: list[str]):
-    """``raw`` validated as a ``job`` config and checked with :func:`job_problems`: the config, or
-    None when validation fails. Every problem found is appended to ``problems`` prefixed with
-    ``where`` (a step of a pipeline or quickstart), so one report can cover many jobs."""
-    from sea_ray.config import validate
-    from sea_ray.errors import ConfigError
+# --------------------------------------------------------------------------- inputs
 
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf", "*.ckpt")
+
+
+def _path_like(value: str) -> bool:
+    """Whether a model value names a path (not a hub id or a registered name): a URI, an
+    absolute or explicitly relative path, or something that exists here."""
+    return ("://" in value or os.path.isabs(value) or value.startswith(("./", "../", "~"))
+            or os.path.exists(value))
+
+
+def _exists(uri: str) -> Optional[bool]:
+    """Whether ``uri`` exists; None when its storage cannot be reached from here."""
     try:
-        cfg = validate(raw, job=job)
-    except ConfigError as exc:
-        problems.extend(f"{where}: {p}" for p in exc.problems)
+        return storage.exists(uri)
+    except Exception as exc:  # unreachable storage is not a config error: the job checks it again
+        log.warning("cannot check %s from here (%s); the job checks it when it starts", uri, type(exc).__name__)
         return None
-    problems.extend(f"{where}: {p}" for p in job_problems(cfg))
-    return cfg
+
+
+def _tokenizer_problems(key: str, uri: str) -> list[str]:
+    if storage.is_remote(uri):
+        return []
+    try:
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(os.path.expanduser(uri))
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        return [f"{key}: no tokenizer loads from {uri} ({type(exc).__name__}: {first})"]
+    return []
+
+
+def _model_dir_problems(key: str, uri: str) -> list[str]:
+    """A weights file, or a model folder: a Hugging Face config (not for open_clip weights) and weights."""
+    local = None if storage.is_remote(uri) else os.path.expanduser(uri)
+    if local is not None and os.path.isfile(local):
+        return []
+    if not key.endswith("vision.weights") and _exists(storage.join(uri, "config.json")) is False:
+        return [f"{key}: {uri} holds no config.json (not a Hugging Face model folder)"]
+    if local is not None:
+        import glob
+
+        if not any(glob.glob(os.path.join(local, pattern)) for pattern in WEIGHT_PATTERNS):
+            return [f"{key}: {uri} holds no weights ({', '.join(WEIGHT_PATTERNS)})"]
+    return []
+
+
+def input_problems(fields: list[tuple[str, str, str]]) -> list[str]:
+    """Every input path (``(key, value, role)``, roles as in :func:`sea_ray.config.path_fields`)
+    that does not exist, every model folder that is not one, an LLM without a tokenizer that
+    loads, and a labels dataset that is not complete."""
+    problems = []
+    keys = {key for key, _, _ in fields}
+    for key, value, role in fields:
+        if role == "model":
+            if value == "world" or not _path_like(value):
+                continue  # a hub id, an architecture name, the built-in world tokenizer
+            found = _exists(os.path.expanduser(value))
+            if found is False:
+                problems.append(f"{key}: {value} does not exist")
+            elif found and key.endswith("llm.tokenizer"):
+                problems += _tokenizer_problems(key, value)
+            elif found:
+                found_here = _model_dir_problems(key, value)
+                problems += found_here
+                tokenizer_key = key[: -len("name_or_path")] + "tokenizer"
+                if not found_here and key.endswith("llm.name_or_path") and tokenizer_key not in keys:
+                    problems += _tokenizer_problems(key, value)
+        elif role == "input":
+            found = _exists(value)
+            if found is False:
+                problems.append(f"{key}: {value} does not exist")
+            elif found and key.endswith("data.labels") and _exists(storage.join(value, "_SUCCESS")) is False:
+                problems.append(f"{key}: {value} is not a complete labels dataset (no _SUCCESS): run or finish "
+                                "the labels job first")
+    return problems

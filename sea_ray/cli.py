@@ -1,7 +1,8 @@
-"""``sea-ray <verb>``: one table from verb to function.
+"""``sea-ray <verb>``: one table from verb to function (:data:`VERBS`).
 
 Config verbs take ``--config FILE`` plus ``dotted.key=value`` overrides. Exit codes: 0 success,
-2 configuration (or usage) error, 1 any other failure.
+2 configuration (or usage) error, 1 any other failure. The jobs come from the job table
+(:mod:`sea_ray.jobs`); this module is the leaf of the package: nothing in ``sea_ray/`` imports it.
 """
 
 from __future__ import annotations
@@ -12,7 +13,17 @@ import logging
 import sys
 from typing import Callable
 
+from sea_ray import jobs, preflight, quickstart, storage
+from sea_ray import pipeline as pipelines
+from sea_ray import submit as remote
+from sea_ray.config import apply_overrides, load_config, to_dict, validate
+from sea_ray.data.importer import import_manifest
+from sea_ray.data.world import generate_world
 from sea_ray.errors import ConfigError, SeaRayError
+from sea_ray.eval.generate import generate
+from sea_ray.labels import audit as label_audit
+from sea_ray.labels.vocab import save_vocab, vocab_from_config
+from sea_ray.presets import PRESETS
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 
@@ -25,29 +36,9 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 # --------------------------------------------------------------------------- verbs
 
 
-def check_config(cfg, source) -> None:
-    """Every check a job runs before it asks Ray for anything; one ConfigError lists them all."""
-    from sea_ray.checks import job_problems
-
-    if cfg.job == "pipeline":  # every step resolved, wired and checked, as `pipeline --dry-run` does
-        from sea_ray.pipeline import plan
-
-        plan(cfg, source)
-        return
-    problems = job_problems(cfg)
-    if cfg.job == "tune":  # the job-level checks at every end of every search dimension
-        from sea_ray.tune.search import search_problems
-
-        problems += search_problems(cfg)
-    if problems:
-        raise ConfigError(problems, str(source))
-
-
 def cmd_validate(args) -> int:
-    from sea_ray.config import load_config, to_dict
-
     cfg = load_config(args.config, args.overrides)
-    check_config(cfg, args.config)
+    preflight.check(cfg, args.config, inputs=not args.skip_inputs)
     if args.print:
         print(json.dumps(to_dict(cfg), indent=2))
     print(f"{args.config}: valid {cfg.job} config")
@@ -55,16 +46,12 @@ def cmd_validate(args) -> int:
 
 
 def cmd_world(args) -> int:
-    from sea_ray.data.world import generate_world
-
     summary = generate_world(args.out, num_images=args.num_images, seed=args.seed, image_size=args.image_size)
     print(json.dumps(summary, indent=2, sort_keys=True))
     return EXIT_OK
 
 
 def cmd_import_manifest(args) -> int:
-    from sea_ray.data.importer import import_manifest
-
     summary = import_manifest(args.input, args.output, image_root=args.image_root, embed_images=args.embed_images,
                               rows_per_shard=args.rows_per_shard, require_image=args.require_image)
     print(json.dumps(summary, indent=2, sort_keys=True))
@@ -72,8 +59,6 @@ def cmd_import_manifest(args) -> int:
 
 
 def cmd_presets(args) -> int:
-    from sea_ray.presets import PRESETS
-
     for name, spec in PRESETS.items():
         llm = spec["llm"].get("name_or_path") or f"{spec['llm']['config']['model_type']} (random init)"
         vision = spec["vision"]["name"] if spec["vision"]["name"] != "custom" else f"tiny {spec['vision']['backend']}"
@@ -82,30 +67,16 @@ def cmd_presets(args) -> int:
 
 
 def cmd_job(args) -> int:
-    """Every config job: load + validate everything, then hand the typed config to its runner."""
-    import importlib
-
-    from sea_ray.checks import job_problems
-    from sea_ray.config import load_config
-
-    from sea_ray.paths import package_output_problems
-
+    """Every config job: load, validate and check everything once, then run it."""
     cfg = load_config(args.config, args.overrides, job=args.verb)
-    problems = job_problems(cfg) + package_output_problems(cfg)  # (tune's runner adds its space checks)
-    if problems:
-        raise ConfigError(problems, args.config)
-    module, _, func = JOB_RUNNERS[args.verb].partition(":")
-    summary = getattr(importlib.import_module(module), func)(cfg)
+    preflight.check(cfg, args.config)
+    summary = jobs.run(cfg, checked=True)
     print(json.dumps(summary, indent=2, sort_keys=True, default=str))
     return EXIT_OK
 
 
 def cmd_vocab(args) -> int:
     """Build the labels config's vocabulary from its manifest; print a summary; save it."""
-    from sea_ray import storage
-    from sea_ray.config import load_config, to_dict
-    from sea_ray.labels.vocab import save_vocab, vocab_from_config
-
     cfg = load_config(args.config, args.overrides, job="labels")
     vocab = vocab_from_config(cfg)
     out = args.out or storage.join(cfg.output, "vocab.json")
@@ -124,15 +95,11 @@ def _vocab_args(p):
 
 def cmd_audit_labels(args) -> int:
     """Precision@1 of patch labels against the synthetic world's ground truth, per variant."""
-    from sea_ray import storage
-    from sea_ray.config import load_config
-    from sea_ray.labels.audit import audit, to_markdown, write_report
-
     cfg = load_config(args.config, args.overrides, job="labels")
-    report = audit(cfg, args.world, limit=args.limit or None)
+    report = label_audit.audit(cfg, args.world, limit=args.limit or None)
     out = args.out or storage.join(cfg.output, "_audit.json")
-    json_uri, md_uri = write_report(report, out)
-    print(to_markdown(report), end="")
+    json_uri, md_uri = label_audit.write_report(report, out)
+    print(label_audit.to_markdown(report), end="")
     print(f"written: {json_uri} and {md_uri}")
     return EXIT_OK
 
@@ -142,16 +109,6 @@ def _audit_args(p):
     p.add_argument("--world", required=True, help="synthetic world folder (sea-ray world --out DIR)")
     p.add_argument("--out", help="report JSON to write, Markdown beside it (default: <output>/_audit.json)")
     p.add_argument("--limit", type=int, default=200, help="world images to audit (0 = all)")
-
-
-# verb -> "module:function" taking the validated config and returning a JSON-able summary
-JOB_RUNNERS: dict[str, str] = {
-    "labels": "sea_ray.labels.job:run",
-    "align": "sea_ray.train.driver:run",
-    "instruct": "sea_ray.train.driver:run",
-    "tune": "sea_ray.tune.search:run",
-    "eval": "sea_ray.eval.job:run",
-}
 
 
 def _world_args(p):
@@ -174,6 +131,8 @@ def _import_args(p):
 def _validate_args(p):
     _add_config_args(p)
     p.add_argument("--print", action="store_true", help="print the resolved config as JSON")
+    p.add_argument("--skip-inputs", action="store_true", help="check the config only, not that its input paths "
+                   "exist (a recipe whose data is not there yet)")
 
 
 VERBS: dict[str, tuple[str, Callable, Callable]] = {
@@ -188,13 +147,8 @@ VERBS: dict[str, tuple[str, Callable, Callable]] = {
 }
 
 
-for _verb, _help in (("labels", "precompute CLIP patch labels with Ray Data"),
-                     ("align", "stage 1: SEA alignment pretraining with Ray Train"),
-                     ("instruct", "stage 2: instruction tuning with Ray Train"),
-                     ("tune", "search SEA and adapter hyperparameters with Ray Tune + Optuna"),
-                     ("eval", "evaluate a checkpoint (alignment diagnostics, QA accuracy)")):
-    if _verb in JOB_RUNNERS:
-        VERBS[_verb] = (_help, _add_config_args, cmd_job)
+for _job in jobs.JOBS.values():
+    VERBS[_job.name] = (_job.summary, _add_config_args, cmd_job)
 
 
 # --------------------------------------------------------------------------- pipeline, submit, jobs
@@ -202,21 +156,13 @@ for _verb, _help in (("labels", "precompute CLIP patch labels with Ray Data"),
 
 def cmd_pipeline(args) -> int:
     """Plan (validate every step), then run the steps in order, skipping complete ones."""
-    from sea_ray import pipeline
-    from sea_ray.config import load_config
-
-    from sea_ray.paths import package_output_problems
-
     cfg = load_config(args.config, args.overrides, job="pipeline")
-    plan = pipeline.plan(cfg, args.config)
-    problems = package_output_problems(cfg, plan)
-    if problems:
-        raise ConfigError(problems, args.config)
+    plan = preflight.check(cfg, args.config, inputs=not (args.dry_run and args.skip_inputs))
     force = tuple(args.force or ())
     if args.dry_run:
-        print(json.dumps(pipeline.describe(plan, force), indent=2, sort_keys=True, default=str))
+        print(json.dumps(pipelines.describe(plan, force), indent=2, sort_keys=True, default=str))
         return EXIT_OK
-    summary = pipeline.run(plan, force=force, break_lock=args.break_lock)
+    summary = pipelines.run(plan, force=force, break_lock=args.break_lock)
     print(json.dumps(summary, indent=2, sort_keys=True, default=str))
     return EXIT_OK
 
@@ -225,6 +171,8 @@ def _pipeline_args(p):
     _add_config_args(p)
     p.add_argument("--dry-run", action="store_true", help="validate every step and print what would run or be "
                    "skipped; start nothing")
+    p.add_argument("--skip-inputs", action="store_true", help="with --dry-run: do not check that the input "
+                   "paths exist")
     p.add_argument("--force", action="append", metavar="STEP", help="run STEP even if its output is complete "
                    "(repeatable)")
     p.add_argument("--break-lock", action="store_true", help="remove another run's lock on the output first "
@@ -232,12 +180,12 @@ def _pipeline_args(p):
 
 
 def cmd_submit(args) -> int:
-    from sea_ray.submit import submit
-
-    return submit(args.command, address=args.address, wait=args.wait, working_dir=args.working_dir, pip=args.pip,
-                  env=args.env, cluster_env=args.cluster_env, default_env=not args.no_default_env, excludes=args.exclude, python=args.python,
-                  submission_id=args.submission_id, validate=not args.no_validate,
-                  entrypoint_num_cpus=args.entrypoint_num_cpus)
+    verbs = [v for v in VERBS if v not in ("submit", "jobs")]
+    return remote.submit(args.command, parser=build_parser(), verbs=verbs, address=args.address, wait=args.wait,
+                         working_dir=args.working_dir, pip=args.pip, env=args.env, cluster_env=args.cluster_env,
+                         default_env=not args.no_default_env, excludes=args.exclude, python=args.python,
+                         submission_id=args.submission_id, validate=not args.no_validate,
+                         entrypoint_num_cpus=args.entrypoint_num_cpus)
 
 
 def _submit_args(p):
@@ -265,17 +213,15 @@ def _submit_args(p):
 
 
 def cmd_jobs(args) -> int:
-    from sea_ray import submit
-
     if args.action != "list" and not args.job_id:
         raise ConfigError([f"jobs {args.action}: give the job's submission id"])
     if args.action == "list":
-        return submit.list_jobs(args.address)
+        return remote.list_jobs(args.address)
     if args.action == "status":
-        return submit.job_status(args.address, args.job_id)
+        return remote.job_status(args.address, args.job_id)
     if args.action == "logs":
-        return submit.job_logs(args.address, args.job_id, follow_logs=args.follow)
-    return submit.stop_job(args.address, args.job_id)
+        return remote.job_logs(args.address, args.job_id, follow_logs=args.follow)
+    return remote.stop_job(args.address, args.job_id)
 
 
 def _jobs_args(p):
@@ -296,14 +242,11 @@ VERBS["jobs"] = ("list, inspect, follow or stop the jobs of a Ray cluster", _job
 
 def cmd_quickstart(args) -> int:
     """The embedded default end to end: world -> labels -> align (baseline, +SEA) -> instruct -> eval."""
-    from sea_ray.config import apply_overrides, load_config, validate
-    from sea_ray.quickstart import run
-
     if args.config:
         cfg = load_config(args.config, args.overrides, job="quickstart")
     else:
         cfg = validate(apply_overrides({"job": "quickstart"}, args.overrides), job="quickstart")
-    run(cfg)
+    quickstart.run(cfg)
     return EXIT_OK
 
 
@@ -315,8 +258,6 @@ def _quickstart_args(p):
 
 def cmd_generate(args) -> int:
     """Answer a prompt about an image with a trained checkpoint."""
-    from sea_ray.eval.generate import generate
-
     print(generate(args.checkpoint, args.image, args.prompt, max_new_tokens=args.max_new_tokens,
                    template=args.template, device=args.device))
     return EXIT_OK

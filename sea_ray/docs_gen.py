@@ -34,11 +34,17 @@ problem at once (exit code 2) and suggests the closest key for a misspelt one. A
 may name a preset (`sea-ray presets` lists them); keys beside `preset` override the preset's.
 Defaults live only in the config classes, so a recipe states only what it changes.
 
-Check a config without starting anything:
+Check a config without starting anything. Besides the values, `sea-ray validate` (and every job
+verb, `pipeline` and `submit`, before they start) checks the inputs: every manifest, image root,
+labels dataset, checkpoint and word list exists (local or `s3://`), a labels dataset is complete,
+and a model folder holds a Hugging Face config and weights (and, for an LLM, a tokenizer that
+loads). Hub ids are left to the hub. A wrong path exits 2 naming the key and the path:
 
 <!-- run -->
 ```bash
-sea-ray validate --config workflows/configs/tiny_align.yaml
+sea-ray world --out out/world --num-images 20 --image-size 64 > /dev/null
+sea-ray validate --config workflows/configs/tiny_labels.yaml
+if sea-ray validate --config workflows/configs/tiny_labels.yaml data.manifest=out/wrold/train/pretrain.json; then exit 1; fi
 python -m sea_ray.docs_gen --check
 ```
 """

@@ -23,8 +23,8 @@ validated before anything runs; one error lists the problems of every step.
 A step whose output is already complete is skipped: the world's ``world.json`` with the same
 parameters, the imports' ``_SUCCESS``, the labels' ``_SUCCESS``, tune's ``summary.json``, a complete
 checkpoint at the run's final step, the eval report. ``--force STEP`` runs it anyway (the job's
-own resume logic then decides what is left to do). Steps call the job runners of
-:data:`sea_ray.cli.JOB_RUNNERS` in this process, so a step plugs in by its verb's name.
+own resume logic then decides what is left to do). Steps run the jobs of the job table
+(:data:`sea_ray.jobs.JOBS`) in this process, so a step plugs in by its job's name.
 
 The run describes itself in ``<output>/_pipeline/``: ``plan.json`` (every step's resolved config),
 ``<step>.json`` (the summary of each step that ran) and, while it runs, ``LOCK``: a second run on
@@ -48,7 +48,7 @@ from typing import Any, Callable, Optional
 
 import yaml
 
-from sea_ray import storage
+from sea_ray import jobs, storage
 from sea_ray.config import PIPELINE_STEPS, PipelineConfig, to_dict
 from sea_ray.errors import ConfigError, SeaRayError
 
@@ -212,24 +212,20 @@ def _output_of(name: str, cfg) -> str:
     return _abs(cfg.output)
 
 
-def _available_verbs() -> dict[str, str]:
-    from sea_ray.cli import JOB_RUNNERS
-
-    return JOB_RUNNERS
+def _available_verbs() -> dict[str, jobs.Job]:
+    return jobs.JOBS
 
 
 def build_step_config(name: str, cfg: PipelineConfig, base_dir: Path, data: dict, so_far: dict[str, StepPlan],
                       problems: list[str], extra: Optional[dict] = None):
     """The validated config of a config step (``extra``: dotted values applied before ``set``,
     e.g. tune's best parameters for align), or None with its problems appended."""
-    from sea_ray.checks import validated
-
     section = getattr(cfg, name)
     raw = _read_recipe(name, section.recipe, base_dir, problems)
     raw["job"] = name
     for key, value in {**_wiring(name, so_far, cfg, data), **(extra or {})}.items():
         _put(raw, key, value)
-    return validated(_apply_set(raw, section.set), name, name, problems)
+    return jobs.validated(_apply_set(raw, section.set), name, name, problems)
 
 
 def plan(cfg: PipelineConfig, source: str | Path) -> Plan:
@@ -391,16 +387,13 @@ def _run_import(step: StepPlan) -> dict:
 
 
 def _run_job(step: StepPlan) -> dict:
-    import importlib
-
     cfg = step.cfg
     if step.name == "eval" and storage.is_remote(cfg.world):
         # eval runs in this process and reads the ground truth with local-file readers: give it a
         # local copy of the (small, synthetic) world, downloaded once into the sea_ray cache
         log.info("pipeline: eval reads a local copy of %s", cfg.world)
         cfg = cfg.model_copy(update={"world": storage.local_copy(cfg.world)})
-    module, _, func = _available_verbs()[step.name].partition(":")
-    return getattr(importlib.import_module(module), func)(cfg)
+    return _available_verbs()[step.name].run(cfg)
 
 
 # --------------------------------------------------------------------------- the lock
@@ -435,29 +428,10 @@ class OutputLock:
         self.held = False
 
     def _create(self) -> bool:
-        data = json.dumps(self.owner, indent=1).encode()
-        fs, path = storage.fsspec_fs(self.uri)
-        if not storage.is_remote(self.uri):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                return False
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            return True
-        if self.uri.startswith("s3://"):
-            try:
-                fs.pipe_file(path, data, mode="create")
-            except (FileExistsError, OSError) as exc:
-                if storage.exists(self.uri):
-                    return False
-                raise SeaRayError(f"cannot create the lock {self.uri}: {type(exc).__name__}: {exc}") from exc
-            return True
-        if storage.exists(self.uri):  # no exclusive create on this store: best effort
-            return False
-        storage.write_bytes(self.uri, data)
-        return True
+        try:
+            return storage.create_exclusive(self.uri, json.dumps(self.owner, indent=1).encode())
+        except OSError as exc:
+            raise SeaRayError(f"cannot create the lock {self.uri}: {type(exc).__name__}: {exc}") from exc
 
     def holder(self) -> dict:
         try:

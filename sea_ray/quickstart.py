@@ -94,7 +94,7 @@ def _with_set(raw: dict, values: dict) -> dict:
 def build_configs(cfg: QuickstartConfig) -> dict:
     """Every job config of the quickstart, validated (no Ray, no writes): ``{"labels", "audit",
     "chains": [{"seed", "arm", "key", "align", "instruct", "eval", "eval_align"}]}``."""
-    from sea_ray.checks import validated
+    from sea_ray.jobs import validated
     from sea_ray.errors import ConfigError
 
     p = _paths(cfg)

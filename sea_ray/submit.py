@@ -24,6 +24,7 @@ token mode); ``RAY_AUTH_MODE=disabled`` sends none.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import logging
@@ -35,7 +36,8 @@ import uuid
 from pathlib import Path
 from typing import Optional
 
-from sea_ray import paths
+from sea_ray import paths, pipeline, preflight
+from sea_ray.config import JOBS, load_config
 from sea_ray.errors import ConfigError, SeaRayError
 from sea_ray.runtime import CLUSTER_ENV_VAR, SETTINGS_ENV, is_credential
 
@@ -199,21 +201,20 @@ def entrypoint_for(command: list[str], working_dir: Path, python: str) -> str:
     return " ".join(shlex.quote(w) if i else w for i, w in enumerate(words))
 
 
-def prepare_command(command: list[str], working_dir: Path, validate: bool = True,
-                    excludes: Optional[list[str]] = None, cwd: Optional[Path] = None) -> list[str]:
-    """Check the verb, make ``--config`` relative to the working dir (what the job sees), validate
-    the config here, and rewrite or refuse its relative paths (:func:`sea_ray.paths.for_submission`),
-    all before anything is uploaded."""
-    from sea_ray.cli import VERBS, build_parser
-
+def prepare_command(command: list[str], working_dir: Path, parser: argparse.ArgumentParser, verbs: list[str],
+                    validate: bool = True, excludes: Optional[list[str]] = None,
+                    cwd: Optional[Path] = None) -> list[str]:
+    """Check the verb (one of ``verbs``, parsed by ``parser``: the CLI's), make ``--config``
+    relative to the working dir (what the job sees), check the config here, and rewrite or refuse
+    its relative paths (:func:`sea_ray.paths.for_submission`), all before anything is uploaded."""
     cwd = cwd or Path.cwd()
     if command and command[0] == "--":
         command = command[1:]
     if not command:
         raise ConfigError(["nothing to submit: give the job after `--`, e.g. -- pipeline --config FILE"])
     verb = command[0]
-    if verb not in VERBS or verb in ("submit", "jobs"):
-        valid = ", ".join(v for v in VERBS if v not in ("submit", "jobs"))
+    if verb not in verbs:
+        valid = ", ".join(verbs)
         raise ConfigError([f"{verb!r} is not a sea-ray job verb; valid: {valid}"])
     command = list(command)
     index = _config_arg(command)
@@ -232,7 +233,7 @@ def prepare_command(command: list[str], working_dir: Path, validate: bool = True
             raise ConfigError([f"--config {raw}: file not found under {working_dir}"])
         command[index] = rel.as_posix() if not command[index].startswith("--config=") else f"--config={rel.as_posix()}"
     try:
-        args = build_parser().parse_args(command)
+        args = parser.parse_args(command)
     except SystemExit as exc:
         raise ConfigError([f"the job's command line is not valid: {shlex.join(command)}"]) from exc
     if getattr(args, "config", None):
@@ -242,11 +243,8 @@ def prepare_command(command: list[str], working_dir: Path, validate: bool = True
 
 
 def _portable_paths(args, working_dir: Path, cwd: Path, validate: bool, excludes: list[str]) -> list[str]:
-    """Validate the config here (unless told not to) and return the overrides that make its
+    """Check the config here (unless told not to) and return the overrides that make its
     relative inputs point into the uploaded working dir; refuse every other relative path."""
-    from sea_ray.cli import check_config
-    from sea_ray.config import JOBS, load_config
-
     source = working_dir / args.config
     try:
         cfg = load_config(source, args.overrides, job=args.verb if args.verb in JOBS else None)
@@ -257,15 +255,12 @@ def _portable_paths(args, working_dir: Path, cwd: Path, validate: bool, excludes
         return []
     plan = None
     if validate:
-        check_config(cfg, source)
-    if cfg.job == "pipeline":
-        from sea_ray.pipeline import plan as make_plan
-
+        plan = preflight.check(cfg, source)
+    elif cfg.job == "pipeline":
         try:
-            plan = make_plan(cfg, source)
+            plan = pipeline.plan(cfg, source)
         except ConfigError:
-            if validate:
-                raise
+            pass
     upload_excludes = WORKING_DIR_EXCLUDES + excludes + paths.gitignore_patterns(working_dir)
     rewrites, problems = paths.for_submission(cfg, cwd, working_dir, upload_excludes, plan)
     if problems:
@@ -273,7 +268,7 @@ def _portable_paths(args, working_dir: Path, cwd: Path, validate: bool, excludes
     return rewrites
 
 
-def submit(command: list[str], address: Optional[str] = None, wait: bool = False,
+def submit(command: list[str], parser: argparse.ArgumentParser, verbs: list[str], address: Optional[str] = None, wait: bool = False,
            working_dir: Optional[str] = None, pip: Optional[list[str]] = None, env: Optional[list[str]] = None,
            cluster_env: Optional[list[str]] = None, default_env: bool = True, excludes: Optional[list[str]] = None, python: str = "python",
            submission_id: Optional[str] = None, validate: bool = True, entrypoint_num_cpus: Optional[float] = None,
@@ -286,7 +281,7 @@ def submit(command: list[str], address: Optional[str] = None, wait: bool = False
     if not (wd / "workflows").is_dir():
         log.warning("%s has no workflows/ folder: the job runs `python -m sea_ray.cli`, which the cluster must "
                     "have installed", wd)
-    command = prepare_command(command, wd, validate=validate, excludes=excludes)
+    command = prepare_command(command, wd, parser, verbs, validate=validate, excludes=excludes)
     env_vars, missing = parse_env(env or [], defaults=default_env)
     if missing:
         raise ConfigError([f"--env {name}: not set in this environment (nothing to pass through)" for name in missing])

@@ -229,6 +229,55 @@ def test_greedy_generate_matches_a_cache_free_reference_with_left_padding():
     assert got == want and all(len(g) == 5 for g in got)
 
 
+_QUESTIONS = ["What color is the circle?", "How many objects are there in the image?", "Is there a red square?",
+              "Left?"]
+
+
+def test_greedy_generate_text_only_and_mixed_batches_match_the_reference():
+    """Prompts of different lengths without images, and a batch mixing prompts with and without one
+    (``images`` then holds only the images of the prompts that have one, in order)."""
+    from sea_ray.eval.generate import encode_prompt, greedy_generate
+
+    model, _ = _tiny_vlm()
+    tok = model.tokenizer
+    text = [encode_prompt(q, tok, with_image=False) for q in _QUESTIONS]
+    assert len({len(p) for p in text}) > 1
+    got = greedy_generate(model, text, None, max_new_tokens=6, eos_id=-1)
+    assert got == [_reference_greedy(model, p, None, 6, -1) for p in text] and all(len(g) == 6 for g in got)
+
+    torch.manual_seed(1)
+    images = torch.randn(2, 3, 64, 64)
+    mixed = [encode_prompt(q, tok, with_image=i % 2 == 0) for i, q in enumerate(_QUESTIONS)]
+    got = greedy_generate(model, mixed, images, max_new_tokens=6, eos_id=-1)
+    want = [_reference_greedy(model, p, images[i // 2] if i % 2 == 0 else None, 6, -1) for i, p in enumerate(mixed)]
+    assert got == want
+
+
+def test_greedy_generate_stops_each_row_at_its_own_eos():
+    """Each row ends at its first eos (not returned); the other rows go on up to max_new_tokens."""
+    from sea_ray.eval.generate import encode_prompt, greedy_generate
+
+    model, _ = _tiny_vlm()
+    tok = model.tokenizer
+    prompts = [encode_prompt(q, tok) for q in _QUESTIONS]
+    torch.manual_seed(1)
+    images = torch.randn(len(prompts), 3, 64, 64)
+    free = greedy_generate(model, prompts, images, max_new_tokens=8, eos_id=-1)
+    eos = free[0][3]  # a token the first row emits at step 4: stop there, others where (if) they emit it
+    got = greedy_generate(model, prompts, images, max_new_tokens=8, eos_id=eos)
+    want = [_reference_greedy(model, p, images[i], 8, eos) for i, p in enumerate(prompts)]
+    assert got == want and got == [g[:g.index(eos)] if eos in g else g for g in free]
+    assert len(got[0]) == 3 and len({len(g) for g in got}) > 1
+    # a checkpoint's generation_config.json (sampling, penalties, its own eos) does not change greedy
+    gc = model.llm.generation_config
+    gc.do_sample, gc.temperature, gc.top_k, gc.repetition_penalty, gc.no_repeat_ngram_size = True, 0.7, 5, 1.5, 2
+    gc.eos_token_id = [tok.eos_token_id, free[1][0]]
+    assert greedy_generate(model, prompts, images, max_new_tokens=8, eos_id=eos) == want
+    assert greedy_generate(model, prompts, images, max_new_tokens=8, eos_id=-1) == free
+    assert greedy_generate(model, [], None) == []
+    assert greedy_generate(model, prompts[:1], images[:1], max_new_tokens=0) == [[]]
+
+
 # --------------------------------------------------------------------------- the job end to end
 
 

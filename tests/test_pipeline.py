@@ -9,6 +9,7 @@ cluster, reading and writing a bucket)."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import subprocess
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sea_ray import cli, pipeline, storage
+from sea_ray import cli, jobs, pipeline, storage
 from sea_ray.config import load_config, validate
 from sea_ray.errors import ConfigError
 from sea_ray.train import checkpoint as ckpt
@@ -78,10 +79,10 @@ FAKES = {"labels": _fake_labels, "align": _fake_train, "instruct": _fake_train, 
 def fake_runners(monkeypatch):
     """Every config step runs a fake (also eval and tune, whether or not their runners exist yet)."""
     CALLS.clear()
-    runners = dict(cli.JOB_RUNNERS)
+    table = dict(jobs.JOBS)
     for verb, fn in FAKES.items():
-        runners[verb] = f"{__name__}:{fn.__name__}"
-    monkeypatch.setattr(cli, "JOB_RUNNERS", runners)
+        table[verb] = dataclasses.replace(table[verb], run=fn)
+    monkeypatch.setattr(jobs, "JOBS", table)
     monkeypatch.setattr("sea_ray.runtime.init_ray", lambda *a, **k: None)  # the fakes need no Ray
     return CALLS
 
@@ -189,8 +190,7 @@ def test_a_recipe_of_another_job_is_refused(tmp_path, world_dir):
 
 
 def test_a_step_without_a_runner_is_refused_by_name(tmp_path, world_dir, monkeypatch):
-    runners = {k: v for k, v in cli.JOB_RUNNERS.items() if k != "instruct"}
-    monkeypatch.setattr(cli, "JOB_RUNNERS", runners)
+    monkeypatch.setattr(jobs, "JOBS", {k: v for k, v in jobs.JOBS.items() if k != "instruct"})
     with pytest.raises(ConfigError, match="steps: instruct is not available in this installation"):
         _plan(tmp_path, _raw(world_dir, tmp_path / "out"))
 

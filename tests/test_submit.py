@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from sea_ray import cli, submit
+from sea_ray import cli, jobs, submit
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = "sEcReT-value-0123456789"
@@ -142,7 +142,7 @@ def test_arguments_are_quoted_for_the_shell(tmp_path):
 
 
 def test_every_job_verb_has_a_workflows_entry_point():
-    for verb in [v for v in cli.JOB_RUNNERS] + ["pipeline"]:
+    for verb in [*jobs.JOBS, "pipeline"]:
         module = REPO / "workflows" / f"{verb}.py"
         assert module.is_file(), verb
         text = module.read_text()

@@ -4,7 +4,7 @@ The prompt is rendered exactly as the instruct stage renders a conversation up t
 ``llava_v1`` -> ``"{system} USER: <image>\\n{question} ASSISTANT:"`` (the answer's leading space
 belongs to its first token, as in training), ``chat`` -> the tokenizer's chat template with the
 generation prompt. The ``<image>`` placeholder becomes the sentinel the model replaces by the
-visual tokens. Batches are left-padded; decoding is greedy with a KV cache and stops at eos.
+visual tokens. Batches are left-padded; decoding is transformers' greedy ``generate``, stopping at eos.
 """
 
 from __future__ import annotations
@@ -38,26 +38,17 @@ def encode_prompt(question: str, tokenizer, template: str = "auto", with_image: 
     return ids
 
 
-def _cache_kwarg(llm) -> str:
-    """The KV-cache argument's name: ``cache`` in recent transformers, ``past_key_values`` before."""
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(llm.forward).parameters else "past_key_values"
-
-
-def _cache_of(out):
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else out.past_key_values
-
-
 @torch.no_grad()
 def greedy_generate(model, prompts: Sequence[Sequence[int]], images: Optional[torch.Tensor],
                     max_new_tokens: int = 8, eos_id: Optional[int] = None) -> list[list[int]]:
     """Greedy continuations of ``prompts`` (token ids with at most one image sentinel each;
     ``images`` holds the images of the prompts that have one, in order). Returns the new token
-    ids per prompt, without the eos."""
+    ids per prompt, without the eos. The prompts are embedded as in training (``model.splice``),
+    left-padded, and decoded by transformers' ``generate``; a row stops at its first eos."""
     if not prompts:
         return []
+    if max_new_tokens <= 0:
+        return [[] for _ in prompts]
     tokenizer = model.tokenizer
     eos_id = eos_id if eos_id is not None else tokenizer.eos_token_id
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -72,7 +63,7 @@ def greedy_generate(model, prompts: Sequence[Sequence[int]], images: Optional[to
     ids, mask = ids.to(device), mask.to(device)
     visual = model.encode_images(images.to(device)) if images is not None and images.shape[0] else None
     embeds, emb_mask, _, _ = model.splice(ids, mask, None, visual)
-    # right-padded -> left-padded, so every prompt ends at the last position
+    # splice right-pads; a decoder-only generate needs every prompt to end at the last position
     lengths = emb_mask.sum(dim=1)
     total = int(lengths.max())
     left = embeds.new_zeros((n, total, embeds.shape[-1]))
@@ -81,27 +72,16 @@ def greedy_generate(model, prompts: Sequence[Sequence[int]], images: Optional[to
         k = int(lengths[i])
         left[i, total - k:] = embeds[i, :k]
         left_mask[i, total - k:] = 1
-    positions = (left_mask.cumsum(dim=1) - 1).clamp(min=0)
-    out = model.llm(inputs_embeds=left, attention_mask=left_mask, position_ids=positions, use_cache=True)
-    past = _cache_of(out)
-    next_pos = positions[:, -1:] + 1
-    done = torch.zeros(n, dtype=torch.bool, device=device)
-    generated: list[list[int]] = [[] for _ in range(n)]
-    logits = out.logits[:, -1]
-    for step in range(max_new_tokens):
-        token = logits.argmax(dim=-1)
-        for i in range(n):
-            if not done[i] and int(token[i]) != eos_id:
-                generated[i].append(int(token[i]))
-        done |= token == eos_id
-        if bool(done.all()) or step == max_new_tokens - 1:
-            break
-        left_mask = torch.cat([left_mask, left_mask.new_ones((n, 1))], dim=1)
-        out = model.llm(input_ids=token.unsqueeze(1), attention_mask=left_mask, position_ids=next_pos,
-                        use_cache=True, **{_cache_kwarg(model.llm): past})
-        past = _cache_of(out)
-        next_pos = next_pos + 1
-        logits = out.logits[:, -1]
+    # With only inputs_embeds, generate returns just the new tokens (positions come from the mask).
+    # eos_id None or < 0 (no token) never stops: an empty eos list, not the model's default eos.
+    stop = [eos_id] if eos_id is not None and eos_id >= 0 else []
+    # Pure greedy whatever the checkpoint's generation_config.json says (sampling, penalties).
+    out = model.llm.generate(inputs_embeds=left, attention_mask=left_mask, max_new_tokens=max_new_tokens,
+                             do_sample=False, num_beams=1, repetition_penalty=1.0, no_repeat_ngram_size=0,
+                             min_length=0, eos_token_id=stop, pad_token_id=pad_id)
+    generated = []
+    for row in out.tolist():  # a finished row is padded after its eos
+        generated.append(row[:row.index(eos_id)] if eos_id in row else row)
     return generated
 
 
@@ -122,9 +102,9 @@ def generate(checkpoint: str, image: Optional[str], prompt: str, max_new_tokens:
     from sea_ray import storage
     from sea_ray.data.images import decode_image
     from sea_ray.errors import DataError
-    from sea_ray.eval.job import _device, load_model
+    from sea_ray.eval.loading import device_of, load_model
 
-    model, info = load_model(checkpoint, device=_device(device))
+    model, info = load_model(checkpoint, device=device_of(device))
     if template == "auto" and info["config"].get("job") == "instruct":
         template = info["config"].get("template", "auto")
     tensors = None

@@ -34,58 +34,11 @@ from typing import Callable, Optional
 import torch
 
 from sea_ray import storage
-from sea_ray.config import EvalConfig, ModelConfig
+from sea_ray.config import EvalConfig
+from sea_ray.eval.loading import device_of, load_model
+from sea_ray.eval.report import write_report
 
 log = logging.getLogger(__name__)
-
-REPORT_JSON, REPORT_MD, PREDICTIONS = "report.json", "report.md", "predictions.jsonl"
-
-
-# --------------------------------------------------------------------------- loading
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def load_model(checkpoint: str, model_cfg: Optional[ModelConfig] = None, device: str | torch.device = "cpu",
-               keep_base_llm: bool = False):
-    """``(model, info)``: the VLM of a checkpoint with its trained tensors loaded.
-
-    ``info``: ``{"checkpoint", "stage", "step", "config", "base_llm_state"}`` where
-    ``base_llm_state`` (with ``keep_base_llm``) is the LLM's state before the checkpoint replaced
-    it (None when the checkpoint holds no LLM tensors)."""
-    from sea_ray.model.vlm import build_vlm
-    from sea_ray.train import checkpoint as ckpt
-
-    try:
-        uri = ckpt.resolve(checkpoint)
-    except FileNotFoundError as exc:
-        from sea_ray.errors import DataError
-
-        raise DataError(f"no checkpoint to load: {exc}") from None
-    config = json.loads(storage.read_text(storage.join(uri, ckpt.CONFIG_FILE)))
-    meta = json.loads(storage.read_text(storage.join(uri, ckpt.META_FILE)))
-    if model_cfg is None:
-        model_cfg = ModelConfig.model_validate(config["model"])
-    torch.manual_seed(int(config.get("run", {}).get("seed", 0)))  # random-init parts as in training
-    model = build_vlm(model_cfg)
-    state = {k: v for k, v in ckpt.load_model_state(uri).items() if not k.startswith("sea_head.")}
-    own = model.state_dict()
-    unknown = sorted(k for k in state if k not in own)
-    if unknown:
-        raise ValueError(f"checkpoint {uri} holds tensors this model does not have: {unknown[:5]} (model config "
-                         "differs from the one it was trained with?)")
-    base_llm = None
-    if keep_base_llm and any(k.startswith("llm.") for k in state):
-        base_llm = {k: v.detach().clone() for k, v in model.llm.state_dict().items()}
-    model.load_state_dict(state, strict=False)
-    model.to(device).eval()
-    return model, {"checkpoint": uri, "stage": meta.get("stage", config.get("job")), "step": meta.get("step"),
-                   "config": config, "base_llm_state": base_llm}
-
 
 def load_vocab_words(vocab: Optional[str], world: str, split_for_default: str = "train") -> tuple[list[str], str]:
     """(words, source): from a labels dataset's ``_meta.json``, a vocab JSON, or by default the
@@ -252,7 +205,7 @@ def evaluate(cfg: EvalConfig, log_fn: Optional[Callable[[str], None]] = None) ->
     ``predictions``)."""
     say = log_fn or (lambda msg: log.info("%s", msg))
     started = time.time()
-    device = _device(cfg.device)
+    device = device_of(cfg.device)
     model, info = load_model(cfg.checkpoint, cfg.model, device, keep_base_llm="perplexity" in cfg.metrics)
     say(f"eval: {info['stage']} checkpoint {info['checkpoint']} (step {info['step']}) on {cfg.world} "
         f"[{cfg.split}]")
@@ -289,8 +242,6 @@ def evaluate(cfg: EvalConfig, log_fn: Optional[Callable[[str], None]] = None) ->
 
 def run(cfg: EvalConfig) -> dict:
     """Evaluate and write the report (``report.json``, ``report.md``, ``plots/``, ``predictions.jsonl``)."""
-    from sea_ray.eval.report import write_report
-
     report = evaluate(cfg)
     paths = write_report(report, cfg)
     summary = {k: report[k] for k in ("checkpoint", "stage", "split", "images", "seconds")}

@@ -14,6 +14,8 @@ from sea_ray import storage
 
 log = logging.getLogger(__name__)
 
+REPORT_JSON, REPORT_MD, PREDICTIONS = "report.json", "report.md", "predictions.jsonl"
+
 PLOTS = "plots"
 
 
@@ -203,7 +205,6 @@ def to_markdown(report: dict, plots: dict[str, str]) -> str:
 def write_report(report: dict, cfg) -> dict:
     """Write ``report.json`` (no predictions), ``predictions.jsonl``, ``plots/*.png`` and
     ``report.md`` under ``cfg.output``; returns their URIs."""
-    from sea_ray.eval.job import PREDICTIONS, REPORT_JSON, REPORT_MD
 
     out = cfg.output if storage.is_remote(cfg.output) else os.path.abspath(cfg.output)
     storage.makedirs(out)

@@ -115,16 +115,12 @@ def on_report_callback(fn: Callable[[dict], None]):
 
 def run(cfg) -> dict:
     """Train ``cfg`` (an AlignConfig or InstructConfig) on Ray Train; returns a summary."""
-    from sea_ray.checks import job_problems, tower_image_size
-    from sea_ray.errors import ConfigError
+    from sea_ray.checks import tower_image_size
     from sea_ray.runtime import init_ray
     from sea_ray.train.data import build_dataset
     from sea_ray.train.loop import accumulation_steps, total_steps, train_loop
 
     cfg = absolute_paths(cfg)
-    problems = job_problems(cfg)
-    if problems:
-        raise ConfigError(problems)
     init_ray(cfg.ray)
     (image_size, _), _ = tower_image_size(cfg.model.vision)
     dataset, num_rows = build_dataset(cfg, image_size, cfg.data.preprocess_actors, cfg.data.preprocess_cpus)

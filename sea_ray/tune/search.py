@@ -277,15 +277,10 @@ def run(cfg: TuneConfig) -> dict:
     """Run (or resume) the search; write the outputs; return the summary."""
     from ray import tune
 
-    from sea_ray.checks import job_problems
-    from sea_ray.errors import ConfigError
     from sea_ray.train.loop import total_steps
     from sea_ray.tune.results import write_outputs
     from sea_ray.tune.trials import TRIALS_DIR, in_process_trial, ray_train_trial
 
-    problems = job_problems(cfg) + search_problems(cfg)
-    if problems:
-        raise ConfigError(problems)
     exp_uri = experiment_uri(cfg)
     fs, path = storage.pyarrow_fs(cfg.base.run.storage)
     exp_path = f"{path.rstrip('/')}/{cfg.base.run.name}"

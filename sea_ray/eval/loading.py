@@ -1,0 +1,54 @@
+"""A trained checkpoint back as a model: the VLM it was trained with, its trained tensors loaded."""
+
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import torch
+
+from sea_ray import storage
+from sea_ray.config import ModelConfig
+
+
+def device_of(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_model(checkpoint: str, model_cfg: Optional[ModelConfig] = None, device: str | torch.device = "cpu",
+               keep_base_llm: bool = False):
+    """``(model, info)``: the VLM of a checkpoint with its trained tensors loaded.
+
+    ``info``: ``{"checkpoint", "stage", "step", "config", "base_llm_state"}`` where
+    ``base_llm_state`` (with ``keep_base_llm``) is the LLM's state before the checkpoint replaced
+    it (None when the checkpoint holds no LLM tensors)."""
+    from sea_ray.model.vlm import build_vlm
+    from sea_ray.train import checkpoint as ckpt
+
+    try:
+        uri = ckpt.resolve(checkpoint)
+    except FileNotFoundError as exc:
+        from sea_ray.errors import DataError
+
+        raise DataError(f"no checkpoint to load: {exc}") from None
+    config = json.loads(storage.read_text(storage.join(uri, ckpt.CONFIG_FILE)))
+    meta = json.loads(storage.read_text(storage.join(uri, ckpt.META_FILE)))
+    if model_cfg is None:
+        model_cfg = ModelConfig.model_validate(config["model"])
+    torch.manual_seed(int(config.get("run", {}).get("seed", 0)))  # random-init parts as in training
+    model = build_vlm(model_cfg)
+    state = {k: v for k, v in ckpt.load_model_state(uri).items() if not k.startswith("sea_head.")}
+    own = model.state_dict()
+    unknown = sorted(k for k in state if k not in own)
+    if unknown:
+        raise ValueError(f"checkpoint {uri} holds tensors this model does not have: {unknown[:5]} (model config "
+                         "differs from the one it was trained with?)")
+    base_llm = None
+    if keep_base_llm and any(k.startswith("llm.") for k in state):
+        base_llm = {k: v.detach().clone() for k, v in model.llm.state_dict().items()}
+    model.load_state_dict(state, strict=False)
+    model.to(device).eval()
+    return model, {"checkpoint": uri, "stage": meta.get("stage", config.get("job")), "step": meta.get("step"),
+                   "config": config, "base_llm_state": base_llm}

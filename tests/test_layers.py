@@ -1,0 +1,118 @@
+"""The layer table of docs/architecture.md, enforced: every import in sea_ray/ (function-level ones
+included) goes to the importer's own layer or a lower one, no module is left without a layer,
+there is no import cycle, and nothing in sea_ray/ imports the CLI."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = REPO / "sea_ray"
+
+
+def layer_table() -> dict[str, int]:
+    """module prefix -> layer, read from the Markdown table of docs/architecture.md."""
+    table = {}
+    for line in (REPO / "docs" / "architecture.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 3 and cells[0].isdigit():
+            for name in re.findall(r"`(sea_ray[\w.]*)`", cells[2]):
+                table[name] = int(cells[0])
+    return table
+
+
+def modules() -> dict[str, Path]:
+    found = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(REPO).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        found[name] = path
+    return found
+
+
+def imports_of(name: str, path: Path, known: dict[str, Path]) -> set[str]:
+    """The sea_ray modules ``name`` imports (a `from pkg import mod` names the submodule)."""
+    out = set()
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    for node in ast.walk(ast.parse(path.read_text())):
+        targets = []
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                root = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(root + ([node.module] if node.module else []))
+            submodules = [f"{base}.{a.name}" for a in node.names if f"{base}.{a.name}" in known]
+            # `from pkg import mod` names the module; the package itself only when a name is not one
+            targets = submodules + ([base] if len(submodules) < len(node.names) else [])
+        for target in targets:
+            while target and target not in known:
+                target = target.rpartition(".")[0]
+            if target.startswith("sea_ray") and target != name:
+                out.add(target)
+    return out
+
+
+def layer_of(name: str, table: dict[str, int]) -> int | None:
+    best = max((p for p in table if name == p or name.startswith(p + ".")), key=len, default=None)
+    return None if best is None else table[best]
+
+
+@pytest.fixture(scope="module")
+def graph():
+    known = modules()
+    return {name: imports_of(name, path, known) for name, path in known.items()}
+
+
+def test_every_module_has_a_layer(graph):
+    table = layer_table()
+    assert len(table) > 20, "the layer table of docs/architecture.md was not found"
+    assert [m for m in graph if layer_of(m, table) is None] == []
+
+
+def test_no_import_goes_up_a_layer(graph):
+    table = layer_table()
+    upward = sorted(f"{m} (layer {layer_of(m, table)}) imports {t} (layer {layer_of(t, table)})"
+                    for m, targets in graph.items() for t in targets
+                    if layer_of(t, table) is not None and layer_of(m, table) is not None
+                    and layer_of(t, table) > layer_of(m, table))
+    assert upward == []
+
+
+def test_no_import_cycle(graph):
+    index, low, stack, on_stack, cycles = {}, {}, [], set(), []
+
+    def visit(v):  # Tarjan's strongly connected components
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    assert cycles == []
+
+
+def test_the_cli_is_a_leaf(graph):
+    assert [m for m, targets in graph.items() if "sea_ray.cli" in targets] == []

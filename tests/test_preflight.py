@@ -1,0 +1,106 @@
+"""Checks before anything starts: one call per command (validate, the job verbs, pipeline, submit),
+inputs included (every path exists, a model folder holds a model, a labels dataset is complete)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from sea_ray import cli, jobs, submit
+
+REPO = Path(__file__).resolve().parents[1]
+ALIGN = str(REPO / "workflows/configs/world_align.yaml")
+
+
+@pytest.fixture
+def inputs(world_dir, tmp_path):
+    """Overrides pointing an align config at inputs that exist (a complete labels dataset too)."""
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    (labels / "_SUCCESS").write_text("")
+    return [f"data.manifest={world_dir}/train/pretrain.json", f"data.image_root={world_dir}/images",
+            f"data.labels={labels}", f"run.storage={tmp_path}/runs"]
+
+
+def _validate(capsys, *overrides) -> tuple[int, str]:
+    code = cli.main(["validate", "--config", ALIGN, *overrides])
+    return code, capsys.readouterr().err
+
+
+def test_existing_inputs_are_valid(capsys, inputs):
+    code, err = _validate(capsys, *inputs)
+    assert code == 0, err
+
+
+def test_a_missing_llm_folder_is_named(capsys, inputs, tmp_path):
+    code, err = _validate(capsys, *inputs, f"model.llm.name_or_path={tmp_path}/no-such-llm")
+    assert code == 2 and f"model.llm.name_or_path: {tmp_path}/no-such-llm does not exist" in err
+
+
+def test_a_folder_that_is_not_a_model_is_named(capsys, inputs, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, err = _validate(capsys, *inputs, f"model.llm.name_or_path={empty}")
+    assert code == 2 and f"model.llm.name_or_path: {empty} holds no config.json" in err
+    (empty / "config.json").write_text("{}")
+    code, err = _validate(capsys, *inputs, f"model.llm.name_or_path={empty}")
+    assert code == 2 and "holds no weights" in err
+    (empty / "model.safetensors").write_bytes(b"")
+    code, err = _validate(capsys, *inputs, f"model.llm.name_or_path={empty}")
+    assert code == 2 and "model.llm.name_or_path: no tokenizer loads from" in err
+
+
+def test_missing_manifest_and_incomplete_labels_are_named(capsys, inputs, tmp_path):
+    (tmp_path / "labels" / "_SUCCESS").unlink()
+    code, err = _validate(capsys, *inputs, f"data.manifest={tmp_path}/nope.json")
+    assert code == 2
+    assert f"data.manifest: {tmp_path}/nope.json does not exist" in err
+    assert "data.labels:" in err and "not a complete labels dataset (no _SUCCESS)" in err
+
+
+def test_a_hub_id_is_not_a_path(capsys, inputs):
+    code, err = _validate(capsys, *inputs, "model.llm.tokenizer=HuggingFaceTB/SmolLM2-135M")
+    assert "model.llm.tokenizer" not in err
+
+
+def test_a_pipeline_names_its_missing_inputs(capsys, tmp_path):
+    code = cli.main(["validate", "--config", str(REPO / "workflows/configs/tiny_pipeline.yaml"),
+                     f"output={tmp_path}/out", "steps=[labels,align]", f"data.world={tmp_path}/no-world"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"data.world: {tmp_path}/no-world does not exist" in err
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """The align job's checks count their calls; its run does nothing."""
+    calls = []
+
+    def check(cfg):
+        calls.append(cfg.job)
+        return []
+
+    job = dataclasses.replace(jobs.JOBS["align"], checks=(check,), run=lambda cfg: {"ran": True})
+    monkeypatch.setitem(jobs.JOBS, "align", job)
+    return calls
+
+
+def test_checks_run_once_per_command(counted, inputs, capsys, monkeypatch):
+    assert cli.main(["align", "--config", ALIGN, *inputs]) == 0
+    assert json.loads(capsys.readouterr().out) == {"ran": True}
+    assert counted == ["align"]
+    counted.clear()
+    assert cli.main(["validate", "--config", ALIGN, *inputs]) == 0
+    assert counted == ["align"]
+    counted.clear()
+
+    class Jobs:
+        def submit_job(self, **kwargs):
+            return kwargs["submission_id"]
+
+    monkeypatch.setattr(submit, "client", lambda address: Jobs())
+    assert cli.main(["submit", "--address", "h:1", "--", "align", "--config", "workflows/configs/world_align.yaml",
+                     *inputs]) == 0
+    assert counted == ["align"]
