@@ -6,11 +6,12 @@ space as the mean of its token embeddings (paper Eq. 10, :func:`word_targets`). 
 random patch per ``k x k`` window (:func:`window_patch_indices`), draws one label per patch in
 proportion to its scores (:func:`sample_labels`), keeps one pair per distinct label
 (:func:`dedup_by_label`) and aligns the adapter outputs at those patches with the label targets by
-a symmetric InfoNCE with a learnable, bounded temperature (paper Eq. 11, :class:`SeaLoss`). The
-objective is ``L_lm + lambda * L_sea`` (:func:`lambda_at`, :func:`total_loss`).
+a symmetric InfoNCE with a learnable, bounded temperature (paper Eq. 11, :class:`SeaLoss`), kept
+outside the model as open_clip keeps ``ClipLoss`` (:func:`pair_loss` applies it to the model's
+adapter outputs). The objective is ``L_lm + lambda * L_sea`` (:func:`lambda_at`).
 
-Pure PyTorch; every random draw goes through the ``torch.Generator`` passed in. The one collective
-lives in :func:`gather_features`, with a world-size-1 fast path.
+Pure PyTorch; every random draw goes through the ``torch.Generator`` passed in. The collectives
+live in :func:`gather_features` and :func:`average_gradients`, each with a world-size-1 fast path.
 """
 
 from __future__ import annotations
@@ -25,15 +26,16 @@ import torch.nn.functional as F
 __all__ = [
     "SCHEDULES",
     "SeaLoss",
+    "average_gradients",
     "dedup_by_label",
     "gather_features",
     "lambda_at",
     "modality_gap",
     "nearest_word",
+    "pair_loss",
     "sample_labels",
     "select_pairs",
     "tacs",
-    "total_loss",
     "window_patch_indices",
     "word_targets",
 ]
@@ -418,11 +420,35 @@ def lambda_at(step: int, total_steps: int, weight: float, schedule: str = "const
     return float(weight) * SCHEDULES[schedule](progress)
 
 
-def total_loss(
-    lm_loss: torch.Tensor, sea_loss: torch.Tensor, lam: float | torch.Tensor
-) -> torch.Tensor:
-    """``L_lm + lambda * L_sea``."""
-    return lm_loss + lam * sea_loss
+def pair_loss(loss_fn: "SeaLoss", visual: torch.Tensor | None, pairs: tuple, negatives: str = "local") -> dict:
+    """The SEA loss parts of one micro-batch: ``pairs = (image_index, patch_index, targets)``
+    picks the adapter outputs ``visual [B, P, D]`` that are scored against their targets;
+    ``negatives="global"`` scores them against every worker's pairs (:func:`gather_features`, a
+    collective: every rank calls it, also one without images)."""
+    image_index, patch_index, targets = pairs
+    if visual is None:
+        chosen = targets.new_zeros((0, targets.shape[-1]))
+    else:
+        chosen = visual[image_index, patch_index]
+    targets = targets.to(chosen.dtype)
+    if negatives == "global":
+        all_visual, offset = gather_features(chosen)
+        all_targets, _ = gather_features(targets)
+        return loss_fn(chosen, targets, all_visual, all_targets, rank_offset=offset)
+    return loss_fn(chosen, targets)
+
+
+def average_gradients(params) -> None:
+    """Average the gradients of ``params`` across the default process group (parameters that
+    live outside the DDP-wrapped model, such as the SEA temperature). World size 1: nothing."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            p.grad /= dist.get_world_size()
 
 
 # --------------------------------------------------------------------------------------------

@@ -46,7 +46,7 @@ def _batch(model, texts, with_image):
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)
-    return build_vlm(_cfg().model, _cfg().sea)
+    return build_vlm(_cfg().model)
 
 
 @pytest.mark.parametrize("preset", ["tiny-openclip-llama", "tiny-openclip-qwen2", "tiny-hfclip-llama",
@@ -54,7 +54,7 @@ def tiny():
 def test_forward_backward_for_each_tower_and_llm(preset):
     torch.manual_seed(0)
     cfg = _cfg(preset)
-    model = build_vlm(cfg.model, cfg.sea)
+    model = build_vlm(cfg.model)
     model.freeze("instruct")
     ids, mask, labels, images = _batch(model, [" a red circle", " is there a blue square ? yes"], [True, True])
     out = model(ids, mask, labels, images)
@@ -76,28 +76,34 @@ def test_other_llm_families_build_and_run(llm_type):
 
 
 def test_align_gradients_reach_only_adapter_and_temperature(tiny):
-    from sea_ray.sea import SeaLoss
+    from sea_ray.sea import pair_loss
+    from sea_ray.train.loop import build_sea_loss, trained_modules
 
     model = copy.deepcopy(tiny)
     plan = model.freeze("align")
-    assert plan == {"vision": False, "adapter": True, "llm": False, "sea_head": True}
-    assert isinstance(model.sea_head, SeaLoss)
+    assert plan == {"vision": False, "adapter": True, "llm": False}
+    sea_loss = build_sea_loss(_cfg().sea)  # the loss is not part of the model
+    assert not any(n.startswith("sea_head.") for n, _ in model.named_parameters())
     ids, mask, labels, images = _batch(model, [" a red circle", " a blue square"], [True, True])
     out = model(ids, mask, labels, images)
-    visual = out["visual"][:, :4].reshape(-1, model.llm_width)
-    targets = model.input_embedding_table()[torch.arange(3, 3 + visual.shape[0])]
-    sea = model.sea_head(visual, targets)
+    assert set(out) == {"loss_lm", "logits", "visual", "image_offsets", "labels"}
+    image_index = torch.tensor([0, 0, 1, 1])
+    patch_index = torch.tensor([0, 5, 2, 7])
+    targets = model.input_embedding_table()[torch.arange(3, 7)]
+    sea = pair_loss(sea_loss, out["visual"], (image_index, patch_index, targets))
+    assert sea["num_pairs"] == 4
     (out["loss_lm"] + 0.5 * sea["loss"]).backward()
-    got = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    trained = trained_modules(model, sea_loss)  # what the optimizer steps and a checkpoint holds
+    got = {n for n, p in trained.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert got and all(n.startswith(("adapter.", "sea_head.")) for n in got)
-    assert any(n.startswith("sea_head.") for n in got)
+    assert "sea_head.log_inv_temperature" in got  # the key every align checkpoint has held
     assert set(model.trainable_state_dict()) == {n for n, p in model.named_parameters() if p.requires_grad}
-    assert all(k.startswith(("adapter.", "sea_head.")) for k in model.trainable_state_dict())
+    assert all(k.startswith("adapter.") for k in model.trainable_state_dict())
 
 
 def test_instruct_freezes_vision_unless_asked(tiny):
     model = copy.deepcopy(tiny)
-    assert model.freeze("instruct") == {"vision": False, "adapter": True, "llm": True, "sea_head": False}
+    assert model.freeze("instruct") == {"vision": False, "adapter": True, "llm": True}
     assert not any(p.requires_grad for p in model.vision.parameters())
     assert model.freeze("instruct", train_vision=True)["vision"] is True
     assert all(p.requires_grad for p in model.vision.parameters())

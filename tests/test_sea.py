@@ -20,7 +20,6 @@ from sea_ray.sea import (
     nearest_word,
     sample_labels,
     tacs,
-    total_loss,
     window_patch_indices,
     word_targets,
 )
@@ -474,8 +473,18 @@ def test_lambda_schedules():
     assert set(sea.SCHEDULES) == {"constant", "linear", "cosine"}
 
 
-def test_total_loss():
-    assert total_loss(torch.tensor(2.0), torch.tensor(3.0), 0.5).item() == pytest.approx(3.5)
+def test_pair_loss_picks_the_chosen_patches():
+    from sea_ray.sea import pair_loss
+
+    torch.manual_seed(0)
+    visual = torch.randn(2, 6, 8)
+    targets = torch.randn(3, 8)
+    loss_fn = SeaLoss(init_temperature=0.1)
+    pairs = (torch.tensor([0, 1, 1]), torch.tensor([4, 0, 5]), targets)
+    got = pair_loss(loss_fn, visual, pairs)
+    want = loss_fn(torch.stack([visual[0, 4], visual[1, 0], visual[1, 5]]), targets)
+    assert got["num_pairs"] == 3 and torch.allclose(got["loss"], want["loss"])
+    assert pair_loss(loss_fn, None, (torch.tensor([]), torch.tensor([]), targets[:0]))["num_pairs"] == 0
 
 
 # --------------------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ def load_model(checkpoint: str, model_cfg: Optional[ModelConfig] = None, device:
         model_cfg = ModelConfig.model_validate(config["model"])
     torch.manual_seed(int(config.get("run", {}).get("seed", 0)))  # random-init parts as in training
     model = build_vlm(model_cfg)
+    # an align checkpoint also holds the SEA loss's temperature (``sea_head.``), which is not the model's
     state = {k: v for k, v in ckpt.load_model_state(uri).items() if not k.startswith("sea_head.")}
     own = model.state_dict()
     unknown = sorted(k for k in state if k not in own)

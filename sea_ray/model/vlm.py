@@ -3,8 +3,9 @@
 Text arrives as token ids in which the sentinel ``IMAGE_TOKEN_INDEX`` marks where a sample's
 image goes (at most one per sample; text-only samples have none). ``forward`` replaces each
 sentinel by the adapter's visual tokens in the LLM's input embeddings, extends the attention
-mask, and never supervises a visual position. It returns the loss parts and the adapter
-output of every patch, which the SEA loss needs.
+mask, and never supervises a visual position. It returns the LM loss and the adapter output
+of every patch; the SEA loss (:class:`sea_ray.sea.SeaLoss`, with its learnable temperature) is
+not part of the model: the training recipe applies it to those outputs.
 """
 
 from __future__ import annotations
@@ -26,13 +27,11 @@ STAGES = ("align", "instruct")
 
 
 class VLM(nn.Module):
-    def __init__(self, vision: VisionTower, adapter: nn.Module, llm: nn.Module, tokenizer=None,
-                 sea_head: Optional[nn.Module] = None):
+    def __init__(self, vision: VisionTower, adapter: nn.Module, llm: nn.Module, tokenizer=None):
         super().__init__()
         self.vision = vision
         self.adapter = adapter
         self.llm = llm
-        self.sea_head = sea_head  # SeaLoss: holds the learnable temperature
         self.tokenizer = tokenizer
 
     @property
@@ -99,30 +98,14 @@ class VLM(nn.Module):
         return out_emb, out_mask, out_lab, torch.tensor(offsets, device=input_ids.device)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: Optional[torch.Tensor] = None,
-                images: Optional[torch.Tensor] = None, sea_pairs: Optional[tuple] = None,
-                sea_negatives: str = "local") -> dict:
-        """LM loss (and the SEA loss when ``sea_pairs = (image_index, patch_index, targets)`` is
-        given) plus the adapter output of every patch. The SEA loss is computed here, inside the
-        module, so a DDP wrapper sees every trainable parameter used in its forward."""
+                images: Optional[torch.Tensor] = None) -> dict:
+        """The LM loss and logits, the adapter output of every patch (``visual [B, P, D]``, None
+        without images), each image's offset in the spliced sequence and the spliced labels."""
         visual = self.encode_images(images) if images is not None and images.shape[0] else None
         embeds, mask, labs, offsets = self.splice(input_ids, attention_mask, labels, visual)
         out = self.llm(inputs_embeds=embeds, attention_mask=mask, labels=labs, use_cache=False)
         result = {"loss_lm": out.loss, "logits": out.logits, "visual": visual, "image_offsets": offsets,
                   "labels": labs}
-        if sea_pairs is not None:
-            if self.sea_head is None:
-                raise ValueError("sea_pairs given but the model has no SEA head (sea.enabled=false)")
-            image_index, patch_index, targets = sea_pairs
-            chosen = visual[image_index, patch_index] if visual is not None else targets.new_zeros((0, targets.shape[-1]))
-            if sea_negatives == "global":
-                from sea_ray.sea import gather_features
-
-                all_visual, offset = gather_features(chosen)
-                all_targets, _ = gather_features(targets.to(chosen.dtype))
-                parts = self.sea_head(chosen, targets.to(chosen.dtype), all_visual, all_targets, rank_offset=offset)
-            else:
-                parts = self.sea_head(chosen, targets.to(chosen.dtype))
-            result.update(loss_sea=parts["loss"], sea_pairs=parts["num_pairs"], temperature=parts["temperature"])
         return result
 
     # ------------------------------------------------------------------ stages
@@ -130,7 +113,7 @@ class VLM(nn.Module):
     def freeze(self, stage: str, train_vision: bool = False) -> dict[str, bool]:
         """Set requires_grad per module for ``stage`` and log the result; returns {module: trainable}.
 
-        align: adapter (+ SEA temperature) trainable; vision tower and LLM frozen.
+        align: adapter trainable; vision tower and LLM frozen (the SEA temperature is the loss's).
         instruct: adapter + LLM trainable; vision tower only with ``train_vision``."""
         if stage not in STAGES:
             raise ValueError(f"unknown stage {stage!r}; valid: {', '.join(STAGES)}")
@@ -139,8 +122,6 @@ class VLM(nn.Module):
             "adapter": True,
             "llm": stage == "instruct",
         }
-        if self.sea_head is not None:
-            plan["sea_head"] = stage == "align" and getattr(self.sea_head, "learnable", True)
         self._plan = plan
         self.train(self.training)
         for name, trainable in plan.items():
@@ -164,16 +145,10 @@ class VLM(nn.Module):
         return {k: v for k, v in self.state_dict().items() if k in names}
 
 
-def build_vlm(model_cfg, sea_cfg=None) -> VLM:
-    """The composed model from a :class:`sea_ray.config.ModelConfig` (and a SEA section for the head)."""
+def build_vlm(model_cfg) -> VLM:
+    """The composed model from a :class:`sea_ray.config.ModelConfig`."""
     vision = build_vision_tower(model_cfg.vision)
     llm, tokenizer = build_llm(model_cfg.llm)
     llm_width = llm.get_input_embeddings().embedding_dim
     adapter = get_adapter(model_cfg.adapter.type, vision.width, llm_width, model_cfg.adapter.hidden_size)
-    head = None
-    if sea_cfg is not None and sea_cfg.enabled:
-        from sea_ray.sea import SeaLoss
-
-        head = SeaLoss(init_temperature=sea_cfg.init_temperature, min_temperature=sea_cfg.min_temperature,
-                       max_temperature=sea_cfg.max_temperature, learnable=sea_cfg.learnable_temperature)
-    return VLM(vision, adapter, llm, tokenizer=tokenizer, sea_head=head)
+    return VLM(vision, adapter, llm, tokenizer=tokenizer)

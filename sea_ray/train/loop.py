@@ -171,6 +171,26 @@ def load_optimizer_state(model, optimizer, state: dict) -> None:
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
+def build_sea_loss(sea_cfg):
+    """The SEA loss of the align stage (it owns the learnable temperature)."""
+    from sea_ray.sea import SeaLoss
+
+    return SeaLoss(init_temperature=sea_cfg.init_temperature, min_temperature=sea_cfg.min_temperature,
+                   max_temperature=sea_cfg.max_temperature, learnable=sea_cfg.learnable_temperature)
+
+
+def trained_modules(model, sea_loss) -> torch.nn.Module:
+    """What the optimizer steps and a checkpoint holds: the model's modules and, in align, the SEA
+    loss under ``sea_head`` (its checkpoint key since the first release, so every checkpoint loads)."""
+    if sea_loss is None:
+        return model
+    holder = torch.nn.Module()
+    for name, child in model.named_children():
+        holder.add_module(name, child)
+    holder.add_module("sea_head", sea_loss)
+    return holder
+
+
 def step_generator(seed: int, step: int, rank: int, micro: int) -> torch.Generator:
     """Stateless per-(step, rank, micro-batch) randomness: a resumed run draws exactly the same."""
     return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1009 + rank) * 101 + micro)
@@ -184,14 +204,15 @@ def run_stage(cfg, io, evaluate: Optional[Callable[[object, int], dict]] = None)
     every logging step and its metrics join the report (validation metrics for Tune)."""
     from sea_ray.config import to_dict
     from sea_ray.model.vlm import build_vlm
-    from sea_ray.sea import lambda_at
+    from sea_ray.sea import average_gradients, lambda_at, pair_loss
 
     stage, device, rank = cfg.job, io.device, io.world_rank
     use_sea = stage == "align" and cfg.sea.enabled
 
     # ---- setup
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every worker
-    model = build_vlm(cfg.model, cfg.sea if stage == "align" else None)
+    model = build_vlm(cfg.model)
+    sea_loss = build_sea_loss(cfg.sea) if use_sea else None
     if stage == "instruct" and cfg.init_adapter:
         source = ckpt.resolve(cfg.init_adapter)
         adapter = {k[len("adapter."):]: v for k, v in ckpt.load_model_state(source).items()
@@ -213,23 +234,26 @@ def run_stage(cfg, io, evaluate: Optional[Callable[[object, int], dict]] = None)
     if use_sea:
         targets, row_of, _ = sea_setup(model, cfg, device)
     model.to(device)
+    if sea_loss is not None:
+        sea_loss.to(device)
+    trained = trained_modules(model, sea_loss)
     accum = accumulation_steps(cfg, io.world_size)
     steps = total_steps(cfg, io.num_rows)
     state = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "samples": 0}
-    trainable_keys = set(model.trainable_state_dict())
+    trainable_keys = {n for n, p in trained.named_parameters() if p.requires_grad}
     latest = ckpt.latest_complete(io.run_uri)
     saved = ckpt.load_checkpoint(latest) if latest is not None else None
     if saved is not None:
         missing = trainable_keys - set(saved["model"])
         if missing:
             raise ValueError(f"checkpoint {latest} lacks trainable tensors: {sorted(missing)[:5]}")
-        model.load_state_dict(saved["model"], strict=False)
+        trained.load_state_dict(saved["model"], strict=False)
 
     strategy = resolve_strategy(cfg, device)
     wrapped = io.wrap(model, strategy)  # FSDP shards `model` in place; DDP wraps it
-    optimizer, scheduler = build_optimizer(model, cfg, steps)
+    optimizer, scheduler = build_optimizer(trained, cfg, steps)
     if saved is not None:
-        load_optimizer_state(model, optimizer, saved["optimizer"]["optimizer"])
+        load_optimizer_state(trained, optimizer, saved["optimizer"]["optimizer"])
         scheduler.load_state_dict(saved["optimizer"]["scheduler"])
         state = saved["state"]
         log.info("resumed from %s (step %d)", latest, state["step"])
@@ -241,7 +265,7 @@ def run_stage(cfg, io, evaluate: Optional[Callable[[object, int], dict]] = None)
 
     def save(step: int):
         # every rank takes part: under FSDP gathering the full state is a collective
-        model_state, optim_state = full_state(model, optimizer)
+        model_state, optim_state = full_state(trained, optimizer)
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:
                 ckpt.write_checkpoint(tmp, {k: v for k, v in model_state.items() if k in trainable_keys},
@@ -264,10 +288,13 @@ def run_stage(cfg, io, evaluate: Optional[Callable[[object, int], dict]] = None)
             last_micro = micro == accum - 1
             sync = gradient_sync(wrapped, strategy, last_micro)
             with sync, autocast:
-                out = wrapped(b["input_ids"], b["attention_mask"], b["labels"], b["images"], sea_pairs=pairs,
-                              sea_negatives=cfg.sea.negatives if use_sea else "local")
-                lam = lambda_at(state["step"], steps, cfg.sea.weight, cfg.sea.schedule) if use_sea else 0.0
-                loss = out["loss_lm"] + (lam * out["loss_sea"] if use_sea else 0.0)
+                out = wrapped(b["input_ids"], b["attention_mask"], b["labels"], b["images"])
+                loss = out["loss_lm"]
+                if use_sea:
+                    sea = pair_loss(sea_loss, out["visual"], pairs, cfg.sea.negatives)
+                    lam = lambda_at(state["step"], steps, cfg.sea.weight, cfg.sea.schedule)
+                    loss = loss + lam * sea["loss"]
+                    out.update(loss_sea=sea["loss"], sea_pairs=sea["num_pairs"], temperature=sea["temperature"])
                 (loss / accum).backward()
             sums["loss_lm"] += float(out["loss_lm"].detach()) / accum
             if use_sea:
@@ -281,12 +308,14 @@ def run_stage(cfg, io, evaluate: Optional[Callable[[object, int], dict]] = None)
                 continue
             # ---- optimizer step
             micro = 0
+            if sea_loss is not None:
+                average_gradients(sea_loss.parameters())  # outside DDP: averaged here, as DDP does the rest
             if cfg.optim.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                torch.nn.utils.clip_grad_norm_([p for p in trained.parameters() if p.requires_grad],
                                                cfg.optim.max_grad_norm)
             optimizer.step()
-            if getattr(model, "sea_head", None) is not None:
-                model.sea_head.clamp_()  # keep the SEA temperature in its bounds (clamped in place)
+            if sea_loss is not None:
+                sea_loss.clamp_()  # keep the SEA temperature in its bounds (clamped in place)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             state["step"] += 1
