@@ -1,11 +1,8 @@
-"""Templates and masking (plain, llava_v1, chat) and the collate function."""
+"""Templates and masking (plain, llava_v1, chat)."""
 
-import numpy as np
 import pytest
-import torch
 
 from sea_ray.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
-from sea_ray.data.collate import collate
 from sea_ray.data.manifest import read_manifest
 from sea_ray.data.templates import (LLAVA_V1_SYSTEM, SkipSample, encode_conversation, encode_plain, encode_row,
                                     resolve_template)
@@ -214,32 +211,3 @@ def test_world_manifests_encode(world_dir, tok):
         if template == "plain":
             assert supervised_runs(tok, encode_row(rows[0], tok, "plain", 256)) == [
                 rows[0]["conversations"][1]["value"] + tok.eos_token]
-
-
-# --------------------------------------------------------------------------- collate
-
-
-def test_collate_pads_masks_and_stacks(tok):
-    a = dict(encode_conversation(CONV, tok, "llava_v1", 512), image=np.ones((3, 8, 8), np.float32),
-             label_ids=np.arange(8).reshape(4, 2), label_scores=np.full((4, 2), 0.5, np.float16))
-    b = dict(encode_conversation(TEXT_ONLY, tok, "llava_v1", 512), image=None)
-    c = dict(encode_plain("a red circle", tok, 512), image=torch.zeros(3, 8, 8))  # no labels: filled as "none"
-    batch = collate([a, b, c], pad_id=tok.pad_token_id)
-    lengths = [len(s["input_ids"]) for s in (a, b, c)]
-    B, T = 3, max(lengths)
-    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape == (B, T)
-    for i, (s, n) in enumerate(zip((a, b, c), lengths)):
-        assert batch["input_ids"][i, :n].tolist() == s["input_ids"]
-        assert batch["labels"][i, :n].tolist() == s["labels"]
-        assert (batch["input_ids"][i, n:] == tok.pad_token_id).all()
-        assert (batch["labels"][i, n:] == IGNORE_INDEX).all()
-        assert batch["attention_mask"][i].tolist() == [1] * n + [0] * (T - n)
-    assert int(batch["num_tokens"]) == sum(sum(t != IGNORE_INDEX for t in s["labels"]) for s in (a, b, c))
-    assert batch["images"].shape == (2, 3, 8, 8) and batch["images"][0].eq(1).all() and batch["images"][1].eq(0).all()
-    assert batch["label_ids"].dtype == torch.long and batch["label_ids"].shape == (2, 4, 2)
-    assert batch["label_scores"].dtype == torch.float32 and batch["label_scores"][0].eq(0.5).all()
-    assert batch["label_ids"][1].eq(-1).all() and batch["label_scores"][1].eq(0).all()
-    text_batch = collate([b], pad_id=tok.pad_token_id)
-    assert "images" not in text_batch and "label_ids" not in text_batch
-    with pytest.raises(ValueError, match="image placeholder"):
-        collate([dict(a, image=None)], pad_id=0)
