@@ -12,6 +12,7 @@ from typing import Optional
 
 from sea_ray import storage
 from sea_ray.config import AdapterConfig, AlignConfig, ModelConfig
+from sea_ray.paths import names_a_path
 
 LABELS_META = "_meta.json"
 log = logging.getLogger(__name__)
@@ -132,13 +133,6 @@ def _checkpoint_adapter(uri: str) -> Optional[dict]:
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf", "*.ckpt")
 
 
-def _path_like(value: str) -> bool:
-    """Whether a model value names a path (not a hub id or a registered name): a URI, an
-    absolute or explicitly relative path, or something that exists here."""
-    return ("://" in value or os.path.isabs(value) or value.startswith(("./", "../", "~"))
-            or os.path.exists(value))
-
-
 def _exists(uri: str) -> Optional[bool]:
     """Whether ``uri`` exists; None when its storage cannot be reached from here."""
     try:
@@ -184,7 +178,7 @@ def input_problems(fields: list[tuple[str, str, str]]) -> list[str]:
     keys = {key for key, _, _ in fields}
     for key, value, role in fields:
         if role == "model":
-            if value == "world" or not _path_like(value):
+            if not names_a_path(value):
                 continue  # a hub id, an architecture name, the built-in world tokenizer
             found = _exists(os.path.expanduser(value))
             if found is False:

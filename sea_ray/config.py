@@ -45,9 +45,11 @@ class VisionConfig(_Section):
     """The vision tower (and its paired CLIP text tower, used by the labeler)."""
 
     backend: Literal["open_clip", "hf"] = Field("open_clip", description="open_clip or Hugging Face (CLIP / SigLIP)")
-    name: str = Field("ViT-L-14-336", json_schema_extra=MODEL_PATH, description="open_clip architecture name, or a Hugging Face dir / hub id; "
+    name: str = Field("ViT-L-14-336", json_schema_extra=MODEL_PATH,
+                      description="open_clip architecture name, or a Hugging Face dir / hub id; "
                       "'custom' builds the tower from `custom`")
-    weights: Optional[str] = Field(None, json_schema_extra=MODEL_PATH, description="open_clip: a local file or dir, an s3:// URI, or a pretrained "
+    weights: Optional[str] = Field(None, json_schema_extra=MODEL_PATH,
+                                   description="open_clip: a local file or dir, an s3:// URI, or a pretrained "
                                    "tag/hub name (online only); none = random init")
     custom: Optional[dict[str, Any]] = Field(None, description="architecture for name=custom: open_clip "
                                              "{embed_dim, vision_cfg, text_cfg} or a Hugging Face CLIPConfig dict")
@@ -61,10 +63,12 @@ class AdapterConfig(_Section):
 
 
 class LLMConfig(_Section):
-    name_or_path: Optional[str] = Field(None, json_schema_extra=MODEL_PATH, description="Hugging Face causal LM: local dir, s3:// URI or hub id")
+    name_or_path: Optional[str] = Field(None, json_schema_extra=MODEL_PATH,
+                                        description="Hugging Face causal LM: local dir, s3:// URI or hub id")
     config: Optional[dict[str, Any]] = Field(None, description="build a random-init LM from this config "
                                              "(needs model_type) instead of loading weights")
-    tokenizer: Optional[str] = Field(None, json_schema_extra=MODEL_PATH, description="tokenizer dir / hub id; 'world' builds one for the synthetic "
+    tokenizer: Optional[str] = Field(None, json_schema_extra=MODEL_PATH,
+                                     description="tokenizer dir / hub id; 'world' builds one for the synthetic "
                                      "world; default: name_or_path")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights dtype when loading")
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
@@ -132,7 +136,8 @@ class CheckpointConfig(_Section):
 
 
 class TrainDataConfig(_Section):
-    manifest: str = Field(..., json_schema_extra=INPUT_PATH, description="LLaVA JSON/JSONL or Parquet manifest (local or "
+    manifest: str = Field(..., json_schema_extra=INPUT_PATH,
+                          description="LLaVA JSON/JSONL or Parquet manifest (local or "
                           "s3://)")
     image_root: Optional[str] = Field(None, json_schema_extra=INPUT_PATH, description="folder the manifest's image "
                                       "paths are relative to")
@@ -177,7 +182,8 @@ class InstructBatchConfig(BatchConfig):
 
 class InstructConfig(TrainConfig):
     job: Literal["instruct"] = "instruct"
-    init_adapter: Optional[str] = Field(None, json_schema_extra=INPUT_PATH, description="align checkpoint URI the adapter starts from")
+    init_adapter: Optional[str] = Field(None, json_schema_extra=INPUT_PATH,
+                                        description="align checkpoint URI the adapter starts from")
     train_vision: bool = False
     template: Literal["auto", "llava_v1", "chat"] = Field("auto", description="auto = the LLM's chat template if "
                                                            "it has one, else LLaVA v1")
@@ -194,8 +200,10 @@ class VocabConfig(_Section):
     max_size: int = Field(20000, ge=1, description="most words kept (by frequency, then alphabetical); the extra "
                           "words always stay")
     min_length: int = Field(2, ge=1, description="shortest word kept (letters)")
-    extra_words: Optional[str] = Field(None, json_schema_extra=INPUT_PATH, description="word list file (one word per line), added as is")
-    stopwords: Optional[str] = Field(None, json_schema_extra=INPUT_PATH, description="stop-word file; default: the built-in English list")
+    extra_words: Optional[str] = Field(None, json_schema_extra=INPUT_PATH,
+                                       description="word list file (one word per line), added as is")
+    stopwords: Optional[str] = Field(None, json_schema_extra=INPUT_PATH,
+                                     description="stop-word file; default: the built-in English list")
 
 
 class LabelerConfig(_Section):
@@ -231,9 +239,11 @@ class LabelsComputeConfig(_Section):
 
 
 class LabelsDataConfig(_Section):
-    manifest: str = Field(..., json_schema_extra=INPUT_PATH, description="LLaVA JSON/JSONL or Parquet manifest (local or "
+    manifest: str = Field(..., json_schema_extra=INPUT_PATH,
+                          description="LLaVA JSON/JSONL or Parquet manifest (local or "
                           "s3://)")
-    image_root: Optional[str] = Field(None, json_schema_extra=INPUT_PATH, description="folder (local or s3://) the manifest's image paths are "
+    image_root: Optional[str] = Field(None, json_schema_extra=INPUT_PATH,
+                                      description="folder (local or s3://) the manifest's image paths are "
                                       "relative to; none = paths as given")
     max_image_pixels: Optional[int] = Field(None, ge=1, description="decompression-bomb limit; none = PIL's "
                                             "Image.MAX_IMAGE_PIXELS (~89.5 Mpx). Larger JPEGs are decoded "
@@ -341,12 +351,15 @@ class EvalConfig(_Section):
     """``sea-ray eval``: a checkpoint on a held-out split of the synthetic world (see docs/eval.md)."""
 
     job: Literal["eval"] = "eval"
-    checkpoint: str = Field(..., json_schema_extra=INPUT_PATH, description="checkpoint URI, or a run URI (its newest complete checkpoint); "
+    checkpoint: str = Field(..., json_schema_extra=INPUT_PATH,
+                            description="checkpoint URI, or a run URI (its newest complete checkpoint); "
                             "align or instruct")
     model: Optional[ModelConfig] = Field(None, description="the model; none = the checkpoint's own config.json")
-    world: str = Field(..., json_schema_extra=INPUT_PATH, description="synthetic world folder (sea-ray world): images, ground truth, QA")
+    world: str = Field(..., json_schema_extra=INPUT_PATH,
+                       description="synthetic world folder (sea-ray world): images, ground truth, QA")
     split: Literal["train", "val", "test"] = "test"
-    output: str = Field("./eval", json_schema_extra=OUTPUT_PATH, description="report folder (local or s3://): report.json, report.md, plots/, "
+    output: str = Field("./eval", json_schema_extra=OUTPUT_PATH,
+                        description="report folder (local or s3://): report.json, report.md, plots/, "
                         "predictions.jsonl")
     max_samples: Optional[int] = Field(None, ge=1, description="held-out images evaluated (their patches and "
                                        "their questions); none = every image of the split")
@@ -355,7 +368,8 @@ class EvalConfig(_Section):
                                                                      "accuracy, TACS, modality gap; qa: accuracy "
                                                                      "by generation; perplexity: the LLM on "
                                                                      "held-out text before vs after")
-    vocab: Optional[str] = Field(None, json_schema_extra=INPUT_PATH, description="nearest-word vocabulary: a labels dataset (its _meta.json) or "
+    vocab: Optional[str] = Field(None, json_schema_extra=INPUT_PATH,
+                                 description="nearest-word vocabulary: a labels dataset (its _meta.json) or "
                                  "a vocab.json; none = the world's training captions under the labels job's "
                                  "vocabulary rules (the vocab section's defaults)")
     top_k: int = Field(10, ge=1, description="TACS: the best visual-token cosines averaged per image")
@@ -364,9 +378,11 @@ class EvalConfig(_Section):
                                                            "tokenizer as the instruct stage does")
     max_new_tokens: int = Field(8, ge=1, description="QA: greedy decoding stops at eos or after this many tokens")
     batch_size: int = Field(32, ge=1, description="images (or questions) per forward pass")
-    curves: list[str] = Field([], json_schema_extra=INPUT_PATH, description="extra run folders whose TensorBoard loss curves join the report "
+    curves: list[str] = Field([], json_schema_extra=INPUT_PATH,
+                              description="extra run folders whose TensorBoard loss curves join the report "
                               "(the checkpoint's run and, for instruct, its align run are always plotted)")
-    audit: Optional[str] = Field(None, json_schema_extra=INPUT_PATH, description="a label-audit JSON (sea-ray audit-labels) plotted in the "
+    audit: Optional[str] = Field(None, json_schema_extra=INPUT_PATH,
+                                 description="a label-audit JSON (sea-ray audit-labels) plotted in the "
                                  "report; none = <vocab>/_audit.json when vocab is a labels dataset that has one")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available")
     ray: RayConfig = Field(RayConfig(), description="unused: evaluation runs in this process (kept so pipeline "
@@ -401,7 +417,8 @@ class QuickstartConfig(_Section):
     folder."""
 
     job: Literal["quickstart"] = "quickstart"
-    output: str = Field("./out/quickstart", json_schema_extra=OUTPUT_PATH, description="root of every output (local dir)")
+    output: str = Field("./out/quickstart", json_schema_extra=OUTPUT_PATH,
+                        description="root of every output (local dir)")
     preset: str = Field("world-clip-llama", description="model preset (its CLIP labels the patches)")
     seeds: list[int] = Field([0, 1, 2], min_length=1, description="one baseline and one +SEA model per seed")
     world: QuickstartWorldConfig = QuickstartWorldConfig()
@@ -435,18 +452,24 @@ PIPELINE_STEPS = ("world", "import", "labels", "tune", "align", "instruct", "eva
 class PipelineDataConfig(_Section):
     """The pipeline's input data; every URI is a local path or ``s3://``."""
 
-    world: Optional[str] = Field(None, json_schema_extra=WORLD_PATH, description="synthetic world folder: the manifests, image root and ground "
+    world: Optional[str] = Field(None, json_schema_extra=WORLD_PATH,
+                                 description="synthetic world folder: the manifests, image root and ground "
                                  "truth below default to it; the `world` step generates it (default there: "
                                  "<output>/world)")
-    pretrain: Optional[str] = Field(None, json_schema_extra=INPUT_PATH, description="caption manifest of labels and align; default: "
+    pretrain: Optional[str] = Field(None, json_schema_extra=INPUT_PATH,
+                                    description="caption manifest of labels and align; default: "
                                     "<world>/train/pretrain.json")
-    instruct: Optional[str] = Field(None, json_schema_extra=INPUT_PATH, description="conversation manifest of instruct; default: "
+    instruct: Optional[str] = Field(None, json_schema_extra=INPUT_PATH,
+                                    description="conversation manifest of instruct; default: "
                                     "<world>/train/instruct.json")
-    val: Optional[str] = Field(None, json_schema_extra=INPUT_PATH, description="held-out caption manifest (tune); default: "
+    val: Optional[str] = Field(None, json_schema_extra=INPUT_PATH,
+                               description="held-out caption manifest (tune); default: "
                                "<world>/val/pretrain.json")
-    image_root: Optional[str] = Field(None, json_schema_extra=INPUT_PATH, description="folder the manifests' image paths are relative to; "
+    image_root: Optional[str] = Field(None, json_schema_extra=INPUT_PATH,
+                                      description="folder the manifests' image paths are relative to; "
                                       "default: <world>/images")
-    instruct_image_root: Optional[str] = Field(None, json_schema_extra=INPUT_PATH, description="image folder of the instruct manifest, when it "
+    instruct_image_root: Optional[str] = Field(None, json_schema_extra=INPUT_PATH,
+                                               description="image folder of the instruct manifest, when it "
                                                "differs; default: image_root")
 
 
@@ -480,7 +503,8 @@ class PipelineConfig(_Section):
     session; each step reads the previous step's output and is skipped when its output is complete."""
 
     job: Literal["pipeline"] = "pipeline"
-    output: str = Field(..., json_schema_extra=OUTPUT_PATH, description="root of every output (local dir or s3://): <output>/labels, "
+    output: str = Field(..., json_schema_extra=OUTPUT_PATH,
+                        description="root of every output (local dir or s3://): <output>/labels, "
                         "<output>/runs/<run name>, <output>/tune, <output>/eval, <output>/_pipeline")
     steps: list[str] = Field(["labels", "align", "instruct", "eval"], min_length=1,
                              description=f"steps to run, in this order: {', '.join(PIPELINE_STEPS)}")

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from sea_ray import checks, paths
-from sea_ray.config import AlignConfig, EvalConfig, InstructConfig, LabelsConfig, TuneConfig, path_fields
+from sea_ray.config import AlignConfig, EvalConfig, InstructConfig, LabelsConfig, TuneConfig, path_fields, validate
 from sea_ray.errors import ConfigError
 from sea_ray.eval import job as eval_job
 from sea_ray.labels import job as labels_job
@@ -86,8 +86,6 @@ def validated(raw: dict, job: str, where: str, found: list[str]):
     """``raw`` validated as a ``job`` config and checked by its job: the config, or None when
     validation fails. Every problem is appended to ``found`` prefixed with ``where`` (a step of a
     pipeline or the quickstart), so one report covers many jobs."""
-    from sea_ray.config import validate
-
     try:
         cfg = validate(raw, job=job)
     except ConfigError as exc:

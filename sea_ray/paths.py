@@ -33,6 +33,17 @@ def _local(value: str) -> Optional[str]:
     return None if storage.is_remote(value) else value
 
 
+def names_a_path(value: str, cwd: Optional[Path] = None) -> bool:
+    """Whether a model value (``model.llm.name_or_path``, ``model.vision.name``, a tokenizer...)
+    names a path rather than a hub id, an architecture or a registered name (``world``): a URI, an
+    absolute or explicitly relative path (``./``, ``../``, ``~``), or something that exists from
+    ``cwd``. The one rule for the input checks and for submission."""
+    if value == "world":
+        return False
+    return ("://" in value or os.path.isabs(value) or value.startswith(("./", "../", "~"))
+            or (cwd or Path.cwd()).joinpath(value).exists())
+
+
 def job_paths(cfg, plan=None) -> list[tuple[str, str, str]]:
     """(override key, value, role) of every path a job reads or writes. A pipeline adds its steps'
     paths (key ``<step>.set.<field>``, applied over the step's recipe and wiring), except those
@@ -55,16 +66,16 @@ def job_paths(cfg, plan=None) -> list[tuple[str, str, str]]:
 
 
 def _relative(paths: Iterable[tuple[str, str, str]], cwd: Path) -> list[tuple[str, str, str, Path]]:
-    """The relative local paths among ``paths``, with where they point from ``cwd``. A relative
-    model value that does not exist here is a hub id or a name, not a path."""
+    """The relative local paths among ``paths``, with where they point from ``cwd``; a model value
+    only when it names a path (:func:`names_a_path`)."""
     out = []
     for key, value, role in paths:
         local = _local(value)
         if local is None or os.path.isabs(local):
             continue
-        where = (cwd / local).resolve()
-        if role == "model" and not where.exists():
+        if role == "model" and not names_a_path(value, cwd):
             continue
+        where = (cwd / local).resolve()
         out.append((key, value, role, where))
     return out
 

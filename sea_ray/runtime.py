@@ -73,12 +73,18 @@ def submitted_job_env():
         return {}
 
 
+def _multi_host_opted_in() -> bool:
+    """Whether the caller exported ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1`` (a deliberate,
+    multi-host local node)."""
+    return os.environ.get(LOOPBACK_VAR, "0").strip().lower() in ("1", "true", "yes")
+
+
 def _keep_local_ray_on_loopback() -> None:
     """Make the local Ray about to start bind loopback. The caller may opt out by exporting
     ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1`` (a deliberate, multi-host local node)."""
     for key, value in LOCAL_ENV.items():
         os.environ.setdefault(key, value)
-    if os.environ[LOOPBACK_VAR].strip().lower() in ("1", "true", "yes"):
+    if _multi_host_opted_in():
         return
     if "ray" in sys.modules:
         # Ray was imported before this call (by the caller or a library) and has read the variable
@@ -91,7 +97,7 @@ def _keep_local_ray_on_loopback() -> None:
 
 def check_loopback(ray) -> None:
     """Refuse a local Ray that came up on a non-loopback address (shut it down first)."""
-    if os.environ.get(LOOPBACK_VAR, "0").strip().lower() in ("1", "true", "yes"):
+    if _multi_host_opted_in():
         return
     address = ray.util.get_node_ip_address()
     if not ipaddress.ip_address(address).is_loopback:

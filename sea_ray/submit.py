@@ -268,9 +268,10 @@ def _portable_paths(args, working_dir: Path, cwd: Path, validate: bool, excludes
     return rewrites
 
 
-def submit(command: list[str], parser: argparse.ArgumentParser, verbs: list[str], address: Optional[str] = None, wait: bool = False,
-           working_dir: Optional[str] = None, pip: Optional[list[str]] = None, env: Optional[list[str]] = None,
-           cluster_env: Optional[list[str]] = None, default_env: bool = True, excludes: Optional[list[str]] = None, python: str = "python",
+def submit(command: list[str], parser: argparse.ArgumentParser, verbs: list[str], address: Optional[str] = None,
+           wait: bool = False, working_dir: Optional[str] = None, pip: Optional[list[str]] = None,
+           env: Optional[list[str]] = None, cluster_env: Optional[list[str]] = None, default_env: bool = True,
+           excludes: Optional[list[str]] = None, python: str = "python",
            submission_id: Optional[str] = None, validate: bool = True, entrypoint_num_cpus: Optional[float] = None,
            out=None) -> int:
     """Submit a sea-ray job; with ``wait``, stream its logs and return its exit code."""

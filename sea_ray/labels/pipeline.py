@@ -6,7 +6,8 @@ Both are plain callables, usable without Ray (the tests call them directly):
   local or ``s3://``, with :func:`sea_ray.storage.read_many`), decodes it with
   :func:`sea_ray.data.images.decode_image` and applies the PIL part of the tower's transform
   (resize + centre crop). It ships either uint8 pixels ``[B, S, S, 3]`` (``ship="uint8"``, 4x
-  fewer bytes; normalised in the actor) or the float tensor ``[B, 3, S, S]``. A row that fails keeps its place with ``ok=False``, a ``stage``
+  fewer bytes; normalised in the actor) or the float tensor ``[B, 3, S, S]``. A row that fails
+  keeps its place with ``ok=False``, a ``stage``
   (``read`` | ``decode``) and a ``reason``; its pixels are zeros and are never labelled.
 - :class:`LabelActor` builds the tower from the config (seeded, so every actor holds the same
   random-init tower), the :class:`~sea_ray.labels.labeler.PatchLabeler` (text embeddings once per
