@@ -196,3 +196,17 @@ def test_relative_outputs_are_refused_inside_a_ray_job_package(monkeypatch, tmp_
     code = cli.main(["eval", "--config", "workflows/configs/tiny_eval.yaml"])
     err = capsys.readouterr().err
     assert code == 2 and "output: 'out/eval' is a relative path, and this job runs in Ray's temporary copy" in err
+
+
+def test_a_job_fails_when_the_cluster_lacks_a_named_variable(monkeypatch):
+    from sea_ray.errors import ConfigError
+    from sea_ray.runtime import CLUSTER_ENV_VAR, check_cluster_env
+
+    monkeypatch.setenv(CLUSTER_ENV_VAR, "SEA_TEST_KEY_ID,SEA_TEST_SECRET")
+    monkeypatch.setenv("SEA_TEST_KEY_ID", "present")
+    monkeypatch.delenv("SEA_TEST_SECRET", raising=False)
+    with pytest.raises(ConfigError) as info:
+        check_cluster_env()
+    assert [p.split(":")[0] for p in info.value.problems] == ["SEA_TEST_SECRET"]
+    monkeypatch.setenv("SEA_TEST_SECRET", "s3cr3t-value")
+    check_cluster_env()  # every named variable is there: nothing to say
