@@ -126,7 +126,7 @@ def main(argv=None) -> dict:
         args.images, args.image_size, args.rows_per_shard, args.alone_images = 64, 64, 32, 64
     logging.basicConfig(level=logging.WARNING)
 
-    from sea_ray.data.world import ensure_world
+    from sea_ray.world.generator import ensure_world
     from sea_ray.runtime import init_ray
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="sea_ray_bench_"))

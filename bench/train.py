@@ -9,8 +9,8 @@
 - ray_train_overhead: steady-state step time under TorchTrainer (1 worker, Ray Data ingest) /
   the same recipe in a plain loop over pre-made batches. Both run with one torch thread (a
   1-CPU Ray Train worker gets OMP_NUM_THREADS=1).
-- ingest_headroom: batches/s of the training dataset iterator alone / batches/s the training
-  step consumes.
+- ingest_headroom: batches/s of the training preprocessing alone (Ray Data) / batches/s the
+  training step consumes.
 
 Steady state: every recipe logs samples/s over windows of ``steps // 2`` optimizer steps; the
 last window (after warm-up) is the one compared. Never run by the tests; tests assert no time.
@@ -50,8 +50,8 @@ def align_config(world: str, labels: str, runs: str, preset: str, steps: int, pe
 
 def make_world(root: str, image_size: int, grid: int, num_images: int, preset: str):
     from sea_ray.config import validate
-    from sea_ray.data.world import generate_world
-    from sea_ray.labels.oracle import write_oracle_labels
+    from sea_ray.world.generator import generate_world
+    from sea_ray.world.oracle import write_oracle_labels
     from sea_ray.model.vision import build_vision_tower
 
     world, labels = f"{root}/world{image_size}", f"{root}/labels{image_size}"
@@ -63,33 +63,28 @@ def make_world(root: str, image_size: int, grid: int, num_images: int, preset: s
     return world, labels
 
 
-def cached_batches(cfg, image_size: int):
-    """The training dataset (Ray Data, same pipeline as the jobs) iterated alone: (batches, batches/s
-    after the first batch, rows)."""
-    from sea_ray.train.data import build_dataset
+def cached_rows(cfg, image_size: int):
+    """The training rows preprocessed once by the jobs' Preprocess on Ray Data (the feed's
+    in-memory source): (rows, batches/s of that pipeline alone, source rows). The rate is taken
+    from a second pass, after actor start-up."""
+    from sea_ray.train.data import preprocess_kwargs, source_of
+    from sea_ray.train.feed import materialize
 
-    ds, rows = build_dataset(cfg, image_size, cfg.data.preprocess_actors, cfg.data.preprocess_cpus)
-    batches, start = [], None
-    for batch in ds.iter_batches(batch_size=cfg.batch.per_worker, batch_format="numpy", drop_last=True):
-        if start is None:
-            start = time.perf_counter()  # the first batch pays for actor start-up
-        else:
-            batches.append(batch)
+    source = source_of(cfg)
+    preprocess = preprocess_kwargs(cfg, image_size)
+    materialize(source, preprocess, cfg.data.preprocess_actors, cfg.data.preprocess_cpus)  # warm-up
+    start = time.perf_counter()
+    rows = materialize(source, preprocess, cfg.data.preprocess_actors, cfg.data.preprocess_cpus)
     elapsed = time.perf_counter() - start
-    return batches, len(batches) / elapsed, rows
+    return rows, len(rows["position"]) / cfg.batch.per_worker / elapsed, source.num_rows
 
 
-def plain_rate(cfg, batches, rows: int) -> float:
-    """Steady-state samples/s of the recipe in a plain loop (LocalIO) over pre-made batches."""
+def plain_rate(cfg, rows: dict, num_rows: int) -> float:
+    """Steady-state samples/s of the recipe in a plain loop (LocalIO) over the pre-made rows."""
     from sea_ray.train.loop import LocalIO, run_stage
 
-    def feed(epoch, skip):
-        while True:  # as many batches as the steps need, cycling the cached ones
-            yield from batches
-
     reports = []
-    io = LocalIO(tempfile.mkdtemp(prefix="bench-run-"), rows, feed, on_report=reports.append)
-    run_stage(cfg, io)
+    run_stage(cfg, LocalIO(tempfile.mkdtemp(prefix="bench-run-"), rows, num_rows, on_report=reports.append))
     return reports[-1]["samples_per_s"]
 
 
@@ -118,14 +113,14 @@ def main() -> None:
     for preset, (world, labels) in worlds.items():
         image_size = sizes[preset][0]
         cfg = align_config(world, labels, f"{root}/runs", preset, steps, per_worker, True, "sea")
-        cache[preset] = cached_batches(cfg, image_size)
-        batches, _, rows = cache[preset]
+        cache[preset] = cached_rows(cfg, image_size)
+        made, _, rows = cache[preset]  # pre-made rows, source rows
         rates = {True: [], False: []}
         for _ in range(args.repeats):
             for sea in (True, False):
                 run_cfg = align_config(world, labels, f"{root}/runs", preset, steps, per_worker, sea,
                                        f"sea-{sea}-{time.time_ns()}")
-                rates[sea].append(plain_rate(run_cfg, batches, rows))
+                rates[sea].append(plain_rate(run_cfg, made, rows))
         overhead[preset] = statistics.median(rates[False]) / statistics.median(rates[True])
         print(f"{preset}: samples/s with SEA {statistics.median(rates[True]):.2f}, "
               f"without {statistics.median(rates[False]):.2f} -> step time ratio {overhead[preset]:.3f}", flush=True)
@@ -134,11 +129,11 @@ def main() -> None:
     from sea_ray.train.driver import run
 
     world, labels = worlds[big]
-    batches, iter_rate, rows = cache[big]
+    made, iter_rate, rows = cache[big]
     cfg = align_config(world, labels, f"{root}/runs", big, steps, per_worker, True, "ray-train")
     trained = run(cfg)["metrics"]["samples_per_s"]
     plain = plain_rate(align_config(world, labels, f"{root}/runs", big, steps, per_worker, True, "plain"),
-                       batches, rows)
+                       made, rows)
     consumed = trained / per_worker
     print(f"{big}: samples/s under TorchTrainer {trained:.2f}, plain loop {plain:.2f}; "
           f"iterator alone {iter_rate:.2f} batches/s, training consumes {consumed:.2f} batches/s", flush=True)

@@ -54,7 +54,7 @@ SPACE = {
 
 def _world(root: Path, images: int):
     from sea_ray.config import validate
-    from sea_ray.data.world import generate_world
+    from sea_ray.world.generator import generate_world
     from sea_ray.model.vision import build_vision_tower
     from tests.oracle import write_oracle_labels
 

@@ -18,12 +18,12 @@ from sea_ray import pipeline as pipelines
 from sea_ray import submit as remote
 from sea_ray.config import apply_overrides, load_config, to_dict, validate
 from sea_ray.data.importer import import_manifest
-from sea_ray.data.world import generate_world
 from sea_ray.errors import ConfigError, SeaRayError
 from sea_ray.eval.generate import generate
-from sea_ray.labels import audit as label_audit
 from sea_ray.labels.vocab import save_vocab, vocab_from_config
 from sea_ray.presets import PRESETS
+from sea_ray.world import audit as label_audit
+from sea_ray.world.generator import generate_world
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 

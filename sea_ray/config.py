@@ -14,7 +14,7 @@ import copy
 import difflib
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Callable, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -144,7 +144,10 @@ class TrainDataConfig(_Section):
     labels: Optional[str] = Field(None, json_schema_extra=INPUT_PATH, description="labels dataset URI (align with SEA)")
     max_length: int = Field(512, ge=8, description="text tokens per sample (visual tokens not counted)")
     val_manifest: Optional[str] = Field(None, json_schema_extra=INPUT_PATH)
-    preprocess_actors: int = Field(1, ge=1, description="Ray Data actors that decode images and tokenize")
+    shuffle_window: int = Field(8192, ge=1, description="rows shuffled together: the feed visits windows of this "
+                                "many consecutive rows in a seeded order and permutes each (docs/data.md)")
+    preprocess_actors: int = Field(1, ge=1, description="Ray Data actors per Train worker that decode images and "
+                                   "tokenize")
     preprocess_cpus: float = Field(0.5, gt=0, description="CPUs per preprocessing actor")
 
 
@@ -293,7 +296,8 @@ class TuneValidationConfig(_Section):
     """The held-out metric every trial reports: same images, same sampled pairs, same temperature
     in every trial, so trials are compared on one yardstick."""
 
-    labels: Optional[str] = Field(None, description="labels dataset of base.data.val_manifest; none = hold out "
+    labels: Optional[str] = Field(None, json_schema_extra=INPUT_PATH,
+                                  description="labels dataset of base.data.val_manifest; none = hold out "
                                   "num_images images of base.data.labels (never trained on by any trial)")
     num_images: int = Field(32, ge=1, description="held-out labelled images (drawn with seed)")
     seed: int = Field(0, description="draws the held-out images and the fixed SEA pairs (windows, labels)")
@@ -557,6 +561,44 @@ JOBS: dict[str, type[_Section]] = {
 # --------------------------------------------------------------------------- loading
 
 
+def get_dotted(raw: dict, key: str, default: Any = None) -> Any:
+    """``raw["a"]["b"]["c"]`` for ``key="a.b.c"``; ``default`` when a part is missing or the way
+    passes a value that is not a mapping."""
+    node: Any = raw
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+def set_dotted(raw: dict, key: str, value: Any) -> dict:
+    """``raw["a"]["b"]["c"] = value`` for ``key="a.b.c"``, in place (``value`` itself, not a
+    copy); a part on the way that is missing or not a mapping becomes an empty mapping.
+    Returns ``raw``."""
+    *parents, leaf = key.split(".")
+    node = raw
+    for part in parents:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[leaf] = value
+    return raw
+
+
+def flatten_dotted(raw: dict, prefix: str = "") -> dict[str, Any]:
+    """Every leaf of nested mappings by its dotted key: ``{"a": {"b": 1, "c": {}}, "d": 2}`` ->
+    ``{"a.b": 1, "d": 2}`` (an empty mapping has no leaf; a key may itself hold dots)."""
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten_dotted(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     """``a.b.c=VALUE`` -> (['a','b','c'], VALUE parsed as YAML so numbers, bools and lists work)."""
     if "=" not in item:
@@ -575,12 +617,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     out = copy.deepcopy(raw)
     for item in overrides:
         path, value = parse_override(item)
-        node = out
-        for part in path[:-1]:
-            if not isinstance(node.get(part), dict):
-                node[part] = {}
-            node = node[part]
-        node[path[-1]] = value
+        set_dotted(out, ".".join(path), value)
     return out
 
 
@@ -710,24 +747,35 @@ def to_dict(cfg: BaseModel) -> dict:
     return cfg.model_dump(mode="json")
 
 
-def path_fields(cfg: BaseModel, prefix: str = "") -> list[tuple[str, str, str]]:
+def path_fields(cfg: BaseModel) -> list[tuple[str, str, str]]:
     """(dotted key, value, role) of every path set in a config, roles as marked on the fields
     (input, output, model, world); list fields give one entry per item (``key.N``)."""
-    found = []
+    found: list[tuple[str, str, str]] = []
+    map_paths(cfg, lambda key, value, role: found.append((key, value, role)) or value)
+    return found
+
+
+def map_paths(cfg: BaseModel, fn: Callable[[str, str, str], str], prefix: str = "") -> BaseModel:
+    """``cfg`` with every path set in it replaced by ``fn(dotted key, value, role)`` (keys and
+    roles as :func:`path_fields` gives them); a copy where a value changes, ``cfg`` itself
+    otherwise (never changed in place)."""
+    update: dict[str, Any] = {}
     for name, field in type(cfg).model_fields.items():
         value = getattr(cfg, name)
         key = f"{prefix}{name}"
         if isinstance(value, BaseModel):
-            found += path_fields(value, f"{key}.")
-            continue
-        role = (field.json_schema_extra or {}).get("path") if isinstance(field.json_schema_extra, dict) else None
-        if role is None or value is None:
-            continue
-        if isinstance(value, list):
-            found += [(f"{key}.{i}", item, role) for i, item in enumerate(value)]
+            new = map_paths(value, fn, f"{key}.")
         else:
-            found.append((key, value, role))
-    return found
+            role = (field.json_schema_extra or {}).get("path") if isinstance(field.json_schema_extra, dict) else None
+            if role is None or value is None:
+                continue
+            if isinstance(value, list):
+                new = [fn(f"{key}.{i}", item, role) for i, item in enumerate(value)]
+            else:
+                new = fn(key, value, role)
+        if new is not value and new != value:
+            update[name] = new
+    return cfg.model_copy(update=update) if update else cfg
 
 
 # --------------------------------------------------------------------------- cross-field rules
@@ -809,25 +857,13 @@ TUNE_FIXED_SECTIONS = ("job", "run", "ray", "data", "scaling")
 TUNE_MODES = {"val_word_acc": "max"}  # every other metric is a loss (min)
 
 
-def _set_dotted(raw: dict, key: str, value: Any) -> dict:
-    out = copy.deepcopy(raw)
-    node = out
-    *parents, leaf = key.split(".")
-    for part in parents:
-        node = node[part]
-    node[leaf] = value
-    return out
-
-
 def _tune_problems(cfg: TuneConfig) -> list[str]:
     problems: list[str] = []
     base = cfg.base.model_dump(mode="json")
     for key, dim in cfg.space.items():
-        node: Any = base
-        for part in key.split("."):
-            node = node.get(part, KeyError) if isinstance(node, dict) else KeyError
+        node = get_dotted(base, key, KeyError)
         if node is KeyError or isinstance(node, dict):
-            close = difflib.get_close_matches(key, _dotted_leaves(base), n=1)
+            close = difflib.get_close_matches(key, list(flatten_dotted(base)), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             problems.append(f"space.{key}: not a key of the base align config{hint}")
             continue
@@ -861,7 +897,7 @@ def _tune_problems(cfg: TuneConfig) -> list[str]:
             candidates = list(dim.values)
         for value in candidates:  # every end of the range must give a valid align config
             try:
-                validate(_set_dotted(base, key, value), job="align")
+                validate(set_dotted(copy.deepcopy(base), key, value), job="align")
             except ConfigError as exc:
                 problems.extend(f"space.{key}={value!r} gives an invalid align config: {p}" for p in exc.problems)
     if cfg.metric not in TUNE_METRICS:
@@ -885,10 +921,3 @@ def _tune_problems(cfg: TuneConfig) -> list[str]:
                         f"{cfg.base.optim.max_steps}: trials would report once, at their end")
     return problems
 
-
-def _dotted_leaves(raw: dict, prefix: str = "") -> list[str]:
-    out = []
-    for key, value in raw.items():
-        dotted = f"{prefix}{key}"
-        out += _dotted_leaves(value, dotted + ".") if isinstance(value, dict) and value else [dotted]
-    return out

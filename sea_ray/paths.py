@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from sea_ray import storage
-from sea_ray.config import path_fields
+from sea_ray.config import map_paths, path_fields
 
 
 def _local(value: str) -> Optional[str]:
@@ -42,6 +42,37 @@ def names_a_path(value: str, cwd: Optional[Path] = None) -> bool:
         return False
     return ("://" in value or os.path.isabs(value) or value.startswith(("./", "../", "~"))
             or (cwd or Path.cwd()).joinpath(value).exists())
+
+
+# Model values that name something built in, never a path (whatever lies in the working dir).
+BUILT_IN_MODEL_NAMES = ("custom", "world")
+
+
+def absolute(value: Optional[str]) -> Optional[str]:
+    """A local path made absolute (a ``file://`` URI becomes its absolute local path); a URI
+    (``s3://``, ``hf://``...), None and ``""`` as they are. The rule for every place that hands
+    a path to a process with another working directory."""
+    local = _local(value) if value else None
+    return value if local is None else os.path.abspath(local)
+
+
+def absolute_paths(cfg):
+    """``cfg`` (any job config, nested ones too) with its local paths made absolute, for the
+    processes that run it elsewhere in the same filesystem (Ray Train workers, Tune trials, each
+    in its own working directory): every input, output and world folder, as marked in
+    :mod:`sea_ray.config` (:func:`~sea_ray.config.map_paths`); a model value only when it is an
+    existing local path (hub ids, architecture names, ``custom`` and ``world`` stay, see
+    :func:`names_a_path`). Returns a copy; ``cfg`` is not changed."""
+
+    def rule(key: str, value: str, role: str) -> str:
+        if role == "model":
+            local = _local(value)
+            if (local is None or value in BUILT_IN_MODEL_NAMES or not names_a_path(value)
+                    or not os.path.exists(local)):
+                return value
+        return absolute(value)
+
+    return map_paths(cfg, rule)
 
 
 def job_paths(cfg, plan=None) -> list[tuple[str, str, str]]:

@@ -48,8 +48,8 @@ from typing import Any, Callable, Optional
 
 import yaml
 
-from sea_ray import jobs, storage
-from sea_ray.config import PIPELINE_STEPS, PipelineConfig, to_dict
+from sea_ray import jobs, paths, storage
+from sea_ray.config import PIPELINE_STEPS, PipelineConfig, set_dotted, to_dict
 from sea_ray.errors import ConfigError, SeaRayError
 
 log = logging.getLogger(__name__)
@@ -94,29 +94,12 @@ class Plan:
         return next((s for s in self.steps if s.name == name), None)
 
 
-def _abs(uri: Optional[str]) -> Optional[str]:
-    """Local paths made absolute (recorded and printed as such); URIs as they are."""
-    if uri is None or storage.is_remote(uri):
-        return uri
-    return os.path.abspath(uri[len("file://"):] if uri.startswith("file://") else uri)
-
-
-def _put(raw: dict, dotted: str, value: Any) -> None:
-    node = raw
-    *parents, leaf = dotted.split(".")
-    for part in parents:
-        if not isinstance(node.get(part), dict):
-            node[part] = {}
-        node = node[part]
-    node[leaf] = copy.deepcopy(value)
-
-
 def _apply_set(raw: dict, values: dict) -> dict:
     """Apply a step's ``set``: dotted keys or nested mappings, merged into ``raw``."""
     out = copy.deepcopy(raw)
     for key, value in values.items():
         if "." in key:
-            _put(out, key, value)
+            set_dotted(out, key, copy.deepcopy(value))
         elif isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = _apply_set(out[key], value)
         else:
@@ -141,7 +124,7 @@ def _data_uris(cfg: PipelineConfig) -> dict[str, Optional[str]]:
         uris["pretrain_source"], uris["instruct_source"] = uris["pretrain"], uris["instruct"]
         uris["pretrain"] = storage.join(cfg.output, "manifests", "pretrain")
         uris["instruct"] = storage.join(cfg.output, "manifests", "instruct")
-    return {k: _abs(v) for k, v in uris.items()}
+    return {k: paths.absolute(v) for k, v in uris.items()}
 
 
 def _read_recipe(step: str, recipe: Optional[str], base_dir: Path, problems: list[str]) -> dict:
@@ -167,7 +150,7 @@ def _read_recipe(step: str, recipe: Optional[str], base_dir: Path, problems: lis
 def _wiring(name: str, plan_so_far: dict[str, StepPlan], cfg: PipelineConfig, data: dict) -> dict[str, Any]:
     """dotted key -> value: the inputs, output and Ray section of a config step. Local paths are
     absolute: Ray Train workers run in their own working directory."""
-    out = _abs(cfg.output)
+    out = paths.absolute(cfg.output)
     ray = to_dict(cfg.ray)
     labels = plan_so_far.get("labels")
     align = plan_so_far.get("align")
@@ -208,8 +191,8 @@ def _output_of(name: str, cfg) -> str:
     if name in ("align", "instruct"):
         return _run_uri(cfg)
     if name == "tune":
-        return storage.join(_abs(cfg.base.run.storage), cfg.base.run.name)
-    return _abs(cfg.output)
+        return storage.join(paths.absolute(cfg.base.run.storage), cfg.base.run.name)
+    return paths.absolute(cfg.output)
 
 
 def _available_verbs() -> dict[str, jobs.Job]:
@@ -224,7 +207,7 @@ def build_step_config(name: str, cfg: PipelineConfig, base_dir: Path, data: dict
     raw = _read_recipe(name, section.recipe, base_dir, problems)
     raw["job"] = name
     for key, value in {**_wiring(name, so_far, cfg, data), **(extra or {})}.items():
-        _put(raw, key, value)
+        set_dotted(raw, key, copy.deepcopy(value))
     return jobs.validated(_apply_set(raw, section.set), name, name, problems)
 
 
@@ -277,7 +260,7 @@ def _world_done(step: StepPlan) -> Optional[str]:
         meta = json.loads(storage.read_text(uri))
     except (FileNotFoundError, ValueError):
         return None
-    from sea_ray.data.world import WORLD_VERSION
+    from sea_ray.world.generator import WORLD_VERSION
 
     want = dict(step.args, version=WORLD_VERSION)
     return uri if all(meta.get(k) == v for k, v in want.items()) else None
@@ -354,7 +337,7 @@ def completed(step: StepPlan) -> Optional[str]:
 
 
 def _run_world(step: StepPlan) -> dict:
-    from sea_ray.data.world import ensure_world, generate_world
+    from sea_ray.world.generator import ensure_world, generate_world
 
     if not storage.is_remote(step.output):
         return ensure_world(step.output, **step.args)
@@ -498,7 +481,7 @@ def describe(plan: Plan, force: tuple[str, ...] = ()) -> dict:
         except SeaRayError as exc:
             action = f"unknown: {str(exc).splitlines()[0]}"
         steps.append({"step": step.name, "output": step.output, "action": action})
-    return {"output": _abs(plan.cfg.output), "data": plan.data, "steps": steps}
+    return {"output": paths.absolute(plan.cfg.output), "data": plan.data, "steps": steps}
 
 
 def _tune_params(step: StepPlan) -> dict:
@@ -589,7 +572,7 @@ def run(plan: Plan, force: tuple[str, ...] = (), break_lock: bool = False) -> di
             lock.release()
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-    return {"output": _abs(cfg.output), "seconds": round(time.time() - started, 2), "steps": results}
+    return {"output": paths.absolute(cfg.output), "seconds": round(time.time() - started, 2), "steps": results}
 
 
 def _with_tune_params(plan: Plan, step: StepPlan) -> StepPlan:

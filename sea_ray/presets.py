@@ -51,7 +51,7 @@ _TINY_QWEN2 = {
 }
 
 # The synthetic world's trained backbones, shipped in sea_ray/assets/world (made by
-# workflows/backbones.py; see sea_ray/backbones.py): a CLIP ViT with 64 px images and 8 px patches
+# workflows/backbones.py; see sea_ray/world/backbones.py): a CLIP ViT with 64 px images and 8 px patches
 # (an 8 x 8 grid), class-token pooling as in CLIP, and a 4-layer Llama with the world tokenizer.
 WORLD_CLIP_ARCH = {
     "embed_dim": 64,

@@ -11,7 +11,8 @@ Steps, each printed as it runs:
    actor pool) on the training captions' vocabulary; then the label audit (precision@1 against the
    ground truth) on held-out test images.
 3. **ingest**: Ray Data decodes and tokenizes the align set (images + captions + labels) and the
-   instruct set (conversations) once; both are materialized in the object store and shared.
+   instruct set (conversations) once (:func:`sea_ray.train.feed.materialize`); both are shared
+   through the object store.
 4. **train**: for every seed, two arms, identical but for SEA: ``baseline`` (``sea.enabled=false``)
    and ``+SEA``; each arm runs align then instruct (init from its align checkpoint) then eval.
 5. **eval**: on the test split: nearest-word accuracy of the visual tokens after align and after
@@ -24,7 +25,8 @@ Compute plan (``mode``): Ray Train costs ~8 s of start-up per ``fit()`` on a 2-c
 3 seeds x 2 arms x 2 stages are 12 fits, so by default (``mode: tasks``) each seed x arm chain is
 one Ray task (``cpus_per_task`` CPUs, as many at once as the local Ray has CPUs) that runs the very
 same stage recipe in-process (:func:`sea_ray.train.loop.run_stage` with
-:class:`~sea_ray.train.loop.LocalIO`), fed from the shared Ray Data sets. ``mode: ray_train`` runs
+:class:`~sea_ray.train.loop.LocalIO`), fed by the same feed in the same order as a Ray Train
+worker (:mod:`sea_ray.train.feed`), from the shared preprocessed rows. ``mode: ray_train`` runs
 every stage as a 1-worker ``TorchTrainer`` job instead (the ``sea-ray align``/``instruct`` path),
 one after another. Both write the same run folders (checkpoints, TensorBoard events, config).
 
@@ -34,14 +36,15 @@ output made with other settings is refused.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
 import time
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 from sea_ray import storage
-from sea_ray.config import QuickstartConfig, apply_overrides, to_dict, validate
+from sea_ray.config import QuickstartConfig, flatten_dotted, set_dotted, to_dict, validate
 from sea_ray.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -77,18 +80,12 @@ def _paths(cfg: QuickstartConfig) -> dict[str, str]:
             "eval": os.path.join(out, "eval")}
 
 
-def _flatten(prefix: str, value: Any, out: dict) -> None:
-    if isinstance(value, dict):
-        for k, v in value.items():
-            _flatten(f"{prefix}.{k}" if prefix else k, v, out)
-    else:
-        out[prefix] = value
-
-
 def _with_set(raw: dict, values: dict) -> dict:
-    flat: dict = {}
-    _flatten("", values or {}, flat)
-    return apply_overrides(raw, [f"{k}={json.dumps(v)}" for k, v in flat.items()])
+    """``raw`` with a job's ``set`` applied, leaf by leaf (nested mappings merge)."""
+    out = copy.deepcopy(raw)
+    for key, value in flatten_dotted(values or {}).items():
+        set_dotted(out, key, copy.deepcopy(value))
+    return out
 
 
 def build_configs(cfg: QuickstartConfig) -> dict:
@@ -161,81 +158,9 @@ def build_configs(cfg: QuickstartConfig) -> dict:
 # --------------------------------------------------------------------------- one chain (seed x arm)
 
 
-def _batches_fn(dataset, per_worker: int, seed: int) -> Callable:
-    """LocalIO's ``batches(epoch, skip)`` over a materialized Ray Dataset (seeded local shuffle)."""
-
-    def batches(epoch: int, skip: int):
-        it = dataset.iter_batches(batch_size=per_worker, batch_format="numpy", drop_last=True, prefetch_batches=1,
-                                  local_shuffle_buffer_size=8 * per_worker,
-                                  local_shuffle_seed=seed * 7919 + epoch * 31)
-        for i, batch in enumerate(it):
-            if i >= skip:
-                yield batch
-
-    return batches
-
-
-class LocalDataset:
-    """A Ray-free stand-in for a materialized Ray Dataset (experiments, tests, machines without
-    Ray): the same preprocessing (:class:`sea_ray.train.data.Preprocess`) run in this process, and
-    ``iter_batches`` with a seeded full shuffle."""
-
-    def __init__(self, cfg, image_size: int, chunk: int = 64):
-        import pyarrow as pa
-
-        from sea_ray.train.data import Preprocess, label_shards, manifest_rows, read_label_shard
-
-        stage = cfg.job
-        manifest = manifest_rows(cfg.data.manifest, require_image=stage == "align")
-        pre = Preprocess(stage, cfg.model.llm.tokenizer or cfg.model.llm.name_or_path, image_size,
-                         cfg.data.image_root, cfg.data.max_length, getattr(cfg, "template", "plain"))
-        labels = cfg.data.labels if stage == "align" else None
-        if labels:
-            pre.by_id = {r["id"]: (r["image"], r["image_bytes"], r["conversations"]) for r in manifest.rows}
-            shards, _ = label_shards(labels)
-            table = read_label_shard(pa.table({"path": shards}))
-            inputs = [table.slice(i, chunk).to_pydict() for i in range(0, table.num_rows, chunk)]
-        else:
-            rows = manifest.rows
-            inputs = [{"sample_id": [r["id"] for r in rows[i:i + chunk]],
-                       "image": [r["image"] or "" for r in rows[i:i + chunk]],
-                       "image_bytes": [r["image_bytes"] or b"" for r in rows[i:i + chunk]],
-                       "conversations": [r["conversations"] for r in rows[i:i + chunk]]}
-                      for i in range(0, len(rows), chunk)]
-        self.samples: list[dict] = []
-        for batch in inputs:
-            out = pre(batch)
-            for j in range(len(out["sample_id"])):
-                self.samples.append({k: v[j] for k, v in out.items()})
-        self.num_rows = sum(len(b.get("sample_id", b.get("image_id", []))) for b in inputs)
-
-    def count(self) -> int:
-        return len(self.samples)
-
-    def iter_batches(self, batch_size: int, batch_format: str = "numpy", drop_last: bool = True, prefetch_batches=0,
-                     local_shuffle_buffer_size=None, local_shuffle_seed=None):
-        import numpy as np
-
-        order = np.random.default_rng(local_shuffle_seed).permutation(len(self.samples))
-        stop = len(order) - (len(order) % batch_size if drop_last else 0)
-        for i in range(0, stop, batch_size):
-            rows = [self.samples[k] for k in order[i:i + batch_size]]
-            batch = {}
-            for key in rows[0]:
-                values = [r[key] for r in rows]
-                if key == "image":
-                    batch[key] = np.stack(values)
-                elif isinstance(values[0], np.ndarray):
-                    arr = np.empty(len(values), dtype=object)
-                    arr[:] = values
-                    batch[key] = arr
-                else:
-                    batch[key] = np.asarray(values)
-            yield batch
-
-
-def _train_local(cfg, dataset, num_rows: int, progress: Callable[[dict], None], device: str = "cpu") -> dict:
-    """One stage in this process: the stage recipe with LocalIO (same run folder as Ray Train's)."""
+def _train_local(cfg, rows: dict, num_rows: int, progress: Callable[[dict], None], device: str = "cpu") -> dict:
+    """One stage in this process: the stage recipe with LocalIO (same feed order and run folder
+    as Ray Train's)."""
     from sea_ray.train.driver import run_uri
     from sea_ray.train.loop import LocalIO, run_stage, total_steps
 
@@ -248,8 +173,7 @@ def _train_local(cfg, dataset, num_rows: int, progress: Callable[[dict], None], 
         progress({"stage": cfg.job, "step": metrics.get("step"), "total": steps,
                   **{k: metrics[k] for k in ("loss_lm", "loss_sea", "temperature", "samples_per_s") if k in metrics}})
 
-    io = LocalIO(uri, num_rows, _batches_fn(dataset, cfg.batch.per_worker, cfg.run.seed), on_report, device=device)
-    return run_stage(cfg, io)
+    return run_stage(cfg, LocalIO(uri, rows, num_rows, on_report, device=device))
 
 
 def _evaluate(chain: dict, progress: Callable[[dict], None]) -> dict:
@@ -279,8 +203,7 @@ def _evaluate(chain: dict, progress: Callable[[dict], None]) -> dict:
     return flat
 
 
-def run_chain(chain: dict, align_ds, instruct_ds, align_rows: int, instruct_rows: int, threads: Optional[int],
-              queue=None, device: str = "cpu") -> dict:
+def run_chain(chain: dict, data: dict, threads: Optional[int], queue=None, device: str = "cpu") -> dict:
     """Align -> instruct -> eval of one seed x arm, in this process (the body of a Ray task)."""
     import torch
 
@@ -298,9 +221,9 @@ def run_chain(chain: dict, align_ds, instruct_ds, align_rows: int, instruct_rows
             _print_event(event)
 
     progress({"stage": "align", "note": "start"})
-    _train_local(chain["align"], align_ds, align_rows, progress, device)
+    _train_local(chain["align"], data["align"], data["align_rows"], progress, device)
     progress({"stage": "instruct", "note": "start"})
-    _train_local(chain["instruct"], instruct_ds, instruct_rows, progress, device)
+    _train_local(chain["instruct"], data["instruct"], data["instruct_rows"], progress, device)
     metrics = _evaluate(chain, progress)
     metrics["seconds"] = round(time.time() - started, 1)
     metrics["cpu_seconds"] = round(time.process_time() - cpu_started, 1)  # = wall time on an idle core
@@ -335,15 +258,17 @@ def _check_output(cfg: QuickstartConfig, out: str) -> None:
         json.dump(mine, f, indent=2, sort_keys=True)
 
 
-def _ingest(chain: dict, image_size: int):
-    """Ray Data: preprocess the align set (with labels) and the instruct set once; materialize."""
-    from sea_ray.data import ingest
-    from sea_ray.train.data import build_dataset
+def _ingest(chain: dict, image_size: int) -> dict:
+    """Ray Data: preprocess the align set (with labels) and the instruct set once, into memory."""
+    from sea_ray.train.data import preprocess_kwargs, source_of
+    from sea_ray.train.feed import materialize
 
-    ingest.configure(preserve_order=True)  # the same order on every run
-    align_ds, align_rows = build_dataset(chain["align"], image_size, 1, 0.5)
-    instruct_ds, instruct_rows = build_dataset(chain["instruct"], image_size, 1, 0.5)
-    return align_ds.materialize(), align_rows, instruct_ds.materialize(), instruct_rows
+    out = {}
+    for stage in ("align", "instruct"):
+        source = source_of(chain[stage])
+        out[stage] = materialize(source, preprocess_kwargs(chain[stage], image_size), 1, 0.5)
+        out[f"{stage}_rows"] = source.num_rows
+    return out
 
 
 def _run_tasks(cfg: QuickstartConfig, plan: dict, ray) -> list[dict]:
@@ -355,8 +280,9 @@ def _run_tasks(cfg: QuickstartConfig, plan: dict, ray) -> list[dict]:
     (image_size, _), _ = tower_image_size(chain0["align"].model.vision)
     t = time.time()
     _say("[3/5] ingest: Ray Data decodes and tokenizes the align set (with labels) and the instruct set")
-    align_ds, align_rows, instruct_ds, instruct_rows = _ingest(chain0, image_size)
-    _say(f"      {align_rows} captioned images, {instruct_rows} conversations ({time.time() - t:.0f}s)")
+    data = _ingest(chain0, image_size)
+    _say(f"      {data['align_rows']} captioned images, {data['instruct_rows']} conversations ({time.time() - t:.0f}s)")
+    data = ray.put(data)
     total_cpus = int(ray.cluster_resources().get("CPU", 1))
     at_once = max(1, int(total_cpus // cfg.cpus_per_task))
     _say(f"[4/5] train + eval: {len(plan['chains'])} chains (seeds {cfg.seeds} x baseline/+SEA), align "
@@ -374,7 +300,7 @@ def _run_tasks(cfg: QuickstartConfig, plan: dict, ray) -> list[dict]:
         while waiting or running:
             while waiting and len(running) < at_once:
                 i, chain = waiting.pop(0)
-                ref = remote.remote(chain, align_ds, instruct_ds, align_rows, instruct_rows, threads, queue)
+                ref = remote.remote(chain, data, threads, queue)
                 refs[i] = ref
                 running.append(ref)
             _, running = ray.wait(running, num_returns=len(running), timeout=0.5)
@@ -397,7 +323,7 @@ def _run_tasks(cfg: QuickstartConfig, plan: dict, ray) -> list[dict]:
 def _run_ray_train(cfg: QuickstartConfig, plan: dict) -> list[dict]:
     from sea_ray.train.driver import run as train
 
-    _say("[3/5] ingest: each TorchTrainer job streams its own Ray Data set")
+    _say("[3/5] ingest: each TorchTrainer worker preprocesses its own rows on Ray Data as it trains")
     _say(f"[4/5] train + eval: {len(plan['chains'])} chains, each stage a 1-worker TorchTrainer run, in turn")
     results = []
     for chain in plan["chains"]:
@@ -418,7 +344,7 @@ def _run_ray_train(cfg: QuickstartConfig, plan: dict) -> list[dict]:
 
 def _oracle_labels(plan: dict, p: dict) -> dict:
     """Ground-truth patch words in the labels schema (the upper bound of label quality)."""
-    from sea_ray.labels.oracle import write_oracle_labels
+    from sea_ray.world.oracle import write_oracle_labels
     from sea_ray.model.vision import build_vision_tower
 
     tower = build_vision_tower(plan["labels"].model.vision)
@@ -429,7 +355,7 @@ def _oracle_labels(plan: dict, p: dict) -> dict:
 
 def _audit(plan: dict, world: str, out: str) -> dict:
     """The label audit on the held-out test images, over the labels' own (training) vocabulary."""
-    from sea_ray.labels.audit import audit, write_report
+    from sea_ray.world.audit import audit, write_report
 
     words = json.loads(storage.read_text(os.path.join(out, "_meta.json")))["vocab"]["words"]
     storage.write_text(os.path.join(out, "vocab_words.txt"), "\n".join(words) + "\n")
@@ -440,7 +366,7 @@ def _audit(plan: dict, world: str, out: str) -> dict:
 
 def run(cfg: QuickstartConfig) -> dict:
     """The quickstart (module docstring); returns the summary written to ``results.json``."""
-    from sea_ray.data.world import ensure_world
+    from sea_ray.world.generator import ensure_world
     from sea_ray.labels.job import run as run_labels
     from sea_ray.runtime import init_ray
 
@@ -580,7 +506,7 @@ def write_quickstart_report(report: dict, rows: dict[str, list[dict]], out: str)
     audit = report["label_audit"]
     if audit:
         save("label_audit.png", plot_audit(audit))
-    from sea_ray.labels.audit import to_markdown as audit_md
+    from sea_ray.world.audit import to_markdown as audit_md
 
     t = report["timings_s"]
     cfg = report["config"]

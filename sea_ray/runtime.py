@@ -138,13 +138,44 @@ def init_ray(ray_cfg=None, quiet: bool = False, dashboard: bool = False):
             # runtime env already reaches every worker.
             kwargs["runtime_env"] = {"env_vars": settings_env()}
         log.info("connecting to the Ray cluster at %s", address)
-        ray.init(address=address, **kwargs)
+        _remember(ray, ray.init(address=address, **kwargs))
         return ray
     num_cpus = getattr(ray_cfg, "num_cpus", None)
     log.info("starting a local Ray (%s CPUs)%s", num_cpus or "all", " with its dashboard" if dashboard else "")
     # No runtime env: the local workers inherit this process's environment (credentials included),
     # and nothing is written into Ray's metadata or logs.
     extra = {"include_dashboard": True, "dashboard_host": "127.0.0.1"} if dashboard else {"include_dashboard": False}
-    ray.init(address="local", num_cpus=num_cpus, **extra, **kwargs)
+    _remember(ray, ray.init(address="local", num_cpus=num_cpus, **extra, **kwargs))
     check_loopback(ray)
     return ray
+
+
+# The context ray.init returned to init_ray, by the job id of that connection (a later ray.init,
+# after a ray.shutdown, is another job: its context is not this one).
+_CONNECTION: dict = {}
+
+
+def _remember(ray, context) -> None:
+    _CONNECTION.clear()
+    _CONNECTION[ray.get_runtime_context().get_job_id()] = context
+
+
+def dashboard_url():
+    """The dashboard address of the Ray this process is connected to; None without a dashboard
+    or a connection. Public API only: the ``dashboard_url`` of the context ``ray.init`` returned
+    (Ray's own advice for its deprecated ``get_dashboard_url``). For a connection made outside
+    :func:`init_ray` (a caller's own ``ray.init``), ``ray.init(ignore_reinit_error=True)`` hands
+    back that connection's context: on a connected driver it connects and starts nothing
+    (``address="local"`` only skips Ray's search for a running cluster)."""
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    context = _CONNECTION.get(ray.get_runtime_context().get_job_id())
+    if context is None:
+        from ray.util.client import ray as ray_client
+
+        if ray_client.is_connected():
+            return None  # a Ray Client connection made elsewhere: its context is not ours to ask for
+        context = ray.init(address="local", ignore_reinit_error=True)
+    return getattr(context, "dashboard_url", None) or None

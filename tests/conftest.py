@@ -21,7 +21,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def world_dir(tmp_path_factory):
     """A small synthetic world (64 px images), generated once per test session."""
-    from sea_ray.data.world import generate_world
+    from sea_ray.world.generator import generate_world
 
     out = tmp_path_factory.mktemp("world")
     generate_world(out, num_images=60, seed=0, image_size=64)

@@ -1,3 +1,3 @@
 """Test helper: re-exports the library's oracle labels writer."""
 
-from sea_ray.labels.oracle import write_oracle_labels  # noqa: F401
+from sea_ray.world.oracle import write_oracle_labels  # noqa: F401

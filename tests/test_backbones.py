@@ -27,7 +27,7 @@ def test_recipe_reruns_at_reduced_size(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from sea_ray.config import VisionConfig
-    from sea_ray.data.world import world_words
+    from sea_ray.world.generator import world_words
     from sea_ray.model.vision import build_vision_tower
 
     out = tmp_path / "bb"
@@ -72,7 +72,7 @@ def test_shipped_weights_are_small_safetensors_inside_the_package():
 def test_shipped_tokenizer_is_the_world_tokenizer():
     from transformers import AutoTokenizer
 
-    from sea_ray.backbones import world_tokenizer
+    from sea_ray.world.backbones import world_tokenizer
 
     shipped = AutoTokenizer.from_pretrained(os.path.join(WORLD_ASSETS, "llm"))
     assert shipped.get_vocab() == world_tokenizer().get_vocab()
@@ -81,8 +81,8 @@ def test_shipped_tokenizer_is_the_world_tokenizer():
 
 def test_shipped_clip_labels_patches_well_above_chance(tmp_path):
     """The audit on held-out images of a world seed neither the CLIP nor the quickstart saw."""
-    from sea_ray.backbones import audit_world_clip
-    from sea_ray.data.world import generate_world
+    from sea_ray.world.backbones import audit_world_clip
+    from sea_ray.world.generator import generate_world
 
     world = tmp_path / "heldout"
     generate_world(world, num_images=40, seed=11, image_size=64, splits=(0, 0, 1))
@@ -95,7 +95,7 @@ def test_shipped_clip_labels_patches_well_above_chance(tmp_path):
 
 
 def test_clip_pairs_crops_name_what_they_show():
-    from sea_ray.backbones import clip_pairs, render_images, world_records
+    from sea_ray.world.backbones import clip_pairs, render_images, world_records
 
     records = world_records(3, 40)
     images = render_images(records)
@@ -109,7 +109,7 @@ def test_clip_pairs_crops_name_what_they_show():
         if named == [rec["background"]]:
             kinds["background"] += 1
             # background only: no pixel of any object colour
-            from sea_ray.data.world import COLOR_RGB
+            from sea_ray.world.generator import COLOR_RGB
 
             for rgb in COLOR_RGB.values():
                 assert not (np.abs(img.astype(int) - rgb).sum(-1) < 30).any()
@@ -120,7 +120,7 @@ def test_clip_pairs_crops_name_what_they_show():
 
 
 def test_world_texts_use_the_training_formats():
-    from sea_ray.backbones import world_records, world_texts
+    from sea_ray.world.backbones import world_records, world_texts
     from sea_ray.data.templates import LLAVA_V1_SYSTEM
 
     records = world_records(2, 10)

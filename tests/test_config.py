@@ -137,3 +137,57 @@ def test_missing_file_and_bad_yaml(tmp_path):
     bad.write_text("job: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+def test_dotted_keys_have_one_home():
+    """get/set/flatten by dotted key (sea_ray.config), the rule behind overrides, a search's
+    parameters, the quickstart's and a pipeline's ``set``."""
+    from sea_ray.config import apply_overrides, flatten_dotted, get_dotted, set_dotted
+    from sea_ray.pipeline import _apply_set
+    from sea_ray.quickstart import _with_set
+
+    raw = {"a": {"b": {"c": 1}, "n": None}, "d": 2}
+    assert get_dotted(raw, "a.b.c") == 1 and get_dotted(raw, "a.n") is None
+    assert get_dotted(raw, "a.x", "?") == "?" and get_dotted(raw, "d.e", "?") == "?" and get_dotted(raw, "a.n.x") is None
+    assert set_dotted(raw, "a.b.e", [3]) is raw and raw["a"]["b"] == {"c": 1, "e": [3]}
+    set_dotted(raw, "d.f.g", 4)  # a value on the way becomes a mapping
+    assert raw["d"] == {"f": {"g": 4}}
+    assert flatten_dotted({"a": {"b": 1, "c": {}, "x.y": 2}, "d": [1]}) == {"a.b": 1, "a.x.y": 2, "d": [1]}
+    assert apply_overrides({"a": {"b": 1}}, ["a.c=2", "e.f=[1, 2]"]) == {"a": {"b": 1, "c": 2}, "e": {"f": [1, 2]}}
+    # the quickstart's set merges leaf by leaf and keeps the values' types (1e-05 stays a float)
+    base = {"optim": {"lr": 1.0, "wd": 0.0}, "model": {"adapter": {"type": "mlp2x_gelu", "hidden_size": 8}}}
+    out = _with_set(base, {"optim": {"lr": 1e-05}, "model.adapter": {"type": "linear"}})
+    assert out == {"optim": {"lr": 1e-05, "wd": 0.0}, "model": {"adapter": {"type": "linear", "hidden_size": 8}}}
+    assert base["optim"]["lr"] == 1.0
+    # a pipeline's set: nested mappings merge, a dotted key replaces its value
+    out = _apply_set(base, {"optim": {"lr": 2.0}, "model.adapter": {"type": "linear"}})
+    assert out == {"optim": {"lr": 2.0, "wd": 0.0}, "model": {"adapter": {"type": "linear"}}}
+
+
+def test_local_paths_become_absolute_by_their_markers(tmp_path, monkeypatch):
+    """sea_ray.paths.absolute_paths: every marked input/output absolute, a model value only when
+    it is an existing local path; what Ray Train workers and Tune trials see."""
+    from sea_ray.config import path_fields
+    from sea_ray.paths import absolute, absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    assert [absolute(v) for v in (None, "", "s3://b/x", "hf://m", "rel/x", "/abs")] == \
+        [None, "", "s3://b/x", "hf://m", str(tmp_path / "rel/x"), "/abs"]
+    assert absolute("file://rel/x") == str(tmp_path / "rel/x") and absolute("file:///abs/x") == "/abs/x"
+    for name in ("tok", "custom", "world"):
+        (tmp_path / name).mkdir()
+    cfg = validate({"job": "instruct", "model": {"preset": "tiny-openclip-llama", "llm": {"tokenizer": "tok"}},
+                    "init_adapter": "runs/a", "run": {"storage": "runs"},
+                    "data": {"manifest": "w/i.json", "image_root": "s3://b/images"}, "batch": {"per_worker": 16}})
+    out = absolute_paths(cfg)
+    assert out.data.manifest == str(tmp_path / "w/i.json") and out.data.image_root == "s3://b/images"
+    assert out.init_adapter == str(tmp_path / "runs/a") and out.run.storage == str(tmp_path / "runs")
+    assert out.model.llm.tokenizer == str(tmp_path / "tok") and out.model.vision.name == "custom"
+    assert cfg.data.manifest == "w/i.json" and [k for k, _, _ in path_fields(out)] == [k for k, _, _ in path_fields(cfg)]
+    world_tok = validate({**cfg.model_dump(mode="json"), "model": {"preset": "tiny-openclip-llama",
+                          "llm": {"tokenizer": "world", "name_or_path": "org/hub-llm", "config": None}}})
+    kept = absolute_paths(world_tok).model.llm
+    assert kept.tokenizer == "world" and kept.name_or_path == "org/hub-llm"  # ./world exists: still the name
+    ev = validate({"job": "eval", "checkpoint": "runs/a", "world": "w", "curves": ["c1", "s3://b/c2"]})
+    assert absolute_paths(ev).curves == [str(tmp_path / "c1"), "s3://b/c2"]
+    assert absolute_paths(ev).output == str(tmp_path / "eval")

@@ -88,7 +88,7 @@ class _UniformLM(torch.nn.Module):
 
 
 def test_perplexity_of_a_uniform_lm_is_the_vocabulary_size():
-    from sea_ray.backbones import world_tokenizer
+    from sea_ray.world.backbones import world_tokenizer
 
     tok = world_tokenizer()
     nll, n = M.lm_nll(_UniformLM(len(tok)), tok, ["a red circle on a gray background", "yes", "two"], batch_size=2)
@@ -159,9 +159,9 @@ class _StubModel:
 
 
 def test_alignment_metrics_known_answers(world_dir):
-    from sea_ray.data.world import load_ground_truth, patch_ground_truth, patch_words
+    from sea_ray.world.generator import load_ground_truth, patch_ground_truth, patch_words
     from sea_ray.eval.job import alignment_metrics
-    from sea_ray.backbones import world_tokenizer
+    from sea_ray.world.backbones import world_tokenizer
 
     tok = world_tokenizer()
     torch.manual_seed(0)
@@ -314,7 +314,7 @@ def test_eval_job_end_to_end_writes_the_report(tmp_path, world_dir):
     summary = run(cfg)
     assert summary["stage"] == "instruct" and summary["checkpoint"] == uri and summary["images"] == 3
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
-    from sea_ray.data.world import load_ground_truth
+    from sea_ray.world.generator import load_ground_truth
 
     first3 = {r["id"] for r in load_ground_truth(world_dir) if r["split"] == "test"}
     first3 = set(sorted(first3)[:3])

@@ -40,7 +40,7 @@ def _cfg(*args, **kwargs):
 @pytest.fixture(scope="module")
 def world300(tmp_path_factory):
     """300 world images (64 px) and one manifest holding all of them, in id order."""
-    from sea_ray.data.world import generate_world
+    from sea_ray.world.generator import generate_world
 
     root = tmp_path_factory.mktemp("world300")
     generate_world(root, num_images=N_IMAGES, seed=0, image_size=64)

@@ -331,8 +331,8 @@ def test_audit_table_on_the_world(world_dir, tmp_path, capsys):
 
 def test_audit_scores_a_perfect_labeler_as_perfect(world_dir, tmp_path, monkeypatch):
     """The audit's bookkeeping: with patch features equal to the true word's embedding, p@1 = 1."""
-    from sea_ray.data.world import load_ground_truth, patch_ground_truth
-    from sea_ray.labels import audit as A
+    from sea_ray.world.generator import load_ground_truth, patch_ground_truth
+    from sea_ray.world import audit as A
 
     cfg = validate({"job": "labels", "output": str(tmp_path), "model": {"preset": "tiny-openclip-llama"},
                     "data": {"manifest": str(world_dir / "train" / "pretrain.json")}, "vocab": {"min_count": 1}})

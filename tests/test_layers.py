@@ -116,3 +116,19 @@ def test_no_import_cycle(graph):
 
 def test_the_cli_is_a_leaf(graph):
     assert [m for m, targets in graph.items() if "sea_ray.cli" in targets] == []
+
+
+# Ray's private modules, only where no public API exists; each use names its reason and a test
+# that pins it (runtime: the loopback switch, tests/test_security.py; submit: token auth).
+PRIVATE_RAY_ALLOWED = {"sea_ray.runtime", "sea_ray.submit"}
+
+
+def test_ray_private_only_where_pinned():
+    found = []
+    for name, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            if any(t == "ray._private" or t.startswith("ray._private.") for t in targets):
+                found.append(name)
+    assert sorted(set(found) - PRIVATE_RAY_ALLOWED) == []

@@ -182,7 +182,7 @@ def test_adapter_registry():
 
 
 def test_world_tokenizer_keeps_world_words_whole(tiny):
-    from sea_ray.data.world import world_words
+    from sea_ray.world.generator import world_words
 
     tok = tiny.tokenizer
     whole = [w for w in world_words() if len(tok(" " + w, add_special_tokens=False).input_ids) == 1]

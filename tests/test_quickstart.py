@@ -55,9 +55,12 @@ def test_bad_settings_are_listed_per_job_before_anything_runs(tmp_path):
 
 def test_one_chain_in_process_without_ray(tmp_path, world_dir):
     """align -> instruct -> eval of the +SEA arm with oracle labels, on the session world."""
-    from sea_ray.labels.oracle import write_oracle_labels
+    from sea_ray.world.oracle import write_oracle_labels
     from sea_ray.model.vision import build_vision_tower
-    from sea_ray.quickstart import LocalDataset, build_configs, run_chain
+    from sea_ray.checks import tower_image_size
+    from sea_ray.quickstart import build_configs, run_chain
+    from sea_ray.train.data import preprocess_kwargs, source_of
+    from sea_ray.train.feed import materialize
 
     plan = build_configs(validate({"job": "quickstart", "output": str(tmp_path), "seeds": [0],
                                    "align": {"max_steps": 2, "global_batch": 4},
@@ -72,11 +75,15 @@ def test_one_chain_in_process_without_ray(tmp_path, world_dir):
         "manifest": f"{world}/train/instruct.json", "image_root": f"{world}/images"})})
     for key in ("eval", "eval_align"):
         chain[key] = chain[key].model_copy(update={"world": world, "vocab": None, "audit": None})
-    align, instruct = LocalDataset(chain["align"], 64), LocalDataset(chain["instruct"], 64)
-    assert align.count() == 48 and instruct.count() > 48
-    batch = next(align.iter_batches(4, local_shuffle_seed=0))
-    assert batch["image"].shape == (4, 64, 64, 3) and len(batch["label_ids"][0]) == 64 * 3
-    metrics = run_chain(chain, align, instruct, align.count(), instruct.count(), 1, None)
+    (image_size, _), _ = tower_image_size(chain["align"].model.vision)
+    data = {}
+    for stage in ("align", "instruct"):  # the quickstart's ingest, in this process
+        source = source_of(chain[stage], shared=False)
+        data[stage] = materialize(source, preprocess_kwargs(chain[stage], image_size), in_process=True)
+        data[f"{stage}_rows"] = source.num_rows
+    assert data["align_rows"] == 48 == len(data["align"]["sample_id"]) and data["instruct_rows"] > 48
+    assert data["align"]["image"].shape == (48, 64, 64, 3) and len(data["align"]["label_ids"][0]) == 64 * 3
+    metrics = run_chain(chain, data, 1, None)
     for key in ("nw_align", "nw_final", "tacs", "modality_gap", "qa", "ppl_before", "ppl_after"):
         assert metrics[key] is not None, key
     assert 0 <= metrics["qa"] <= 1 and metrics["ppl_before"] != metrics["ppl_after"]

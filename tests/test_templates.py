@@ -131,7 +131,7 @@ def _sentencepiece_style_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from sea_ray.data.world import world_words
+    from sea_ray.world.generator import world_words
 
     words = world_words()
     tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
@@ -211,3 +211,33 @@ def test_world_manifests_encode(world_dir, tok):
         if template == "plain":
             assert supervised_runs(tok, encode_row(rows[0], tok, "plain", 256)) == [
                 rows[0]["conversations"][1]["value"] + tok.eos_token]
+
+
+def test_one_llava_v1_renderer_for_training_generation_and_eval_text(tok, tmp_path):
+    """render_llava_v1 is the one LLaVA v1 rendering: the instruct stage's text, the eval
+    generation prompt (the same text up to the answer) and eval's perplexity texts."""
+    import json
+
+    from sea_ray.data.templates import render_llava_v1
+    from sea_ray.eval.generate import render_prompt
+    from sea_ray.eval.job import split_texts
+
+    text, spans = render_llava_v1([("<image>\nQ1?", "a1"), ("Q2?", "a2")], "</s>")
+    assert text == f"{LLAVA_V1_SYSTEM} USER: <image>\nQ1? ASSISTANT: a1</s>USER: Q2? ASSISTANT: a2</s>"
+    assert [text[s:e] for s, e in spans] == ["a1</s>", "a2</s>"]
+    prompt, none = render_llava_v1([("<image>\nQ1?", None)])
+    assert prompt == f"{LLAVA_V1_SYSTEM} USER: <image>\nQ1? ASSISTANT:" and none == []
+    assert text.startswith(prompt)  # the prompt is the training text up to the answer
+    assert render_prompt("Q1?", tok, "llava_v1") == prompt
+    with pytest.raises(ValueError, match="last turn"):
+        render_llava_v1([("Q1?", None), ("Q2?", "a2")])
+    eos = tok.eos_token
+    full = encode_conversation(CONV, tok, "llava_v1", max_length=512)
+    rendered, _ = render_llava_v1([(CONV[0]["value"], "red"), (CONV[2]["value"], "two objects")], eos)
+    ids = [t for t in full["input_ids"] if t != IMAGE_TOKEN_INDEX]
+    assert tok.decode(ids) == rendered.replace("<image>", "")
+    (tmp_path / "val").mkdir()
+    (tmp_path / "val" / "instruct.json").write_text(json.dumps([{"id": "x", "image": "x.png", "conversations": CONV}]))
+    texts = split_texts(str(tmp_path), "val", [{"id": "x", "caption": "a red circle"}], eos)
+    assert texts == ["a red circle" + eos, render_llava_v1([("What color is the circle?", "red"),
+                                                            (CONV[2]["value"], "two objects")], eos)[0]]

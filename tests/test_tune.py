@@ -242,38 +242,75 @@ def test_a_resume_with_another_search_is_refused(labelled_world, tmp_path):
     check_same_search(changed, exp, resuming=False)  # nothing to resume: the new search replaces it
 
 
-def test_optuna_learns_that_asha_stopped_a_trial():
-    """A trial stopped before its last step is PRUNED for TPE (with its value at the step it got
-    to), a trial that ran all its steps is COMPLETE."""
+@pytest.mark.ray
+def test_the_dashboard_is_read_through_public_ray_api(ray_local, monkeypatch):
+    """resolve_trial_mode's dashboard check reads the context ray.init returned (public API,
+    sea_ray.runtime.dashboard_url): init_ray's own, else, for a Ray connected elsewhere (this
+    session's, without a dashboard), the context ray.init hands back to a connected driver."""
+    from sea_ray import runtime
+    from sea_ray.tune.search import _dashboard_up
+
+    assert runtime.dashboard_url() is None and _dashboard_up() is False
+    job = ray_local.get_runtime_context().get_job_id()
+    monkeypatch.setitem(runtime._CONNECTION, job, SimpleNamespace(dashboard_url="127.0.0.1:8265"))
+    assert runtime.dashboard_url() == "127.0.0.1:8265" and _dashboard_up() is True
+    monkeypatch.setitem(runtime._CONNECTION, job, SimpleNamespace(dashboard_url=""))
+    assert _dashboard_up() is False
+
+
+def test_optuna_learns_that_asha_stopped_a_trial(tmp_path):
+    """A trial stopped before its last step is PRUNED for TPE (with its values at the training
+    steps it reported), a trial that ran all its steps is COMPLETE, a failed one FAIL. Read
+    through Optuna's public API (the study in a storage we pass), so this pins what the searcher
+    does, not how Ray's OptunaSearch stores it: a Ray that changes the stock methods it relies on
+    (intermediate values at result["training_iteration"], PRUNED for a trial ended without a
+    result) fails here."""
+    import optuna
     from optuna.trial import TrialState
 
     from sea_ray.tune.optuna_search import AshaAwareOptunaSearch, GoodFraction
     from sea_ray.tune.space import optuna_distributions
 
     cfg = validate(_tune_raw("w", "l", "r", "x"))
-    search = AshaAwareOptunaSearch(space=optuna_distributions(cfg), metric="val_sea_loss", mode="min", max_steps=STEPS)
-    for trial_id in ("a", "b"):
+    storage = optuna.storages.InMemoryStorage()
+    search = AshaAwareOptunaSearch(space=optuna_distributions(cfg), metric="val_sea_loss", mode="min",
+                                   max_steps=STEPS, study_name="pinned", storage=storage)
+    for trial_id in ("a", "b", "c"):
         assert set(search.suggest(trial_id)) == set(SPACE)
-    search.on_trial_result("a", {"val_sea_loss": 2.5, "step": 2})
-    search.on_trial_complete("a", {"val_sea_loss": 2.4, "step": 4})
-    search.on_trial_result("b", {"val_sea_loss": 2.0, "step": 2})
-    search.on_trial_complete("b", {"val_sea_loss": 1.5, "step": STEPS})
-    a, b = search._ot_study.trials
+    search.on_trial_result("a", {"val_sea_loss": 2.5, "step": 2, "training_iteration": 1})
+    search.on_trial_result("a", {"val_sea_loss": 9.9, "step": 2, "training_iteration": 2})  # a replayed step
+    search.on_trial_complete("a", {"val_sea_loss": 2.4, "step": 4, "training_iteration": 3})
+    search.on_trial_result("a", {"val_sea_loss": 0.1, "step": 6})  # after its end: ignored
+    search.on_trial_result("b", {"val_sea_loss": 2.0, "step": 2, "training_iteration": 1})
+    search.on_trial_complete("b", {"val_sea_loss": 1.5, "step": STEPS, "training_iteration": 3})
+    search.on_trial_result("unknown", {"val_sea_loss": 1.0, "step": 2})  # not suggested here: ignored
+    search.on_trial_complete("c", None, error=True)
+    a, b, c = optuna.load_study(study_name="pinned", storage=storage).trials
     assert a.state == TrialState.PRUNED and a.intermediate_values == {2: 2.5, 4: 2.4}
-    assert b.state == TrialState.COMPLETE and b.value == 1.5
+    assert b.state == TrialState.COMPLETE and b.value == 1.5 and b.intermediate_values == {2: 2.0}
+    assert c.state == TrialState.FAIL
+    restored = AshaAwareOptunaSearch(space=optuna_distributions(cfg), metric="val_sea_loss", mode="min",
+                                     max_steps=STEPS)
+    search.save(str(tmp_path / "searcher.pkl"))  # what Tune does for a resume: the bookkeeping travels
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    assert restored._reported == {"a": {2, 4}, "b": {2}, "c": set()} and restored._ended == {"a", "b", "c"}
     assert [GoodFraction(0.25)(n) for n in (1, 4, 5, 12, 400)] == [1, 1, 2, 3, 25]
 
 
 def test_trials_see_absolute_local_paths(tmp_path, monkeypatch):
     """Tune starts every trial in its own working directory: relative paths of the config are
     made absolute for the trials (and only for them)."""
-    from sea_ray.tune.search import with_absolute_paths
+    from sea_ray.paths import absolute_paths  # what sea_ray.tune.search.run hands the trials
 
     monkeypatch.chdir(tmp_path)
     raw = _tune_raw("out/world", "out/labels", "out/tune", "abs")
     raw["base"]["data"]["image_root"] = "out/world/images"
+    raw["validation"]["labels"] = "out/val-labels"
+    raw["base"]["data"]["val_manifest"] = "out/world/val/pretrain.json"
     cfg = validate(raw)
-    resolved = with_absolute_paths(cfg)
+    resolved = absolute_paths(cfg)
+    assert resolved.validation.labels == str(tmp_path / "out" / "val-labels")
+    assert resolved.base.data.val_manifest == str(tmp_path / "out" / "world" / "val" / "pretrain.json")
     assert resolved.base.data.labels == str(tmp_path / "out" / "labels")
     assert resolved.base.data.manifest == str(tmp_path / "out" / "world" / "train" / "pretrain.json")
     assert resolved.base.data.image_root == str(tmp_path / "out" / "world" / "images")

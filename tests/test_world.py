@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sea_ray.data import world as W
+from sea_ray.world import generator as W
 
 SEED = 7
 N = 200

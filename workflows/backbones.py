@@ -9,7 +9,7 @@ another world seed. Run it::
         --llm-epochs 1 --audit-images 20                                      # a smoke run
 
 ``--device cuda`` trains on a GPU (the shipped weights were made that way: about two minutes); on
-2 CPU cores the full recipe takes tens of minutes. See sea_ray/backbones.py for what is trained.
+2 CPU cores the full recipe takes tens of minutes. See sea_ray/world/backbones.py for what is trained.
 """
 
 from __future__ import annotations
@@ -61,9 +61,9 @@ def main(argv=None) -> int:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from sea_ray.backbones import audit_world_clip, train_world_clip, train_world_llm
-    from sea_ray.data.world import ensure_world
-    from sea_ray.labels.audit import to_markdown, write_report
+    from sea_ray.world.audit import to_markdown, write_report
+    from sea_ray.world.backbones import audit_world_clip, train_world_clip, train_world_llm
+    from sea_ray.world.generator import ensure_world
 
     started = time.time()
     recipe = {"args": given, "command": " ".join(["python", "workflows/backbones.py",

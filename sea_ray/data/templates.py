@@ -192,14 +192,24 @@ def encode_plain(caption: str, tokenizer, max_length: int) -> dict:
     return {"input_ids": prefix + text_ids, "labels": [IGNORE_INDEX] * len(prefix) + text_ids}
 
 
-def _render_llava_v1(messages: list[dict], eos: str) -> tuple[str, list[tuple[int, int]]]:
+def render_llava_v1(turns: Sequence[tuple[str, Optional[str]]], eos: str = "") -> tuple[str, list[tuple[int, int]]]:
+    """The one rendering of LLaVA-1.5's Vicuna v1 conversation: ``(question, answer)`` pairs ->
+    ``{system} USER: {q1} ASSISTANT: {a1}{eos}USER: {q2} ASSISTANT: {a2}{eos}`` and the character
+    spans of the answers with their eos (surrounding whitespace left out). A last answer of None
+    ends the text at ``ASSISTANT:``, the prompt of a generation (the answer's leading space
+    belongs to its first token). Questions are written as given (``<image>`` included)."""
     user, assistant = LLAVA_V1_ROLES
     text = LLAVA_V1_SYSTEM + " "
     spans = []
-    for i in range(0, len(messages), 2):
-        text += f"{user}: {messages[i]['content']} {assistant}: "
+    for i, (question, answer) in enumerate(turns):
+        text += f"{user}: {question} {assistant}:"
+        if answer is None:
+            if i != len(turns) - 1:
+                raise ValueError("only the last turn may be without an answer (the generation prompt)")
+            break
+        text += " "
         start = len(text)
-        text += messages[i + 1]["content"] + eos
+        text += answer + eos
         spans.append(_strip_span(text, start, len(text)))
     return text, spans
 
@@ -254,7 +264,8 @@ def encode_conversation(conversations: Sequence[dict], tokenizer, template: str,
     messages = _messages(conversations)
     if template == "llava_v1":
         _, eos = _eos(tokenizer)
-        text, spans = _render_llava_v1(messages, eos)
+        text, spans = render_llava_v1([(messages[i]["content"], messages[i + 1]["content"])
+                                       for i in range(0, len(messages), 2)], eos)
         bos = adds_bos(tokenizer)
     else:
         chat_template = tokenizer.get_chat_template() if hasattr(tokenizer, "get_chat_template") \

@@ -18,14 +18,13 @@ from sea_ray.constants import IMAGE_PLACEHOLDER
 
 def render_prompt(question: str, tokenizer, template: str = "auto", with_image: bool = True) -> str:
     """The text the model sees before its answer (``template``: auto | llava_v1 | chat)."""
-    from sea_ray.data.templates import LLAVA_V1_ROLES, LLAVA_V1_SYSTEM, resolve_template
+    from sea_ray.data.templates import render_llava_v1, resolve_template
 
     content = f"{IMAGE_PLACEHOLDER}\n{question}" if with_image and IMAGE_PLACEHOLDER not in question else question
     if resolve_template(template, tokenizer) == "chat":
         return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                              add_generation_prompt=True)
-    user, assistant = LLAVA_V1_ROLES
-    return f"{LLAVA_V1_SYSTEM} {user}: {content} {assistant}:"
+    return render_llava_v1([(content, None)])[0]
 
 
 def encode_prompt(question: str, tokenizer, template: str = "auto", with_image: bool = True) -> list[int]:

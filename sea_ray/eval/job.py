@@ -62,7 +62,7 @@ def load_vocab_words(vocab: Optional[str], world: str, split_for_default: str = 
 
 def world_split(world: str, split: str, max_samples: Optional[int] = None) -> tuple[list[dict], list[dict]]:
     """(ground-truth records, QA items) of a world split, the first ``max_samples`` images."""
-    from sea_ray.data.world import load_ground_truth
+    from sea_ray.world.generator import load_ground_truth
 
     records = [r for r in load_ground_truth(world) if r["split"] == split]
     if max_samples:
@@ -99,7 +99,7 @@ def image_tensors(model, world: str, records: list[dict]) -> torch.Tensor:
 def alignment_metrics(model, images: torch.Tensor, records: list[dict], words: list[str], top_k: int = 10,
                       batch_size: int = 32) -> dict:
     """Nearest-word accuracy, TACS and modality gap of the adapter outputs (paper section 7)."""
-    from sea_ray.data.world import patch_ground_truth
+    from sea_ray.world.generator import patch_ground_truth
     from sea_ray.eval.metrics import modality_gap, nearest_word_accuracy, tacs_mean
     from sea_ray.sea import word_targets
 
@@ -158,22 +158,19 @@ def qa_metrics(model, images_by_id: dict[str, torch.Tensor], qa: list[dict], tem
 def split_texts(world: str, split: str, records: list[dict], eos: str) -> list[str]:
     """The split's text in the training formats (captions as in ``plain``, conversations as in
     ``llava_v1``, without images), from its manifests."""
-    from sea_ray.data.templates import LLAVA_V1_ROLES, LLAVA_V1_SYSTEM
+    from sea_ray.data.templates import render_llava_v1
     from sea_ray.constants import IMAGE_PLACEHOLDER
 
     keep = {r["id"] for r in records}
-    user, assistant = LLAVA_V1_ROLES
     texts = [r["caption"] + eos for r in records]
     rows = json.loads(storage.read_text(storage.join(world, split, "instruct.json")))
     for row in rows:
         if row.get("image") and row["id"] not in keep:
             continue
         turns = row["conversations"]
-        text = LLAVA_V1_SYSTEM + " "
-        for j in range(0, len(turns) - 1, 2):
-            question = turns[j]["value"].replace(IMAGE_PLACEHOLDER + "\n", "").replace(IMAGE_PLACEHOLDER, "")
-            text += f"{user}: {question} {assistant}: {turns[j + 1]['value']}{eos}"
-        texts.append(text)
+        pairs = [(turns[j]["value"].replace(IMAGE_PLACEHOLDER + "\n", "").replace(IMAGE_PLACEHOLDER, ""),
+                  turns[j + 1]["value"]) for j in range(0, len(turns) - 1, 2)]
+        texts.append(render_llava_v1(pairs, eos)[0])
     return texts
 
 

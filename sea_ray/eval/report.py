@@ -7,10 +7,9 @@ import io
 import json
 import logging
 import math
-import os
 from typing import Optional, Sequence
 
-from sea_ray import storage
+from sea_ray import paths, storage
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +205,7 @@ def write_report(report: dict, cfg) -> dict:
     """Write ``report.json`` (no predictions), ``predictions.jsonl``, ``plots/*.png`` and
     ``report.md`` under ``cfg.output``; returns their URIs."""
 
-    out = cfg.output if storage.is_remote(cfg.output) else os.path.abspath(cfg.output)
+    out = paths.absolute(cfg.output)
     storage.makedirs(out)
     config = {}
     try:

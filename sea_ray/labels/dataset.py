@@ -177,10 +177,15 @@ def read_errors(uri: str) -> pa.Table:
 def completed_shards(uri: str) -> tuple[list[str], int]:
     """URIs of the completed shard files in shard order (what the training stage reads), and the
     rows labelled in them (from their markers)."""
+    shards = completed_shard_rows(uri)
+    return [u for u, _ in shards], sum(n for _, n in shards)
+
+
+def completed_shard_rows(uri: str) -> list[tuple[str, int]]:
+    """``(URI, rows)`` of every completed shard file in shard order (rows from its marker)."""
     out = LabelsDir(uri)
-    markers = out.markers()
-    return ([storage.join(out.uri, SHARDS, shard_name(i) + ".parquet") for i in markers],
-            sum(int(m["labelled"]) for m in markers.values()))
+    return [(storage.join(out.uri, SHARDS, shard_name(i) + ".parquet"), int(m["labelled"]))
+            for i, m in out.markers().items()]
 
 
 def write_labels(uri: str, labels: pa.Table, meta: dict, rows_per_shard: int = 0, **marker) -> None:

@@ -3,7 +3,7 @@
 Weights come from a local dir, an ``s3://`` URI (downloaded once into the cache) or a hub id
 (online only). ``config:`` builds a random-init model of a real architecture (tests, the
 synthetic world). The tokenizer spec ``world`` is the synthetic world's byte-level BPE, shipped
-with the world LLM (``sea_ray/assets/world/llm``, made by :func:`sea_ray.backbones.world_tokenizer`),
+with the world LLM (``sea_ray/assets/world/llm``, made by :func:`sea_ray.world.backbones.world_tokenizer`),
 so tiny models run offline with a real tokenizer that keeps every world word whole.
 """
 

@@ -1,10 +1,9 @@
 """Training datasets on Ray Data: decode and tokenize on CPU actors, split across Train workers.
 
-Stage 1 (align) streams image-caption pairs joined with their SEA labels: the labels Parquet is
-read in its (manifest) order and each row gets its image and caption from the manifest. Stage
-2 (instruct) streams LLaVA conversations, text-only ones included. Both pipelines keep their
-order (``preserve_order``), so every worker sees the same samples in the same order on every run
-and a resumed run can skip exactly what it already consumed.
+Stage 1 (align) reads image-caption pairs joined with their SEA labels (:class:`LabelsSource`:
+the labels rows, each with its image and caption from the manifest); stage 2 (instruct) reads
+LLaVA conversations, text-only ones included (:class:`ManifestSource`). Which rows a worker gets
+and in what order is :mod:`sea_ray.train.feed`'s; :class:`Preprocess` turns them into samples.
 
 Images leave the CPU tasks as uint8 ``[H, W, 3]`` after the tower's resize + centre crop (4x
 less traffic than float32); workers scale and normalise them, which gives exactly the tensor of
@@ -50,11 +49,85 @@ def _load_image(ref: Optional[str], data: Optional[bytes], image_root: Optional[
     return decode_image(data)
 
 
+RAGGED = ("input_ids", "labels", "label_ids", "label_scores", "grid")
+
+
+def stack(rows: list[dict]) -> dict:
+    """Samples (dicts of one row each) -> one numpy batch: images stacked, ragged columns as 1-D
+    object arrays."""
+    batch = {}
+    for key in rows[0]:
+        values = [r[key] for r in rows]
+        if key == "image":
+            batch[key] = np.stack(values)
+        elif key in RAGGED:
+            arr = np.empty(len(values), dtype=object)
+            arr[:] = [np.asarray(v) for v in values]
+            batch[key] = arr
+        else:
+            batch[key] = np.asarray(values)
+    return batch
+
+
+class LabelsSource:
+    """Align rows: the labels dataset's rows in shard order (``index``: which stored rows, when a
+    search holds some out), each joined by image id with its manifest row (``manifest``: an object
+    ref of ``{id: (image, image_bytes, conversations)}``)."""
+
+    kind = "labels"
+
+    def __init__(self, shards: list[tuple[str, int]], manifest, index: Optional[np.ndarray] = None):
+        self.shards, self.manifest, self.index = shards, manifest, index
+        self.num_rows = len(index) if index is not None else sum(n for _, n in shards)
+
+    def open(self):
+        """This source in a worker: the manifest fetched (once per actor)."""
+        import ray
+
+        by_id = ray.get(self.manifest) if isinstance(self.manifest, ray.ObjectRef) else self.manifest
+        return LabelsSource(self.shards, by_id, self.index)
+
+    def read(self, rows: np.ndarray) -> list[tuple]:
+        """``(sample id, image ref, image bytes, conversations, label columns)`` of source ``rows``."""
+        stored = self.index[rows] if self.index is not None else rows
+        table = read_stored_rows(self.shards, stored)
+        columns = {k: table.column(k).to_pylist() for k in LABEL_COLUMNS}
+        out = []
+        for i, sid in enumerate(columns["image_id"]):
+            row = self.manifest.get(str(sid))
+            if row is None:
+                log.warning("labels row %s has no manifest row: skipped", sid)
+                out.append((str(sid), None, None, None, None))
+                continue
+            out.append((str(sid), row[0], row[1], row[2], {k: v[i] for k, v in columns.items()}))
+        return out
+
+
+class ManifestSource:
+    """Instruct rows: the manifest's rows (``items``: an object ref of the list of
+    ``(id, image, image_bytes, conversations)``)."""
+
+    kind = "manifest"
+
+    def __init__(self, items, num_rows: int):
+        self.items, self.num_rows = items, num_rows
+
+    def open(self):
+        import ray
+
+        return ManifestSource(ray.get(self.items) if isinstance(self.items, ray.ObjectRef) else self.items,
+                              self.num_rows)
+
+    def read(self, rows: np.ndarray) -> list[tuple]:
+        return [(*self.items[int(r)], None) for r in rows]
+
+
 class Preprocess:
-    """Ray Data callable class: rows -> model-ready arrays (one tokenizer per actor)."""
+    """Ray Data callable class: segments of source rows -> model-ready arrays (one tokenizer and
+    one opened source per actor), yielded in the segments' order with each row's stream position."""
 
     def __init__(self, stage: str, tokenizer_spec: str, image_size: int, image_root: Optional[str],
-                 max_length: int, template: str = "plain", manifest_ref=None):
+                 max_length: int, template: str = "plain", source=None, rows_per_batch: int = 64):
         from sea_ray.data.templates import resolve_template
         from sea_ray.model.llm import load_tokenizer
 
@@ -62,11 +135,8 @@ class Preprocess:
         self.tokenizer = load_tokenizer(tokenizer_spec)
         self.template = "plain" if stage == "align" else resolve_template(template, self.tokenizer)
         self.geometry = pil_geometry(image_size)
-        self.by_id = None
-        if manifest_ref is not None:
-            import ray
-
-            self.by_id = ray.get(manifest_ref)
+        self.source = source.open() if source is not None else None
+        self.rows_per_batch = rows_per_batch
 
     def _encode(self, conversations) -> dict:
         from sea_ray.data.manifest import caption_of
@@ -76,63 +146,47 @@ class Preprocess:
             return encode_plain(caption_of({"conversations": conversations}), self.tokenizer, self.max_length)
         return encode_conversation(conversations, self.tokenizer, self.template, self.max_length)
 
-    def __call__(self, batch: dict) -> dict:
+    def sample(self, sid: str, image_ref, image_bytes, conversations, labels: Optional[dict]) -> Optional[dict]:
+        """One model-ready sample, or None (logged) when it cannot be used."""
         from sea_ray.data.images import pil_to_uint8
 
-        out: dict[str, list] = {k: [] for k in ("sample_id", "input_ids", "labels", "image", "has_image",
-                                                "num_tokens")}
-        with_labels = "label_ids" in batch
-        if with_labels:
-            out.update(label_ids=[], label_scores=[], grid=[], top_n=[])
-        n = len(batch["sample_id"] if "sample_id" in batch else batch["image_id"])
-        blank = np.zeros((self.image_size, self.image_size, 3), dtype=np.uint8)
-        for i in range(n):
-            if with_labels:
-                sid = str(batch["image_id"][i])
-                row = self.by_id.get(sid)
-                if row is None:
-                    log.warning("labels row %s has no manifest row: skipped", sid)
-                    continue
-                image_ref, image_bytes, conversations = row
-            else:
-                sid = str(batch["sample_id"][i])
-                image_ref, image_bytes = batch["image"][i], batch["image_bytes"][i]
-                conversations = list(batch["conversations"][i])
-            try:
-                encoded = self._encode(conversations)
-            except ValueError as exc:  # nothing left to supervise after truncation, etc.
-                log.warning("sample %s skipped: %s", sid, exc)
-                continue
-            image = blank
-            has_image = bool(image_ref) or bool(image_bytes)
-            if has_image:
-                pil, reason = _load_image(image_ref or None, image_bytes or None, self.image_root)
-                if pil is None:
-                    log.warning("sample %s skipped: image %s", sid, reason)
-                    continue
-                image = pil_to_uint8(self.geometry(pil))
-            ids = np.asarray(encoded["input_ids"], dtype=np.int32)
-            labels = np.asarray(encoded["labels"], dtype=np.int32)
-            out["sample_id"].append(sid)
-            out["input_ids"].append(ids)
-            out["labels"].append(labels)
-            out["image"].append(image)
-            out["has_image"].append(has_image)
-            out["num_tokens"].append(int((labels != IGNORE_INDEX).sum()))
-            if with_labels:
-                out["label_ids"].append(np.asarray(batch["label_ids"][i], dtype=np.int32))
-                out["label_scores"].append(np.asarray(batch["label_scores"][i], dtype=np.float32))
-                out["grid"].append(np.asarray([batch["grid_h"][i], batch["grid_w"][i]], dtype=np.int32))
-                out["top_n"].append(int(batch["top_n"][i]))
-        result = {k: v for k, v in out.items()}
-        result["image"] = np.stack(out["image"]) if out["image"] else np.zeros((0, self.image_size,
-                                                                                 self.image_size, 3), np.uint8)
-        for key in ("input_ids", "labels", "label_ids", "label_scores"):
-            if key in result:
-                arr = np.empty(len(result[key]), dtype=object)
-                arr[:] = result[key]
-                result[key] = arr
-        return result
+        if conversations is None:
+            return None
+        try:
+            encoded = self._encode(list(conversations))
+        except ValueError as exc:  # nothing left to supervise after truncation, etc.
+            log.warning("sample %s skipped: %s", sid, exc)
+            return None
+        has_image = bool(image_ref) or bool(image_bytes)
+        image = np.zeros((self.image_size, self.image_size, 3), dtype=np.uint8)
+        if has_image:
+            pil, reason = _load_image(image_ref or None, image_bytes or None, self.image_root)
+            if pil is None:
+                log.warning("sample %s skipped: image %s", sid, reason)
+                return None
+            image = pil_to_uint8(self.geometry(pil))
+        labels_arr = np.asarray(encoded["labels"], dtype=np.int32)
+        out = {"sample_id": sid, "input_ids": np.asarray(encoded["input_ids"], dtype=np.int32), "labels": labels_arr,
+               "image": image, "has_image": has_image, "num_tokens": int((labels_arr != IGNORE_INDEX).sum())}
+        if labels is not None:
+            out.update(label_ids=np.asarray(labels["label_ids"], dtype=np.int32),
+                       label_scores=np.asarray(labels["label_scores"], dtype=np.float32),
+                       grid=np.asarray([labels["grid_h"], labels["grid_w"]], dtype=np.int32),
+                       top_n=int(labels["top_n"]))
+        return out
+
+    def __call__(self, batch: dict):
+        for rows, positions in zip(batch["rows"], batch["positions"]):
+            samples = []
+            for raw, position in zip(self.source.read(np.asarray(rows)), positions):
+                sample = self.sample(*raw)
+                if sample is not None:
+                    samples.append(dict(sample, position=int(position)))
+                if len(samples) == self.rows_per_batch:
+                    yield stack(samples)
+                    samples = []
+            if samples:
+                yield stack(samples)
 
 
 def manifest_rows(uri: str, require_image: bool):
@@ -169,40 +223,85 @@ def label_shards(labels_uri: str) -> tuple[list[str], int]:
     return files, rows
 
 
-def read_label_shard(batch):
+def read_stored_rows(shards: list[tuple[str, int]], stored: np.ndarray):
+    """The label columns of the stored rows ``stored`` (numbers across the shards in order), in
+    that order; only the Parquet row groups that hold them are read."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    tables = []
-    for uri in batch.column("path").to_pylist():
+    from sea_ray.errors import DataError
+
+    stored = np.asarray(stored, dtype=np.int64)
+    starts = np.cumsum([0] + [n for _, n in shards])
+    shard_of = np.searchsorted(starts, stored, side="right") - 1
+    parts, order = [], []
+    for k in np.unique(shard_of):
+        uri, count = shards[int(k)]
+        which = np.flatnonzero(shard_of == k)
+        local = stored[which] - starts[k]
         fs, path = storage.pyarrow_fs(uri)
-        # use_threads=False: threaded reads sometimes abort pyarrow at interpreter exit
-        tables.append(pq.read_table(path, filesystem=fs, columns=LABEL_COLUMNS, use_threads=False))
-    return pa.concat_tables(tables)
+        with fs.open_input_file(path) as f:
+            pf = pq.ParquetFile(f)
+            if pf.metadata.num_rows != count:
+                raise DataError(f"{uri} holds {pf.metadata.num_rows} rows, its marker says {count}")
+            group_starts = np.cumsum([0] + [pf.metadata.row_group(g).num_rows
+                                            for g in range(pf.metadata.num_row_groups)])
+            group_of = np.searchsorted(group_starts, local, side="right") - 1
+            groups = np.unique(group_of)
+            # use_threads=False: threaded reads sometimes abort pyarrow at interpreter exit
+            table = pf.read_row_groups([int(g) for g in groups], columns=LABEL_COLUMNS, use_threads=False)
+        read_starts = np.cumsum([0] + [int(group_starts[g + 1] - group_starts[g]) for g in groups])
+        at = read_starts[np.searchsorted(groups, group_of)] + (local - group_starts[group_of])
+        parts.append(table.take(pa.array(at)))
+        order.append(which)
+    table = pa.concat_tables(parts)
+    return table.take(pa.array(np.argsort(np.concatenate(order), kind="stable")))
 
 
-def build_dataset(cfg, image_size: int, num_actors: int = 1, actor_cpus: float = 0.5):
-    """(Ray Dataset of preprocessed samples, number of input rows) for an align/instruct config."""
+def source_of(cfg, exclude_ids=(), shared: bool = True):
+    """The source rows of an align/instruct config (see :mod:`sea_ray.train.feed`): the labels
+    dataset's rows joined with the manifest (align with labels), else the manifest's rows;
+    ``exclude_ids``: sample ids held out (a search's validation images). ``shared``: the manifest
+    goes to the object store once for every worker (Ray must be up); else it stays in the source."""
     import ray
 
-    from sea_ray.data import ingest
+    share = ray.put if shared else (lambda value: value)
 
-    stage = cfg.job
-    manifest = manifest_rows(cfg.data.manifest, require_image=stage == "align")
-    tokenizer_spec = cfg.model.llm.tokenizer or cfg.model.llm.name_or_path
-    kwargs = dict(stage=stage, tokenizer_spec=tokenizer_spec, image_size=image_size,
-                  image_root=cfg.data.image_root, max_length=cfg.data.max_length,
-                  template=getattr(cfg, "template", "plain"))
-    labels = cfg.data.labels if stage == "align" else None
-    if labels:
+    from sea_ray.errors import DataError
+    from sea_ray.labels.dataset import completed_shard_rows
+
+    manifest = manifest_rows(cfg.data.manifest, require_image=cfg.job == "align")
+    excluded = {str(i) for i in exclude_ids}
+    if cfg.job == "align" and cfg.data.labels:
+        label_shards(cfg.data.labels)  # complete, with shards
+        shards = completed_shard_rows(cfg.data.labels)
         by_id = {r["id"]: (r["image"], r["image_bytes"], r["conversations"]) for r in manifest.rows}
-        kwargs["manifest_ref"] = ray.put(by_id)
-        shards, num_rows = label_shards(labels)
-        source = ingest.from_files(shards, read_label_shard, cpus=actor_cpus / 2)  # shard (= manifest) order
-    else:
-        items = [{"sample_id": r["id"], "image": r["image"] or "", "image_bytes": r["image_bytes"] or b"",
-                  "conversations": r["conversations"]} for r in manifest.rows]
-        source = ingest.from_rows(items)
-        num_rows = len(items)
-    ds = ingest.preprocessed(source, Preprocess, kwargs, num_actors, actor_cpus)
-    return ds, num_rows
+        index = None
+        if excluded:
+            ids = read_label_ids(shards)
+            index = np.flatnonzero(~np.isin(ids, list(excluded)))
+            if not len(index):
+                raise DataError(f"{cfg.data.labels}: every row is held out")
+        return LabelsSource(shards, share(by_id), index)
+    items = [(r["id"], r["image"] or "", r["image_bytes"] or b"", r["conversations"]) for r in manifest.rows
+             if r["id"] not in excluded]
+    return ManifestSource(share(items), len(items))
+
+
+def read_label_ids(shards: list[tuple[str, int]]) -> np.ndarray:
+    """The image id of every stored labels row, in order (one column read)."""
+    import pyarrow.parquet as pq
+
+    ids = []
+    for uri, _ in shards:
+        fs, path = storage.pyarrow_fs(uri)
+        ids.extend(pq.read_table(path, filesystem=fs, columns=["image_id"], use_threads=False)
+                   .column("image_id").to_pylist())
+    return np.asarray([str(i) for i in ids])
+
+
+def preprocess_kwargs(cfg, image_size: int) -> dict:
+    """The keyword arguments of :class:`Preprocess` for a config (the source aside)."""
+    return dict(stage=cfg.job, tokenizer_spec=cfg.model.llm.tokenizer or cfg.model.llm.name_or_path,
+                image_size=image_size, image_root=cfg.data.image_root, max_length=cfg.data.max_length,
+                template=getattr(cfg, "template", "plain"))

@@ -8,18 +8,17 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from typing import Callable, Optional
 
-from sea_ray import storage
+from sea_ray import paths, storage
 from sea_ray.config import to_dict
+from sea_ray.paths import absolute_paths
 
 log = logging.getLogger(__name__)
 
 
 def run_uri(cfg) -> str:
-    base = cfg.run.storage if storage.is_remote(cfg.run.storage) else os.path.abspath(cfg.run.storage)
-    return storage.join(base, cfg.run.name)
+    return storage.join(paths.absolute(cfg.run.storage), cfg.run.name)
 
 
 def _progress_callback(total: int, desc: str):
@@ -47,43 +46,20 @@ def _progress_callback(total: int, desc: str):
     return Progress()
 
 
-def _absolute(uri):
-    return uri if uri is None or storage.is_remote(uri) else os.path.abspath(uri)
-
-
-def absolute_paths(cfg):
-    """Local paths made absolute: Ray Train workers run in their own working directory."""
-    data = cfg.data.model_copy(update={k: _absolute(getattr(cfg.data, k))
-                                       for k in ("manifest", "image_root", "labels", "val_manifest")})
-    update = {"data": data, "run": cfg.run.model_copy(update={"storage": _absolute(cfg.run.storage)})}
-    if getattr(cfg, "init_adapter", None):
-        update["init_adapter"] = _absolute(cfg.init_adapter)
-    model = cfg.model
-    for section, key in (("vision", "weights"), ("vision", "name"), ("llm", "name_or_path"), ("llm", "tokenizer")):
-        value = getattr(getattr(model, section), key)
-        if value and value not in ("custom", "world") and not storage.is_remote(value) and os.path.exists(value):
-            # local dirs and files become absolute; hub ids and names stay as they are
-            model = model.model_copy(update={section: getattr(model, section).model_copy(
-                update={key: os.path.abspath(value)})})
-    update["model"] = model
-    return cfg.model_copy(update=update)
-
-
-def make_trainer(cfg, worker_fn, loop_config: dict, dataset, callbacks: list,
+def make_trainer(cfg, worker_fn, loop_config: dict, callbacks: list,
                  controller_failure_limit: Optional[int] = None):
     """A ``TorchTrainer`` running ``worker_fn(loop_config)`` with ``cfg``'s scaling, run storage,
-    failure and checkpoint settings, fed ``dataset`` in order (the same samples in the same
-    place on every run: exact resume). ``controller_failure_limit``: how often the controller
-    itself may fail before the run does (a tune trial sets 1, so it fails instead of hanging)."""
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    failure and checkpoint settings. Each worker reads its own rows (:mod:`sea_ray.train.feed`;
+    the source travels in ``loop_config``), so the trainer is given no dataset.
+    ``controller_failure_limit``: how often the controller itself may fail before the run does
+    (a tune trial sets 1, so it fails instead of hanging)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     resources = {"CPU": cfg.scaling.cpus_per_worker}
     if cfg.scaling.use_gpu:
         resources["GPU"] = cfg.scaling.gpus_per_worker
     fs, path = storage.pyarrow_fs(cfg.run.storage)
-    ingest = DataConfig.default_ingest_options()
-    ingest.preserve_order = True
     failure = {"max_failures": cfg.max_failures}
     if controller_failure_limit is not None:
         failure["controller_failure_limit"] = controller_failure_limit
@@ -96,8 +72,6 @@ def make_trainer(cfg, worker_fn, loop_config: dict, dataset, callbacks: list,
                              failure_config=FailureConfig(**failure),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
                              callbacks=callbacks),
-        datasets={"train": dataset},
-        dataset_config=DataConfig(execution_options=ingest),
     )
 
 
@@ -113,29 +87,35 @@ def on_report_callback(fn: Callable[[dict], None]):
     return OnReport()
 
 
+def loop_config(cfg, run: str, exclude_ids=()) -> dict:
+    """What a worker needs besides the config: the run folder, the feed's source (manifest and
+    labels read once here, shared through the object store) and the preprocessing arguments."""
+    from sea_ray.checks import tower_image_size
+    from sea_ray.train.data import preprocess_kwargs, source_of
+
+    (image_size, _), _ = tower_image_size(cfg.model.vision)
+    return {"cfg": to_dict(cfg), "run_uri": run, "source": source_of(cfg, exclude_ids),
+            "preprocess": preprocess_kwargs(cfg, image_size)}
+
+
 def run(cfg) -> dict:
     """Train ``cfg`` (an AlignConfig or InstructConfig) on Ray Train; returns a summary."""
-    from sea_ray.checks import tower_image_size
     from sea_ray.runtime import init_ray
-    from sea_ray.train.data import build_dataset
+    from sea_ray.train.checkpoint import latest_complete
     from sea_ray.train.loop import accumulation_steps, total_steps, train_loop
 
     cfg = absolute_paths(cfg)
     init_ray(cfg.ray)
-    (image_size, _), _ = tower_image_size(cfg.model.vision)
-    dataset, num_rows = build_dataset(cfg, image_size, cfg.data.preprocess_actors, cfg.data.preprocess_cpus)
+    uri = run_uri(cfg)
+    config = loop_config(cfg, uri)
+    num_rows = config["source"].num_rows
     steps = total_steps(cfg, num_rows)
     accum = accumulation_steps(cfg, cfg.scaling.num_workers)
-    uri = run_uri(cfg)
     log.info("%s: %d samples, %d steps of %d (%d workers x %d x %d accumulation) -> %s", cfg.job, num_rows, steps,
              cfg.batch.global_size, cfg.scaling.num_workers, cfg.batch.per_worker, accum, uri)
     storage.makedirs(uri)
     storage.write_text(storage.join(uri, "config.json"), json.dumps(to_dict(cfg), indent=2, sort_keys=True))
-
-    trainer = make_trainer(cfg, train_loop, {"cfg": to_dict(cfg), "run_uri": uri, "num_rows": num_rows}, dataset,
-                           callbacks=[_progress_callback(steps, cfg.job)])
+    trainer = make_trainer(cfg, train_loop, config, callbacks=[_progress_callback(steps, cfg.job)])
     result = trainer.fit()
-    from sea_ray.train.checkpoint import latest_complete
-
     return {"job": cfg.job, "run": uri, "steps": steps, "checkpoint": latest_complete(uri),
             "metrics": result.metrics or {}}

@@ -1,9 +1,12 @@
-"""The worker loop of both stages: setup -> loop -> save, top to bottom.
+"""The stage recipe of both stages, top to bottom: :func:`setup`, then per optimizer step
+``accum`` x :func:`micro_step` and one :func:`optimizer_step`, :func:`report` every
+``log_every_n_steps`` and :func:`save` every ``checkpoint.every_n_steps``.
 
 ``run_stage(cfg, io)`` is the whole recipe. ``io`` supplies what differs between a Ray Train
 worker (:class:`RayTrainIO`, used by ``train_loop``) and a plain process (:class:`LocalIO`, used
-by benchmarks and in-process tune trials): rank, device, the batches of an epoch, how to wrap the
-model, how to report. Stage differences are config plus one logged ``freeze(stage)``.
+by the quickstart, in-process tune trials and benchmarks): rank, device, the micro-batches (both
+from :mod:`sea_ray.train.feed`, in its one order), how to wrap the model, how to report. Stage
+differences are config plus one logged ``freeze(stage)``.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ import os
 import shutil
 import tempfile
 import time
-from typing import Callable, Iterable, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
 import torch
@@ -199,48 +203,67 @@ def step_generator(seed: int, step: int, rank: int, micro: int) -> torch.Generat
 # --------------------------------------------------------------------------- the recipe
 
 
-def run_stage(cfg, io, evaluate: Optional[Callable[[object, int], dict]] = None) -> dict:
-    """Train one stage. Returns the last metrics. ``evaluate(model, step)``, when given, runs at
-    every logging step and its metrics join the report (validation metrics for Tune)."""
-    from sea_ray.config import to_dict
+@dataclass
+class Stage:
+    """Everything :func:`setup` builds for one stage; the step, save and report functions use it."""
+
+    cfg: Any
+    io: Any
+    model: torch.nn.Module
+    sea_loss: Optional[torch.nn.Module]
+    trained: torch.nn.Module  # what the optimizer steps and a checkpoint holds
+    wrapped: torch.nn.Module  # the model under DDP/FSDP
+    strategy: str
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    normalize: Callable
+    steps: int
+    accum: int
+    state: dict
+    trainable_keys: set
+    targets: Optional[torch.Tensor] = None
+    row_of: Optional[torch.Tensor] = None
+    grid: tuple = ()
+    writer: Any = None
+
+
+def build_model(cfg):
+    """(model with the stage's trainable parts, SEA loss or None): the same initial weights on
+    every worker; instruct starts its adapter from ``init_adapter``."""
     from sea_ray.model.vlm import build_vlm
-    from sea_ray.sea import average_gradients, lambda_at, pair_loss
 
-    stage, device, rank = cfg.job, io.device, io.world_rank
-    use_sea = stage == "align" and cfg.sea.enabled
-
-    # ---- setup
-    torch.manual_seed(cfg.run.seed)  # identical initial weights on every worker
+    torch.manual_seed(cfg.run.seed)
     model = build_vlm(cfg.model)
-    sea_loss = build_sea_loss(cfg.sea) if use_sea else None
-    if stage == "instruct" and cfg.init_adapter:
+    sea_loss = build_sea_loss(cfg.sea) if cfg.job == "align" and cfg.sea.enabled else None
+    if cfg.job == "instruct" and cfg.init_adapter:
         source = ckpt.resolve(cfg.init_adapter)
         adapter = {k[len("adapter."):]: v for k, v in ckpt.load_model_state(source).items()
                    if k.startswith("adapter.")}
         model.adapter.load_state_dict(adapter)
         log.info("adapter initialised from %s", source)
-    model.freeze(stage, train_vision=getattr(cfg, "train_vision", False))
+    model.freeze(cfg.job, train_vision=getattr(cfg, "train_vision", False))
     if cfg.grad_checkpointing:
         model.llm.gradient_checkpointing_enable()
-    spec = model.vision.transform_spec()
+    return model, sea_loss
+
+
+def setup(cfg, io) -> Stage:
+    """Model, SEA targets, wrapping, optimizer and schedule; resumed from the run's newest complete
+    checkpoint when there is one."""
     from sea_ray.data.images import split_transform, to_model_input
 
+    device = io.device
+    model, sea_loss = build_model(cfg)
     tensor_part = split_transform(model.vision.transform)[1]
-
-    def normalize(images_uint8):
-        return to_model_input(images_uint8, tensor_part)
-
-    targets = row_of = None
-    if use_sea:
-        targets, row_of, _ = sea_setup(model, cfg, device)
-    model.to(device)
+    extra = {}
     if sea_loss is not None:
+        extra["targets"], extra["row_of"], _ = sea_setup(model, cfg, device)
+        extra["grid"] = tuple(model.vision.transform_spec()["grid"])
         sea_loss.to(device)
+    model.to(device)
     trained = trained_modules(model, sea_loss)
-    accum = accumulation_steps(cfg, io.world_size)
-    steps = total_steps(cfg, io.num_rows)
-    state = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "samples": 0}
     trainable_keys = {n for n, p in trained.named_parameters() if p.requires_grad}
+    steps = total_steps(cfg, io.num_rows)
     latest = ckpt.latest_complete(io.run_uri)
     saved = ckpt.load_checkpoint(latest) if latest is not None else None
     if saved is not None:
@@ -248,119 +271,155 @@ def run_stage(cfg, io, evaluate: Optional[Callable[[object, int], dict]] = None)
         if missing:
             raise ValueError(f"checkpoint {latest} lacks trainable tensors: {sorted(missing)[:5]}")
         trained.load_state_dict(saved["model"], strict=False)
-
     strategy = resolve_strategy(cfg, device)
     wrapped = io.wrap(model, strategy)  # FSDP shards `model` in place; DDP wraps it
     optimizer, scheduler = build_optimizer(trained, cfg, steps)
+    state = {"step": 0, "samples": 0}
     if saved is not None:
         load_optimizer_state(trained, optimizer, saved["optimizer"]["optimizer"])
         scheduler.load_state_dict(saved["optimizer"]["scheduler"])
-        state = saved["state"]
+        state = {"step": saved["state"]["step"], "samples": saved["state"]["samples"]}
         log.info("resumed from %s (step %d)", latest, state["step"])
-    autocast = (torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-                if device.type == "cuda" and cfg.precision in ("auto", "bf16") else contextlib.nullcontext())
-    writer = io.tensorboard() if rank == 0 else None
-    pad_id = model.tokenizer.pad_token_id
-    metrics: dict = {}
+    return Stage(cfg, io, model, sea_loss, trained, wrapped, strategy, optimizer, scheduler,
+                 normalize=lambda images: to_model_input(images, tensor_part), steps=steps,
+                 accum=accumulation_steps(cfg, io.world_size), state=state, trainable_keys=trainable_keys,
+                 writer=io.tensorboard() if io.world_rank == 0 else None, **extra)
 
-    def save(step: int):
-        # every rank takes part: under FSDP gathering the full state is a collective
-        model_state, optim_state = full_state(trained, optimizer)
-        with tempfile.TemporaryDirectory() as tmp:
-            if rank == 0:
-                ckpt.write_checkpoint(tmp, {k: v for k, v in model_state.items() if k in trainable_keys},
-                                      {"optimizer": optim_state, "scheduler": scheduler.state_dict()},
-                                      dict(state), to_dict(cfg), stage)
-            io.report(dict(metrics, step=step), tmp if rank == 0 else None, ckpt.step_dir_name(step))
 
-    # ---- loop
-    micro, window_start, window_samples, window_tokens = 0, time.perf_counter(), 0, 0
-    sums = {"loss_lm": 0.0, "loss_sea": 0.0, "sea_pairs": 0.0}
-    while state["step"] < steps:
-        seen = 0
-        for batch in io.batches(state["epoch"], state["batches_in_epoch"]):
-            seen += 1
-            b = to_model_batch(batch, pad_id, normalize, device)
-            pairs = None
-            if use_sea:
-                gen = step_generator(cfg.run.seed, state["step"], rank, micro)
-                pairs = sea_pairs_for(b, row_of, targets, spec["grid"], cfg, gen)
-            last_micro = micro == accum - 1
-            sync = gradient_sync(wrapped, strategy, last_micro)
-            with sync, autocast:
-                out = wrapped(b["input_ids"], b["attention_mask"], b["labels"], b["images"])
-                loss = out["loss_lm"]
-                if use_sea:
-                    sea = pair_loss(sea_loss, out["visual"], pairs, cfg.sea.negatives)
-                    lam = lambda_at(state["step"], steps, cfg.sea.weight, cfg.sea.schedule)
-                    loss = loss + lam * sea["loss"]
-                    out.update(loss_sea=sea["loss"], sea_pairs=sea["num_pairs"], temperature=sea["temperature"])
-                (loss / accum).backward()
-            sums["loss_lm"] += float(out["loss_lm"].detach()) / accum
-            if use_sea:
-                sums["loss_sea"] += float(out["loss_sea"].detach()) / accum
-                sums["sea_pairs"] += out["sea_pairs"]
-            window_samples += b["num_samples"]
-            window_tokens += b["num_tokens"]
-            state["batches_in_epoch"] += 1
-            micro += 1
-            if not last_micro:
-                continue
-            # ---- optimizer step
-            micro = 0
-            if sea_loss is not None:
-                average_gradients(sea_loss.parameters())  # outside DDP: averaged here, as DDP does the rest
-            if cfg.optim.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_([p for p in trained.parameters() if p.requires_grad],
-                                               cfg.optim.max_grad_norm)
-            optimizer.step()
-            if sea_loss is not None:
-                sea_loss.clamp_()  # keep the SEA temperature in its bounds (clamped in place)
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            state["step"] += 1
-            state["samples"] += cfg.batch.global_size
-            step = state["step"]
-            if step % cfg.log_every_n_steps == 0 or step == steps:
-                elapsed = time.perf_counter() - window_start
-                n_steps = cfg.log_every_n_steps if step % cfg.log_every_n_steps == 0 else step % cfg.log_every_n_steps
-                metrics = {"loss_lm": sums["loss_lm"] / n_steps, "lr": scheduler.get_last_lr()[0],
-                           "samples_per_s": window_samples * io.world_size / elapsed,
-                           "tokens_per_s": window_tokens * io.world_size / elapsed, "epoch": state["epoch"]}
-                if use_sea:
-                    metrics.update(loss_sea=sums["loss_sea"] / n_steps, lambda_sea=lam,
-                                   temperature=float(out["temperature"]), sea_pairs=sums["sea_pairs"] / n_steps)
-                if evaluate is not None:
-                    model.eval()
-                    with torch.no_grad():
-                        metrics.update(evaluate(model, step))
-                    model.train()
-                if writer is not None:
-                    for key, value in metrics.items():
-                        writer.add_scalar(f"train/{key}", value, step)
-                    writer.flush()
-                sums = dict.fromkeys(sums, 0.0)
-                window_start, window_samples, window_tokens = time.perf_counter(), 0, 0
-                if step % cfg.checkpoint.every_n_steps and step != steps:
-                    io.report(dict(metrics, step=step), None, None)
-            if step % cfg.checkpoint.every_n_steps == 0 or step == steps:
-                save(step)
-            if step >= steps:
-                break
-        else:
-            if seen == 0 and state["batches_in_epoch"] == 0:
-                from sea_ray.errors import DataError
+def autocast_for(cfg, device):
+    if device.type == "cuda" and cfg.precision in ("auto", "bf16"):
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
-                raise DataError(f"worker {rank} got no full batch of {cfg.batch.per_worker} samples in an epoch")
-            # an epoch ends on an optimizer step: drop a partial accumulation (same on every run)
-            optimizer.zero_grad(set_to_none=True)
-            micro = 0
-            state["epoch"] += 1
-            state["batches_in_epoch"] = 0
-            continue
-        break
-    if writer is not None:
-        writer.close()
+
+def micro_step(st: Stage, batch: dict, micro: int, weight: float = 1.0) -> dict:
+    """Forward and backward of one micro-batch (``weight`` 0: a stand-in for a micro-batch whose
+    rows were all dropped, so every worker still takes part in the gradient all-reduce)."""
+    from sea_ray.sea import lambda_at, pair_loss
+
+    cfg, step = st.cfg, st.state["step"]
+    b = to_model_batch(batch, st.model.tokenizer.pad_token_id, st.normalize, st.io.device)
+    pairs = None
+    if st.sea_loss is not None:
+        pairs = sea_pairs_for(b, st.row_of, st.targets, st.grid, cfg,
+                              step_generator(cfg.run.seed, step, st.io.world_rank, micro))
+    with gradient_sync(st.wrapped, st.strategy, micro == st.accum - 1), autocast_for(cfg, st.io.device):
+        out = st.wrapped(b["input_ids"], b["attention_mask"], b["labels"], b["images"])
+        loss = out["loss_lm"]
+        parts = {"loss_lm": float(out["loss_lm"].detach()) * weight / st.accum}
+        if st.sea_loss is not None:
+            sea = pair_loss(st.sea_loss, out["visual"], pairs, cfg.sea.negatives)
+            lam = lambda_at(step, st.steps, cfg.sea.weight, cfg.sea.schedule)
+            loss = loss + lam * sea["loss"]
+            parts.update(loss_sea=float(sea["loss"].detach()) * weight / st.accum,
+                         sea_pairs=sea["num_pairs"] * weight, lambda_sea=lam, temperature=float(sea["temperature"]))
+        (loss * (weight / st.accum)).backward()
+    return dict(parts, samples=b["num_samples"] * weight, tokens=b["num_tokens"] * weight)
+
+
+def optimizer_step(st: Stage) -> None:
+    from sea_ray.sea import average_gradients
+
+    if st.sea_loss is not None:
+        average_gradients(st.sea_loss.parameters())  # outside DDP: averaged here, as DDP does the rest
+    if st.cfg.optim.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_([p for p in st.trained.parameters() if p.requires_grad],
+                                       st.cfg.optim.max_grad_norm)
+    st.optimizer.step()
+    if st.sea_loss is not None:
+        st.sea_loss.clamp_()  # keep the SEA temperature in its bounds (clamped in place)
+    st.scheduler.step()
+    st.optimizer.zero_grad(set_to_none=True)
+    st.state["step"] += 1
+    st.state["samples"] += st.cfg.batch.global_size
+
+
+class Window:
+    """Sums of the micro-step parts since the last logging step."""
+
+    SUMMED = ("loss_lm", "loss_sea", "sea_pairs", "samples", "tokens")
+
+    def __init__(self):
+        self.start, self.steps, self.sums, self.last = time.perf_counter(), 0, dict.fromkeys(self.SUMMED, 0.0), {}
+
+    def add(self, parts: dict) -> None:
+        for key in self.SUMMED:
+            self.sums[key] += parts.get(key, 0.0)
+        self.last = parts
+
+    def metrics(self, st: Stage) -> dict:
+        elapsed, n = time.perf_counter() - self.start, max(1, self.steps)
+        out = {"loss_lm": self.sums["loss_lm"] / n, "lr": st.scheduler.get_last_lr()[0],
+               "samples_per_s": self.sums["samples"] * st.io.world_size / elapsed,
+               "tokens_per_s": self.sums["tokens"] * st.io.world_size / elapsed,
+               "epoch": st.state["step"] * st.cfg.batch.global_size // st.io.num_rows}
+        if st.sea_loss is not None:
+            out.update(loss_sea=self.sums["loss_sea"] / n, sea_pairs=self.sums["sea_pairs"] / n,
+                       lambda_sea=self.last.get("lambda_sea", 0.0), temperature=self.last.get("temperature", 0.0))
+        return out
+
+
+def report(st: Stage, window: Window, evaluate: Optional[Callable]) -> dict:
+    """The logging step's metrics (plus ``evaluate(model, step)``'s), to TensorBoard on rank 0."""
+    step = st.state["step"]
+    metrics = window.metrics(st)
+    if evaluate is not None:
+        st.model.eval()
+        with torch.no_grad():
+            metrics.update(evaluate(st.model, step))
+        st.model.train()
+    if st.writer is not None:
+        for key, value in metrics.items():
+            st.writer.add_scalar(f"train/{key}", value, step)
+        st.writer.flush()
+    return metrics
+
+
+def save(st: Stage, metrics: dict) -> None:
+    """A checkpoint of the trainable tensors, optimizer, schedule and position. Every rank takes
+    part: under FSDP gathering the full state is a collective."""
+    from sea_ray.config import to_dict
+
+    step, rank = st.state["step"], st.io.world_rank
+    model_state, optim_state = full_state(st.trained, st.optimizer)
+    with tempfile.TemporaryDirectory() as tmp:
+        if rank == 0:
+            ckpt.write_checkpoint(tmp, {k: v for k, v in model_state.items() if k in st.trainable_keys},
+                                  {"optimizer": optim_state, "scheduler": st.scheduler.state_dict()},
+                                  dict(st.state), to_dict(st.cfg), st.cfg.job)
+        st.io.report(dict(metrics, step=step), tmp if rank == 0 else None, ckpt.step_dir_name(step))
+
+
+def run_stage(cfg, io, evaluate: Optional[Callable[[object, int], dict]] = None) -> dict:
+    """Train one stage; returns the last metrics. ``evaluate(model, step)``, when given, runs at
+    every logging step and its metrics join the report (validation metrics for Tune)."""
+    from sea_ray.errors import DataError
+    from sea_ray.train.feed import order_of
+
+    st = setup(cfg, io)
+    batches = io.micro_batches(order_of(cfg, io.num_rows), st.state["step"], st.steps)
+    window, metrics, last = Window(), {}, None
+    while st.state["step"] < st.steps:
+        for micro in range(st.accum):
+            batch = next(batches)
+            if batch is None and last is None:
+                raise DataError(f"worker {io.world_rank}: every row of its first micro-batch was dropped "
+                                "(see the warnings above)")
+            window.add(micro_step(st, batch if batch is not None else last, micro, 1.0 if batch is not None else 0.0))
+            last = batch if batch is not None else last
+        optimizer_step(st)
+        window.steps += 1
+        step = st.state["step"]
+        checkpoint = step % cfg.checkpoint.every_n_steps == 0 or step == st.steps
+        if step % cfg.log_every_n_steps == 0 or step == st.steps:
+            metrics = report(st, window, evaluate)
+            window = Window()
+            if not checkpoint:
+                io.report(dict(metrics, step=step), None, None)
+        if checkpoint:
+            save(st, metrics)
+    if st.writer is not None:
+        st.writer.close()
         io.sync_tensorboard()
     return metrics
 
@@ -390,25 +449,23 @@ class _TensorBoardMixin:
 
 
 class RayTrainIO(_TensorBoardMixin):
-    """Inside a Ray Train worker."""
+    """Inside a Ray Train worker: its micro-batches preprocessed on Ray Data as they go."""
 
-    def __init__(self, run_uri: str, num_rows: int, per_worker: int, seed: int):
+    def __init__(self, run_uri: str, source, preprocess: dict, actors: int = 1, actor_cpus: float = 0.5):
         import ray.train
         import ray.train.torch
 
         ctx = ray.train.get_context()
         self.world_rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
-        self.shard = ray.train.get_dataset_shard("train")
-        self.run_uri, self.num_rows, self.per_worker, self.seed = run_uri, num_rows, per_worker, seed
+        self.run_uri, self.num_rows, self.source, self.preprocess = run_uri, source.num_rows, source, preprocess
+        self.actors, self.actor_cpus = actors, actor_cpus
 
-    def batches(self, epoch: int, skip: int) -> Iterable[dict]:
-        it = self.shard.iter_batches(batch_size=self.per_worker, batch_format="numpy", drop_last=True,
-                                     prefetch_batches=2, local_shuffle_buffer_size=4 * self.per_worker,
-                                     local_shuffle_seed=self.seed * 7919 + epoch * 31 + self.world_rank)
-        for i, batch in enumerate(it):
-            if i >= skip:  # a resumed run skips what it already consumed (same order on every run)
-                yield batch
+    def micro_batches(self, order, start_step: int, steps: int) -> Iterable[Optional[dict]]:
+        from sea_ray.train.feed import ray_micro_batches
+
+        return ray_micro_batches(self.source, self.preprocess, order, self.world_size, self.world_rank, start_step,
+                                 steps, self.actors, self.actor_cpus)
 
     def wrap(self, model, strategy: str):
         import ray.train.torch
@@ -429,16 +486,19 @@ class RayTrainIO(_TensorBoardMixin):
 
 
 class LocalIO(_TensorBoardMixin):
-    """A plain single process (benchmarks, in-process tune trials): same recipe, no Ray Train."""
+    """A plain single process (the quickstart's chains, in-process tune trials, benchmarks): the
+    same recipe and feed order, on rows preprocessed once (:func:`sea_ray.train.feed.materialize`)."""
 
-    def __init__(self, run_uri: str, num_rows: int, batches: Callable[[int, int], Iterable[dict]],
-                 on_report: Optional[Callable[[dict], None]] = None, device: str = "cpu"):
+    def __init__(self, run_uri: str, rows: dict, num_rows: int, on_report: Optional[Callable[[dict], None]] = None,
+                 device: str = "cpu"):
         self.world_rank, self.world_size = 0, 1
         self.device = torch.device(device)
-        self.run_uri, self.num_rows, self._batches, self._on_report = run_uri, num_rows, batches, on_report
+        self.run_uri, self.rows, self.num_rows, self._on_report = run_uri, rows, num_rows, on_report
 
-    def batches(self, epoch: int, skip: int) -> Iterable[dict]:
-        return self._batches(epoch, skip)
+    def micro_batches(self, order, start_step: int, steps: int) -> Iterable[Optional[dict]]:
+        from sea_ray.train.feed import memory_micro_batches
+
+        return memory_micro_batches(self.rows, order, 1, 0, start_step, steps)
 
     def wrap(self, model, strategy: str):
         return model
@@ -455,5 +515,10 @@ def train_loop(loop_config: dict) -> None:
     """Ray Train worker entry point."""
     logging.basicConfig(level=logging.INFO)
     cfg = parse_config(loop_config["cfg"])
-    io = RayTrainIO(loop_config["run_uri"], loop_config["num_rows"], cfg.batch.per_worker, cfg.run.seed)
-    run_stage(cfg, io)
+    run_stage(cfg, io_of(cfg, loop_config))
+
+
+def io_of(cfg, loop_config: dict) -> RayTrainIO:
+    """The worker I/O of a driver's ``loop_config`` (run folder, source, preprocessing arguments)."""
+    return RayTrainIO(loop_config["run_uri"], loop_config["source"], loop_config["preprocess"],
+                      cfg.data.preprocess_actors, cfg.data.preprocess_cpus)

@@ -6,46 +6,52 @@ those parameters. Here such a trial is PRUNED, with its intermediate values repo
 training step. TPE ranks pruned trials below every completed one and, among themselves, by how
 far they got and their last value: Optuna's own multi-fidelity rule (what it does with its
 pruners). Imported only when a search uses Optuna.
+
+Only public API of both libraries: the trial's intermediate values go through the stock
+``on_trial_result`` (which reports ``result[metric]`` at ``result["training_iteration"]``; given
+the training step there), and a stopped trial is ended through the stock ``on_trial_complete``
+without a result (which tells Optuna PRUNED). Which trials this searcher suggested and which have
+ended is our own bookkeeping, saved and restored with the searcher (its ``save`` pickles the whole
+object). ``tests/test_tune.py::test_optuna_learns_that_asha_stopped_a_trial`` pins the result in
+the Optuna study, read through Optuna's public ``load_study``.
 """
 
 from __future__ import annotations
 
-import logging
-
-from optuna.trial import TrialState
+from ray.tune.result import TRAINING_ITERATION
 from ray.tune.search.optuna import OptunaSearch
-
-log = logging.getLogger(__name__)
 
 
 class AshaAwareOptunaSearch(OptunaSearch):
     def __init__(self, *args, max_steps: int, **kwargs):
         super().__init__(*args, **kwargs)
         self._max_steps = max_steps
-        self._reported: dict[str, set[int]] = {}
+        self._reported: dict[str, set[int]] = {}  # trial suggested here -> training steps told to Optuna
+        self._ended: set[str] = set()
+
+    def suggest(self, trial_id: str):
+        config = super().suggest(trial_id)
+        if config is not None:
+            self._reported.setdefault(trial_id, set())
+        return config
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+        seen = self._reported.get(trial_id)
+        if seen is None or trial_id in self._ended:
             return
         value, step = result.get(self.metric), result.get("step")
-        seen = self._reported.setdefault(trial_id, set())
         if value is not None and step is not None and int(step) not in seen:
             seen.add(int(step))
-            self._ot_trials[trial_id].report(value, int(step))
+            super().on_trial_result(trial_id, {**result, TRAINING_ITERATION: int(step)})
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        stopped_early = (not error and bool(result) and trial_id in self._ot_trials
-                         and trial_id not in self._completed_trials
+        stopped_early = (not error and bool(result) and trial_id in self._reported and trial_id not in self._ended
                          and int(result.get("step", self._max_steps)) < self._max_steps)
-        if not stopped_early:
-            super().on_trial_complete(trial_id, result=result, error=error)
-            return
-        self.on_trial_result(trial_id, result)  # the stopping result itself (often the only one)
-        try:
-            self._ot_study.tell(self._ot_trials[trial_id], state=TrialState.PRUNED)
-        except Exception as exc:  # noqa: BLE001 - as the stock searcher does: log and go on
-            log.warning("optuna: %s", exc)
-        self._completed_trials.add(trial_id)
+        if stopped_early:
+            self.on_trial_result(trial_id, result)  # the stopping result itself (often the only one)
+            result = None  # ended without a final value: the stock searcher tells Optuna PRUNED
+        super().on_trial_complete(trial_id, result=result, error=error)
+        self._ended.add(trial_id)
 
 
 class GoodFraction:

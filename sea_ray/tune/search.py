@@ -86,40 +86,15 @@ def check_same_search(cfg: TuneConfig, exp_uri: str, resuming: bool) -> None:
     storage.write_text(path, json.dumps(now, indent=2, sort_keys=True))
 
 
-def with_absolute_paths(cfg: TuneConfig) -> TuneConfig:
-    """The config with its local paths made absolute: trials run in other processes and other
-    working directories (Tune starts each in its own folder). Outputs keep the user's paths."""
-    from sea_ray.config import validate
-
-    raw = to_dict(cfg)
-    base = raw["base"]
-
-    def fix(node: dict, key: str, only_if_exists: bool = False) -> None:
-        value = node.get(key)
-        if isinstance(value, str) and value and not storage.is_remote(value):
-            if not only_if_exists or (os.path.exists(value) and value not in ("custom", "world")):
-                node[key] = os.path.abspath(value)
-
-    for key in ("manifest", "image_root", "labels", "val_manifest"):
-        fix(base["data"], key)
-    fix(base["run"], "storage")
-    fix(raw["validation"], "labels")
-    for key in ("name", "weights"):
-        fix(base["model"]["vision"], key, only_if_exists=True)
-    for key in ("name_or_path", "tokenizer"):
-        fix(base["model"]["llm"], key, only_if_exists=True)
-    return validate(raw, job="tune")
-
-
 # --------------------------------------------------------------------------- Ray and the trial mode
 
 
 def _dashboard_up() -> bool:
-    from ray._private.services import get_webui_url_from_internal_kv
+    from sea_ray.runtime import dashboard_url
 
     try:
-        return bool(get_webui_url_from_internal_kv())
-    except Exception:  # noqa: BLE001 - not connected, or an older layout: say no
+        return bool(dashboard_url())
+    except Exception:  # noqa: BLE001 - not connected, or a Ray that cannot say: say no
         return False
 
 
@@ -189,36 +164,27 @@ def _eval_kwargs(cfg: TuneConfig) -> dict[str, Any]:
 
 def prepare_data(cfg: TuneConfig, exp_uri: str, mode: str, resuming: bool) -> dict[str, Any]:
     """Held-out labels (written when the search starts, reused when it resumes), the held-out
-    rows, and for in_process trials the training rows (everything else), materialised once."""
-    import numpy as np
-
+    rows, and for in_process trials the training rows (everything else), preprocessed once."""
     from sea_ray.checks import tower_image_size
-    from sea_ray.train.data import build_dataset
-    from sea_ray.tune.validation import VALIDATION_DIR, materialize, num_rows, take, write_holdout
+    from sea_ray.train.data import preprocess_kwargs, source_of
+    from sea_ray.train.feed import materialize, num_rows
+    from sea_ray.tune.validation import VALIDATION_DIR, write_holdout
 
     base, v = cfg.base, cfg.validation
     val_labels = storage.join(exp_uri, VALIDATION_DIR, "labels")
-    source = v.labels or base.data.labels
-    held_out = write_holdout(source, val_labels, v.num_images, v.seed, reuse=resuming)
+    held_out = write_holdout(v.labels or base.data.labels, val_labels, v.num_images, v.seed, reuse=resuming)
     excluded = [] if v.labels else held_out
     (image_size, _), _ = tower_image_size(base.model.vision)
     actors, cpus = base.data.preprocess_actors, base.data.preprocess_cpus
-    out: dict[str, Any] = {"val_labels": val_labels, "held_out_ids": excluded, "eval": _eval_kwargs(cfg)}
-    train_rows = None
+    preprocess = preprocess_kwargs(base, image_size)
+    train_source = source_of(base, excluded)
+    out: dict[str, Any] = {"val_labels": val_labels, "held_out_ids": excluded, "eval": _eval_kwargs(cfg),
+                           "num_train": train_source.num_rows}
     if mode == "in_process":
-        everything = materialize(build_dataset(base, image_size, actors, cpus)[0])
-        is_held = np.isin(everything["sample_id"].astype(str), excluded)
-        train_rows = take(everything, ~is_held)
-        out["train_rows"] = train_rows
-        out["num_train"] = num_rows(train_rows)
-    else:
-        out["num_train"] = build_dataset(base, image_size, actors, cpus)[1] - len(excluded)
-    if not v.labels and train_rows is not None:
-        out["val_rows"] = take(everything, is_held)
-    else:
-        val_cfg = base.model_copy(update={"data": base.data.model_copy(update={
-            "labels": val_labels, "manifest": base.data.val_manifest if v.labels else base.data.manifest})})
-        out["val_rows"] = materialize(build_dataset(val_cfg, image_size, actors, cpus)[0])
+        out["train_rows"] = materialize(train_source, preprocess, actors, cpus)
+    val_cfg = base.model_copy(update={"data": base.data.model_copy(update={
+        "labels": val_labels, "manifest": base.data.val_manifest if v.labels else base.data.manifest})})
+    out["val_rows"] = materialize(source_of(val_cfg), preprocess, actors, cpus)
     log.info("validation: %d held-out images (%s); %d training rows", num_rows(out["val_rows"]),
              "from validation.labels" if v.labels else "excluded from training", out["num_train"])
     return out
@@ -277,6 +243,7 @@ def run(cfg: TuneConfig) -> dict:
     """Run (or resume) the search; write the outputs; return the summary."""
     from ray import tune
 
+    from sea_ray.paths import absolute_paths
     from sea_ray.train.loop import total_steps
     from sea_ray.tune.results import write_outputs
     from sea_ray.tune.trials import TRIALS_DIR, in_process_trial, ray_train_trial
@@ -290,12 +257,14 @@ def run(cfg: TuneConfig) -> dict:
     mode, why = _same_trial_mode(cfg, exp_uri, resuming, *resolve_trial_mode(cfg))
     log.info("tune: %d trials, %d at once, %s trials (%s) -> %s%s", cfg.num_samples, cfg.max_concurrent, mode, why,
              exp_uri, " (resuming)" if resuming else "")
-    trial_cfg = with_absolute_paths(cfg)  # what the driver's data tasks and the trials see
+    # Tune starts every trial in its own working directory: the trials (and the driver's data
+    # tasks) see the config with its local paths absolute; the summary and outputs use cfg
+    trial_cfg = absolute_paths(cfg)
     data = prepare_data(trial_cfg, exp_uri, mode, resuming)
     steps = total_steps(cfg.base, data["num_train"])
     trials_root = storage.join(exp_uri, TRIALS_DIR)
     setup = {"tune": trial_cfg, "trials_root": trials_root, "val_labels": data["val_labels"],
-             "held_out_ids": data["held_out_ids"], "eval": data["eval"]}
+             "held_out_ids": data["held_out_ids"], "eval": data["eval"], "num_train": data["num_train"]}
     if mode == "in_process":
         trainable = tune.with_parameters(in_process_trial, setup=setup, train_rows=data["train_rows"],
                                          val_rows=data["val_rows"])

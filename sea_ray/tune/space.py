@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from sea_ray.config import AlignConfig, TuneConfig, _set_dotted, to_dict, validate
+from sea_ray.config import AlignConfig, TuneConfig, set_dotted, to_dict, validate
 
 
 def optuna_distributions(cfg: TuneConfig) -> dict[str, Any]:
@@ -67,7 +67,7 @@ def apply_params(base: AlignConfig, params: dict[str, Any], **fields: Any) -> di
     too, e.g. ``run.name``) applied; not yet validated."""
     raw = to_dict(base)
     for key, value in {**params, **fields}.items():
-        raw = _set_dotted(raw, key, _plain(value))
+        set_dotted(raw, key, _plain(value))
     return raw
 
 

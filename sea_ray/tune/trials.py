@@ -124,7 +124,7 @@ def in_process_trial(config: dict, *, setup: dict, train_rows: dict, val_rows: d
     from ray import tune
 
     from sea_ray.train.loop import LocalIO, run_stage, total_steps
-    from sea_ray.tune.validation import Evaluator, epoch_batches, num_rows
+    from sea_ray.tune.validation import Evaluator
 
     started = _start_trial(config, setup, "in_process")
     if started is None:
@@ -133,7 +133,7 @@ def in_process_trial(config: dict, *, setup: dict, train_rows: dict, val_rows: d
     torch.set_num_threads(max(1, int(round(cfg.trial_cpus))))
     device = "cuda" if trial_cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu"
     evaluate = Evaluator(val_rows, setup["val_labels"], trial_cfg, **setup["eval"])
-    steps = total_steps(trial_cfg, num_rows(train_rows))
+    steps = total_steps(trial_cfg, setup["num_train"])
     reported = []
 
     def on_report(metrics: dict) -> None:
@@ -141,24 +141,10 @@ def in_process_trial(config: dict, *, setup: dict, train_rows: dict, val_rows: d
         reported.append(result["step"])
         tune.report(result)
 
-    io = LocalIO(folder.uri, num_rows(train_rows),
-                 epoch_batches(train_rows, trial_cfg.batch.per_worker, trial_cfg.run.seed), on_report, device)
+    io = LocalIO(folder.uri, train_rows, setup["num_train"], on_report, device)
     run_stage(trial_cfg, io, evaluate)
     if not reported:  # it had already reached its last checkpoint
         _replay(folder)
-
-
-class _DropRows:
-    """Ray Data batch filter: drops the held-out sample ids from the training stream."""
-
-    def __init__(self, ids):
-        self.ids = list(ids)
-
-    def __call__(self, batch: dict) -> dict:
-        import numpy as np
-
-        keep = ~np.isin(np.asarray(batch["sample_id"]).astype(str), self.ids)
-        return {k: v[keep] for k, v in batch.items()}
 
 
 def ray_train_worker(loop_config: dict) -> None:
@@ -166,12 +152,12 @@ def ray_train_worker(loop_config: dict) -> None:
     metric, evaluated on rank 0 (the rank whose metrics reach Tune)."""
     import ray
 
-    from sea_ray.train.loop import RayTrainIO, parse_config, run_stage
+    from sea_ray.train.loop import io_of, parse_config, run_stage
     from sea_ray.tune.validation import Evaluator
 
     logging.basicConfig(level=logging.INFO)
     cfg = parse_config(loop_config["cfg"])
-    io = RayTrainIO(loop_config["run_uri"], loop_config["num_rows"], cfg.batch.per_worker, cfg.run.seed)
+    io = io_of(cfg, loop_config)
     evaluate = None
     if io.world_rank == 0:
         evaluate = Evaluator(ray.get(loop_config["val_rows"]), loop_config["val_labels"], cfg, **loop_config["eval"])
@@ -183,11 +169,7 @@ def ray_train_trial(config: dict, *, setup: dict, val_rows: dict) -> None:
     import ray
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from sea_ray.checks import tower_image_size
-    from sea_ray.config import to_dict
-    from sea_ray.data import ingest
-    from sea_ray.train.data import build_dataset
-    from sea_ray.train.driver import make_trainer, on_report_callback
+    from sea_ray.train.driver import loop_config, make_trainer, on_report_callback
     from sea_ray.train.loop import total_steps
 
     started = _start_trial(config, setup, "ray_train")
@@ -196,20 +178,12 @@ def ray_train_trial(config: dict, *, setup: dict, val_rows: dict) -> None:
     cfg, trial_cfg, folder = started
     # read by the Train controller this trial starts (Ray Train propagates it from the driver)
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(cfg.worker_group_start_timeout_s)
-    (image_size, _), _ = tower_image_size(trial_cfg.model.vision)
-    dataset, rows = build_dataset(trial_cfg, image_size, trial_cfg.data.preprocess_actors,
-                                  trial_cfg.data.preprocess_cpus)
-    held_out = setup["held_out_ids"]
-    if held_out:
-        dataset = ingest.filtered(dataset, _DropRows(held_out), cpus=trial_cfg.data.preprocess_cpus / 2)
-    rows -= len(held_out)
+    worker_config = loop_config(trial_cfg, folder.uri, setup["held_out_ids"])
     before = len(folder.history())
-    steps = total_steps(trial_cfg, rows)
+    steps = total_steps(trial_cfg, worker_config["source"].num_rows)
     trainer = make_trainer(
         trial_cfg, ray_train_worker,
-        {"cfg": to_dict(trial_cfg), "run_uri": folder.uri, "num_rows": rows, "val_rows": ray.put(val_rows),
-         "val_labels": setup["val_labels"], "eval": setup["eval"]},
-        dataset,
+        dict(worker_config, val_rows=ray.put(val_rows), val_labels=setup["val_labels"], eval=setup["eval"]),
         # history.json is kept by the Train controller; Tune gets the same reports
         callbacks=[on_report_callback(lambda metrics: TrialFolder(folder.uri).record(metrics, steps)),
                    TuneReportCallback()],

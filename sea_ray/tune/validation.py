@@ -44,9 +44,6 @@ from sea_ray import storage
 log = logging.getLogger(__name__)
 
 VALIDATION_DIR = "validation"
-RAGGED = ("input_ids", "labels", "label_ids", "label_scores", "grid")
-
-
 # --------------------------------------------------------------------------- held-out images
 
 
@@ -87,47 +84,8 @@ def write_holdout(source_uri: str, out_uri: str, num_images: int, seed: int, reu
 # --------------------------------------------------------------------------- rows in memory
 
 
-def materialize(ds) -> dict[str, np.ndarray]:
-    """A preprocessed training dataset -> ``{column: array}`` in memory, sorted by sample id.
-    Ragged columns become 1-D object arrays of per-row arrays (Ray Data may hand a batch of
-    equal-length rows over as one 2-D array)."""
-    parts: dict[str, list] = {}
-    for batch in ds.iter_batches(batch_size=256, batch_format="numpy"):
-        for key, value in batch.items():
-            if key in RAGGED and not (value.dtype == object and value.ndim == 1):
-                rows = np.empty(len(value), dtype=object)
-                rows[:] = [np.asarray(v) for v in value]
-                value = rows
-            parts.setdefault(key, []).append(value)
-    if not parts:
-        from sea_ray.errors import DataError
-
-        raise DataError("the dataset yielded no usable sample")
-    out = {k: np.concatenate(v) for k, v in parts.items()}
-    order = np.argsort(out["sample_id"].astype(str), kind="stable")
-    return {k: v[order] for k, v in out.items()}
-
-
 def take(rows: dict[str, np.ndarray], index) -> dict[str, np.ndarray]:
     return {k: v[index] for k, v in rows.items()}
-
-
-def num_rows(rows: dict[str, np.ndarray]) -> int:
-    return len(rows["sample_id"])
-
-
-def epoch_batches(rows: dict[str, np.ndarray], batch_size: int, seed: int):
-    """``batches(epoch, skip)`` for :class:`sea_ray.train.loop.LocalIO`: full batches of a seeded
-    per-epoch permutation (the same order on every run, so a resumed trial skips exactly what it
-    consumed)."""
-    n = num_rows(rows)
-
-    def batches(epoch: int, skip: int):
-        order = np.random.default_rng([seed, epoch]).permutation(n)
-        for i in range(skip, n // batch_size):
-            yield take(rows, order[i * batch_size:(i + 1) * batch_size])
-
-    return batches
 
 
 # --------------------------------------------------------------------------- the metric
@@ -167,7 +125,7 @@ class Evaluator:
         self.head = SeaLoss(init_temperature=t, min_temperature=t, max_temperature=t, learnable=False).to(device)
         sampling = SimpleNamespace(sea=SimpleNamespace(window=self.window, top_n=self.top_n))
         prepared = []
-        n = num_rows(self.rows)
+        n = len(self.rows["position"])
         for i, start in enumerate(range(0, n, self.batch_size)):
             part = take(self.rows, slice(start, start + self.batch_size))
             b = to_model_batch(part, pad_id, lambda x: to_model_input(x, tensor_part), device)

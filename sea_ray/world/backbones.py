@@ -50,14 +50,14 @@ def _progress(log_fn: Optional[Callable[[str], None]]):
 
 def world_records(seed: int, num_images: int, image_size: int = 64) -> list[dict]:
     """Scene records of world ``seed`` (the images are rendered from them on demand)."""
-    from sea_ray.data.world import sample_record
+    from sea_ray.world.generator import sample_record
 
     return [sample_record(seed, i, image_size) for i in range(num_images)]
 
 
 def render_images(records: Sequence[dict]) -> np.ndarray:
     """uint8 ``[N, S, S, 3]`` images of the records."""
-    from sea_ray.data.world import render_image
+    from sea_ray.world.generator import render_image
 
     return np.stack([render_image(r) for r in records])
 
@@ -107,7 +107,7 @@ def clip_pairs(records: Sequence[dict], images: np.ndarray, crop_fraction: float
     - or, for a ``background_share`` of the crops, of background only, captioned
       ``"a photo of a {background}."``.
     """
-    from sea_ray.data.world import render_owner_map
+    from sea_ray.world.generator import render_owner_map
 
     if crop_captions not in CROP_CAPTIONS:
         raise ValueError(f"crop_captions must be one of {CROP_CAPTIONS}, got {crop_captions!r}")
@@ -257,16 +257,11 @@ def world_texts(records: Sequence[dict], seed: int, split_index: int = 0, eos: s
     """World text in the training stages' formats, without images: per record its caption as in
     the ``plain`` template (``caption<eos>``) and its question/answer conversation as in
     ``llava_v1``; plus the world's text-only facts (one conversation per 20 records)."""
-    from sea_ray.data import world as W
-    from sea_ray.data.templates import LLAVA_V1_ROLES, LLAVA_V1_SYSTEM
-
-    user, assistant = LLAVA_V1_ROLES
+    from sea_ray.data.templates import render_llava_v1
+    from sea_ray.world import generator as W
 
     def conversation(turns):
-        text = LLAVA_V1_SYSTEM + " "
-        for q, a in turns:
-            text += f"{user}: {q} {assistant}: {a}{eos}"
-        return text
+        return render_llava_v1(turns, eos)[0]
 
     texts = []
     for i, rec in enumerate(records):
@@ -283,14 +278,16 @@ def world_texts(records: Sequence[dict], seed: int, split_index: int = 0, eos: s
 def world_tokenizer():
     """The synthetic world's tokenizer: a byte-level BPE in which every world word is a whole token
     in mid-sentence form (shipped with the world LLM; ``tokenizer: world`` loads that copy)."""
-    from sea_ray.data.world import world_words
+    from sea_ray.constants import IMAGE_PLACEHOLDER
+    from sea_ray.data.templates import LLAVA_V1_ROLES, LLAVA_V1_SYSTEM
     from sea_ray.model.llm import train_bpe_tokenizer
+    from sea_ray.world.generator import world_words
 
     words = world_words()
     # Each word mid-sentence and at the start, plus the prompt scaffolding the templates use.
     corpus = [" ".join(words)] * 4 + [f" {w}" for w in words] + words
-    corpus += ["USER: ASSISTANT: A chat between a curious user and an artificial intelligence assistant. "
-               "The assistant gives helpful, detailed, and polite answers to the user's questions.\n<image>"]
+    user, assistant = LLAVA_V1_ROLES
+    corpus += [f"{user}: {assistant}: {LLAVA_V1_SYSTEM}\n{IMAGE_PLACEHOLDER}"]
     return train_bpe_tokenizer(corpus, vocab_size=1024)
 
 
@@ -369,10 +366,10 @@ def train_world_llm(out_dir: str, *, num_images: int = 16000, seed: int = 1000, 
 def audit_world_clip(clip_dir: str, world_dir: str, *, limit: Optional[int] = 300, templates=None,
                      arch: Optional[dict] = None) -> dict:
     """Patch-label precision@1 of a trained world CLIP on the world at ``world_dir`` (its test
-    split's pretraining manifest), with the labels job's own audit (:mod:`sea_ray.labels.audit`)."""
+    split's pretraining manifest), with the labels job's own audit (:mod:`sea_ray.world.audit`)."""
     from sea_ray.config import validate
-    from sea_ray.labels.audit import audit
     from sea_ray.presets import WORLD_CLIP_ARCH
+    from sea_ray.world.audit import audit
 
     raw = {"job": "labels", "output": os.path.join(world_dir, "_audit_labels"),
            "model": {"vision": {"backend": "open_clip", "name": "custom", "custom": arch or WORLD_CLIP_ARCH,

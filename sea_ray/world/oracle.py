@@ -5,9 +5,9 @@ must not depend on a CLIP run."""
 import numpy as np
 import pyarrow as pa
 
-from sea_ray.data.world import load_ground_truth, patch_ground_truth, patch_words
 from sea_ray.labels.dataset import write_labels
 from sea_ray.labels.schema import LABELS_SCHEMA, SCHEMA_VERSION
+from sea_ray.world.generator import load_ground_truth, patch_ground_truth, patch_words
 
 
 def write_oracle_labels(world_dir, out: str, grid: int, transform: dict, top_n: int = 3, split: str = "train",

@@ -2,7 +2,7 @@
 
 For each feature variant (``joint``, ``dense``) x score sign (``raw``, ``negate``) the labeler of
 a labels config is run on world images (in-process, pure PyTorch, no Ray) and compared with
-:func:`sea_ray.data.world.patch_ground_truth` on the tower's patch grid:
+:func:`sea_ray.world.generator.patch_ground_truth` on the tower's patch grid:
 
 - ``precision@1``: among patches that got a label (top-1 score > 0), the fraction whose top-1
   word is one of the patch's true words (``[colour, shape]`` of an object, or the background
@@ -39,7 +39,7 @@ VARIANTS = (("joint", "raw"), ("joint", "negate"), ("dense", "raw"), ("dense", "
 
 
 def _world_samples(world_dir: str, manifest_ids: Optional[set[str]], limit: Optional[int]):
-    from sea_ray.data.world import load_ground_truth
+    from sea_ray.world.generator import load_ground_truth
 
     records = load_ground_truth(world_dir)
     if manifest_ids:
@@ -55,11 +55,11 @@ def audit(cfg, world_dir: str, limit: Optional[int] = 200, batch_size: Optional[
 
     from sea_ray.data.images import decode_image
     from sea_ray.data.manifest import read_manifest
-    from sea_ray.data.world import patch_ground_truth
     from sea_ray.errors import DataError
     from sea_ray.labels.labeler import PatchLabeler, select_top_n
     from sea_ray.labels.vocab import build_vocab, captions_of
     from sea_ray.model.vision import build_vision_tower
+    from sea_ray.world.generator import patch_ground_truth
 
     world_dir = str(world_dir)
     manifest = read_manifest(cfg.data.manifest, require_image=True)
