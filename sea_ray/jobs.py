@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from sea_ray import checks, paths
-from sea_ray.config import AlignConfig, EvalConfig, InstructConfig, LabelsConfig, TuneConfig, path_fields, validate
+from sea_ray.config import JOBS as CONFIG_CLASSES, path_fields, validate
 from sea_ray.errors import ConfigError
 from sea_ray.eval import job as eval_job
 from sea_ray.labels import job as labels_job
@@ -35,18 +35,22 @@ from sea_ray.tune import search
 class Job:
     name: str
     summary: str
-    config: type
     run: Callable[[Any], dict]
     checks: tuple[Callable[[Any], list[str]], ...] = (checks.job_problems,)
 
+    @property
+    def config(self) -> type:
+        """The job's config class (one map, :data:`sea_ray.config.JOBS`, which validation reads)."""
+        return CONFIG_CLASSES[self.name]
+
 
 JOBS: dict[str, Job] = {job.name: job for job in (
-    Job("labels", "precompute CLIP patch labels with Ray Data", LabelsConfig, labels_job.run),
-    Job("align", "stage 1: SEA alignment pretraining with Ray Train", AlignConfig, driver.run),
-    Job("instruct", "stage 2: instruction tuning with Ray Train", InstructConfig, driver.run),
-    Job("tune", "search SEA and adapter hyperparameters with Ray Tune + Optuna", TuneConfig, search.run,
+    Job("labels", "precompute CLIP patch labels with Ray Data", labels_job.run),
+    Job("align", "stage 1: SEA alignment pretraining with Ray Train", driver.run),
+    Job("instruct", "stage 2: instruction tuning with Ray Train", driver.run),
+    Job("tune", "search SEA and adapter hyperparameters with Ray Tune + Optuna", search.run,
         (checks.job_problems, search.search_problems)),
-    Job("eval", "evaluate a checkpoint (alignment diagnostics, QA accuracy)", EvalConfig, eval_job.run),
+    Job("eval", "evaluate a checkpoint (alignment diagnostics, QA accuracy)", eval_job.run),
 )}
 
 

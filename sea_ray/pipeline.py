@@ -107,7 +107,7 @@ def _apply_set(raw: dict, values: dict) -> dict:
     return out
 
 
-def _data_uris(cfg: PipelineConfig) -> dict[str, Optional[str]]:
+def data_uris(cfg: PipelineConfig) -> dict[str, Optional[str]]:
     data = cfg.data
     world = data.world or (storage.join(cfg.output, "world") if "world" in cfg.steps else None)
 
@@ -169,14 +169,14 @@ def _wiring(name: str, plan_so_far: dict[str, StepPlan], cfg: PipelineConfig, da
     elif name == "instruct":
         w = {"data.manifest": data["instruct"], "data.image_root": data["instruct_image_root"],
              "init_adapter": align.output if align else None, "run.storage": storage.join(out, "runs"), "ray": ray}
-        if align is not None:  # the adapter it loads: same shape (tune may have changed align's)
+        if align is not None and align.cfg is not None:  # the adapter it loads: same shape (tune may have changed align's)
             w["model.adapter"] = to_dict(align.cfg.model.adapter)
     elif name == "eval":
         trained = instruct or align
         w = {"checkpoint": trained.output if trained else None, "world": data["world"],
              "vocab": labels.output if labels else None,  # nearest words over the labels' vocabulary
              "output": storage.join(out, "eval"), "ray": ray}
-        if trained is not None:  # evaluate the model that was trained, whatever the eval recipe says
+        if trained is not None and trained.cfg is not None:  # the model that was trained, whatever the recipe says
             w["model"] = to_dict(trained.cfg.model)
     return {k: v for k, v in w.items() if v is not None}
 
@@ -187,7 +187,7 @@ def _run_uri(cfg) -> str:
     return run_uri(cfg)
 
 
-def _output_of(name: str, cfg) -> str:
+def output_of(name: str, cfg) -> str:
     if name in ("align", "instruct"):
         return _run_uri(cfg)
     if name == "tune":
@@ -200,22 +200,23 @@ def _available_verbs() -> dict[str, jobs.Job]:
 
 
 def build_step_config(name: str, cfg: PipelineConfig, base_dir: Path, data: dict, so_far: dict[str, StepPlan],
-                      problems: list[str], extra: Optional[dict] = None):
-    """The validated config of a config step (``extra``: dotted values applied before ``set``,
-    e.g. tune's best parameters for align), or None with its problems appended."""
+                      problems: list[str], extra: Optional[dict] = None, where: Optional[str] = None):
+    """The validated config of a config step (``extra``: dotted values applied over the wiring and
+    before ``set``, e.g. tune's best parameters for align), or None with its problems appended
+    (prefixed with ``where``, default the step's name)."""
     section = getattr(cfg, name)
     raw = _read_recipe(name, section.recipe, base_dir, problems)
     raw["job"] = name
     for key, value in {**_wiring(name, so_far, cfg, data), **(extra or {})}.items():
         set_dotted(raw, key, copy.deepcopy(value))
-    return jobs.validated(_apply_set(raw, section.set), name, name, problems)
+    return jobs.validated(_apply_set(raw, section.set), name, where or name, problems)
 
 
 def plan(cfg: PipelineConfig, source: str | Path) -> Plan:
     """Resolve and validate every step (no Ray, no writes). Raises one ConfigError listing the
     problems of every step."""
     base_dir = Path(source).resolve().parent
-    data = _data_uris(cfg)
+    data = data_uris(cfg)
     problems: list[str] = []
     runners = _available_verbs()
     so_far: dict[str, StepPlan] = {}
@@ -240,7 +241,7 @@ def plan(cfg: PipelineConfig, source: str | Path) -> Plan:
             step_cfg = build_step_config(name, cfg, base_dir, data, so_far, problems)
             if step_cfg is None:
                 continue
-            step = StepPlan(name, step_cfg, _output_of(name, step_cfg))
+            step = StepPlan(name, step_cfg, output_of(name, step_cfg))
         so_far[name] = step
         steps.append(step)
     outputs = [(s.name, s.output) for s in steps if s.name in ("align", "instruct")]
@@ -590,4 +591,4 @@ def _rebuilt(plan: Plan, step: StepPlan, so_far: dict[str, StepPlan], extra: Opt
     cfg = build_step_config(step.name, plan.cfg, plan.base_dir, plan.data, so_far, problems, extra=extra)
     if cfg is None or problems:
         raise ConfigError(problems, plan.source)
-    return StepPlan(step.name, cfg, _output_of(step.name, cfg))
+    return StepPlan(step.name, cfg, output_of(step.name, cfg))

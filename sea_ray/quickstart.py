@@ -36,16 +36,16 @@ output made with other settings is refused.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
 import time
+from pathlib import Path
 from typing import Callable, Optional
 
-from sea_ray import storage
-from sea_ray.config import QuickstartConfig, flatten_dotted, set_dotted, to_dict, validate
-from sea_ray.errors import DataError
+from sea_ray import pipeline, storage
+from sea_ray.config import PipelineConfig, PipelineStepConfig, QuickstartConfig, flatten_dotted, to_dict, validate
+from sea_ray.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -80,79 +80,68 @@ def _paths(cfg: QuickstartConfig) -> dict[str, str]:
             "eval": os.path.join(out, "eval")}
 
 
-def _with_set(raw: dict, values: dict) -> dict:
-    """``raw`` with a job's ``set`` applied, leaf by leaf (nested mappings merge)."""
-    out = copy.deepcopy(raw)
-    for key, value in flatten_dotted(values or {}).items():
-        set_dotted(out, key, copy.deepcopy(value))
-    return out
-
-
 def build_configs(cfg: QuickstartConfig) -> dict:
     """Every job config of the quickstart, validated (no Ray, no writes): ``{"labels", "audit",
-    "chains": [{"seed", "arm", "key", "align", "instruct", "eval", "eval_align"}]}``."""
-    from sea_ray.jobs import validated
-    from sea_ray.errors import ConfigError
+    "chains": [{"seed", "arm", "key", "align", "instruct", "eval", "eval_align"}]}``.
 
+    Each is a pipeline step built by the pipeline's own wiring (:func:`sea_ray.pipeline.build_step_config`:
+    inputs from the steps before it, outputs under ``output``): the quickstart adds only its
+    settings (``extra``) and the user's ``set`` per job, as a pipeline's ``<step>.set``."""
     p = _paths(cfg)
     problems: list[str] = []
+    pcfg = PipelineConfig(output=p["out"], ray=cfg.ray, data={"world": p["world"]},
+                          **{job: PipelineStepConfig(set=cfg.set.get(job, {})) for job in cfg.set})
+    data = pipeline.data_uris(pcfg)
 
-    def make(raw: dict, job: str, where: str):
-        return validated(_with_set(raw, cfg.set.get(job, {})), job, where, problems)
+    def step(name: str, so_far: dict, where: str, settings: dict, output: str):
+        built = pipeline.build_step_config(name, pcfg, Path(p["out"]), data, so_far, problems,
+                                           extra=flatten_dotted(settings), where=where)
+        return pipeline.StepPlan(name, built, output if built is None else pipeline.output_of(name, built))
 
-    labels_raw = {"output": p["labels"], "model": {"preset": cfg.preset},
-                  "data": {"manifest": os.path.join(p["world"], "train", "pretrain.json"), "image_root": p["images"]},
-                  "labeler": {"top_n": cfg.labels_top_n, "features": cfg.labeler_features},
-                  "compute": {"num_actors": 1, "cpus_per_actor": 1, "cpus_per_decode_task": 0.5},
-                  "ray": to_dict(cfg.ray)}
-    labels = make(labels_raw, "labels", "labels")
+    labels = step("labels", {}, "labels", {
+        "model": {"preset": cfg.preset}, "labeler": {"top_n": cfg.labels_top_n, "features": cfg.labeler_features},
+        "compute": {"num_actors": 1, "cpus_per_actor": 1, "cpus_per_decode_task": 0.5}}, p["labels"])
     audit = None
-    if labels is not None:  # the same labeler and vocabulary (written by the labels job) on held-out images
-        audit_raw = dict(to_dict(labels), data={"manifest": os.path.join(p["world"], "test", "pretrain.json"),
-                                                "image_root": p["images"]},
-                         vocab={"extra_words": os.path.join(p["labels"], "vocab_words.txt"), "min_count": 10**9})
-        audit = validate(audit_raw, job="labels")
-    chains = []
+    if labels.cfg is not None:  # the same labeler and vocabulary (written by the labels job) on held-out images
+        audit = validate(dict(to_dict(labels.cfg),
+                              data={"manifest": os.path.join(p["world"], "test", "pretrain.json"),
+                                    "image_root": p["images"]},
+                              vocab={"extra_words": os.path.join(p["labels"], "vocab_words.txt"),
+                                     "min_count": 10**9}), job="labels")
     stored_top_n = cfg.labels_top_n if cfg.labels == "clip" else min(ORACLE_TOP_N, cfg.labels_top_n)
+    chains = []
     for seed in cfg.seeds:
         for arm, key, sea_on in (a for a in ARMS if a[0] in cfg.arms):
             tag = f"{key}-s{seed}"
-            steps_a, steps_i = cfg.align.max_steps, cfg.instruct.max_steps
-            align_run = os.path.join(p["runs"], f"align-{tag}")
-            instruct_run = os.path.join(p["runs"], f"instruct-{tag}")
-            common = {"model": {"preset": cfg.preset}, "ray": to_dict(cfg.ray),
+            common = {"model": {"preset": cfg.preset},
                       "scaling": {"num_workers": 1, "cpus_per_worker": cfg.cpus_per_task}}
-            align = make({**common, "run": {"name": f"align-{tag}", "storage": p["runs"], "seed": seed},
-                          "data": {"manifest": os.path.join(p["world"], "train", "pretrain.json"),
-                                   "image_root": p["images"], "labels": p["labels"], "max_length": 64},
-                          "batch": {"global_size": cfg.align.global_batch, "per_worker": cfg.align.global_batch},
-                          "optim": {"max_steps": steps_a, "lr": cfg.align.lr},
-                          "checkpoint": {"every_n_steps": steps_a, "num_to_keep": 1},
-                          "log_every_n_steps": max(1, steps_a // 5),
-                          "sea": dict(to_dict(cfg.sea), enabled=sea_on, top_n=min(cfg.sea.top_n, stored_top_n))},
-                         "align", f"align[{tag}]")
-            instruct = make({**common, "run": {"name": f"instruct-{tag}", "storage": p["runs"], "seed": seed},
-                             "init_adapter": align_run,
-                             "data": {"manifest": os.path.join(p["world"], "train", "instruct.json"),
-                                      "image_root": p["images"], "max_length": 128},
-                             "batch": {"global_size": cfg.instruct.global_batch,
-                                       "per_worker": cfg.instruct.global_batch},
-                             "optim": {"max_steps": steps_i, "lr": cfg.instruct.lr},
-                             "checkpoint": {"every_n_steps": steps_i, "num_to_keep": 1},
-                             "log_every_n_steps": max(1, steps_i // 5)}, "instruct", f"instruct[{tag}]")
+
+            def stage(name: str, section, max_length: int, **more):
+                steps = section.max_steps
+                return {**common, "run": {"name": f"{name}-{tag}", "seed": seed}, "data": {"max_length": max_length},
+                        "batch": {"global_size": section.global_batch, "per_worker": section.global_batch},
+                        "optim": {"max_steps": steps, "lr": section.lr},
+                        "checkpoint": {"every_n_steps": steps, "num_to_keep": 1},
+                        "log_every_n_steps": max(1, steps // 5), **more}
+
+            sea = dict(to_dict(cfg.sea), enabled=sea_on, top_n=min(cfg.sea.top_n, stored_top_n))
+            align = step("align", {"labels": labels}, f"align[{tag}]", stage("align", cfg.align, 64, sea=sea),
+                         os.path.join(p["runs"], f"align-{tag}"))
+            instruct = step("instruct", {"labels": labels, "align": align}, f"instruct[{tag}]",
+                            stage("instruct", cfg.instruct, 128), os.path.join(p["runs"], f"instruct-{tag}"))
             # the nearest-word vocabulary is the world's caption words (what the CLIP labels use too),
             # whatever the labels, so that runs with oracle labels compare
-            ev = {"world": p["world"], "split": "test", "device": "cpu",
-                  "max_samples": cfg.eval_max_samples, "audit": os.path.join(p["labels"], "_audit.json")}
-            evaluation = make({**ev, "checkpoint": instruct_run, "output": os.path.join(p["eval"], tag)},
-                              "eval", f"eval[{tag}]")
-            eval_align = make({**ev, "checkpoint": align_run, "metrics": ["alignment"],
-                               "output": os.path.join(p["eval"], tag, "align")}, "eval", f"eval[{tag}/align]")
-            chains.append({"seed": seed, "arm": arm, "key": tag, "align": align, "instruct": instruct,
-                           "eval": evaluation, "eval_align": eval_align})
+            ev = {"split": "test", "device": "cpu", "max_samples": cfg.eval_max_samples, "vocab": None,
+                  "audit": os.path.join(p["labels"], "_audit.json")}
+            evaluation = step("eval", {"labels": labels, "align": align, "instruct": instruct}, f"eval[{tag}]",
+                              dict(ev, output=os.path.join(p["eval"], tag)), "")
+            eval_align = step("eval", {"labels": labels, "align": align}, f"eval[{tag}/align]",
+                              dict(ev, metrics=["alignment"], output=os.path.join(p["eval"], tag, "align")), "")
+            chains.append({"seed": seed, "arm": arm, "key": tag, "align": align.cfg, "instruct": instruct.cfg,
+                           "eval": evaluation.cfg, "eval_align": eval_align.cfg})
     if problems:
         raise ConfigError(problems)
-    return {"labels": labels, "audit": audit, "chains": chains}
+    return {"labels": labels.cfg, "audit": audit, "chains": chains}
 
 
 # --------------------------------------------------------------------------- one chain (seed x arm)
@@ -364,13 +353,8 @@ def _audit(plan: dict, world: str, out: str) -> dict:
     return report
 
 
-def run(cfg: QuickstartConfig) -> dict:
-    """The quickstart (module docstring); returns the summary written to ``results.json``."""
-    from sea_ray.world.generator import ensure_world
-    from sea_ray.labels.job import run as run_labels
-    from sea_ray.runtime import init_ray
-
-    t0 = time.time()
+def _quiet() -> None:
+    """Offline, no progress bars or library logs: this command prints its own progress."""
     for key, value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                        "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
                        "RAY_TRAIN_METRICS_ENABLED": "0"}.items():
@@ -378,28 +362,13 @@ def run(cfg: QuickstartConfig) -> dict:
     if not logging.getLogger("sea_ray").isEnabledFor(logging.DEBUG):  # -v keeps the libraries' logs
         for name in ("", "sea_ray"):
             logging.getLogger(name).setLevel(logging.WARNING)
-    p = _paths(cfg)
-    plan = build_configs(cfg)  # every config validated before anything runs
-    _check_output(cfg, p["out"])
-    timings: dict[str, float] = {}
-    _say(f"sea-ray quickstart -> {p['out']}  (preset {cfg.preset}, seeds {cfg.seeds}, mode {cfg.mode})")
 
-    t = time.time()
-    summary = ensure_world(p["world"], num_images=cfg.world.num_images, seed=cfg.world.seed,
-                           image_size=cfg.world.image_size)
-    timings["world"] = time.time() - t
-    _say(f"[1/5] world: {summary['num_images']} images {summary['counts']}, {sum(summary['num_qa'].values())} "
-         f"questions ({timings['world']:.0f}s)")
 
-    t = time.time()
-    ray = init_ray(cfg.ray, quiet=True)
-    from sea_ray.data import ingest
+def _labels_step(cfg: QuickstartConfig, plan: dict, p: dict, summary: dict, ray) -> tuple[dict, Optional[dict]]:
+    """[2/5]: the labels (the labels job, or oracle labels; reused when complete), then the label
+    audit on held-out images. Returns (labels summary, audit report or None)."""
+    from sea_ray.labels.job import run as run_labels
 
-    ingest.configure(progress_bars=False)
-    for name in ("ray.data", "ray.train", "tensorboard"):  # this command prints its own progress
-        logging.getLogger(name).setLevel(logging.WARNING)
-    timings["ray_start"] = time.time() - t
-    t = time.time()
     how = "the labels job (Ray Data, the preset's CLIP)" if cfg.labels == "clip" else "oracle labels"
     _say(f"[2/5] labels: {how} on {summary['counts']['train']} training images; Ray has "
          f"{int(ray.cluster_resources().get('CPU', 0))} CPUs")
@@ -423,6 +392,39 @@ def run(cfg: QuickstartConfig) -> dict:
              f"({used['features']}/{used['score_sign']}, the labels used; best {best['features']}/"
              f"{best['score_sign']} {best['precision_at_1']:.3f}); chance {audit['chance_precision_at_1']:.3f}, "
              f"one word everywhere {audit['one_word_precision_at_1']:.3f}")
+    return labels_summary, audit
+
+
+def run(cfg: QuickstartConfig) -> dict:
+    """The quickstart (module docstring); returns the summary written to ``results.json``."""
+    from sea_ray.runtime import init_ray
+    from sea_ray.world.generator import ensure_world
+
+    t0 = time.time()
+    _quiet()
+    p = _paths(cfg)
+    plan = build_configs(cfg)  # every config validated before anything runs
+    _check_output(cfg, p["out"])
+    timings: dict[str, float] = {}
+    _say(f"sea-ray quickstart -> {p['out']}  (preset {cfg.preset}, seeds {cfg.seeds}, mode {cfg.mode})")
+
+    t = time.time()
+    summary = ensure_world(p["world"], num_images=cfg.world.num_images, seed=cfg.world.seed,
+                           image_size=cfg.world.image_size)
+    timings["world"] = time.time() - t
+    _say(f"[1/5] world: {summary['num_images']} images {summary['counts']}, {sum(summary['num_qa'].values())} "
+         f"questions ({timings['world']:.0f}s)")
+
+    t = time.time()
+    ray = init_ray(cfg.ray, quiet=True)
+    from sea_ray.data import ingest
+
+    ingest.configure(progress_bars=False)
+    for name in ("ray.data", "ray.train", "tensorboard"):  # this command prints its own progress
+        logging.getLogger(name).setLevel(logging.WARNING)
+    timings["ray_start"] = time.time() - t
+    t = time.time()
+    labels_summary, audit = _labels_step(cfg, plan, p, summary, ray)
     timings["labels"] = time.time() - t
     _say(f"      ({timings['labels']:.0f}s)")
 
