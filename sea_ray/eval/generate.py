@@ -13,13 +13,14 @@ from typing import Optional, Sequence
 
 import torch
 
+from sea_ray import storage
 from sea_ray.constants import IMAGE_PLACEHOLDER
+from sea_ray.data.templates import _encode_text, adds_bos, render_llava_v1, resolve_template
+from sea_ray.errors import DataError
 
 
 def render_prompt(question: str, tokenizer, template: str = "auto", with_image: bool = True) -> str:
     """The text the model sees before its answer (``template``: auto | llava_v1 | chat)."""
-    from sea_ray.data.templates import render_llava_v1, resolve_template
-
     content = f"{IMAGE_PLACEHOLDER}\n{question}" if with_image and IMAGE_PLACEHOLDER not in question else question
     if resolve_template(template, tokenizer) == "chat":
         return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
@@ -29,8 +30,6 @@ def render_prompt(question: str, tokenizer, template: str = "auto", with_image: 
 
 def encode_prompt(question: str, tokenizer, template: str = "auto", with_image: bool = True) -> list[int]:
     """Token ids of :func:`render_prompt` with the image sentinel in place of the placeholder."""
-    from sea_ray.data.templates import _encode_text, adds_bos, resolve_template
-
     text = render_prompt(question, tokenizer, template, with_image)
     bos = adds_bos(tokenizer) and resolve_template(template, tokenizer) != "chat"
     ids, _ = _encode_text(text, [], tokenizer, bos)
@@ -98,9 +97,7 @@ def generate(checkpoint: str, image: Optional[str], prompt: str, max_new_tokens:
              device: str = "auto") -> str:
     """``sea-ray generate``: load a checkpoint (its ``config.json`` gives the model), answer ``prompt``
     about ``image`` (a local path or an s3:// URI; None for a text-only prompt)."""
-    from sea_ray import storage
     from sea_ray.data.images import decode_image
-    from sea_ray.errors import DataError
     from sea_ray.eval.loading import device_of, load_model
 
     model, info = load_model(checkpoint, device=device_of(device))

@@ -34,18 +34,23 @@ from typing import Callable, Optional
 import torch
 
 from sea_ray import storage
-from sea_ray.config import EvalConfig
+from sea_ray.config import EvalConfig, VocabConfig
+from sea_ray.constants import IMAGE_PLACEHOLDER
+from sea_ray.data.templates import render_llava_v1
+from sea_ray.errors import DataError
+from sea_ray.eval.generate import answer
 from sea_ray.eval.loading import device_of, load_model
+from sea_ray.eval.metrics import (lm_nll, modality_gap, nearest_word_accuracy, normalize_answer, perplexity,
+                                  qa_accuracy, tacs_mean)
 from sea_ray.eval.report import write_report
+from sea_ray.labels.vocab import build_vocab
+from sea_ray.sea import word_targets
 
 log = logging.getLogger(__name__)
 
 def load_vocab_words(vocab: Optional[str], world: str, split_for_default: str = "train") -> tuple[list[str], str]:
     """(words, source): from a labels dataset's ``_meta.json``, a vocab JSON, or by default the
     world's training captions under the labels job's vocabulary rules."""
-    from sea_ray.config import VocabConfig
-    from sea_ray.labels.vocab import build_vocab
-
     if vocab:
         meta_uri = storage.join(vocab, "_meta.json")
         if not vocab.endswith(".json") and storage.exists(meta_uri):
@@ -68,8 +73,6 @@ def world_split(world: str, split: str, max_samples: Optional[int] = None) -> tu
     if max_samples:
         records = records[:max_samples]
     if not records:
-        from sea_ray.errors import DataError
-
         raise DataError(f"the world at {world} has no {split!r} images")
     keep = {r["id"] for r in records}
     lines = storage.read_text(storage.join(world, split, "qa.jsonl")).splitlines()
@@ -85,8 +88,6 @@ def image_tensors(model, world: str, records: list[dict]) -> torch.Tensor:
     for rec in records:
         img, reason = decode_image(storage.read_bytes(storage.join(world, "images", rec["image"])))
         if img is None:
-            from sea_ray.errors import DataError
-
             raise DataError(f"{rec['image']}: {reason}")
         out.append(model.vision.transform(img))
     return torch.stack(out)
@@ -100,8 +101,6 @@ def alignment_metrics(model, images: torch.Tensor, records: list[dict], words: l
                       batch_size: int = 32) -> dict:
     """Nearest-word accuracy, TACS and modality gap of the adapter outputs (paper section 7)."""
     from sea_ray.world.generator import patch_ground_truth
-    from sea_ray.eval.metrics import modality_gap, nearest_word_accuracy, tacs_mean
-    from sea_ray.sea import word_targets
 
     device = next(model.llm.parameters()).device
     table = model.input_embedding_table()
@@ -138,9 +137,6 @@ def alignment_metrics(model, images: torch.Tensor, records: list[dict], words: l
 def qa_metrics(model, images_by_id: dict[str, torch.Tensor], qa: list[dict], template: str = "auto",
                max_new_tokens: int = 8, batch_size: int = 32) -> tuple[dict, list[dict]]:
     """QA accuracy by greedy generation: (metrics, predictions)."""
-    from sea_ray.eval.generate import answer
-    from sea_ray.eval.metrics import normalize_answer, qa_accuracy
-
     predictions = []
     for i in range(0, len(qa), batch_size):
         chunk = qa[i:i + batch_size]
@@ -158,9 +154,6 @@ def qa_metrics(model, images_by_id: dict[str, torch.Tensor], qa: list[dict], tem
 def split_texts(world: str, split: str, records: list[dict], eos: str) -> list[str]:
     """The split's text in the training formats (captions as in ``plain``, conversations as in
     ``llava_v1``, without images), from its manifests."""
-    from sea_ray.data.templates import render_llava_v1
-    from sea_ray.constants import IMAGE_PLACEHOLDER
-
     keep = {r["id"] for r in records}
     texts = [r["caption"] + eos for r in records]
     rows = json.loads(storage.read_text(storage.join(world, split, "instruct.json")))
@@ -177,8 +170,6 @@ def split_texts(world: str, split: str, records: list[dict], eos: str) -> list[s
 def perplexity_metrics(model, texts: list[str], base_llm_state: Optional[dict], batch_size: int = 32) -> dict:
     """Perplexity of the checkpoint's LLM on ``texts``, and of the base LLM (its state before the
     checkpoint was loaded) when the checkpoint changed the LLM."""
-    from sea_ray.eval.metrics import lm_nll, perplexity
-
     nll, n = lm_nll(model.llm, model.tokenizer, texts, batch_size)
     after = perplexity(nll, n)
     before = after

@@ -9,6 +9,8 @@ import torch
 
 from sea_ray import storage
 from sea_ray.config import ModelConfig
+from sea_ray.errors import DataError
+from sea_ray.model.vlm import build_vlm
 
 
 def device_of(name: str) -> torch.device:
@@ -24,14 +26,11 @@ def load_model(checkpoint: str, model_cfg: Optional[ModelConfig] = None, device:
     ``info``: ``{"checkpoint", "stage", "step", "config", "base_llm_state"}`` where
     ``base_llm_state`` (with ``keep_base_llm``) is the LLM's state before the checkpoint replaced
     it (None when the checkpoint holds no LLM tensors)."""
-    from sea_ray.model.vlm import build_vlm
     from sea_ray.train import checkpoint as ckpt
 
     try:
         uri = ckpt.resolve(checkpoint)
     except FileNotFoundError as exc:
-        from sea_ray.errors import DataError
-
         raise DataError(f"no checkpoint to load: {exc}") from None
     config = json.loads(storage.read_text(storage.join(uri, ckpt.CONFIG_FILE)))
     meta = json.loads(storage.read_text(storage.join(uri, ckpt.META_FILE)))

@@ -19,6 +19,7 @@ from typing import Iterable, Sequence
 
 import torch
 
+from sea_ray.data.templates import adds_bos
 from sea_ray.sea import modality_gap, nearest_word, tacs
 
 __all__ = ["modality_gap", "nearest_word_accuracy", "normalize_answer", "perplexity", "qa_accuracy", "tacs_mean"]
@@ -113,8 +114,6 @@ def lm_nll(llm, tokenizer, texts: Sequence[str], batch_size: int = 32, device=No
     """(summed next-token negative log-likelihood, number of predicted tokens) of ``texts`` under a
     causal LM; each text is tokenized without special tokens (a bos is prepended when the
     tokenizer adds one by itself) and the first token is never predicted."""
-    from sea_ray.data.templates import adds_bos
-
     device = device or next(llm.parameters()).device
     bos = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
     encoded = [bos + list(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]

@@ -41,10 +41,13 @@ import numpy as np
 
 from sea_ray import storage
 from sea_ray.config import LabelsConfig, to_dict
+from sea_ray.data.manifest import read_manifest
 from sea_ray.errors import ConfigError, DataError, SeaRayError
 from sea_ray.labels import dataset as D
+from sea_ray.labels.pipeline import LabelActor, decode_batch
 from sea_ray.labels.schema import META_KEYS, SCHEMA_VERSION
 from sea_ray.labels.vocab import Vocab, build_vocab, captions_of
+from sea_ray.runtime import init_ray
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +112,6 @@ def _probe_tower(cfg: LabelsConfig):
 
 def plan(cfg: LabelsConfig) -> Plan:
     """Step 1 of the recipe (no Ray)."""
-    from sea_ray.data.manifest import read_manifest
-
     try:
         manifest = read_manifest(cfg.data.manifest, require_image=True)
     except FileNotFoundError as exc:
@@ -287,7 +288,6 @@ def _stream(p: Plan, pending: list[int], out: D.LabelsDir, stop_after: Optional[
     import ray.data
 
     from sea_ray.data.images import split_transform
-    from sea_ray.labels.pipeline import LabelActor, decode_batch
 
     cfg = p.cfg
     comp = cfg.compute
@@ -356,8 +356,6 @@ def run(cfg: LabelsConfig, *, stop_after_shards: Optional[int] = None) -> dict:
              len(p.rows), len(p.shards), len(p.shards) - len(pending), len(pending), len(p.manifest_errors))
     gpus, device = 0.0, "cpu"
     if pending:  # connect and check the cluster before writing anything
-        from sea_ray.runtime import init_ray
-
         gpus, device = _resources(init_ray(cfg.ray), cfg)
     if not known:
         out.write_json(D.CONFIG_FILE, {"fingerprint": p.fingerprint(), "config": to_dict(cfg)})

@@ -22,6 +22,8 @@ from typing import Optional
 
 import numpy as np
 
+from sea_ray import storage
+
 log = logging.getLogger(__name__)
 
 PASS_THROUGH = ("row", "shard", "image_id")
@@ -34,7 +36,6 @@ def decode_batch(batch, pil_part, tensor_part, image_size: int, ship: str = "uin
 
     With ``ship="uint8"`` and CLIP's standard transform (``pil_part`` a ResizeCenterCrop) this
     never imports torch; ``tensor_part`` is only used (and may be None otherwise) for ``float32``."""
-    from sea_ray import storage
     from sea_ray.data.images import ResizeCenterCrop, decode_image, pil_to_uint8, pixel_limit
 
     cols = batch.to_pydict() if hasattr(batch, "to_pydict") else {k: list(v) for k, v in batch.items()}

@@ -15,6 +15,7 @@ import os
 import torch
 
 from sea_ray import storage
+from sea_ray.presets import WORLD_ASSETS
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +42,6 @@ def load_tokenizer(spec: str):
     from transformers import AutoTokenizer
 
     if spec == "world":
-        from sea_ray.presets import WORLD_ASSETS
-
         spec = os.path.join(WORLD_ASSETS, "llm")
 
     local = storage.local_copy(spec) if storage.is_remote(spec) else spec

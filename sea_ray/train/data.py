@@ -19,6 +19,8 @@ import numpy as np
 
 from sea_ray import storage
 from sea_ray.constants import IGNORE_INDEX
+from sea_ray.data.templates import encode_conversation, encode_plain, resolve_template
+from sea_ray.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +130,6 @@ class Preprocess:
 
     def __init__(self, stage: str, tokenizer_spec: str, image_size: int, image_root: Optional[str],
                  max_length: int, template: str = "plain", source=None, rows_per_batch: int = 64):
-        from sea_ray.data.templates import resolve_template
         from sea_ray.model.llm import load_tokenizer
 
         self.stage, self.image_size, self.image_root, self.max_length = stage, image_size, image_root, max_length
@@ -140,7 +141,6 @@ class Preprocess:
 
     def _encode(self, conversations) -> dict:
         from sea_ray.data.manifest import caption_of
-        from sea_ray.data.templates import encode_conversation, encode_plain
 
         if self.template == "plain":
             return encode_plain(caption_of({"conversations": conversations}), self.tokenizer, self.max_length)
@@ -197,8 +197,6 @@ def manifest_rows(uri: str, require_image: bool):
         log.warning("%s: %d bad manifest rows skipped (first: row %s, %s)", uri, len(result.errors),
                     result.errors[0]["row"], result.errors[0]["reason"])
     if not result.rows:
-        from sea_ray.errors import DataError
-
         raise DataError(f"{uri}: no usable rows ({len(result.errors)} bad)")
     return result
 
@@ -211,7 +209,6 @@ def label_shards(labels_uri: str) -> tuple[list[str], int]:
 
     Only a finished labels dataset (``_SUCCESS`` present) is read; a shard without its marker
     (a killed run's last one) is never used."""
-    from sea_ray.errors import DataError
     from sea_ray.labels.dataset import completed_shards
 
     if not storage.is_complete(labels_uri):
@@ -228,8 +225,6 @@ def read_stored_rows(shards: list[tuple[str, int]], stored: np.ndarray):
     that order; only the Parquet row groups that hold them are read."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-
-    from sea_ray.errors import DataError
 
     stored = np.asarray(stored, dtype=np.int64)
     starts = np.cumsum([0] + [n for _, n in shards])
@@ -267,7 +262,6 @@ def source_of(cfg, exclude_ids=(), shared: bool = True):
 
     share = ray.put if shared else (lambda value: value)
 
-    from sea_ray.errors import DataError
     from sea_ray.labels.dataset import completed_shard_rows
 
     manifest = manifest_rows(cfg.data.manifest, require_image=cfg.job == "align")

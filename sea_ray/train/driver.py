@@ -11,8 +11,10 @@ import logging
 from typing import Callable, Optional
 
 from sea_ray import paths, storage
+from sea_ray.checks import tower_image_size
 from sea_ray.config import to_dict
 from sea_ray.paths import absolute_paths
+from sea_ray.runtime import init_ray
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +92,6 @@ def on_report_callback(fn: Callable[[dict], None]):
 def loop_config(cfg, run: str, exclude_ids=()) -> dict:
     """What a worker needs besides the config: the run folder, the feed's source (manifest and
     labels read once here, shared through the object store) and the preprocessing arguments."""
-    from sea_ray.checks import tower_image_size
     from sea_ray.train.data import preprocess_kwargs, source_of
 
     (image_size, _), _ = tower_image_size(cfg.model.vision)
@@ -100,7 +101,6 @@ def loop_config(cfg, run: str, exclude_ids=()) -> dict:
 
 def run(cfg) -> dict:
     """Train ``cfg`` (an AlignConfig or InstructConfig) on Ray Train; returns a summary."""
-    from sea_ray.runtime import init_ray
     from sea_ray.train.checkpoint import latest_complete
     from sea_ray.train.loop import accumulation_steps, total_steps, train_loop
 

@@ -39,6 +39,8 @@ from typing import Iterable, Iterator, Optional
 
 import numpy as np
 
+from sea_ray.data import ingest
+from sea_ray.errors import DataError
 from sea_ray.train.data import Preprocess, stack
 
 log = logging.getLogger(__name__)
@@ -142,8 +144,6 @@ def ray_micro_batches(source, preprocess: dict, order: Order, world_size: int, r
                       steps: int, actors: int = 1, actor_cpus: float = 0.5) -> Iterator[Optional[dict]]:
     """Worker ``rank``'s micro-batches from ``start_step`` on, preprocessed on Ray Data as they go
     (``preprocess``: the keyword arguments of :class:`~sea_ray.train.data.Preprocess` but the source)."""
-    from sea_ray.data import ingest
-
     chunks = list(order.chunks(world_size, rank, start_step, steps))
     segments = order.segments(chunks)
     if not segments:
@@ -158,16 +158,12 @@ def materialize(source, preprocess: dict, actors: int = 1, actor_cpus: float = 0
     """Every source row preprocessed once, in memory: ``{column: array}`` sorted by ``position``
     (= the source row); rows preprocessing drops are absent. On Ray Data, or with
     ``in_process`` in this process (the same :class:`~sea_ray.train.data.Preprocess`, no Ray)."""
-    from sea_ray.errors import DataError
-
     n = source.num_rows
     segments = [(np.arange(a, min(n, a + rows_per_segment)),) * 2 for a in range(0, n, rows_per_segment)]
     if in_process:
         fn = Preprocess(**preprocess, source=source)
         blocks = (b for rows, pos in segments for b in fn({"rows": [rows], "positions": [pos]}))
     else:
-        from sea_ray.data import ingest
-
         ingest.configure(progress_bars=None, preserve_order=True)
         blocks = ingest.blocks(ingest.segments(segments, Preprocess, dict(preprocess, source=source), actors,
                                                actor_cpus))

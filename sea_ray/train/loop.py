@@ -26,7 +26,12 @@ import torch
 from transformers import get_cosine_schedule_with_warmup
 
 from sea_ray import storage
+from sea_ray.constants import IGNORE_INDEX
+from sea_ray.errors import DataError
+from sea_ray.model.vlm import build_vlm
+from sea_ray.sea import SeaLoss, average_gradients, lambda_at, pair_loss, select_pairs, word_targets
 from sea_ray.train import checkpoint as ckpt
+from sea_ray.train.feed import memory_micro_batches, order_of, ray_micro_batches
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +72,6 @@ def sea_setup(model, cfg, device):
     """(targets [V', D], vocab id -> target row [V], labels meta) for the labels' vocabulary.
     Words the LLM cannot represent are reported once and never sampled."""
     from sea_ray.checks import read_labels_meta
-    from sea_ray.sea import word_targets
 
     meta = read_labels_meta(cfg.data.labels)
     if meta is None:
@@ -90,8 +94,6 @@ def sea_setup(model, cfg, device):
 def to_model_batch(batch: dict, pad_id: int, normalize, device) -> dict:
     """A numpy batch of the training dataset -> tensors on ``device`` (``normalize``: the tower's
     tensor transform, uint8 [B, H, W, 3] -> float [B, 3, H, W])."""
-    from sea_ray.constants import IGNORE_INDEX
-
     n = len(batch["input_ids"])
     length = max(len(x) for x in batch["input_ids"])
     input_ids = torch.full((n, length), pad_id, dtype=torch.long)
@@ -117,8 +119,6 @@ def to_model_batch(batch: dict, pad_id: int, normalize, device) -> dict:
 
 def sea_pairs_for(batch: dict, row_of: torch.Tensor, targets: torch.Tensor, grid, cfg, generator):
     """SEA pairs of one micro-batch: (image_index, patch_index, target vectors)."""
-    from sea_ray.sea import select_pairs
-
     n_img, top_n = batch["label_ids"].shape[0], batch["top_n"]
     ids = batch["label_ids"].view(n_img, -1, top_n)[..., : cfg.sea.top_n]
     scores = batch["label_scores"].view(n_img, -1, top_n)[..., : cfg.sea.top_n]
@@ -177,8 +177,6 @@ def load_optimizer_state(model, optimizer, state: dict) -> None:
 
 def build_sea_loss(sea_cfg):
     """The SEA loss of the align stage (it owns the learnable temperature)."""
-    from sea_ray.sea import SeaLoss
-
     return SeaLoss(init_temperature=sea_cfg.init_temperature, min_temperature=sea_cfg.min_temperature,
                    max_temperature=sea_cfg.max_temperature, learnable=sea_cfg.learnable_temperature)
 
@@ -230,8 +228,6 @@ class Stage:
 def build_model(cfg):
     """(model with the stage's trainable parts, SEA loss or None): the same initial weights on
     every worker; instruct starts its adapter from ``init_adapter``."""
-    from sea_ray.model.vlm import build_vlm
-
     torch.manual_seed(cfg.run.seed)
     model = build_vlm(cfg.model)
     sea_loss = build_sea_loss(cfg.sea) if cfg.job == "align" and cfg.sea.enabled else None
@@ -295,8 +291,6 @@ def autocast_for(cfg, device):
 def micro_step(st: Stage, batch: dict, micro: int, weight: float = 1.0) -> dict:
     """Forward and backward of one micro-batch (``weight`` 0: a stand-in for a micro-batch whose
     rows were all dropped, so every worker still takes part in the gradient all-reduce)."""
-    from sea_ray.sea import lambda_at, pair_loss
-
     cfg, step = st.cfg, st.state["step"]
     b = to_model_batch(batch, st.model.tokenizer.pad_token_id, st.normalize, st.io.device)
     pairs = None
@@ -318,8 +312,6 @@ def micro_step(st: Stage, batch: dict, micro: int, weight: float = 1.0) -> dict:
 
 
 def optimizer_step(st: Stage) -> None:
-    from sea_ray.sea import average_gradients
-
     if st.sea_loss is not None:
         average_gradients(st.sea_loss.parameters())  # outside DDP: averaged here, as DDP does the rest
     if st.cfg.optim.max_grad_norm > 0:
@@ -393,9 +385,6 @@ def save(st: Stage, metrics: dict) -> None:
 def run_stage(cfg, io, evaluate: Optional[Callable[[object, int], dict]] = None) -> dict:
     """Train one stage; returns the last metrics. ``evaluate(model, step)``, when given, runs at
     every logging step and its metrics join the report (validation metrics for Tune)."""
-    from sea_ray.errors import DataError
-    from sea_ray.train.feed import order_of
-
     st = setup(cfg, io)
     batches = io.micro_batches(order_of(cfg, io.num_rows), st.state["step"], st.steps)
     window, metrics, last = Window(), {}, None
@@ -462,8 +451,6 @@ class RayTrainIO(_TensorBoardMixin):
         self.actors, self.actor_cpus = actors, actor_cpus
 
     def micro_batches(self, order, start_step: int, steps: int) -> Iterable[Optional[dict]]:
-        from sea_ray.train.feed import ray_micro_batches
-
         return ray_micro_batches(self.source, self.preprocess, order, self.world_size, self.world_rank, start_step,
                                  steps, self.actors, self.actor_cpus)
 
@@ -496,8 +483,6 @@ class LocalIO(_TensorBoardMixin):
         self.run_uri, self.rows, self.num_rows, self._on_report = run_uri, rows, num_rows, on_report
 
     def micro_batches(self, order, start_step: int, steps: int) -> Iterable[Optional[dict]]:
-        from sea_ray.train.feed import memory_micro_batches
-
         return memory_micro_batches(self.rows, order, 1, 0, start_step, steps)
 
     def wrap(self, model, strategy: str):

@@ -27,6 +27,8 @@ import yaml
 
 from sea_ray import storage
 from sea_ray.config import TuneConfig, validate
+from sea_ray.tune.space import apply_params, optuna_distributions, params_of
+from sea_ray.tune.trials import latest_checkpoint, trial_folder
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +45,6 @@ def _better(a: float, b: float, mode: str) -> bool:
 
 def trial_records(cfg: TuneConfig, results, trials_root: str, total_steps: int) -> tuple[list[dict], list[dict]]:
     """(one row per trial, every reported result) from Tune's ResultGrid and the trial folders."""
-    from sea_ray.tune.space import params_of
-    from sea_ray.tune.trials import latest_checkpoint, trial_folder
-
     rows, history_rows = [], []
     for result in results:
         trial_id = (result.metrics or {}).get("trial_id") or str(result.path).rstrip("/").split("/")[-1]
@@ -110,8 +109,6 @@ def best_row(cfg: TuneConfig, rows: list[dict]) -> Optional[dict]:
 def best_config(cfg: TuneConfig, row: dict) -> dict:
     """The best trial's align config, as plain data, validated; its run name is
     ``<base.run.name>-best`` (the experiment folder keeps ``<base.run.name>``)."""
-    from sea_ray.tune.space import apply_params
-
     params = {key: row[key] for key in cfg.space}
     raw = apply_params(cfg.base, params, **{"run.name": f"{cfg.base.run.name}-best"})
     validate(raw, job="align")  # what `sea-ray align --config best.yaml` will do
@@ -134,8 +131,6 @@ def importances(cfg: TuneConfig, rows: list[dict], history_rows: list[dict]) -> 
     completed trial's; every trial is scored at the same step instead: the last step that every
     trial with a result reached (ASHA's first rung when it stopped some)."""
     import optuna
-
-    from sea_ray.tune.space import optuna_distributions
 
     reached = [r["steps"] for r in rows if r["reports"]]
     if len(reached) < 2:

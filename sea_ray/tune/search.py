@@ -21,7 +21,15 @@ import warnings
 from typing import Any
 
 from sea_ray import storage
-from sea_ray.config import TuneConfig, to_dict
+from sea_ray.checks import job_problems, read_labels_meta, tower_image_size
+from sea_ray.config import TuneConfig, to_dict, validate
+from sea_ray.errors import ConfigError, SeaRayError
+from sea_ray.paths import absolute_paths
+from sea_ray.runtime import dashboard_url, init_ray
+from sea_ray.train.driver import run_uri
+from sea_ray.tune.results import write_outputs
+from sea_ray.tune.space import apply_params, optuna_distributions, tune_domains
+from sea_ray.tune.trials import TRIALS_DIR, in_process_trial, ray_train_trial
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +40,6 @@ STATE_FILE, MODE_FILE = "tune_config.json", "trial_mode"
 
 
 def experiment_uri(cfg: TuneConfig) -> str:
-    from sea_ray.train.driver import run_uri
-
     return run_uri(cfg.base)
 
 
@@ -43,10 +49,6 @@ def experiment_uri(cfg: TuneConfig) -> str:
 def search_problems(cfg: TuneConfig) -> list[str]:
     """Job-level checks (tower grid, labels) of the base config at every end of every search
     dimension, e.g. ``sea.window`` larger than the patch grid or ``sea.top_n`` above the labels'."""
-    from sea_ray.checks import job_problems, read_labels_meta
-    from sea_ray.config import validate
-    from sea_ray.tune.space import apply_params
-
     problems: list[str] = []
     # the space never moves the data: every variant reads the same labels (read them once)
     meta = read_labels_meta(cfg.base.data.labels) if cfg.base.data.labels else None
@@ -71,8 +73,6 @@ def _search_part(raw: dict) -> dict:
 def check_same_search(cfg: TuneConfig, exp_uri: str, resuming: bool) -> None:
     """A new search records its config in the experiment folder; a resumed one must find the
     same search there (else resuming would mix two searches)."""
-    from sea_ray.errors import ConfigError
-
     path = storage.join(exp_uri, STATE_FILE)
     now = to_dict(cfg)
     if resuming and storage.exists(path):
@@ -90,8 +90,6 @@ def check_same_search(cfg: TuneConfig, exp_uri: str, resuming: bool) -> None:
 
 
 def _dashboard_up() -> bool:
-    from sea_ray.runtime import dashboard_url
-
     try:
         return bool(dashboard_url())
     except Exception:  # noqa: BLE001 - not connected, or a Ray that cannot say: say no
@@ -100,8 +98,6 @@ def _dashboard_up() -> bool:
 
 def _init_ray(cfg: TuneConfig):
     """Connect to (or start) Ray. A local Ray started here for ray_train trials gets a dashboard."""
-    from sea_ray.runtime import init_ray
-
     address = cfg.base.ray.address or os.environ.get("RAY_ADDRESS")
     local_cpus = cfg.base.ray.num_cpus or os.cpu_count() or 1
     wants_train = cfg.trial_mode == "ray_train" or (cfg.trial_mode == "auto"
@@ -114,8 +110,6 @@ def resolve_trial_mode(cfg: TuneConfig) -> tuple[str, str]:
     stopped one fails cleanly (several nodes, GPUs or many CPUs, and the dashboard on); else
     in_process."""
     import ray
-
-    from sea_ray.errors import SeaRayError
 
     dashboard = _dashboard_up()
     if cfg.trial_mode == "in_process":
@@ -138,8 +132,6 @@ def resolve_trial_mode(cfg: TuneConfig) -> tuple[str, str]:
 
 def _same_trial_mode(cfg: TuneConfig, exp_uri: str, resuming: bool, mode: str, why: str) -> tuple[str, str]:
     """A resumed search keeps the trial mode it started with (its trainable)."""
-    from sea_ray.errors import ConfigError
-
     path = storage.join(exp_uri, MODE_FILE)
     if resuming and storage.exists(path):
         before = storage.read_text(path).strip()
@@ -165,7 +157,6 @@ def _eval_kwargs(cfg: TuneConfig) -> dict[str, Any]:
 def prepare_data(cfg: TuneConfig, exp_uri: str, mode: str, resuming: bool) -> dict[str, Any]:
     """Held-out labels (written when the search starts, reused when it resumes), the held-out
     rows, and for in_process trials the training rows (everything else), preprocessed once."""
-    from sea_ray.checks import tower_image_size
     from sea_ray.train.data import preprocess_kwargs, source_of
     from sea_ray.train.feed import materialize, num_rows
     from sea_ray.tune.validation import VALIDATION_DIR, write_holdout
@@ -197,8 +188,6 @@ def build_search(cfg: TuneConfig, steps: int):
     """(search algorithm, scheduler, param_space)."""
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
-
-    from sea_ray.tune.space import optuna_distributions, tune_domains
 
     if cfg.searcher == "optuna":
         import optuna
@@ -243,10 +232,7 @@ def run(cfg: TuneConfig) -> dict:
     """Run (or resume) the search; write the outputs; return the summary."""
     from ray import tune
 
-    from sea_ray.paths import absolute_paths
     from sea_ray.train.loop import total_steps
-    from sea_ray.tune.results import write_outputs
-    from sea_ray.tune.trials import TRIALS_DIR, in_process_trial, ray_train_trial
 
     exp_uri = experiment_uri(cfg)
     fs, path = storage.pyarrow_fs(cfg.base.run.storage)
@@ -294,8 +280,6 @@ def run(cfg: TuneConfig) -> dict:
     summary = write_outputs(cfg, exp_uri, results, trials_root, steps)
     summary.update(trial_mode=mode, total_steps_per_trial=steps)
     if not summary["status"]["completed"] + summary["status"]["stopped"]:
-        from sea_ray.errors import SeaRayError
-
         errors = [str(r.error).strip().splitlines()[-1] for r in results if r.error]
         raise SeaRayError(f"no trial of {exp_uri} produced a result ({len(errors)} failed; first error: "
                           f"{errors[0] if errors else 'none reported'}); see {exp_uri}/results.csv")

@@ -40,6 +40,8 @@ import numpy as np
 import torch
 
 from sea_ray import storage
+from sea_ray.errors import DataError
+from sea_ray.sea import SeaLoss, nearest_word
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +70,6 @@ def write_holdout(source_uri: str, out_uri: str, num_images: int, seed: int, reu
     source = read_labels(source_uri)
     ids = sorted(set(source.column("image_id").to_pylist()))
     if not ids:
-        from sea_ray.errors import DataError
-
         raise DataError(f"{source_uri}: no labelled images to validate on")
     rng = np.random.default_rng(seed)
     chosen = sorted(rng.choice(ids, size=min(num_images, len(ids)), replace=False).tolist())
@@ -113,7 +113,6 @@ class Evaluator:
 
     def _prepare(self, model, device):
         from sea_ray.data.images import split_transform, to_model_input
-        from sea_ray.sea import SeaLoss
         from sea_ray.train.loop import sea_pairs_for, sea_setup, to_model_batch
 
         cfg = self.cfg.model_copy(update={"data": self.cfg.data.model_copy(update={"labels": self.labels_uri})})
@@ -141,8 +140,6 @@ class Evaluator:
 
     @torch.no_grad()
     def __call__(self, model, step: int) -> dict:
-        from sea_ray.sea import nearest_word
-
         device = next(model.adapter.parameters()).device
         if self._prepared is None:
             self._prepare(model, device)

@@ -32,6 +32,9 @@ from typing import Optional
 import numpy as np
 
 from sea_ray import storage
+from sea_ray.errors import DataError
+from sea_ray.labels.vocab import build_vocab, captions_of
+from sea_ray.world.generator import load_ground_truth, patch_ground_truth
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +42,6 @@ VARIANTS = (("joint", "raw"), ("joint", "negate"), ("dense", "raw"), ("dense", "
 
 
 def _world_samples(world_dir: str, manifest_ids: Optional[set[str]], limit: Optional[int]):
-    from sea_ray.world.generator import load_ground_truth
-
     records = load_ground_truth(world_dir)
     if manifest_ids:
         chosen = [r for r in records if r["id"] in manifest_ids]
@@ -55,11 +56,8 @@ def audit(cfg, world_dir: str, limit: Optional[int] = 200, batch_size: Optional[
 
     from sea_ray.data.images import decode_image
     from sea_ray.data.manifest import read_manifest
-    from sea_ray.errors import DataError
     from sea_ray.labels.labeler import PatchLabeler, select_top_n
-    from sea_ray.labels.vocab import build_vocab, captions_of
     from sea_ray.model.vision import build_vision_tower
-    from sea_ray.world.generator import patch_ground_truth
 
     world_dir = str(world_dir)
     manifest = read_manifest(cfg.data.manifest, require_image=True)

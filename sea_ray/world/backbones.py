@@ -35,6 +35,13 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from sea_ray.constants import IMAGE_PLACEHOLDER
+from sea_ray.data.templates import LLAVA_V1_ROLES, LLAVA_V1_SYSTEM, render_llava_v1
+from sea_ray.presets import WORLD_CLIP_ARCH, WORLD_LLM_CONFIG
+from sea_ray.world import generator as W
+from sea_ray.world.audit import audit
+from sea_ray.world.generator import render_image, render_owner_map, sample_record, world_words
+
 log = logging.getLogger(__name__)
 
 CLIP_WEIGHTS = "open_clip_model.safetensors"
@@ -50,15 +57,11 @@ def _progress(log_fn: Optional[Callable[[str], None]]):
 
 def world_records(seed: int, num_images: int, image_size: int = 64) -> list[dict]:
     """Scene records of world ``seed`` (the images are rendered from them on demand)."""
-    from sea_ray.world.generator import sample_record
-
     return [sample_record(seed, i, image_size) for i in range(num_images)]
 
 
 def render_images(records: Sequence[dict]) -> np.ndarray:
     """uint8 ``[N, S, S, 3]`` images of the records."""
-    from sea_ray.world.generator import render_image
-
     return np.stack([render_image(r) for r in records])
 
 
@@ -107,8 +110,6 @@ def clip_pairs(records: Sequence[dict], images: np.ndarray, crop_fraction: float
     - or, for a ``background_share`` of the crops, of background only, captioned
       ``"a photo of a {background}."``.
     """
-    from sea_ray.world.generator import render_owner_map
-
     if crop_captions not in CROP_CAPTIONS:
         raise ValueError(f"crop_captions must be one of {CROP_CAPTIONS}, got {crop_captions!r}")
     rng = np.random.default_rng([seed, epoch, 7])
@@ -142,8 +143,6 @@ def build_world_clip(arch: Optional[dict] = None):
     """The open_clip ``CLIP`` of ``arch`` (default: :data:`sea_ray.presets.WORLD_CLIP_ARCH`), random init."""
     import open_clip
 
-    from sea_ray.presets import WORLD_CLIP_ARCH
-
     arch = arch or WORLD_CLIP_ARCH
     return open_clip.CLIP(embed_dim=arch["embed_dim"], vision_cfg=open_clip.CLIPVisionCfg(**arch["vision_cfg"]),
                           text_cfg=open_clip.CLIPTextCfg(**arch["text_cfg"]))
@@ -172,7 +171,6 @@ def train_world_clip(out_dir: str, *, num_images: int = 12000, seed: int = 1000,
     from safetensors.torch import save_file
 
     from sea_ray.model.vision import CLIP_MEAN, CLIP_STD
-    from sea_ray.presets import WORLD_CLIP_ARCH
 
     say = _progress(log_fn)
     arch = arch or WORLD_CLIP_ARCH
@@ -257,9 +255,6 @@ def world_texts(records: Sequence[dict], seed: int, split_index: int = 0, eos: s
     """World text in the training stages' formats, without images: per record its caption as in
     the ``plain`` template (``caption<eos>``) and its question/answer conversation as in
     ``llava_v1``; plus the world's text-only facts (one conversation per 20 records)."""
-    from sea_ray.data.templates import render_llava_v1
-    from sea_ray.world import generator as W
-
     def conversation(turns):
         return render_llava_v1(turns, eos)[0]
 
@@ -278,10 +273,7 @@ def world_texts(records: Sequence[dict], seed: int, split_index: int = 0, eos: s
 def world_tokenizer():
     """The synthetic world's tokenizer: a byte-level BPE in which every world word is a whole token
     in mid-sentence form (shipped with the world LLM; ``tokenizer: world`` loads that copy)."""
-    from sea_ray.constants import IMAGE_PLACEHOLDER
-    from sea_ray.data.templates import LLAVA_V1_ROLES, LLAVA_V1_SYSTEM
     from sea_ray.model.llm import train_bpe_tokenizer
-    from sea_ray.world.generator import world_words
 
     words = world_words()
     # Each word mid-sentence and at the start, plus the prompt scaffolding the templates use.
@@ -299,8 +291,6 @@ def train_world_llm(out_dir: str, *, num_images: int = 16000, seed: int = 1000, 
     ``save_pretrained`` the model (safetensors) and the world tokenizer into ``out_dir``."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from sea_ray.presets import WORLD_LLM_CONFIG
 
     say = _progress(log_fn)
     if threads:
@@ -368,8 +358,6 @@ def audit_world_clip(clip_dir: str, world_dir: str, *, limit: Optional[int] = 30
     """Patch-label precision@1 of a trained world CLIP on the world at ``world_dir`` (its test
     split's pretraining manifest), with the labels job's own audit (:mod:`sea_ray.world.audit`)."""
     from sea_ray.config import validate
-    from sea_ray.presets import WORLD_CLIP_ARCH
-    from sea_ray.world.audit import audit
 
     raw = {"job": "labels", "output": os.path.join(world_dir, "_audit_labels"),
            "model": {"vision": {"backend": "open_clip", "name": "custom", "custom": arch or WORLD_CLIP_ARCH,
