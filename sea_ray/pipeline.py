@@ -48,8 +48,12 @@ from typing import Any, Callable, Optional
 
 import yaml
 
-from sea_ray import jobs, paths, storage
+from sea_ray import jobs, paths, runtime, storage
 from sea_ray.config import PIPELINE_STEPS, PipelineConfig, set_dotted, to_dict
+from sea_ray.data.importer import import_manifest
+from sea_ray.train.data import label_shards, manifest_rows
+from sea_ray.train.driver import run_uri
+from sea_ray.world.generator import WORLD_VERSION, ensure_world, generate_world
 from sea_ray.errors import ConfigError, SeaRayError
 
 log = logging.getLogger(__name__)
@@ -181,15 +185,9 @@ def _wiring(name: str, plan_so_far: dict[str, StepPlan], cfg: PipelineConfig, da
     return {k: v for k, v in w.items() if v is not None}
 
 
-def _run_uri(cfg) -> str:
-    from sea_ray.train.driver import run_uri
-
-    return run_uri(cfg)
-
-
 def output_of(name: str, cfg) -> str:
     if name in ("align", "instruct"):
-        return _run_uri(cfg)
+        return run_uri(cfg)
     if name == "tune":
         return storage.join(paths.absolute(cfg.base.run.storage), cfg.base.run.name)
     return paths.absolute(cfg.output)
@@ -261,7 +259,6 @@ def _world_done(step: StepPlan) -> Optional[str]:
         meta = json.loads(storage.read_text(uri))
     except (FileNotFoundError, ValueError):
         return None
-    from sea_ray.world.generator import WORLD_VERSION
 
     want = dict(step.args, version=WORLD_VERSION)
     return uri if all(meta.get(k) == v for k, v in want.items()) else None
@@ -288,7 +285,6 @@ def _tune_done(step: StepPlan) -> Optional[str]:
 
 def expected_steps(cfg) -> int:
     """The optimizer steps a train config runs to (what its final checkpoint holds)."""
-    from sea_ray.train.data import label_shards, manifest_rows
     from sea_ray.train.loop import total_steps
 
     if cfg.optim.max_steps:
@@ -338,7 +334,6 @@ def completed(step: StepPlan) -> Optional[str]:
 
 
 def _run_world(step: StepPlan) -> dict:
-    from sea_ray.world.generator import ensure_world, generate_world
 
     if not storage.is_remote(step.output):
         return ensure_world(step.output, **step.args)
@@ -356,7 +351,6 @@ def _run_world(step: StepPlan) -> dict:
 
 
 def _run_import(step: StepPlan) -> dict:
-    from sea_ray.data.importer import import_manifest
 
     out = {}
     for key, (src, dst, require_image) in step.args["manifests"].items():
@@ -555,9 +549,8 @@ def run(plan: Plan, force: tuple[str, ...] = (), break_lock: bool = False) -> di
                 results.append({"step": step.name, "status": "skipped", "output": step.output, "complete": done})
                 continue
             if step.name not in ("world", "import") and not ray_started:
-                from sea_ray.runtime import init_ray
 
-                init_ray(cfg.ray)
+                runtime.init_ray(cfg.ray)  # by module attribute: tests replace it
                 ray_started = True
                 _on_sigterm(lock)
             log.info("pipeline: %s -> %s", step.name, step.output)

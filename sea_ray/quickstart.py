@@ -44,8 +44,22 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from sea_ray import pipeline, storage
+from sea_ray.checks import tower_image_size
 from sea_ray.config import PipelineConfig, PipelineStepConfig, QuickstartConfig, flatten_dotted, to_dict, validate
+from sea_ray.data import ingest
 from sea_ray.errors import ConfigError, DataError
+from sea_ray.eval.job import evaluate
+from sea_ray.eval.report import mean_std, paper_table, plot_audit, plot_bars, plot_curves, read_scalars, write_report
+from sea_ray.labels.job import run as run_labels
+from sea_ray.model.vision import build_vision_tower
+from sea_ray.runtime import init_ray
+from sea_ray.train.data import preprocess_kwargs, source_of
+from sea_ray.train.driver import run as train
+from sea_ray.train.driver import run_uri
+from sea_ray.train.feed import materialize
+from sea_ray.world import audit as label_audit
+from sea_ray.world.generator import ensure_world
+from sea_ray.world.oracle import write_oracle_labels
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +164,6 @@ def build_configs(cfg: QuickstartConfig) -> dict:
 def _train_local(cfg, rows: dict, num_rows: int, progress: Callable[[dict], None], device: str = "cpu") -> dict:
     """One stage in this process: the stage recipe with LocalIO (same feed order and run folder
     as Ray Train's)."""
-    from sea_ray.train.driver import run_uri
     from sea_ray.train.loop import LocalIO, run_stage, total_steps
 
     uri = run_uri(cfg)
@@ -168,8 +181,6 @@ def _train_local(cfg, rows: dict, num_rows: int, progress: Callable[[dict], None
 def _evaluate(chain: dict, progress: Callable[[dict], None]) -> dict:
     """Eval of the align checkpoint (alignment) and of the instruct checkpoint (everything);
     writes both reports and returns the chain's flat metrics."""
-    from sea_ray.eval.job import evaluate
-    from sea_ray.eval.report import write_report
 
     progress({"stage": "eval", "note": "align checkpoint"})
     rep_a = evaluate(chain["eval_align"], log_fn=lambda m: None)
@@ -249,9 +260,6 @@ def _check_output(cfg: QuickstartConfig, out: str) -> None:
 
 def _ingest(chain: dict, image_size: int) -> dict:
     """Ray Data: preprocess the align set (with labels) and the instruct set once, into memory."""
-    from sea_ray.train.data import preprocess_kwargs, source_of
-    from sea_ray.train.feed import materialize
-
     out = {}
     for stage in ("align", "instruct"):
         source = source_of(chain[stage])
@@ -264,7 +272,6 @@ def _run_tasks(cfg: QuickstartConfig, plan: dict, ray) -> list[dict]:
     from ray.util.queue import Empty, Queue
 
     chain0 = plan["chains"][0]
-    from sea_ray.checks import tower_image_size
 
     (image_size, _), _ = tower_image_size(chain0["align"].model.vision)
     t = time.time()
@@ -275,8 +282,8 @@ def _run_tasks(cfg: QuickstartConfig, plan: dict, ray) -> list[dict]:
     total_cpus = int(ray.cluster_resources().get("CPU", 1))
     at_once = max(1, int(total_cpus // cfg.cpus_per_task))
     _say(f"[4/5] train + eval: {len(plan['chains'])} chains (seeds {cfg.seeds} x baseline/+SEA), align "
-         f"{cfg.align.max_steps} steps -> instruct {cfg.instruct.max_steps} steps -> eval; {min(at_once, len(plan['chains']))} "
-         f"at a time, {cfg.cpus_per_task:g} CPU each")
+         f"{cfg.align.max_steps} steps -> instruct {cfg.instruct.max_steps} steps -> eval; "
+         f"{min(at_once, len(plan['chains']))} at a time, {cfg.cpus_per_task:g} CPU each")
     queue = Queue(actor_options={"num_cpus": 0})
     remote = ray.remote(num_cpus=cfg.cpus_per_task, max_retries=0)(run_chain)
     threads = max(1, int(round(cfg.cpus_per_task)))
@@ -310,7 +317,6 @@ def _run_tasks(cfg: QuickstartConfig, plan: dict, ray) -> list[dict]:
 
 
 def _run_ray_train(cfg: QuickstartConfig, plan: dict) -> list[dict]:
-    from sea_ray.train.driver import run as train
 
     _say("[3/5] ingest: each TorchTrainer worker preprocesses its own rows on Ray Data as it trains")
     _say(f"[4/5] train + eval: {len(plan['chains'])} chains, each stage a 1-worker TorchTrainer run, in turn")
@@ -333,9 +339,6 @@ def _run_ray_train(cfg: QuickstartConfig, plan: dict) -> list[dict]:
 
 def _oracle_labels(plan: dict, p: dict) -> dict:
     """Ground-truth patch words in the labels schema (the upper bound of label quality)."""
-    from sea_ray.world.oracle import write_oracle_labels
-    from sea_ray.model.vision import build_vision_tower
-
     tower = build_vision_tower(plan["labels"].model.vision)
     n = write_oracle_labels(p["world"], p["labels"], tower.grid[0], tower.transform_spec(),
                             top_n=min(ORACLE_TOP_N, plan["labels"].labeler.top_n))
@@ -344,12 +347,10 @@ def _oracle_labels(plan: dict, p: dict) -> dict:
 
 def _audit(plan: dict, world: str, out: str) -> dict:
     """The label audit on the held-out test images, over the labels' own (training) vocabulary."""
-    from sea_ray.world.audit import audit, write_report
-
     words = json.loads(storage.read_text(os.path.join(out, "_meta.json")))["vocab"]["words"]
     storage.write_text(os.path.join(out, "vocab_words.txt"), "\n".join(words) + "\n")
-    report = audit(plan["audit"], world, limit=None)
-    write_report(report, os.path.join(out, "_audit.json"))
+    report = label_audit.audit(plan["audit"], world, limit=None)
+    label_audit.write_report(report, os.path.join(out, "_audit.json"))
     return report
 
 
@@ -367,7 +368,6 @@ def _quiet() -> None:
 def _labels_step(cfg: QuickstartConfig, plan: dict, p: dict, summary: dict, ray) -> tuple[dict, Optional[dict]]:
     """[2/5]: the labels (the labels job, or oracle labels; reused when complete), then the label
     audit on held-out images. Returns (labels summary, audit report or None)."""
-    from sea_ray.labels.job import run as run_labels
 
     how = "the labels job (Ray Data, the preset's CLIP)" if cfg.labels == "clip" else "oracle labels"
     _say(f"[2/5] labels: {how} on {summary['counts']['train']} training images; Ray has "
@@ -397,9 +397,6 @@ def _labels_step(cfg: QuickstartConfig, plan: dict, p: dict, summary: dict, ray)
 
 def run(cfg: QuickstartConfig) -> dict:
     """The quickstart (module docstring); returns the summary written to ``results.json``."""
-    from sea_ray.runtime import init_ray
-    from sea_ray.world.generator import ensure_world
-
     t0 = time.time()
     _quiet()
     p = _paths(cfg)
@@ -417,7 +414,6 @@ def run(cfg: QuickstartConfig) -> dict:
 
     t = time.time()
     ray = init_ray(cfg.ray, quiet=True)
-    from sea_ray.data import ingest
 
     ingest.configure(progress_bars=False)
     for name in ("ray.data", "ray.train", "tensorboard"):  # this command prints its own progress
@@ -455,7 +451,6 @@ def run(cfg: QuickstartConfig) -> dict:
 
 
 def _mean(rows: list[dict], key: str) -> Optional[float]:
-    from sea_ray.eval.report import mean_std
 
     return mean_std([r.get(key) for r in rows])[0]
 
@@ -465,8 +460,6 @@ def _mean(rows: list[dict], key: str) -> Optional[float]:
 
 def write_quickstart_report(report: dict, rows: dict[str, list[dict]], out: str) -> dict:
     """``report.md`` (the table, per-type QA, audit, plots, timings) and ``plots/*.png``."""
-    from sea_ray.eval.report import mean_std, paper_table, plot_audit, plot_bars, plot_curves, read_scalars
-
     n = len(next(iter(rows.values())))
     report["table"] = paper_table(rows, TABLE_COLUMNS)
     report["qa_table"] = paper_table(rows, [(f"qa_{t}", t, 3) for t in QA_TYPES])
@@ -508,7 +501,6 @@ def write_quickstart_report(report: dict, rows: dict[str, list[dict]], out: str)
     audit = report["label_audit"]
     if audit:
         save("label_audit.png", plot_audit(audit))
-    from sea_ray.world.audit import to_markdown as audit_md
 
     t = report["timings_s"]
     cfg = report["config"]
@@ -524,7 +516,7 @@ def write_quickstart_report(report: dict, rows: dict[str, list[dict]], out: str)
              f"held-out text: {_fmt(_mean(sum(rows.values(), []), 'ppl_before'), 2)} before instruction tuning.", "",
              "QA accuracy by question type:", "", report["qa_table"],
              "## Patch labels (the CLIP labeler on held-out images)", "",
-             audit_md(audit) if audit else "Oracle labels: the ground-truth patch words (precision 1 by "
+             label_audit.to_markdown(audit) if audit else "Oracle labels: the ground-truth patch words (precision 1 by "
              "construction), the upper bound of label quality.\n", "## Plots", ""]
     lines += [f"![{name}]({path})" for name, path in plots.items()]
     lines += ["", "## Per seed", "", "| arm | seed | " + " | ".join(h for _, h, _ in TABLE_COLUMNS) + " | seconds |",

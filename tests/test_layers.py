@@ -184,11 +184,6 @@ HEAVY_OR_OPTIONAL = {"fsspec", "matplotlib", "numpy", "open_clip", "optuna", "pe
                      "ray", "s3fs", "safetensors", "sklearn", "tensorboard", "torch", "torchvision", "transformers",
                      "yaml"}
 
-# Not yet held to the rule: their function-level imports are being moved in another change.
-# Empty this set once they are.
-PENDING = {"sea_ray/quickstart.py", "sea_ray/pipeline.py"}
-
-
 def test_function_level_imports_are_heavy_or_optional():
     """A sea_ray module imported inside a function must pull (through its module-level imports) a
     heavy or optional package that the importing module does not already pull at its top level;
@@ -199,8 +194,6 @@ def test_function_level_imports_are_heavy_or_optional():
     offenders = []
     for name, path in sorted(known.items()):
         where = path.relative_to(REPO).as_posix()
-        if where in PENDING:
-            continue
         for node in split_imports(path)[1]:
             for target in import_targets(node, name, path, known):
                 if target in known and not (pulled[target] - pulled[name]) & HEAVY_OR_OPTIONAL:
