@@ -56,7 +56,7 @@ def _world(root: Path, images: int):
     from sea_ray.config import validate
     from sea_ray.world.generator import generate_world
     from sea_ray.model.vision import build_vision_tower
-    from tests.oracle import write_oracle_labels
+    from sea_ray.world.oracle import write_oracle_labels
 
     world, labels = root / "world", root / "labels"
     generate_world(world, num_images=images, seed=0, image_size=64)

@@ -309,7 +309,7 @@ def test_a_search_of_ray_train_trials_submitted_to_a_cluster(cluster, s3_bucket,
     from sea_ray.config import validate
     from sea_ray.model.vision import build_vision_tower
     from sea_ray.tune.trials import EXECUTIONS
-    from tests.oracle import write_oracle_labels
+    from sea_ray.world.oracle import write_oracle_labels
 
     _upload_world(world_dir, f"{s3_bucket}/world")
     tiny = validate({"job": "align", "model": {"preset": "tiny-openclip-llama"},

@@ -24,7 +24,7 @@ STEPS, EVERY = 6, 3  # 6 x 8 samples = one epoch of the 48-image train split
 @pytest.fixture(scope="module")
 def labelled_world(world_dir, tmp_path_factory):
     """The session world plus oracle labels (ground-truth patch words in the labels schema)."""
-    from tests.oracle import write_oracle_labels
+    from sea_ray.world.oracle import write_oracle_labels
     from sea_ray.model.vision import build_vision_tower
 
     cfg = _align_cfg(world_dir, "unused", "unused")

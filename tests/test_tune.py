@@ -26,7 +26,7 @@ SPACE = {"sea.init_temperature": {"type": "loguniform", "low": 0.03, "high": 0.2
 @pytest.fixture(scope="module")
 def labelled_world(world_dir, tmp_path_factory):
     from sea_ray.model.vision import build_vision_tower
-    from tests.oracle import write_oracle_labels
+    from sea_ray.world.oracle import write_oracle_labels
 
     labels = str(tmp_path_factory.mktemp("tune-labels"))
     align = validate({"job": "align", "model": {"preset": "tiny-openclip-llama"},
