@@ -290,7 +290,7 @@ def expected_steps(cfg) -> int:
     if cfg.optim.max_steps:
         return cfg.optim.max_steps
     if cfg.job == "align" and cfg.data.labels:
-        num_rows = label_shards(cfg.data.labels)[1]
+        num_rows = sum(rows for _, rows in label_shards(cfg.data.labels))
     else:
         num_rows = len(manifest_rows(cfg.data.manifest, require_image=cfg.job == "align").rows)
     return total_steps(cfg, num_rows)

@@ -174,13 +174,6 @@ def read_errors(uri: str) -> pa.Table:
     return pa.concat_tables(tables)
 
 
-def completed_shards(uri: str) -> tuple[list[str], int]:
-    """URIs of the completed shard files in shard order (what the training stage reads), and the
-    rows labelled in them (from their markers)."""
-    shards = completed_shard_rows(uri)
-    return [u for u, _ in shards], sum(n for _, n in shards)
-
-
 def completed_shard_rows(uri: str) -> list[tuple[str, int]]:
     """``(URI, rows)`` of every completed shard file in shard order (rows from its marker)."""
     out = LabelsDir(uri)

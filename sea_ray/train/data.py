@@ -204,20 +204,20 @@ def manifest_rows(uri: str, require_image: bool):
 LABEL_COLUMNS = ["image_id", "grid_h", "grid_w", "top_n", "label_ids", "label_scores"]
 
 
-def label_shards(labels_uri: str) -> tuple[list[str], int]:
-    """The completed labels shards' URIs in order, and their total row count (from the markers).
+def label_shards(labels_uri: str) -> list[tuple[str, int]]:
+    """``(URI, rows)`` of the completed labels shards, in order (rows from their markers).
 
     Only a finished labels dataset (``_SUCCESS`` present) is read; a shard without its marker
     (a killed run's last one) is never used."""
-    from sea_ray.labels.dataset import completed_shards
+    from sea_ray.labels.dataset import completed_shard_rows
 
     if not storage.is_complete(labels_uri):
         raise DataError(f"{labels_uri} is not a complete labels dataset (no {storage.MARKER}): "
                         "re-run the labels job to finish it")
-    files, rows = completed_shards(labels_uri)
-    if not files:
+    shards = completed_shard_rows(labels_uri)
+    if not shards:
         raise DataError(f"no labels shards under {labels_uri}")
-    return files, rows
+    return shards
 
 
 def read_stored_rows(shards: list[tuple[str, int]], stored: np.ndarray):
@@ -261,14 +261,10 @@ def source_of(cfg, exclude_ids=(), shared: bool = True):
     import ray
 
     share = ray.put if shared else (lambda value: value)
-
-    from sea_ray.labels.dataset import completed_shard_rows
-
     manifest = manifest_rows(cfg.data.manifest, require_image=cfg.job == "align")
     excluded = {str(i) for i in exclude_ids}
     if cfg.job == "align" and cfg.data.labels:
-        label_shards(cfg.data.labels)  # complete, with shards
-        shards = completed_shard_rows(cfg.data.labels)
+        shards = label_shards(cfg.data.labels)
         by_id = {r["id"]: (r["image"], r["image_bytes"], r["conversations"]) for r in manifest.rows}
         index = None
         if excluded:
