@@ -164,6 +164,7 @@ def test_local_paths_become_absolute_by_their_markers(tmp_path, monkeypatch):
     it is an existing local path; what Ray Train workers and Tune trials see."""
     from sea_ray.config import path_fields
     from sea_ray.paths import absolute, absolute_paths
+    from sea_ray.train import driver
 
     monkeypatch.chdir(tmp_path)
     assert [absolute(v) for v in (None, "", "s3://b/x", "hf://m", "rel/x", "/abs")] == \
@@ -186,3 +187,4 @@ def test_local_paths_become_absolute_by_their_markers(tmp_path, monkeypatch):
     ev = validate({"job": "eval", "checkpoint": "runs/a", "world": "w", "curves": ["c1", "s3://b/c2"]})
     assert absolute_paths(ev).curves == [str(tmp_path / "c1"), "s3://b/c2"]
     assert absolute_paths(ev).output == str(tmp_path / "eval")
+    assert driver.absolute_paths is absolute_paths  # what Ray Train workers see

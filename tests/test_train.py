@@ -197,17 +197,3 @@ def test_scale_out_semantics_and_schedule():
         optimizer.step()
         scheduler.step()
     assert [lrs[s] for s in (0, 2, 3, 8, 13)] == [0.0, 0.667, 1.0, 0.5, 0.0]
-
-
-def test_relative_paths_become_absolute(tmp_path, monkeypatch):
-    from sea_ray.train.driver import absolute_paths
-
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "tok").mkdir()
-    cfg = validate({"job": "instruct", "model": {"preset": "tiny-openclip-llama", "llm": {"tokenizer": "tok"}},
-                    "init_adapter": "runs/a", "run": {"storage": "runs"},
-                    "data": {"manifest": "w/i.json", "image_root": "s3://b/images"}, "batch": {"per_worker": 16}})
-    out = absolute_paths(cfg)
-    assert out.data.manifest == str(tmp_path / "w/i.json") and out.data.image_root == "s3://b/images"
-    assert out.init_adapter == str(tmp_path / "runs/a") and out.run.storage == str(tmp_path / "runs")
-    assert out.model.llm.tokenizer == str(tmp_path / "tok") and out.model.vision.name == "custom"
