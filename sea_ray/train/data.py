@@ -71,6 +71,13 @@ def stack(rows: list[dict]) -> dict:
     return batch
 
 
+def _fetched(value):
+    """``value`` itself, or what it refers to when it is a Ray object ref (a shared source)."""
+    import ray
+
+    return ray.get(value) if isinstance(value, ray.ObjectRef) else value
+
+
 class LabelsSource:
     """Align rows: the labels dataset's rows in shard order (``index``: which stored rows, when a
     search holds some out), each joined by image id with its manifest row (``manifest``: an object
@@ -84,10 +91,7 @@ class LabelsSource:
 
     def open(self):
         """This source in a worker: the manifest fetched (once per actor)."""
-        import ray
-
-        by_id = ray.get(self.manifest) if isinstance(self.manifest, ray.ObjectRef) else self.manifest
-        return LabelsSource(self.shards, by_id, self.index)
+        return LabelsSource(self.shards, _fetched(self.manifest), self.index)
 
     def read(self, rows: np.ndarray) -> list[tuple]:
         """``(sample id, image ref, image bytes, conversations, label columns)`` of source ``rows``."""
@@ -115,10 +119,7 @@ class ManifestSource:
         self.items, self.num_rows = items, num_rows
 
     def open(self):
-        import ray
-
-        return ManifestSource(ray.get(self.items) if isinstance(self.items, ray.ObjectRef) else self.items,
-                              self.num_rows)
+        return ManifestSource(_fetched(self.items), self.num_rows)
 
     def read(self, rows: np.ndarray) -> list[tuple]:
         return [(*self.items[int(r)], None) for r in rows]
