@@ -46,7 +46,7 @@ def _cores() -> int:
 
 
 def _config(args, world: Path, output: Path):
-    from sea_ray.config import validate
+    from sea_ray.config.loading import validate
 
     model = {"preset": "tiny-openclip-llama"}
     if not args.dry_run:

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def align_config(world: str, labels: str, runs: str, preset: str, steps: int, per_worker: int, sea: bool, name: str,
                  num_workers: int = 1, cpus_per_worker: float = 1.0):
-    from sea_ray.config import validate
+    from sea_ray.config.loading import validate
 
     return validate({
         "job": "align", "model": {"preset": preset}, "run": {"name": name, "storage": runs, "seed": 0},
@@ -49,7 +49,7 @@ def align_config(world: str, labels: str, runs: str, preset: str, steps: int, pe
 
 
 def make_world(root: str, image_size: int, grid: int, num_images: int, preset: str):
-    from sea_ray.config import validate
+    from sea_ray.config.loading import validate
     from sea_ray.world.generator import generate_world
     from sea_ray.world.oracle import write_oracle_labels
     from sea_ray.model.vision import build_vision_tower

@@ -53,7 +53,7 @@ SPACE = {
 
 
 def _world(root: Path, images: int):
-    from sea_ray.config import validate
+    from sea_ray.config.loading import validate
     from sea_ray.world.generator import generate_world
     from sea_ray.model.vision import build_vision_tower
     from sea_ray.world.oracle import write_oracle_labels
@@ -68,7 +68,7 @@ def _world(root: Path, images: int):
 
 
 def _config(args, world: Path, labels: Path, runs: Path, name: str, smart: bool):
-    from sea_ray.config import validate
+    from sea_ray.config.loading import validate
 
     return validate({
         "job": "tune", "num_samples": args.trials, "max_concurrent": 1, "trial_cpus": 2,

@@ -11,7 +11,7 @@ import os
 from typing import Optional
 
 from sea_ray import storage
-from sea_ray.config import AdapterConfig, AlignConfig, ModelConfig
+from sea_ray.config.schema import AdapterConfig, AlignConfig, ModelConfig
 from sea_ray.paths import names_a_path
 
 LABELS_META = "_meta.json"
@@ -171,7 +171,7 @@ def _model_dir_problems(key: str, uri: str) -> list[str]:
 
 
 def input_problems(fields: list[tuple[str, str, str]]) -> list[str]:
-    """Every input path (``(key, value, role)``, roles as in :func:`sea_ray.config.path_fields`)
+    """Every input path (``(key, value, role)``, roles as in :func:`sea_ray.config.loading.path_fields`)
     that does not exist, every model folder that is not one, an LLM without a tokenizer that
     loads, and a labels dataset that is not complete."""
     problems = []

@@ -16,7 +16,7 @@ from typing import Callable
 from sea_ray import jobs, preflight, quickstart, storage
 from sea_ray import pipeline as pipelines
 from sea_ray import submit as remote
-from sea_ray.config import apply_overrides, load_config, to_dict, validate
+from sea_ray.config.loading import apply_overrides, load_config, to_dict, validate
 from sea_ray.data.importer import import_manifest
 from sea_ray.errors import ConfigError, SeaRayError
 from sea_ray.eval.generate import generate

@@ -5,7 +5,7 @@ pipeline's steps, ``sea-ray submit`` (which checks before uploading) and the wor
 points. From Python::
 
     from sea_ray import jobs
-    from sea_ray.config import load_config
+    from sea_ray.config.loading import load_config
 
     jobs.run(load_config("workflows/configs/tiny_align.yaml", job="align"))
 
@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from sea_ray import checks, paths
-from sea_ray.config import JOBS as CONFIG_CLASSES, path_fields, validate
+from sea_ray.config.loading import path_fields, validate
+from sea_ray.config.schema import JOBS as CONFIG_CLASSES
 from sea_ray.errors import ConfigError
 from sea_ray.eval import job as eval_job
 from sea_ray.labels import job as labels_job
@@ -40,7 +41,7 @@ class Job:
 
     @property
     def config(self) -> type:
-        """The job's config class (one map, :data:`sea_ray.config.JOBS`, which validation reads)."""
+        """The job's config class (one map, :data:`sea_ray.config.schema.JOBS`, which validation reads)."""
         return CONFIG_CLASSES[self.name]
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from sea_ray import storage
-from sea_ray.config import map_paths, path_fields
+from sea_ray.config.loading import map_paths, path_fields
 
 
 def _local(value: str) -> Optional[str]:
@@ -60,7 +60,7 @@ def absolute_paths(cfg):
     """``cfg`` (any job config, nested ones too) with its local paths made absolute, for the
     processes that run it elsewhere in the same filesystem (Ray Train workers, Tune trials, each
     in its own working directory): every input, output and world folder, as marked in
-    :mod:`sea_ray.config` (:func:`~sea_ray.config.map_paths`); a model value only when it is an
+    :mod:`sea_ray.config.schema` (:func:`~sea_ray.config.loading.map_paths`); a model value only when it is an
     existing local path (hub ids, architecture names, ``custom`` and ``world`` stay, see
     :func:`names_a_path`). Returns a copy; ``cfg`` is not changed."""
 

@@ -49,7 +49,8 @@ from typing import Any, Callable, Optional
 import yaml
 
 from sea_ray import jobs, paths, runtime, storage
-from sea_ray.config import PIPELINE_STEPS, PipelineConfig, set_dotted, to_dict
+from sea_ray.config.loading import set_dotted, to_dict
+from sea_ray.config.schema import PIPELINE_STEPS, PipelineConfig
 from sea_ray.data.importer import import_manifest
 from sea_ray.train.data import label_shards, manifest_rows
 from sea_ray.train.driver import run_uri

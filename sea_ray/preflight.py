@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 from sea_ray import checks, jobs, paths, pipeline
-from sea_ray.config import path_fields
+from sea_ray.config.loading import path_fields
 from sea_ray.errors import ConfigError
 
 

@@ -45,7 +45,8 @@ from typing import Callable, Optional
 
 from sea_ray import pipeline, storage
 from sea_ray.checks import tower_image_size
-from sea_ray.config import PipelineConfig, PipelineStepConfig, QuickstartConfig, flatten_dotted, to_dict, validate
+from sea_ray.config.loading import flatten_dotted, to_dict, validate
+from sea_ray.config.schema import PipelineConfig, PipelineStepConfig, QuickstartConfig
 from sea_ray.data import ingest
 from sea_ray.errors import ConfigError, DataError
 from sea_ray.eval.job import evaluate

@@ -37,7 +37,8 @@ from pathlib import Path
 from typing import Optional
 
 from sea_ray import paths, pipeline, preflight
-from sea_ray.config import JOBS, load_config
+from sea_ray.config.loading import load_config
+from sea_ray.config.schema import JOBS
 from sea_ray.errors import ConfigError, SeaRayError
 from sea_ray.runtime import CLUSTER_ENV_VAR, SETTINGS_ENV, is_credential
 

@@ -26,7 +26,7 @@ def _recipe():
 def test_recipe_reruns_at_reduced_size(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sea_ray.config import VisionConfig
+    from sea_ray.config.schema import VisionConfig
     from sea_ray.world.generator import world_words
     from sea_ray.model.vision import build_vision_tower
 

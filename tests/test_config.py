@@ -6,7 +6,8 @@ import pytest
 import yaml
 
 from sea_ray.checks import job_problems, tower_grid
-from sea_ray.config import AlignConfig, InstructConfig, load_config, validate
+from sea_ray.config.loading import load_config, validate
+from sea_ray.config.schema import AlignConfig, InstructConfig
 from sea_ray.errors import ConfigError
 
 CONFIGS = sorted((Path(__file__).parents[1] / "workflows" / "configs").glob("*.yaml"))
@@ -107,7 +108,7 @@ def test_label_grid_must_equal_tower_grid(tmp_path):
 
 
 def test_instruct_adapter_must_match_the_align_checkpoint(tmp_path):
-    from sea_ray.config import to_dict
+    from sea_ray.config.loading import to_dict
     from sea_ray.train.checkpoint import step_dir_name, write_checkpoint
 
     run = tmp_path / "align-run"
@@ -140,9 +141,9 @@ def test_missing_file_and_bad_yaml(tmp_path):
 
 
 def test_dotted_keys_have_one_home():
-    """get/set/flatten by dotted key (sea_ray.config), the rule behind overrides, a search's
+    """get/set/flatten by dotted key (sea_ray.config.loading), the rule behind overrides, a search's
     parameters, and a pipeline's ``set`` (the quickstart's is the same)."""
-    from sea_ray.config import apply_overrides, flatten_dotted, get_dotted, set_dotted
+    from sea_ray.config.loading import apply_overrides, flatten_dotted, get_dotted, set_dotted
     from sea_ray.pipeline import _apply_set
 
     raw = {"a": {"b": {"c": 1}, "n": None}, "d": 2}
@@ -162,7 +163,7 @@ def test_dotted_keys_have_one_home():
 def test_local_paths_become_absolute_by_their_markers(tmp_path, monkeypatch):
     """sea_ray.paths.absolute_paths: every marked input/output absolute, a model value only when
     it is an existing local path; what Ray Train workers and Tune trials see."""
-    from sea_ray.config import path_fields
+    from sea_ray.config.loading import path_fields
     from sea_ray.paths import absolute, absolute_paths
     from sea_ray.train import driver
 

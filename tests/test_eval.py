@@ -187,7 +187,7 @@ def test_alignment_metrics_known_answers(world_dir):
 
 
 def _tiny_vlm():
-    from sea_ray.config import validate
+    from sea_ray.config.loading import validate
     from sea_ray.model.vlm import build_vlm
 
     cfg = validate({"job": "eval", "checkpoint": "x", "world": "x", "model": {"preset": "tiny-openclip-llama"}})
@@ -283,7 +283,7 @@ def test_greedy_generate_stops_each_row_at_its_own_eos():
 
 def _fake_checkpoint(tmp_path, world_dir, stage: str, perturb_llm: bool = False) -> str:
     """A complete checkpoint of the tiny preset (as the training stages write it)."""
-    from sea_ray.config import to_dict, validate
+    from sea_ray.config.loading import to_dict, validate
     from sea_ray.model.vlm import build_vlm
     from sea_ray.train import checkpoint as ckpt
 
@@ -305,7 +305,7 @@ def _fake_checkpoint(tmp_path, world_dir, stage: str, perturb_llm: bool = False)
 
 
 def test_eval_job_end_to_end_writes_the_report(tmp_path, world_dir):
-    from sea_ray.config import validate
+    from sea_ray.config.loading import validate
     from sea_ray.eval.job import run
 
     uri = _fake_checkpoint(tmp_path, world_dir, "instruct", perturb_llm=True)
@@ -334,7 +334,7 @@ def test_eval_job_end_to_end_writes_the_report(tmp_path, world_dir):
 
 
 def test_eval_of_an_align_checkpoint_keeps_the_base_llm(tmp_path, world_dir):
-    from sea_ray.config import validate
+    from sea_ray.config.loading import validate
     from sea_ray.eval.job import evaluate
 
     uri = _fake_checkpoint(tmp_path, world_dir, "align")

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from sea_ray.config import validate
+from sea_ray.config.loading import validate
 from sea_ray.train.feed import Order, materialize, memory_micro_batches
 
 

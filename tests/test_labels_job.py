@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from sea_ray.config import validate
+from sea_ray.config.loading import validate
 from sea_ray.errors import ConfigError, DataError
 from sea_ray.labels import dataset as D
 from sea_ray.labels.job import LabelsInterrupted, run

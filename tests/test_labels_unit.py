@@ -12,7 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sea_ray.config import VocabConfig, validate
+from sea_ray.config.loading import validate
+from sea_ray.config.schema import VocabConfig
 from sea_ray.labels import labeler as L
 from sea_ray.labels.labeler import PatchLabeler, select_top_n, word_embeddings
 from sea_ray.labels.vocab import STOPWORDS, build_vocab, tokenize, vocab_hash

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from sea_ray.config import validate
+from sea_ray.config.loading import validate
 from sea_ray.model.adapters import get_adapter
 from sea_ray.model.vlm import IGNORE_INDEX, IMAGE_TOKEN_INDEX, build_vlm
 from sea_ray.presets import get_preset

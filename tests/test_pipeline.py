@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from sea_ray import cli, jobs, pipeline, storage
-from sea_ray.config import load_config, validate
+from sea_ray.config.loading import load_config, validate
 from sea_ray.errors import ConfigError
 from sea_ray.train import checkpoint as ckpt
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from sea_ray.config import to_dict, validate
+from sea_ray.config.loading import to_dict, validate
 from sea_ray.errors import ConfigError
 
 

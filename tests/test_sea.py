@@ -159,7 +159,7 @@ def test_temperature_recovers_from_its_bound():
 
 @pytest.mark.parametrize("init", [0.01, 1.0, 0.005, 2.0])
 def test_init_temperature_on_or_outside_a_bound_is_refused(init):
-    from sea_ray.config import validate
+    from sea_ray.config.loading import validate
     from sea_ray.errors import ConfigError
 
     with pytest.raises(ValueError, match="min_temperature < init_temperature"):

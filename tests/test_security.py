@@ -177,7 +177,7 @@ def test_relative_inputs_are_rewritten_into_the_upload_or_refused(monkeypatch, c
 
 
 def test_hub_ids_and_uris_are_left_alone(user_project):
-    from sea_ray.config import validate
+    from sea_ray.config.loading import validate
 
     cfg = validate({"job": "align", "model": {"preset": "tiny-openclip-llama"},
                     "data": {"manifest": "s3://b/m.json", "labels": "file:///abs/labels"},

@@ -306,7 +306,7 @@ def test_a_search_of_ray_train_trials_submitted_to_a_cluster(cluster, s3_bucket,
     2-worker TorchTrainer run; trials, checkpoints and results live in the bucket."""
     import pandas as pd
 
-    from sea_ray.config import validate
+    from sea_ray.config.loading import validate
     from sea_ray.model.vision import build_vision_tower
     from sea_ray.tune.trials import EXECUTIONS
     from sea_ray.world.oracle import write_oracle_labels

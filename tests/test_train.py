@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from sea_ray import storage
-from sea_ray.config import validate
+from sea_ray.config.loading import validate
 from sea_ray.train import checkpoint as ckpt
 from sea_ray.train.driver import run
 

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from sea_ray.config import load_config, validate
+from sea_ray.config.loading import load_config, validate
 from sea_ray.errors import ConfigError
 
 STEPS, EVERY = 6, 2

@@ -34,7 +34,7 @@ from typing import Callable, Optional
 import torch
 
 from sea_ray import storage
-from sea_ray.config import EvalConfig, VocabConfig
+from sea_ray.config.schema import EvalConfig, VocabConfig
 from sea_ray.constants import IMAGE_PLACEHOLDER
 from sea_ray.data.templates import render_llava_v1
 from sea_ray.errors import DataError

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 
 from sea_ray import storage
-from sea_ray.config import ModelConfig
+from sea_ray.config.schema import ModelConfig
 from sea_ray.errors import DataError
 from sea_ray.model.vlm import build_vlm
 

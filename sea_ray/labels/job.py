@@ -40,7 +40,8 @@ from typing import Optional
 import numpy as np
 
 from sea_ray import storage
-from sea_ray.config import LabelsConfig, to_dict
+from sea_ray.config.loading import to_dict
+from sea_ray.config.schema import LabelsConfig
 from sea_ray.data.manifest import read_manifest
 from sea_ray.errors import ConfigError, DataError, SeaRayError
 from sea_ray.labels import dataset as D

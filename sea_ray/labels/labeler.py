@@ -104,7 +104,7 @@ class PatchLabeler:
 
     @classmethod
     def from_config(cls, tower, words: Sequence[str], labeler_cfg) -> "PatchLabeler":
-        """From a :class:`sea_ray.config.LabelerConfig`."""
+        """From a :class:`sea_ray.config.schema.LabelerConfig`."""
         return cls(tower, words, templates=labeler_cfg.templates, top_n=labeler_cfg.top_n,
                    score_sign=labeler_cfg.score_sign, features=labeler_cfg.features,
                    precision=labeler_cfg.precision, text_batch_size=labeler_cfg.text_batch_size)

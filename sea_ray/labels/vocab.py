@@ -104,7 +104,7 @@ def count_words(captions: Iterable[str], stopwords: frozenset[str] | set[str], m
 
 
 def build_vocab(captions: Iterable[str], cfg) -> Vocab:
-    """The vocabulary of ``captions`` under ``cfg`` (a :class:`sea_ray.config.VocabConfig`)."""
+    """The vocabulary of ``captions`` under ``cfg`` (a :class:`sea_ray.config.schema.VocabConfig`)."""
     stopwords = frozenset(_read_word_file(cfg.stopwords)) if cfg.stopwords else STOPWORDS
     extra = _read_word_file(cfg.extra_words) if cfg.extra_words else []
     counts = count_words(captions, stopwords, cfg.min_length)

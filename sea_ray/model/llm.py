@@ -52,7 +52,7 @@ def load_tokenizer(spec: str):
 
 
 def build_llm(cfg):
-    """(model, tokenizer) from a :class:`sea_ray.config.LLMConfig`."""
+    """(model, tokenizer) from a :class:`sea_ray.config.schema.LLMConfig`."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.name_or_path)

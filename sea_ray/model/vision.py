@@ -271,7 +271,7 @@ def build_hf(name: str, custom: dict | None, select_layer: int) -> HFTower:
 
 
 def build_vision_tower(cfg) -> VisionTower:
-    """``cfg``: a :class:`sea_ray.config.VisionConfig`."""
+    """``cfg``: a :class:`sea_ray.config.schema.VisionConfig`."""
     if cfg.backend == "open_clip":
         return build_open_clip(cfg.name, cfg.weights, cfg.custom, cfg.select_layer)
     return build_hf(cfg.name, cfg.custom, cfg.select_layer)

@@ -146,7 +146,7 @@ class VLM(nn.Module):
 
 
 def build_vlm(model_cfg) -> VLM:
-    """The composed model from a :class:`sea_ray.config.ModelConfig`."""
+    """The composed model from a :class:`sea_ray.config.schema.ModelConfig`."""
     vision = build_vision_tower(model_cfg.vision)
     llm, tokenizer = build_llm(model_cfg.llm)
     llm_width = llm.get_input_embeddings().embedding_dim

@@ -12,7 +12,7 @@ from typing import Callable, Optional
 
 from sea_ray import paths, storage
 from sea_ray.checks import tower_image_size
-from sea_ray.config import to_dict
+from sea_ray.config.loading import to_dict
 from sea_ray.paths import absolute_paths
 from sea_ray.runtime import init_ray
 

@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 
 def parse_config(raw: dict):
-    from sea_ray.config import AlignConfig, InstructConfig
+    from sea_ray.config.schema import AlignConfig, InstructConfig
 
     return (AlignConfig if raw.get("job") == "align" else InstructConfig).model_validate(raw)
 
@@ -370,7 +370,7 @@ def report(st: Stage, window: Window, evaluate: Optional[Callable]) -> dict:
 def save(st: Stage, metrics: dict) -> None:
     """A checkpoint of the trainable tensors, optimizer, schedule and position. Every rank takes
     part: under FSDP gathering the full state is a collective."""
-    from sea_ray.config import to_dict
+    from sea_ray.config.loading import to_dict
 
     step, rank = st.state["step"], st.io.world_rank
     model_state, optim_state = full_state(st.trained, st.optimizer)

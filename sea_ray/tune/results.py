@@ -26,7 +26,8 @@ from typing import Any, Optional
 import yaml
 
 from sea_ray import storage
-from sea_ray.config import TuneConfig, validate
+from sea_ray.config.loading import validate
+from sea_ray.config.schema import TuneConfig
 from sea_ray.tune.space import apply_params, optuna_distributions, params_of
 from sea_ray.tune.trials import latest_checkpoint, trial_folder
 

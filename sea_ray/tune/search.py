@@ -22,7 +22,8 @@ from typing import Any
 
 from sea_ray import storage
 from sea_ray.checks import job_problems, read_labels_meta, tower_image_size
-from sea_ray.config import TuneConfig, to_dict, validate
+from sea_ray.config.loading import to_dict, validate
+from sea_ray.config.schema import TuneConfig
 from sea_ray.errors import ConfigError, SeaRayError
 from sea_ray.paths import absolute_paths
 from sea_ray.runtime import dashboard_url, init_ray

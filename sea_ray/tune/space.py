@@ -11,7 +11,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from sea_ray.config import AlignConfig, TuneConfig, set_dotted, to_dict, validate
+from sea_ray.config.loading import set_dotted, to_dict, validate
+from sea_ray.config.schema import AlignConfig, TuneConfig
 
 
 def optuna_distributions(cfg: TuneConfig) -> dict[str, Any]:

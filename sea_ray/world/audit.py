@@ -51,7 +51,7 @@ def _world_samples(world_dir: str, manifest_ids: Optional[set[str]], limit: Opti
 
 def audit(cfg, world_dir: str, limit: Optional[int] = 200, batch_size: Optional[int] = None,
           variants=VARIANTS) -> dict:
-    """Run the audit for a :class:`sea_ray.config.LabelsConfig` on the world at ``world_dir``."""
+    """Run the audit for a :class:`sea_ray.config.schema.LabelsConfig` on the world at ``world_dir``."""
     import torch
 
     from sea_ray.data.images import decode_image

@@ -357,7 +357,7 @@ def audit_world_clip(clip_dir: str, world_dir: str, *, limit: Optional[int] = 30
                      arch: Optional[dict] = None) -> dict:
     """Patch-label precision@1 of a trained world CLIP on the world at ``world_dir`` (its test
     split's pretraining manifest), with the labels job's own audit (:mod:`sea_ray.world.audit`)."""
-    from sea_ray.config import validate
+    from sea_ray.config.loading import validate
 
     raw = {"job": "labels", "output": os.path.join(world_dir, "_audit_labels"),
            "model": {"vision": {"backend": "open_clip", "name": "custom", "custom": arch or WORLD_CLIP_ARCH,

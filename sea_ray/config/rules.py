@@ -1,0 +1,117 @@
+"""The rules across fields of a job config: what pydantic's per-field types and ranges cannot say.
+
+:func:`cross_field_problems` lists every broken rule of a validated config (the model section,
+train batch and precision, SEA temperatures, labeler templates, pipeline steps); it is run by
+:func:`sea_ray.config.loading.validate`, which also runs the search rules
+(:func:`sea_ray.config.loading._tune_problems`: they validate each end of a search range, so they
+live beside ``validate``). Grid and label checks that need the tower's architecture or the labels'
+metadata live in :func:`sea_ray.checks.job_problems`.
+"""
+
+from __future__ import annotations
+
+import difflib
+
+from pydantic import BaseModel
+
+from sea_ray.config.schema import (ADAPTER_PATTERN, PIPELINE_STEPS, AlignConfig, EvalConfig, LabelsConfig,
+                                   ModelConfig, PipelineConfig, TrainConfig)
+
+
+def _pipeline_problems(cfg: PipelineConfig) -> list[str]:
+    """Pipeline-level rules; every step's own config is validated by ``sea_ray.pipeline.plan``."""
+    problems = []
+    unknown = [s for s in cfg.steps if s not in PIPELINE_STEPS]
+    for step in unknown:
+        close = difflib.get_close_matches(step, PIPELINE_STEPS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        problems.append(f"steps: unknown step {step!r}{hint}; valid: {', '.join(PIPELINE_STEPS)}")
+    known = [s for s in cfg.steps if s in PIPELINE_STEPS]
+    if len(set(known)) != len(known):
+        problems.append(f"steps: a step is listed twice: {cfg.steps}")
+    elif known != sorted(known, key=PIPELINE_STEPS.index):
+        problems.append(f"steps: must follow the order {' -> '.join(PIPELINE_STEPS)} (got {' -> '.join(known)})")
+    has_world = bool(cfg.data.world) or "world" in known
+    needs = {"pretrain": ("import", "labels", "tune", "align"), "instruct": ("import", "instruct")}
+    for field, steps in needs.items():
+        users = [s for s in steps if s in known]
+        if users and not (getattr(cfg.data, field) or has_world):
+            problems.append(f"data.{field}: required by the {', '.join(users)} step(s) (or give data.world)")
+    return problems
+
+
+def _model_problems(model: ModelConfig, where: str) -> list[str]:
+    problems = []
+    if not ADAPTER_PATTERN.match(model.adapter.type):
+        problems.append(f"{where}.adapter.type: unknown adapter {model.adapter.type!r}; "
+                        "valid: linear, identity, mlp2x_gelu, mlpNx_gelu")
+    elif model.adapter.type.startswith("mlp") and int(ADAPTER_PATTERN.match(model.adapter.type).group(2)) < 1:
+        problems.append(f"{where}.adapter.type: mlpNx_gelu needs N >= 1")
+    if (model.llm.name_or_path is None) == (model.llm.config is None):
+        problems.append(f"{where}.llm: give exactly one of name_or_path (load weights) or config (random init)")
+    if model.llm.config is not None and "model_type" not in model.llm.config:
+        problems.append(f"{where}.llm.config: needs model_type (e.g. llama, qwen2, gemma, phi3)")
+    if model.llm.config is not None and model.llm.tokenizer is None:
+        problems.append(f"{where}.llm.tokenizer: required when the LLM is built from a config")
+    if model.vision.name == "custom" and not model.vision.custom:
+        problems.append(f"{where}.vision.custom: required when vision.name is 'custom'")
+    if model.vision.backend == "hf" and model.vision.weights is not None:
+        problems.append(f"{where}.vision.weights: the hf backend loads weights from vision.name (a dir or hub id)")
+    return problems
+
+
+def _train_problems(cfg: TrainConfig) -> list[str]:
+    problems = _model_problems(cfg.model, "model")
+    per_step = cfg.batch.per_worker * cfg.scaling.num_workers
+    if cfg.batch.global_size % per_step:
+        problems.append(f"batch.global_size: {cfg.batch.global_size} is not divisible by batch.per_worker x "
+                        f"scaling.num_workers = {cfg.batch.per_worker} x {cfg.scaling.num_workers} = {per_step}")
+    if cfg.scaling.use_gpu and cfg.precision == "fp32":
+        pass  # allowed: fp32 on GPU is slow but valid
+    if not cfg.scaling.use_gpu and cfg.precision == "bf16":
+        problems.append("precision: bf16 needs scaling.use_gpu=true (CPU training runs in fp32)")
+    return problems
+
+
+def cross_field_problems(cfg: BaseModel) -> list[str]:
+    """Rules that involve more than one field (a search's rules, which validate each end of a
+    search range, are :func:`sea_ray.config.loading._tune_problems`, run beside these by
+    :func:`~sea_ray.config.loading.validate`). Grid and label checks that need the tower's
+    architecture or the labels' metadata live in :func:`sea_ray.checks.job_problems`."""
+    problems: list[str] = []
+    if isinstance(cfg, TrainConfig):
+        problems += _train_problems(cfg)
+    if isinstance(cfg, AlignConfig):
+        sea = cfg.sea
+        if sea.min_temperature > sea.max_temperature:
+            problems.append(f"sea.min_temperature: {sea.min_temperature} > sea.max_temperature {sea.max_temperature}")
+        elif sea.learnable_temperature and not sea.min_temperature < sea.init_temperature < sea.max_temperature:
+            # strict, as in SeaLoss: a learnable temperature must start off its bounds
+            problems.append(f"sea.init_temperature: {sea.init_temperature} must lie strictly inside "
+                            f"(sea.min_temperature, sea.max_temperature) = "
+                            f"({sea.min_temperature}, {sea.max_temperature})")
+        elif not sea.min_temperature <= sea.init_temperature <= sea.max_temperature:
+            problems.append(f"sea.init_temperature: {sea.init_temperature} is outside "
+                            f"[{sea.min_temperature}, {sea.max_temperature}]")
+        if sea.enabled and not cfg.data.labels:
+            problems.append("data.labels: required when sea.enabled is true (run `sea-ray labels` first)")
+    if isinstance(cfg, LabelsConfig):
+        problems += _model_problems(cfg.model, "model")
+        bad = [t for t in cfg.labeler.templates if t.count("{}") != 1]
+        if bad:
+            problems.append(f"labeler.templates: each template needs exactly one '{{}}' (bad: {bad})")
+        if cfg.model.vision.backend == "hf" and cfg.model.vision.name == "custom":
+            problems.append("model.vision: labeling with the hf backend needs a saved CLIPModel dir with its "
+                            "tokenizer (vision.name=DIR); a random-init 'custom' hf tower has no tokenizer")
+    if isinstance(cfg, EvalConfig) and cfg.model is not None:
+        problems += _model_problems(cfg.model, "model")
+    if isinstance(cfg, PipelineConfig):
+        problems += _pipeline_problems(cfg)
+    return problems
+
+
+# Top-level sections of the base config a search may not change: they locate the data and the
+# run, or decide the trial's shape (every trial trains on the same data with the same workers).
+# Both constants are read by the search's rules, sea_ray.config.loading._tune_problems.
+TUNE_FIXED_SECTIONS = ("job", "run", "ray", "data", "scaling")
+TUNE_MODES = {"val_word_acc": "max"}  # every other metric is a loss (min)
