@@ -20,6 +20,7 @@ from sea_ray.config.loading import apply_overrides, load_config, to_dict, valida
 from sea_ray.data.importer import import_manifest
 from sea_ray.errors import ConfigError, SeaRayError
 from sea_ray.eval.generate import generate
+from sea_ray.export.llava import export
 from sea_ray.labels.vocab import save_vocab, vocab_from_config
 from sea_ray.presets import PRESETS
 from sea_ray.world import audit as label_audit
@@ -274,9 +275,27 @@ def _generate_args(p):
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
 
 
+def cmd_export(args) -> int:
+    """Write a checkpoint as a Hugging Face LLaVA folder."""
+    summary = export(args.checkpoint, args.out, dtype=args.dtype, overwrite=args.overwrite)
+    print(json.dumps(summary, indent=2, sort_keys=True))
+    return EXIT_OK
+
+
+def _export_args(p):
+    p.add_argument("--checkpoint", required=True, metavar="URI",
+                   help="checkpoint or run folder (local or s3://); its config.json gives the model")
+    p.add_argument("--out", required=True, metavar="URI", help="the folder to write (local or s3://)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                   help="weights' dtype (default: the LLM's training dtype)")
+    p.add_argument("--overwrite", action="store_true", help="replace a model already exported to --out")
+
+
 VERBS["quickstart"] = ("the embedded default end to end: the paper's table in miniature (local Ray, offline)",
                        _quickstart_args, cmd_quickstart)
 VERBS["generate"] = ("answer a prompt about an image with a trained checkpoint", _generate_args, cmd_generate)
+VERBS["export"] = ("write a checkpoint as a Hugging Face LLaVA folder (transformers, vLLM, lmms-eval)",
+                   _export_args, cmd_export)
 
 
 def build_parser() -> argparse.ArgumentParser:

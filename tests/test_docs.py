@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 # Pages run in this order (later pages may use earlier pages' outputs); others follow by name.
-PAGE_ORDER = ["configuration.md", "data.md", "labels.md", "align.md", "instruct.md", "eval.md", "tune.md",
+PAGE_ORDER = ["configuration.md", "data.md", "labels.md", "align.md", "instruct.md", "eval.md", "export.md", "tune.md",
               "pipeline.md", "object-storage.md", "clusters.md", "quickstart.md", "README.md"]
 BLOCK = re.compile(r"^(?P<marker><!-- run -->\s*\n)?```bash\n(?P<body>.*?)^```", re.M | re.S)
 LINK = re.compile(r"\[[^\]]*\]\(([^)#\s]+)(#[^)]*)?\)")

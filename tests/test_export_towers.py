@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sea_ray.config import VisionConfig
+from sea_ray.config.schema import VisionConfig
 from sea_ray.export.towers import hf_vision, image_processor, select_strategy
 from sea_ray.model.vision import OpenClipTower, build_vision_tower
 from sea_ray.presets import _TINY_HF_CLIP, _TINY_OPEN_CLIP, _WORLD_CLIP, WORLD_CLIP_ARCH
@@ -102,7 +102,9 @@ def _images() -> list[Image.Image]:
     from sea_ray.world.generator import render_image, sample_record
 
     rng = np.random.default_rng(0)
-    noise = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in [(60, 80), (80, 60), (97, 50), (64, 64)]]
+    # (61, 83), (83, 61): an odd crop margin that rounding and flooring put one pixel apart
+    sizes = [(60, 80), (80, 60), (97, 50), (64, 64), (61, 83), (83, 61), (64, 91)]
+    noise = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in sizes]
     gray = Image.fromarray(rng.integers(0, 256, (70, 90), dtype=np.uint8))  # mode L: converted to RGB
     world = [render_image(sample_record(0, i, image_size=64)) for i in range(2)]
     return [Image.fromarray(a) for a in world + noise] + [gray]

@@ -152,10 +152,18 @@ def decode_image(data: Optional[bytes], max_pixels: Optional[int] = None) -> tup
         return None, f"unsupported image mode {im.mode!r} ({type(exc).__name__}: {exc})"
 
 
+# What ResizeCenterCrop does, as labels datasets and checkpoints record it (transform_spec).
+RESIZE_RULE = "shortest-bicubic+floor-center-crop"
+
+
 class ResizeCenterCrop:
-    """Resize the shortest side to ``size`` (bicubic), centre-crop ``size x size``, RGB: the PIL
-    part of CLIP's eval transform in pure PIL, pixel for pixel what torchvision's ``Resize`` +
-    ``CenterCrop`` give on a PIL image. The decode tasks use it so they never import torch."""
+    """Resize the shortest side to ``size`` (bicubic), centre-crop ``size x size``, RGB: the
+    geometry of every tower's eval transform, in pure PIL (the decode tasks never import torch).
+
+    Pixel for pixel what Hugging Face's ``CLIPImageProcessor`` (PIL backend) gives, as LLaVA
+    preprocesses: the long side becomes ``int(size * long / short)`` and the crop's offset is
+    ``(new - size) // 2``. (torchvision's ``CenterCrop``, in open_clip's transform, rounds that
+    offset instead: one pixel apart for some sizes, so an exported model would see other pixels.)"""
 
     def __init__(self, size: int):
         self.size = int(size)
@@ -168,7 +176,7 @@ class ResizeCenterCrop:
         new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
         if (new_w, new_h) != (w, h):
             img = img.resize((new_w, new_h), Image.BICUBIC)
-        top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+        top, left = (new_h - size) // 2, (new_w - size) // 2
         if (new_w, new_h) != (size, size):
             img = img.crop((left, top, left + size, top + size))
         return img if img.mode == "RGB" else img.convert("RGB")
@@ -177,31 +185,19 @@ class ResizeCenterCrop:
         return f"ResizeCenterCrop({self.size})"
 
 
-def _pure_pil_part(steps) -> Optional[ResizeCenterCrop]:
-    """A :class:`ResizeCenterCrop` equal to ``steps`` (the transform's PIL steps), or None when
-    they are anything but CLIP's standard resize-shortest-side + centre-crop (+ RGB conversion)."""
-    from torchvision.transforms import CenterCrop, InterpolationMode, Resize
+def eval_transform(image_size: int, mean, std):
+    """A tower's eval transform: :class:`ResizeCenterCrop`, ``ToTensor``, ``Normalize``."""
+    from torchvision.transforms import Compose, Normalize, ToTensor
 
-    if len(steps) < 2 or not isinstance(steps[0], Resize) or not isinstance(steps[1], CenterCrop):
-        return None
-    resize, crop = steps[0], steps[1]
-    size = resize.size if isinstance(resize.size, int) else (resize.size[0] if len(resize.size) == 1 else None)
-    crop_size = tuple(crop.size) if isinstance(crop.size, (tuple, list)) else (crop.size, crop.size)
-    if (size is None or resize.interpolation != InterpolationMode.BICUBIC or resize.max_size is not None
-            or crop_size != (size, size)):
-        return None
-    for extra in steps[2:]:  # only RGB conversions may follow
-        if getattr(extra, "mode", None) != "RGB" and getattr(extra, "__name__", "") != "_convert_to_rgb":
-            return None
-    return ResizeCenterCrop(size)
+    return Compose([ResizeCenterCrop(image_size), ToTensor(), Normalize(mean, std)])
 
 
 def split_transform(transform):
     """Split a torchvision ``Compose`` (the tower's eval transform) at its ToTensor step.
 
     Returns ``(pil_part, tensor_part)``: ``pil_part(img)`` gives the resized and cropped PIL image
-    (shipped as uint8; a pure-PIL :class:`ResizeCenterCrop` when the transform is CLIP's standard
-    one, so decode tasks need no torch), ``tensor_part(x)`` normalises a float batch
+    (shipped as uint8; the pure-PIL :class:`ResizeCenterCrop` of :func:`eval_transform`, so decode
+    tasks need no torch), ``tensor_part(x)`` normalises a float batch
     ``[B, 3, H, W]`` in ``[0, 1]``. :func:`to_model_input` composes them into exactly what
     ``transform`` gives per image.
     """
@@ -211,7 +207,8 @@ def split_transform(transform):
     cut = next((i for i, t in enumerate(steps) if isinstance(t, ToTensor)), None)
     if cut is None:
         raise ValueError(f"the transform has no ToTensor step: {transform}")
-    pil_part = _pure_pil_part(steps[:cut]) or Compose(steps[:cut])
+    pure = len(steps[:cut]) == 1 and isinstance(steps[0], ResizeCenterCrop)
+    pil_part = steps[0] if pure else Compose(steps[:cut])
     return pil_part, Compose(steps[cut + 1:])
 
 

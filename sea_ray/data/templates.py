@@ -214,6 +214,46 @@ def render_llava_v1(turns: Sequence[tuple[str, Optional[str]]], eos: str = "") -
     return text, spans
 
 
+# Jinja for chat templates of exported models (sea_ray.export): turns a message whose content is a
+# list of parts ({"type": "image"}, {"type": "text", "text": ...}) into the string sea_ray trains on,
+# "<image>\n" before the text, then leaves ``messages`` to the template that follows.
+_FLATTEN_CONTENT = (
+    "{%- set flat = namespace(messages=[]) -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['content'] is string -%}{%- set content = message['content'] -%}"
+    "{%- else -%}{%- set part = namespace(text='') -%}"
+    "{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'image' -%}{%- set part.text = part.text + '" + IMAGE_PLACEHOLDER + "\\n' -%}"
+    "{%- elif item['type'] == 'text' -%}{%- set part.text = part.text + item['text'] -%}{%- endif -%}"
+    "{%- endfor -%}{%- set content = part.text -%}{%- endif -%}"
+    "{%- set flat.messages = flat.messages + [{'role': message['role'], 'content': content}] -%}"
+    "{%- endfor -%}"
+    "{%- set messages = flat.messages -%}"
+)
+
+
+def llava_v1_chat_template() -> str:
+    """:func:`render_llava_v1` as a Jinja chat template (``eos_token`` after each answer; the
+    generation prompt ends at ``ASSISTANT:``). A leading system message replaces the default system
+    text."""
+    user, assistant = LLAVA_V1_ROLES
+    return (_FLATTEN_CONTENT
+            + "{%- if messages and messages[0]['role'] == 'system' -%}"
+            "{{- messages[0]['content'] + ' ' -}}{%- set messages = messages[1:] -%}"
+            "{%- else -%}{{- " + repr(LLAVA_V1_SYSTEM + " ") + " -}}{%- endif -%}"
+            "{%- for message in messages -%}"
+            "{%- if message['role'] == 'user' -%}{{- '" + user + ": ' + message['content'] + ' ' -}}"
+            "{%- elif message['role'] == 'assistant' -%}"
+            "{{- '" + assistant + ": ' + message['content'] + eos_token -}}{%- endif -%}"
+            "{%- endfor -%}"
+            "{%- if add_generation_prompt -%}{{- '" + assistant + ":' -}}{%- endif -%}")
+
+
+def chat_template_with_images(template: str) -> str:
+    """An LLM's own chat template that also takes content lists with image parts."""
+    return _FLATTEN_CONTENT + template
+
+
 def _render_chat_generation_tags(messages: list[dict], tokenizer) -> tuple[str, list[tuple[int, int]]]:
     """Rendered text and assistant spans from the template's ``{% generation %}`` blocks."""
     text = tokenizer.apply_chat_template(messages, tokenize=False)

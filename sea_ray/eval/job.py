@@ -36,6 +36,7 @@ import torch
 from sea_ray import storage
 from sea_ray.config.schema import EvalConfig, VocabConfig
 from sea_ray.constants import IMAGE_PLACEHOLDER
+from sea_ray.data.images import decode_image
 from sea_ray.data.templates import render_llava_v1
 from sea_ray.errors import DataError
 from sea_ray.eval.generate import answer
@@ -45,6 +46,7 @@ from sea_ray.eval.metrics import (lm_nll, modality_gap, nearest_word_accuracy, n
 from sea_ray.eval.report import write_report
 from sea_ray.labels.vocab import build_vocab
 from sea_ray.sea import word_targets
+from sea_ray.world.generator import load_ground_truth, patch_ground_truth
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +69,6 @@ def load_vocab_words(vocab: Optional[str], world: str, split_for_default: str = 
 
 def world_split(world: str, split: str, max_samples: Optional[int] = None) -> tuple[list[dict], list[dict]]:
     """(ground-truth records, QA items) of a world split, the first ``max_samples`` images."""
-    from sea_ray.world.generator import load_ground_truth
-
     records = [r for r in load_ground_truth(world) if r["split"] == split]
     if max_samples:
         records = records[:max_samples]
@@ -82,8 +82,6 @@ def world_split(world: str, split: str, max_samples: Optional[int] = None) -> tu
 
 def image_tensors(model, world: str, records: list[dict]) -> torch.Tensor:
     """The records' images through the tower's own transform, ``[N, 3, H, W]``."""
-    from sea_ray.data.images import decode_image
-
     out = []
     for rec in records:
         img, reason = decode_image(storage.read_bytes(storage.join(world, "images", rec["image"])))
@@ -100,8 +98,6 @@ def image_tensors(model, world: str, records: list[dict]) -> torch.Tensor:
 def alignment_metrics(model, images: torch.Tensor, records: list[dict], words: list[str], top_k: int = 10,
                       batch_size: int = 32) -> dict:
     """Nearest-word accuracy, TACS and modality gap of the adapter outputs (paper section 7)."""
-    from sea_ray.world.generator import patch_ground_truth
-
     device = next(model.llm.parameters()).device
     table = model.input_embedding_table()
     targets, mapped, unmapped = word_targets(words, model.tokenizer, table)

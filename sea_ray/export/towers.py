@@ -43,7 +43,8 @@ import copy
 import torch
 from torch import nn
 
-HF_RESIZE = "shortest-bicubic+center-crop"
+from sea_ray.data.images import RESIZE_RULE
+
 
 
 def _is_siglip(tower) -> bool:
@@ -244,8 +245,8 @@ def image_processor(tower, backend: str = "pil"):
     import transformers
     from transformers.image_utils import PILImageResampling
 
-    if tower.transform_spec()["resize"] != HF_RESIZE:
-        raise ValueError(f"cannot export the transform {tower.transform_spec()['resize']!r} (only {HF_RESIZE})")
+    if tower.transform_spec()["resize"] != RESIZE_RULE:
+        raise ValueError(f"cannot export the transform {tower.transform_spec()['resize']!r} (only {RESIZE_RULE})")
     if backend not in ("pil", "torchvision"):
         raise ValueError(f"image processor backend must be 'pil' or 'torchvision', not {backend!r}")
     name = ("Siglip" if _is_siglip(tower) else "CLIP") + "ImageProcessor" + ("Pil" if backend == "pil" else "")

@@ -23,18 +23,12 @@ import torch
 from torch import nn
 
 from sea_ray import storage
+from sea_ray.data.images import RESIZE_RULE, eval_transform
 
 log = logging.getLogger(__name__)
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-def _pil_transform(image_size: int, mean, std):
-    """Resize the short side (bicubic), centre-crop, to tensor, normalise: CLIP's eval transform."""
-    import open_clip
-
-    return open_clip.image_transform(image_size, is_train=False, mean=mean, std=std)
 
 
 class VisionTower(nn.Module):
@@ -65,12 +59,12 @@ class VisionTower(nn.Module):
         """What labels record and training checks: the exact tensor both stages see."""
         return {"image_size": self.image_size, "patch_size": self.patch_size, "grid": list(self.grid),
                 "mean": [round(m, 6) for m in self.mean], "std": [round(s, 6) for s in self.std],
-                "resize": "shortest-bicubic+center-crop"}
+                "resize": RESIZE_RULE}
 
     @property
     def transform(self):
         if getattr(self, "_transform", None) is None:
-            self._transform = _pil_transform(self.image_size, self.mean, self.std)
+            self._transform = eval_transform(self.image_size, self.mean, self.std)
         return self._transform
 
     def _strip_prefix(self, x: torch.Tensor) -> torch.Tensor:

@@ -19,28 +19,17 @@ import numpy as np
 
 from sea_ray import storage
 from sea_ray.constants import IGNORE_INDEX
+from sea_ray.data.images import ResizeCenterCrop, decode_image, pil_to_uint8
 from sea_ray.data.templates import encode_conversation, encode_plain, resolve_template
 from sea_ray.errors import DataError
 
 log = logging.getLogger(__name__)
 
 
-def pil_geometry(image_size: int):
-    """The PIL half of the tower's eval transform (resize + centre crop): it depends on the
-    image size only; the worker applies the tensor half (scale + normalise) with the tower's
-    own mean and std (:func:`sea_ray.data.images.to_model_input`)."""
-    from sea_ray.data.images import split_transform
-    from sea_ray.model.vision import CLIP_MEAN, CLIP_STD, _pil_transform
-
-    return split_transform(_pil_transform(image_size, CLIP_MEAN, CLIP_STD))[0]
-
-
 def _load_image(ref: Optional[str], data: Optional[bytes], image_root: Optional[str]):
     """``(RGB image, None)`` or ``(None, reason)`` for a manifest image: its embedded bytes, else
     the file ``ref`` points to by the same rule as the labels job (:func:`sea_ray.storage.resolve_image`),
     decoded by the same :func:`~sea_ray.data.images.decode_image`."""
-    from sea_ray.data.images import decode_image
-
     if data is None:
         uri = storage.resolve_image(ref, image_root)
         if uri is None:
@@ -82,7 +71,6 @@ class LabelsSource:
     """Align rows: the labels dataset's rows in shard order (``index``: which stored rows, when a
     search holds some out), each joined by image id with its manifest row (``manifest``: an object
     ref of ``{id: (image, image_bytes, conversations)}``)."""
-
     kind = "labels"
 
     def __init__(self, shards: list[tuple[str, int]], manifest, index: Optional[np.ndarray] = None):
@@ -112,7 +100,6 @@ class LabelsSource:
 class ManifestSource:
     """Instruct rows: the manifest's rows (``items``: an object ref of the list of
     ``(id, image, image_bytes, conversations)``)."""
-
     kind = "manifest"
 
     def __init__(self, items, num_rows: int):
@@ -128,7 +115,6 @@ class ManifestSource:
 class Preprocess:
     """Ray Data callable class: segments of source rows -> model-ready arrays (one tokenizer and
     one opened source per actor), yielded in the segments' order with each row's stream position."""
-
     def __init__(self, stage: str, tokenizer_spec: str, image_size: int, image_root: Optional[str],
                  max_length: int, template: str = "plain", source=None, rows_per_batch: int = 64):
         from sea_ray.model.llm import load_tokenizer
@@ -136,7 +122,7 @@ class Preprocess:
         self.stage, self.image_size, self.image_root, self.max_length = stage, image_size, image_root, max_length
         self.tokenizer = load_tokenizer(tokenizer_spec)
         self.template = "plain" if stage == "align" else resolve_template(template, self.tokenizer)
-        self.geometry = pil_geometry(image_size)
+        self.geometry = ResizeCenterCrop(image_size)
         self.source = source.open() if source is not None else None
         self.rows_per_batch = rows_per_batch
 
@@ -149,7 +135,6 @@ class Preprocess:
 
     def sample(self, sid: str, image_ref, image_bytes, conversations, labels: Optional[dict]) -> Optional[dict]:
         """One model-ready sample, or None (logged) when it cannot be used."""
-        from sea_ray.data.images import pil_to_uint8
 
         if conversations is None:
             return None

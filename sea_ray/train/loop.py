@@ -27,6 +27,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from sea_ray import storage
 from sea_ray.constants import IGNORE_INDEX
+from sea_ray.data.images import split_transform, to_model_input
 from sea_ray.errors import DataError
 from sea_ray.model.vlm import build_vlm
 from sea_ray.sea import SeaLoss, average_gradients, lambda_at, pair_loss, select_pairs, word_targets
@@ -204,7 +205,6 @@ def step_generator(seed: int, step: int, rank: int, micro: int) -> torch.Generat
 @dataclass
 class Stage:
     """Everything :func:`setup` builds for one stage; the step, save and report functions use it."""
-
     cfg: Any
     io: Any
     model: torch.nn.Module
@@ -246,8 +246,6 @@ def build_model(cfg):
 def setup(cfg, io) -> Stage:
     """Model, SEA targets, wrapping, optimizer and schedule; resumed from the run's newest complete
     checkpoint when there is one."""
-    from sea_ray.data.images import split_transform, to_model_input
-
     device = io.device
     model, sea_loss = build_model(cfg)
     tensor_part = split_transform(model.vision.transform)[1]
@@ -328,7 +326,6 @@ def optimizer_step(st: Stage) -> None:
 
 class Window:
     """Sums of the micro-step parts since the last logging step."""
-
     SUMMED = ("loss_lm", "loss_sea", "sea_pairs", "samples", "tokens")
 
     def __init__(self):
@@ -439,7 +436,6 @@ class _TensorBoardMixin:
 
 class RayTrainIO(_TensorBoardMixin):
     """Inside a Ray Train worker: its micro-batches preprocessed on Ray Data as they go."""
-
     def __init__(self, run_uri: str, source, preprocess: dict, actors: int = 1, actor_cpus: float = 0.5):
         import ray.train
         import ray.train.torch
@@ -475,7 +471,6 @@ class RayTrainIO(_TensorBoardMixin):
 class LocalIO(_TensorBoardMixin):
     """A plain single process (the quickstart's chains, in-process tune trials, benchmarks): the
     same recipe and feed order, on rows preprocessed once (:func:`sea_ray.train.feed.materialize`)."""
-
     def __init__(self, run_uri: str, rows: dict, num_rows: int, on_report: Optional[Callable[[dict], None]] = None,
                  device: str = "cpu"):
         self.world_rank, self.world_size = 0, 1
