@@ -71,6 +71,7 @@ class LabelsSource:
     """Align rows: the labels dataset's rows in shard order (``index``: which stored rows, when a
     search holds some out), each joined by image id with its manifest row (``manifest``: an object
     ref of ``{id: (image, image_bytes, conversations)}``)."""
+
     kind = "labels"
 
     def __init__(self, shards: list[tuple[str, int]], manifest, index: Optional[np.ndarray] = None):
@@ -100,6 +101,7 @@ class LabelsSource:
 class ManifestSource:
     """Instruct rows: the manifest's rows (``items``: an object ref of the list of
     ``(id, image, image_bytes, conversations)``)."""
+
     kind = "manifest"
 
     def __init__(self, items, num_rows: int):
@@ -115,6 +117,7 @@ class ManifestSource:
 class Preprocess:
     """Ray Data callable class: segments of source rows -> model-ready arrays (one tokenizer and
     one opened source per actor), yielded in the segments' order with each row's stream position."""
+
     def __init__(self, stage: str, tokenizer_spec: str, image_size: int, image_root: Optional[str],
                  max_length: int, template: str = "plain", source=None, rows_per_batch: int = 64):
         from sea_ray.model.llm import load_tokenizer

@@ -205,6 +205,7 @@ def step_generator(seed: int, step: int, rank: int, micro: int) -> torch.Generat
 @dataclass
 class Stage:
     """Everything :func:`setup` builds for one stage; the step, save and report functions use it."""
+
     cfg: Any
     io: Any
     model: torch.nn.Module
@@ -326,6 +327,7 @@ def optimizer_step(st: Stage) -> None:
 
 class Window:
     """Sums of the micro-step parts since the last logging step."""
+
     SUMMED = ("loss_lm", "loss_sea", "sea_pairs", "samples", "tokens")
 
     def __init__(self):
@@ -436,6 +438,7 @@ class _TensorBoardMixin:
 
 class RayTrainIO(_TensorBoardMixin):
     """Inside a Ray Train worker: its micro-batches preprocessed on Ray Data as they go."""
+
     def __init__(self, run_uri: str, source, preprocess: dict, actors: int = 1, actor_cpus: float = 0.5):
         import ray.train
         import ray.train.torch
@@ -471,6 +474,7 @@ class RayTrainIO(_TensorBoardMixin):
 class LocalIO(_TensorBoardMixin):
     """A plain single process (the quickstart's chains, in-process tune trials, benchmarks): the
     same recipe and feed order, on rows preprocessed once (:func:`sea_ray.train.feed.materialize`)."""
+
     def __init__(self, run_uri: str, rows: dict, num_rows: int, on_report: Optional[Callable[[dict], None]] = None,
                  device: str = "cpu"):
         self.world_rank, self.world_size = 0, 1
