@@ -9,8 +9,10 @@ from typing import Callable
 
 
 def kill_when(ready: Callable[[], bool], cmdline_has: str, timeout: float = 240.0) -> tuple[threading.Thread, list]:
-    """Start a thread that waits until ``ready()`` and then SIGKILLs the first process whose
-    command line contains ``cmdline_has``; returns the thread and the list of killed pids."""
+    """Start a thread that waits until ``ready()`` and then SIGKILLs the first process under this
+    one (the test's own Ray: its raylet is a child of this process) whose command line contains
+    ``cmdline_has``; returns the thread and the list of killed pids. Processes of other test runs
+    on the machine are never touched."""
     import psutil
 
     killed: list[int] = []
@@ -19,8 +21,12 @@ def kill_when(ready: Callable[[], bool], cmdline_has: str, timeout: float = 240.
         deadline = time.time() + timeout
         while time.time() < deadline:
             if ready():
-                for proc in psutil.process_iter(["cmdline"]):
-                    if cmdline_has in " ".join(proc.info["cmdline"] or []):
+                for proc in psutil.Process().children(recursive=True):
+                    try:
+                        cmdline = " ".join(proc.cmdline())
+                    except psutil.Error:  # ended meanwhile
+                        continue
+                    if cmdline_has in cmdline:
                         proc.send_signal(signal.SIGKILL)
                         killed.append(proc.pid)
                         return

@@ -211,61 +211,56 @@ def _assert_complete_outputs(out: str, steps=("labels", "align", "instruct", "ev
 # --------------------------------------------------------------------------- the tests
 
 
-def test_tiny_pipeline_submitted_to_a_cluster_reads_and_writes_a_bucket(cluster, s3_bucket, world_dir):
+def test_tiny_pipeline_submitted_twice_at_once_reads_and_writes_a_bucket(cluster, s3_bucket, world_dir):
+    """The tiny pipeline submitted twice at once to one output: one run writes every output (read
+    from and written to the bucket, the credentials never leaving the cluster), the other stops at
+    the lock at once and touches nothing; a third run afterwards skips every step."""
     _upload_world(world_dir, f"{s3_bucket}/world")
     secret = CLUSTER_SECRET  # the user has the same key here: it must not travel
     env = clean_env(RAY_AUTH_MODE="disabled", AWS_SECRET_ACCESS_KEY=secret)
     out = f"{s3_bucket}/tiny"
+    args = ["submit", "--address", cluster.address, "--wait", "--cluster-env", "AWS_SECRET_ACCESS_KEY", "--",
+            "pipeline", "--config", PIPELINE, f"output={out}", f"data.world={s3_bucket}/world", *SMALL]
     t0 = time.time()
-    result = sea_ray("submit", "--address", cluster.address, "--wait", "--cluster-env", "AWS_SECRET_ACCESS_KEY",
-                     "--", "pipeline", "--config", PIPELINE, f"output={out}", f"data.world={s3_bucket}/world", *SMALL,
-                     env=env)
+    procs = [subprocess.Popen([str(BIN / "sea-ray"), *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [p.communicate(timeout=900) for p in procs]
     seconds = time.time() - t0
-    text = result.stdout + result.stderr
-    assert result.returncode == 0, text[-6000:]
-    assert "SUCCEEDED" in result.stdout and '"status": "ran"' in result.stdout
+    codes = [p.returncode for p in procs]
+    texts = [o + e for o, e in results]
+    assert 0 in codes, "\n=====\n".join(t[-6000:] for t in texts)
+    won = codes.index(0)
+    stdout = results[won][0]
+    if codes == [0, 0]:  # the second one started after the first had finished: it skipped every step
+        assert sum('"status": "ran"' in o for o, _ in results) == 1
+        assert any(o.count('"status": "skipped"') == 4 for o, _ in results)
+        stdout = next(o for o, _ in results if '"status": "ran"' in o)
+    else:  # the usual case: the second run found the lock and stopped at once
+        assert sorted(codes) == [0, 1], texts[won ^ 1][-4000:]
+        assert "another pipeline run writes this output" in texts[won ^ 1]
+        assert "FAILED, exit code 1" in texts[won ^ 1]
+    assert "SUCCEEDED" in stdout and '"status": "ran"' in stdout
     _assert_complete_outputs(out)
     plan = json.loads(storage.read_text(f"{out}/_pipeline/plan.json"))
     assert plan["steps"]["align"]["config"]["data"]["labels"] == f"{out}/labels"
     assert plan["steps"]["instruct"]["config"]["init_adapter"] == f"{out}/runs/tiny-align"
     # the credentials stayed on the cluster: not sent, not printed, not in the job metadata, the
     # bucket or anywhere on the cluster's disk (Ray's session logs included)
-    assert "from the cluster's own environment: AWS_SECRET_ACCESS_KEY" in result.stdout and secret not in text
+    assert "from the cluster's own environment: AWS_SECRET_ACCESS_KEY" in stdout
+    assert not [t for t in texts if secret in t]
     with urllib.request.urlopen(f"{cluster.address}/api/jobs/", timeout=30) as response:
         metadata = response.read().decode()
     assert "sea-pipeline-" in metadata and secret not in metadata
     assert not [k for k, v in _bucket_objects(s3_bucket).items() if secret.encode() in v]
     assert cluster.files_containing(secret) == []
-    print(f"\nsubmit --wait of the tiny pipeline: {seconds:.1f} s")
+    print(f"\ntwo submit --wait of the tiny pipeline at once: {seconds:.1f} s")
 
-    again = sea_ray("submit", "--address", cluster.address, "--wait", "--", "pipeline", "--config", PIPELINE,
-                    f"output={out}", f"data.world={s3_bucket}/world", *SMALL, env=env)
+    again = sea_ray(*args, env=env)
     assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
     assert again.stdout.count('"status": "skipped"') == 4 and '"status": "ran"' not in again.stdout
 
     listing = sea_ray("jobs", "--address", cluster.address, "list", env=env, timeout=120)
     assert listing.returncode == 0 and listing.stdout.count("SUCCEEDED") >= 2 and secret not in listing.stdout
-
-
-def test_the_same_pipeline_submitted_twice_at_once_does_not_corrupt_it(cluster, s3_bucket, world_dir):
-    _upload_world(world_dir, f"{s3_bucket}/world")
-    env = clean_env(RAY_AUTH_MODE="disabled")
-    out = f"{s3_bucket}/shared"
-    args = ["submit", "--address", cluster.address, "--wait", "--", "pipeline", "--config", PIPELINE,
-            f"output={out}", f"data.world={s3_bucket}/world", *SMALL, "steps=[labels,align]"]
-    procs = [subprocess.Popen([str(BIN / "sea-ray"), *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]
-    outputs = [p.communicate(timeout=900)[0] for p in procs]
-    codes = [p.returncode for p in procs]
-    assert 0 in codes, "\n=====\n".join(o[-4000:] for o in outputs)
-    _assert_complete_outputs(out, steps=("labels", "align"))
-    other = outputs[codes.index(0) ^ 1] if codes != [0, 0] else None
-    if other is not None:  # the usual case: the second run found the lock and stopped at once
-        assert sorted(codes) == [0, 1], other[-4000:]
-        assert "another pipeline run writes this output" in other
-        assert "FAILED, exit code 1" in other
-    else:  # the second one started after the first had finished: it skipped every step
-        assert any(o.count('"status": "skipped"') == 2 for o in outputs)
 
 
 def test_token_authentication_on(tmp_path):

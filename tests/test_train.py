@@ -1,5 +1,7 @@
-"""The training recipes on Ray Train: align -> instruct with 2 CPU workers, checkpoints on
-local disk and in an S3 bucket, a killed worker, a stopped driver, half-written checkpoints."""
+"""The training recipes on Ray Train: align -> instruct with 2 CPU workers, checkpoints in an S3
+bucket and on local disk, a killed worker, a stopped driver, half-written checkpoints. One
+uninterrupted align run (in the bucket) is the yardstick of the fault tests and the start of the
+instruct run."""
 
 import json
 import os
@@ -40,7 +42,7 @@ def _align_raw(world, labels, storage_uri, name="align", **extra):
                     "max_length": 48},
            "scaling": {"num_workers": 2}, "batch": {"global_size": 8, "per_worker": 4},
            "optim": {"max_steps": STEPS, "lr": 2e-3}, "checkpoint": {"every_n_steps": EVERY, "num_to_keep": None},
-           "sea": {"top_n": 3}, "log_every_n_steps": 2}
+           "sea": {"top_n": 3, "negatives": "global"}, "log_every_n_steps": 2}
     for key, value in extra.items():
         raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
     return raw
@@ -56,16 +58,24 @@ def _adapter(uri):
 
 
 @pytest.fixture(scope="module")
-def reference(ray_local, labelled_world, tmp_path_factory):
-    """An uninterrupted 2-worker align run: the yardstick of the fault-tolerance tests."""
+def bucket(s3_server):
+    import boto3
+
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="train-runs")
+    return "s3://train-runs"
+
+
+@pytest.fixture(scope="module")
+def reference(ray_local, labelled_world, bucket):
+    """An uninterrupted 2-worker align run with its checkpoints in a bucket: the yardstick of the
+    fault-tolerance tests."""
     world, labels = labelled_world
-    runs = str(tmp_path_factory.mktemp("runs"))
-    summary = run(_align_cfg(world, labels, runs, name="reference"))
-    return summary
+    return run(_align_cfg(world, labels, f"{bucket}/runs", name="reference"))
 
 
-def test_align_run_writes_complete_checkpoints_and_metrics(reference):
+def test_align_run_writes_complete_checkpoints_and_metrics(reference, bucket):
     run_dir = reference["run"]
+    assert run_dir == f"{bucket}/runs/reference"
     steps = [s for s, _ in ckpt.list_checkpoints(run_dir)]
     assert steps == [EVERY, STEPS]
     loaded = ckpt.load_checkpoint(reference["checkpoint"])
@@ -76,8 +86,10 @@ def test_align_run_writes_complete_checkpoints_and_metrics(reference):
     for key in ("loss_lm", "loss_sea", "temperature", "lambda_sea", "lr", "samples_per_s", "tokens_per_s"):
         assert key in reference["metrics"]
     assert reference["metrics"]["lr"] == pytest.approx(0.0, abs=1e-9)  # cosine reached its end
-    assert list(Path(run_dir, "tensorboard").glob("events.out.tfevents.*"))
-    assert json.loads(Path(run_dir, "config.json").read_text())["run"]["name"] == "reference"
+    assert reference["metrics"]["sea_pairs"] > 0 and reference["metrics"]["loss_sea"] > 0
+    fs, path = storage.fsspec_fs(f"{run_dir}/tensorboard")
+    assert any("events.out.tfevents." in p for p in fs.find(path))
+    assert json.loads(storage.read_text(f"{run_dir}/config.json"))["run"]["name"] == "reference"
 
 
 def test_killed_worker_resumes_and_matches_uninterrupted_run(reference, labelled_world, tmp_path):
@@ -146,18 +158,13 @@ def test_half_written_checkpoints_are_never_used(tmp_path):
     torch.testing.assert_close(ckpt.load_model_state(str(good))["adapter.w"], torch.ones(2))
 
 
-def test_align_to_s3_then_instruct_from_its_adapter(labelled_world, s3_bucket, ray_local):
-    world, labels = labelled_world
-    runs = f"{s3_bucket}/runs"
-    align = run(_align_cfg(world, labels, runs, name="s3-align", optim={"max_steps": 4},
-                           checkpoint={"every_n_steps": 2}, sea={"top_n": 3, "negatives": "global"}))
-    assert align["metrics"]["sea_pairs"] > 0 and align["metrics"]["loss_sea"] > 0
-    assert align["checkpoint"] == f"{runs}/s3-align/{ckpt.step_dir_name(4)}"
-    assert ckpt.is_complete(align["checkpoint"])
-    fs, path = storage.fsspec_fs(f"{runs}/s3-align/tensorboard")
-    assert any("tfevents" in p for p in fs.find(path))
+def test_instruct_from_the_adapter_of_an_align_run_in_a_bucket(reference, labelled_world, bucket):
+    world, _ = labelled_world
+    runs = f"{bucket}/runs"
+    assert ckpt.is_complete(reference["checkpoint"])
+    assert reference["checkpoint"] == f"{runs}/reference/{ckpt.step_dir_name(STEPS)}"
     instruct = run(validate({
-        "job": "instruct", "model": {"preset": "tiny-openclip-llama"}, "init_adapter": f"{runs}/s3-align",
+        "job": "instruct", "model": {"preset": "tiny-openclip-llama"}, "init_adapter": f"{runs}/reference",
         "run": {"name": "s3-instruct", "storage": runs},
         "data": {"manifest": f"{world}/train/instruct.json", "image_root": f"{world}/images", "max_length": 96},
         "scaling": {"num_workers": 2}, "batch": {"global_size": 8, "per_worker": 4},
@@ -167,7 +174,7 @@ def test_align_to_s3_then_instruct_from_its_adapter(labelled_world, s3_bucket, r
     assert any(k.startswith("llm.") for k in saved["model"]) and any(k.startswith("adapter.") for k in saved["model"])
     assert not any(k.startswith("vision.") for k in saved["model"])
     # the adapter started from the align checkpoint, then moved
-    start = _adapter(align["checkpoint"])
+    start = _adapter(reference["checkpoint"])
     assert any(not torch.equal(saved["model"][k], start[k]) for k in start)
     assert "loss_sea" not in instruct["metrics"] and instruct["metrics"]["loss_lm"] > 0
 
