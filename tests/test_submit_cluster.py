@@ -120,14 +120,15 @@ class LocalCluster:
             self.stop()
             raise RuntimeError(f"ray start failed:\n{out[-4000:]}")
         self.address = f"http://127.0.0.1:{dashboard}"
-        deadline = time.time() + 120
-        while True:  # the Jobs API answers (401 with token auth on is an answer too)
+        deadline = time.time() + 180
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        while True:  # the Jobs API lists jobs (the dashboard answers before its job module does)
             try:
-                urllib.request.urlopen(f"{self.address}/api/version", timeout=5)
+                request = urllib.request.Request(f"{self.address}/api/jobs/", headers=headers)
+                with urllib.request.urlopen(request, timeout=5) as response:
+                    json.loads(response.read())
                 break
-            except urllib.error.HTTPError:
-                break
-            except OSError:
+            except (OSError, ValueError):
                 if time.time() > deadline:
                     self.stop()
                     raise
