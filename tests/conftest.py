@@ -17,6 +17,18 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
 import pytest  # noqa: E402
 
+# The files that take minutes, the longest first. The suite runs in two processes (pytest-xdist,
+# each file whole in one of them, in this order: pyproject's addopts): starting the long files
+# first keeps both processes busy to the end instead of leaving one to finish them alone.
+LONGEST_FIRST = ("test_submit_cluster.py", "test_docs.py", "test_train.py", "test_tune.py", "test_labels_job.py",
+                 "test_submit_token.py", "test_docs_pipeline.py", "test_security.py", "test_quickstart.py",
+                 "test_feed.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file keeps its order
+
 
 @pytest.fixture(scope="session")
 def world_dir(tmp_path_factory):

@@ -5,7 +5,8 @@
 - every `sea-ray ...` line of a ```bash block parses with the real command-line parser;
 - every ```bash block marked `<!-- run -->` (the line before the fence) runs, in page order, in one
   scratch folder shared by all pages (`workflows/` linked in, outputs under `out/`), so pages reuse
-  each other's small worlds and runs; a local S3 server stands in for a bucket.
+  each other's small worlds and runs; a local S3 server stands in for a bucket. A page that needs
+  no other page (OWN_SCRATCH) runs in a folder of its own, in tests/test_docs_pipeline.py.
 
 Mark a block to run with `<!-- run -->` when it is CPU-sized (seconds to a minute or two) and
 self-contained given the pages before it in PAGE_ORDER.
@@ -103,25 +104,38 @@ def test_every_sea_ray_command_shown_parses(page):
 # --------------------------------------------------------------------------- running the marked blocks
 
 
-@pytest.fixture(scope="module")
-def scratch(tmp_path_factory, s3_server):
-    """One folder for every page's commands, with the repository's recipes linked in."""
+def make_scratch(tmp_path_factory) -> tuple[Path, dict]:
+    """A folder for pages' commands, with the repository's recipes linked in, and their environment
+    (AWS_* point at the session's S3 server: ask for the s3_server fixture)."""
     root = tmp_path_factory.mktemp("docs")
     (root / "workflows").symlink_to(REPO / "workflows")
     env = {k: v for k, v in os.environ.items()
            if not (k.startswith("RAY_AUTH") or k in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"))}
     env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", RAY_AUTH_MODE="disabled",
                SEA_RAY_CACHE=str(root / ".cache"), MPLBACKEND="Agg")
-    return root, env  # AWS_* point at the session's S3 server (s3_server)
+    return root, env
 
 
-RUNNABLE = _ordered([p for p in PAGES if any(marked for marked, _ in blocks(p))])
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory, s3_server):
+    """One folder for every page's commands."""
+    return make_scratch(tmp_path_factory)
+
+
+# Pages that use no other page's outputs run in a scratch folder of their own, in another test
+# file (tests/test_docs_pipeline.py), so that they run beside the rest.
+OWN_SCRATCH = ("pipeline.md",)
+RUNNABLE = _ordered([p for p in PAGES if any(marked for marked, _ in blocks(p)) and p.name not in OWN_SCRATCH])
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("page", RUNNABLE, ids=[p.name for p in RUNNABLE])
 def test_marked_commands_run(page, scratch):
-    root, env = scratch
+    run_marked_blocks(page, *scratch)
+
+
+def run_marked_blocks(page: Path, root: Path, env: dict) -> None:
+    """Every ``<!-- run -->`` block of ``page``, in order, in ``root``."""
     for i, (marked, body) in enumerate(blocks(page)):
         if not marked:
             continue

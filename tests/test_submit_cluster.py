@@ -1,11 +1,11 @@
-"""End to end on real Ray clusters: `ray start --head` on loopback, a moto S3 server holding the
-synthetic world, `sea-ray submit` of the tiny pipeline reading and writing the bucket; the same
-pipeline submitted twice at once; token authentication on and off.
+"""End to end on a real Ray cluster (token authentication off; on: tests/test_submit_token.py):
+`ray start --head` on loopback, a moto S3 server holding the synthetic world, `sea-ray submit` of
+the tiny pipeline reading and writing the bucket, twice at once; a search of Ray Train trials; a
+stopped job; relative paths from a researcher's own folder.
 
-Each cluster is private to its test module: its own temp dir (`--temp-dir`), free ports for every
-Ray component, and its own process session. Teardown kills exactly that session's processes
-(never `ray stop`, which stops every Ray of the user on the machine, other test runs' included).
-The session's `ray_local` (address="local") never joins these clusters, and they never join it.
+The cluster is private to this module (tests/clusters.py): its own temp dir, free ports for every
+Ray component, and its own process session, killed whole at the end. The session's `ray_local`
+(address="local") never joins it, and it never joins that.
 
 "What does not corrupt the other's outputs" means here: two runs of one pipeline on one output
 never write beside each other. The first takes `<output>/_pipeline/LOCK` (an exclusive create:
@@ -16,16 +16,10 @@ first run's outputs are complete. (Runs on different outputs share only read-onl
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
-import sys
-import tempfile
 import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -33,12 +27,10 @@ import pytest
 
 from sea_ray import storage
 from sea_ray.train import checkpoint as ckpt
-from tests.faults import session_pids
+from tests.clusters import BIN, REPO, LocalCluster, clean_env, sea_ray
 
 pytestmark = [pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 PIPELINE = "workflows/configs/tiny_pipeline.yaml"
 # The tiny pipeline, smaller: two optimizer steps per stage on the session's 60-image world
 # (uploaded to the bucket: the world step is left out).
@@ -47,121 +39,6 @@ SMALL = ["steps=[labels,align,instruct,eval]",
          "align.set.batch.global_size=8", "align.set.batch.per_worker=4",
          "instruct.set.optim.max_steps=2", "instruct.set.checkpoint.every_n_steps=2",
          "instruct.set.batch.global_size=8", "instruct.set.batch.per_worker=4"]
-
-
-# --------------------------------------------------------------------------- a private cluster
-
-
-def _free_ports(n: int) -> list[int]:
-    held = []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        held.append(s)
-    ports = [s.getsockname()[1] for s in held]
-    for s in held:
-        s.close()
-    return ports
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """This process's environment without Ray addresses and auth settings (the pytest process may
-    hold the session Ray's), with the venv first on PATH."""
-    env = {k: v for k, v in os.environ.items()
-           if not (k.startswith("RAY_AUTH") or k in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"))}
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    env.update(extra)
-    return env
-
-
-class LocalCluster:
-    """`ray start --head` on 127.0.0.1 in a temp dir and a process session of its own."""
-
-    def __init__(self, auth: str = "disabled", token: str | None = None, num_cpus: int = 4,
-                 secret: str | None = None):
-        self.auth, self.token, self.num_cpus, self.secret = auth, token, num_cpus, secret
-        self.temp_dir = tempfile.mkdtemp(prefix="sea-rc-", dir="/tmp")  # short: Ray's socket paths
-        self.sid: int | None = None
-        self.address = ""
-
-    def env(self) -> dict[str, str]:
-        env = clean_env(RAY_AUTH_MODE=self.auth, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
-                        RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-                        SEA_RAY_CACHE=os.path.join(self.temp_dir, "cache"),
-                        # time for a stopped job's SIGTERM handler on a loaded 2-core box (Ray: 3 s)
-                        RAY_JOB_STOP_WAIT_TIME_S="30")
-        # The cluster holds its own credentials, as a Kubernetes Secret or an instance role gives
-        # them to real nodes; `sea-ray submit` never sends any.
-        if self.secret:
-            env["AWS_SECRET_ACCESS_KEY"] = self.secret
-        if self.token:
-            env["RAY_AUTH_TOKEN"] = self.token
-        return env
-
-    def start(self) -> "LocalCluster":
-        (gcs, dashboard, client, agent_http, agent_grpc, runtime_env, metrics, node_manager,
-         object_manager) = _free_ports(9)
-        cmd = [str(BIN / "ray"), "start", "--head", f"--num-cpus={self.num_cpus}", "--num-gpus=0",
-               "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", "--disable-usage-stats",
-               f"--temp-dir={self.temp_dir}", f"--port={gcs}", f"--dashboard-port={dashboard}",
-               f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent_http}",
-               f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={runtime_env}",
-               f"--metrics-export-port={metrics}", f"--node-manager-port={node_manager}",
-               f"--object-manager-port={object_manager}"]
-        proc = subprocess.Popen(cmd, env=self.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
-        self.sid = proc.pid  # the session every process of this cluster lives in
-        try:
-            out, _ = proc.communicate(timeout=240)
-        except subprocess.TimeoutExpired:
-            self.stop()
-            raise
-        if proc.returncode != 0:
-            self.stop()
-            raise RuntimeError(f"ray start failed:\n{out[-4000:]}")
-        self.address = f"http://127.0.0.1:{dashboard}"
-        deadline = time.time() + 180
-        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-        while True:  # the Jobs API lists jobs (the dashboard answers before its job module does)
-            try:
-                request = urllib.request.Request(f"{self.address}/api/jobs/", headers=headers)
-                with urllib.request.urlopen(request, timeout=5) as response:
-                    json.loads(response.read())
-                break
-            except (OSError, ValueError):
-                if time.time() > deadline:
-                    self.stop()
-                    raise
-                time.sleep(0.5)
-        return self
-
-    def stop(self) -> None:
-        if self.sid is None:
-            return
-        for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
-            for pid in session_pids(self.sid):
-                try:
-                    os.kill(pid, sig)
-                except OSError:
-                    pass
-            deadline = time.time() + wait
-            while session_pids(self.sid) and time.time() < deadline:
-                time.sleep(0.1)
-        self.sid = None
-
-    def files_containing(self, needle: str) -> list[str]:
-        found = []
-        for path in Path(self.temp_dir).rglob("*"):
-            try:
-                if path.is_file() and not path.is_symlink() and needle.encode() in path.read_bytes():
-                    found.append(str(path))
-            except OSError:
-                pass
-        return found
-
-    def cleanup(self) -> None:
-        self.stop()
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
 # The cluster's secret key (moto takes any): planted so that the tests can look for it everywhere.
@@ -175,11 +52,6 @@ def cluster(s3_server):
         yield c
     finally:
         c.cleanup()
-
-
-def sea_ray(*args: str, env: dict, timeout: float = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "sea-ray"), *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout)
 
 
 def _upload_world(world_dir: Path, uri: str) -> None:
@@ -262,39 +134,6 @@ def test_tiny_pipeline_submitted_twice_at_once_reads_and_writes_a_bucket(cluster
 
     listing = sea_ray("jobs", "--address", cluster.address, "list", env=env, timeout=120)
     assert listing.returncode == 0 and listing.stdout.count("SUCCEEDED") >= 2 and secret not in listing.stdout
-
-
-def test_token_authentication_on(tmp_path):
-    """A cluster with token auth: no token, no access; the token from RAY_AUTH_TOKEN (mode unset)
-    or RAY_AUTH_TOKEN_PATH (mode token) submits, follows and lists; the job's exit code comes back."""
-    token = secrets.token_hex(16)
-    c = LocalCluster(auth="token", token=token, num_cpus=1).start()
-    try:
-        home = tmp_path / "home"  # no ~/.ray/auth_token of this machine
-        home.mkdir()
-        denied = sea_ray("jobs", "--address", c.address, "list", env=clean_env(HOME=str(home),
-                                                                                RAY_AUTH_MODE="token"),
-                         timeout=120)
-        assert denied.returncode == 1 and "Authentication" in denied.stderr, denied.stderr[-3000:]
-
-        ok = sea_ray("submit", "--address", c.address, "--wait", "--", "presets",
-                     env=clean_env(HOME=str(home), RAY_AUTH_TOKEN=token), timeout=300)
-        assert ok.returncode == 0, (ok.stdout + ok.stderr)[-4000:]
-        assert "tiny-openclip-llama" in ok.stdout and "SUCCEEDED" in ok.stdout
-
-        token_file = tmp_path / "auth_token"
-        token_file.write_text(token)
-        env = clean_env(HOME=str(home), RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file))
-        failed = sea_ray("submit", "--address", c.address, "--wait", "--no-validate", "--", "validate", "--config",
-                         "workflows/configs/tiny_align.yaml", "bogus=1", env=env, timeout=300)
-        assert failed.returncode == 2, (failed.stdout + failed.stderr)[-4000:]
-        assert "bogus: unknown key" in failed.stdout and "FAILED, exit code 2" in failed.stdout
-        listing = sea_ray("jobs", "--address", c.address, env=env, timeout=120)
-        assert listing.returncode == 0 and "SUCCEEDED" in listing.stdout and "FAILED" in listing.stdout
-        for result in (denied, ok, failed, listing):
-            assert token not in result.stdout + result.stderr
-    finally:
-        c.cleanup()
 
 
 def test_a_search_of_ray_train_trials_submitted_to_a_cluster(cluster, s3_bucket, world_dir):
