@@ -27,6 +27,7 @@ from sea_ray.config.loading import path_fields, validate
 from sea_ray.config.schema import JOBS as CONFIG_CLASSES
 from sea_ray.errors import ConfigError
 from sea_ray.eval import job as eval_job
+from sea_ray.export import benchmark
 from sea_ray.labels import job as labels_job
 from sea_ray.train import driver
 from sea_ray.tune import search
@@ -52,6 +53,8 @@ JOBS: dict[str, Job] = {job.name: job for job in (
     Job("tune", "search SEA and adapter hyperparameters with Ray Tune + Optuna", search.run,
         (checks.job_problems, search.search_problems)),
     Job("eval", "evaluate a checkpoint (alignment diagnostics, QA accuracy)", eval_job.run),
+    Job("benchmark", "lmms-eval benchmarks of exported models, side by side (one Ray task per model)",
+        benchmark.run, (checks.job_problems, benchmark.problems)),
 )}
 
 

@@ -219,7 +219,8 @@ def to_dict(cfg: BaseModel) -> dict:
 
 def path_fields(cfg: BaseModel) -> list[tuple[str, str, str]]:
     """(dotted key, value, role) of every path set in a config, roles as marked on the fields
-    (input, output, model, world); list fields give one entry per item (``key.N``)."""
+    (input, output, model, world); list fields give one entry per item (``key.N``), lists of
+    sections one per path of each (``key.N.field``)."""
     found: list[tuple[str, str, str]] = []
     map_paths(cfg, lambda key, value, role: found.append((key, value, role)) or value)
     return found
@@ -235,6 +236,8 @@ def map_paths(cfg: BaseModel, fn: Callable[[str, str, str], str], prefix: str = 
         key = f"{prefix}{name}"
         if isinstance(value, BaseModel):
             new = map_paths(value, fn, f"{key}.")
+        elif isinstance(value, list) and value and all(isinstance(item, BaseModel) for item in value):
+            new = [map_paths(item, fn, f"{key}.{i}.") for i, item in enumerate(value)]
         else:
             role = (field.json_schema_extra or {}).get("path") if isinstance(field.json_schema_extra, dict) else None
             if role is None or value is None:

@@ -14,8 +14,8 @@ import difflib
 
 from pydantic import BaseModel
 
-from sea_ray.config.schema import (ADAPTER_PATTERN, PIPELINE_STEPS, AlignConfig, EvalConfig, LabelsConfig,
-                                   ModelConfig, PipelineConfig, TrainConfig)
+from sea_ray.config.schema import (ADAPTER_PATTERN, PIPELINE_STEPS, WORLD_TASK, AlignConfig, BenchmarkConfig,
+                                   EvalConfig, LabelsConfig, ModelConfig, PipelineConfig, TrainConfig)
 
 
 def _pipeline_problems(cfg: PipelineConfig) -> list[str]:
@@ -107,6 +107,21 @@ def cross_field_problems(cfg: BaseModel) -> list[str]:
         problems += _model_problems(cfg.model, "model")
     if isinstance(cfg, PipelineConfig):
         problems += _pipeline_problems(cfg)
+    if isinstance(cfg, BenchmarkConfig):
+        problems += _benchmark_problems(cfg)
+    return problems
+
+
+def _benchmark_problems(cfg: BenchmarkConfig) -> list[str]:
+    problems = []
+    names = [m.name for m in cfg.models]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        problems.append(f"models: each name once (twice: {', '.join(twice)})")
+    if cfg.baseline is not None and cfg.baseline not in names:
+        problems.append(f"baseline: {cfg.baseline!r} is none of the models ({', '.join(names)})")
+    if WORLD_TASK in cfg.tasks and not cfg.world:
+        problems.append(f"world: required by the {WORLD_TASK} task (a folder made by sea-ray world)")
     return problems
 
 

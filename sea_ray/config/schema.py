@@ -440,6 +440,56 @@ class QuickstartConfig(_Section):
     ray: RayConfig = RayConfig()
 
 
+# --------------------------------------------------------------------------- benchmark
+
+# lmms-eval task presets: the paper's eight benchmarks (Table 2), with the splits that score offline.
+BENCHMARK_PRESETS = {
+    "paper8": ("vqav2_val", "textvqa_val", "gqa", "scienceqa_img", "mmbench_en_dev", "pope", "vizwiz_vqa_val",
+               "mmvet"),
+}
+WORLD_TASK = "world_qa"  # the synthetic world's questions as an lmms-eval task (needs `world`)
+
+
+class BenchmarkModelConfig(_Section):
+    """One model of a benchmark: a column of the table."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="its column in the table")
+    path: str = Field(..., json_schema_extra=INPUT_PATH,
+                      description="an exported LLaVA folder (sea-ray export), or a checkpoint or run folder, "
+                      "exported first into <output>/exports/<name>; local or s3://")
+
+
+class BenchmarkConfig(_Section):
+    """``sea-ray benchmark``: lmms-eval on exported models, one Ray task per model, and one table
+    with a column per model and the mean relative gain over the baseline (see docs/export.md)."""
+
+    job: Literal["benchmark"] = "benchmark"
+    models: list[BenchmarkModelConfig] = Field(..., min_length=1, description="the models, baseline first "
+                                               "unless `baseline` names another")
+    baseline: Optional[str] = Field(None, description="the model the relative gains are measured against "
+                                    "(default: the first)")
+    tasks: list[str] = Field([WORLD_TASK], min_length=1,
+                             description="lmms-eval task names and presets: paper8 (" +
+                             ", ".join(BENCHMARK_PRESETS["paper8"]) + f"), {WORLD_TASK} (the world's questions, "
+                             "scored as sea-ray eval scores them)")
+    world: Optional[str] = Field(None, json_schema_extra=INPUT_PATH,
+                                 description=f"synthetic world folder of the {WORLD_TASK} task")
+    split: Literal["train", "val", "test"] = Field("test", description=f"the world split {WORLD_TASK} asks about")
+    max_samples: Optional[int] = Field(None, ge=1, description=f"{WORLD_TASK}: the split's first images (as "
+                                       "sea-ray eval's max_samples)")
+    max_new_tokens: int = Field(8, ge=1, description=f"{WORLD_TASK}: greedy decoding length (sea-ray eval's)")
+    limit: Optional[int] = Field(None, ge=1, description="documents per task (lmms-eval --limit), for a quick look")
+    output: str = Field("./benchmark", json_schema_extra=OUTPUT_PATH,
+                        description="report folder (local or s3://): report.md, report.json, <model>/results.json, "
+                        "exports/")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when the cluster has GPUs")
+    gpus_per_model: float = Field(1.0, gt=0, description="GPUs of each model's Ray task when device is cuda")
+    batch_size: int = Field(1, ge=1, description="lmms-eval's batch size")
+    model_args: dict[str, str] = Field({}, description="extra arguments of lmms-eval's llava_hf model, e.g. "
+                                       "attn_implementation: sdpa")
+    ray: RayConfig = RayConfig()
+
+
 # --------------------------------------------------------------------------- pipeline
 
 PIPELINE_STEPS = ("world", "import", "labels", "tune", "align", "instruct", "eval")
@@ -525,4 +575,5 @@ JOBS: dict[str, type[_Section]] = {
     "eval": EvalConfig,
     "quickstart": QuickstartConfig,
     "pipeline": PipelineConfig,
+    "benchmark": BenchmarkConfig,
 }
