@@ -158,6 +158,21 @@ def test_half_written_checkpoints_are_never_used(tmp_path):
     torch.testing.assert_close(ckpt.load_model_state(str(good))["adapter.w"], torch.ones(2))
 
 
+def test_a_published_checkpoint_gets_its_marker_last(tmp_path, monkeypatch):
+    """Copied to the run (the in-process trainers), the marker arrives after every other file, so
+    a process killed mid-copy leaves a folder no reader takes for complete."""
+    local = tmp_path / "local"
+    ckpt.write_checkpoint(str(local), {"adapter.w": torch.ones(2)}, {"step": 1}, {"step": 2}, {}, "align")
+    fs, _ = storage.fsspec_fs(str(tmp_path))
+    copied = []
+    real = type(fs).put_file
+    monkeypatch.setattr(type(fs), "put_file", lambda self, src, dst, **kw: copied.append(Path(dst).name)
+                        or real(self, src, dst, **kw))
+    ckpt.publish(str(local), str(tmp_path / "run" / ckpt.step_dir_name(2)))
+    assert copied[-1] == ckpt.COMPLETE and sorted(copied) == sorted(p.name for p in local.iterdir())
+    assert ckpt.latest_complete(str(tmp_path / "run")) == str(tmp_path / "run" / ckpt.step_dir_name(2))
+
+
 def test_instruct_from_the_adapter_of_an_align_run_in_a_bucket(reference, labelled_world, bucket):
     world, _ = labelled_world
     runs = f"{bucket}/runs"

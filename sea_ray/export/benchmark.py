@@ -208,8 +208,9 @@ def run(cfg: BenchmarkConfig) -> dict:
               "datasets": {t: datasets.get(t) or _dataset_of(first["configs"].get(t, {})) for t in tasks},
               "task_hashes": {name: r.get("task_hashes") for name, r in results.items()}}
     storage.write_text(storage.join(cfg.output, "report.json"), json.dumps(report, indent=2, default=str))
-    storage.write_text(storage.join(cfg.output, "report.md"), render_report(report))
-    log.info("benchmark report: %s", storage.join(cfg.output, "report.md"))
+    text = render_report(report)
+    storage.write_text(storage.join(cfg.output, "report.md"), text)
+    log.info("benchmark report %s:\n%s", storage.join(cfg.output, "report.md"), text)
     return {"output": cfg.output, "table": table, "mean_relative_gain": {m: g["mean"] for m, g in report["gains"].items()},
             "notes": notes}
 

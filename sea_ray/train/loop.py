@@ -489,8 +489,7 @@ class LocalIO(_TensorBoardMixin):
 
     def report(self, metrics: dict, checkpoint_dir: Optional[str], name: Optional[str]):
         if checkpoint_dir and name:
-            fs, path = storage.fsspec_fs(storage.join(self.run_uri, name))
-            fs.put(checkpoint_dir.rstrip("/") + "/", path + "/", recursive=True)
+            ckpt.publish(checkpoint_dir, storage.join(self.run_uri, name))
         if self._on_report:
             self._on_report(metrics)
 
