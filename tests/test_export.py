@@ -132,6 +132,20 @@ def test_tiny_open_clip_with_tied_embeddings(tmp_path, world_dir):
     assert hf.lm_head.weight.data_ptr() == hf.get_input_embeddings().weight.data_ptr()
 
 
+def test_a_siglip_tower_exports_with_every_patch(tmp_path, world_dir):
+    """SigLIP has no class token: LLaVA's `full` strategy, no additional image token."""
+    siglip = {"backend": "hf", "name": "custom", "custom": {
+        "model_type": "siglip",
+        "vision_config": {"image_size": 64, "patch_size": 8, "hidden_size": 64, "intermediate_size": 128,
+                          "num_hidden_layers": 3, "num_attention_heads": 2},
+        "text_config": {"vocab_size": 1024, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                        "num_attention_heads": 2, "max_position_embeddings": 32}}}
+    uri = write_checkpoint(tmp_path, world_dir, "instruct", {"preset": "tiny-hfclip-llama", "vision": siglip})
+    hf, processor = assert_parity(uri, tmp_path / "hf", world_dir)
+    assert hf.config.vision_feature_select_strategy == "full" and processor.num_additional_image_tokens == 0
+    assert hf.config.vision_config.model_type == "siglip_vision_model"
+
+
 def test_the_llms_own_chat_template_is_exported(tmp_path, world_dir):
     from sea_ray.model.llm import load_tokenizer
 

@@ -47,10 +47,6 @@ from sea_ray.data.images import RESIZE_RULE
 
 
 
-def _is_siglip(tower) -> bool:
-    return getattr(tower, "backend", None) == "hf" and tower.model_type.startswith("siglip")
-
-
 # --------------------------------------------------------------------------- checks (open_clip)
 
 
@@ -236,7 +232,7 @@ def hf_vision(tower) -> tuple:
 def image_processor(tower, backend: str = "pil"):
     """The Hugging Face image processor whose ``pixel_values`` for a PIL image are
     ``tower.transform(image)``: shortest side resized to ``image_size`` (bicubic), centre crop,
-    rescale by 1/255, the tower's mean and std; a ``SiglipImageProcessor*`` for a SigLIP tower.
+    rescale by 1/255, the tower's mean and std (SigLIP's too: sea_ray crops for every tower).
 
     ``backend="pil"`` (``CLIPImageProcessorPil``) resizes with PIL, as open_clip's transform does,
     and matches it exactly; ``"torchvision"`` (``CLIPImageProcessor``, the default of transformers
@@ -249,7 +245,8 @@ def image_processor(tower, backend: str = "pil"):
         raise ValueError(f"cannot export the transform {tower.transform_spec()['resize']!r} (only {RESIZE_RULE})")
     if backend not in ("pil", "torchvision"):
         raise ValueError(f"image processor backend must be 'pil' or 'torchvision', not {backend!r}")
-    name = ("Siglip" if _is_siglip(tower) else "CLIP") + "ImageProcessor" + ("Pil" if backend == "pil" else "")
+    # CLIP's processor for every tower: it is the one with sea_ray's geometry (shortest side, centre crop)
+    name = "CLIPImageProcessor" + ("Pil" if backend == "pil" else "")
     size = tower.image_size
     return getattr(transformers, name)(
         do_resize=True, size={"shortest_edge": size}, resample=PILImageResampling.BICUBIC,
