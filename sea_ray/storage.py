@@ -236,6 +236,16 @@ def create_exclusive(uri: str, data: bytes) -> bool:
     return True
 
 
+def put_folder(local: str, uri: str, last: str) -> None:
+    """Copy the files of the local folder ``local`` to ``uri`` (local or remote), the file named
+    ``last`` after every other: a reader that sees it sees the whole folder."""
+    fs, path = fsspec_fs(uri)
+    if not is_remote(uri):
+        fs.makedirs(path, exist_ok=True)
+    for name in sorted(os.listdir(local), key=lambda name: name == last):
+        fs.put_file(os.path.join(local, name), f"{path.rstrip('/')}/{name}")
+
+
 def makedirs(uri: str) -> None:
     fs, path = fsspec_fs(uri)
     if not is_remote(uri):

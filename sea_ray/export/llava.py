@@ -168,10 +168,7 @@ def _publish(local: str, out: str) -> None:
         os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
         os.replace(local, target)
         return
-    fs, path = storage.fsspec_fs(out)
-    names = sorted(os.listdir(local), key=lambda n: (n == LAST_FILE, n))
-    for name in names:
-        fs.put_file(os.path.join(local, name), f"{path.rstrip('/')}/{name}")
+    storage.put_folder(local, out, last=LAST_FILE)
 
 
 def export(checkpoint: str, out: str, dtype: Optional[str] = None, overwrite: bool = False) -> dict:

@@ -69,12 +69,7 @@ def write_checkpoint(directory: str, model_state: dict[str, torch.Tensor], optim
 def publish(directory: str, uri: str) -> None:
     """Copy a checkpoint written by :func:`write_checkpoint` to ``uri`` (local or remote), its
     ``_COMPLETE`` marker last: a reader that sees the marker sees every file."""
-    fs, path = storage.fsspec_fs(uri)
-    names = sorted(os.listdir(directory), key=lambda name: name == COMPLETE)
-    if not storage.is_remote(uri):
-        fs.makedirs(path, exist_ok=True)
-    for name in names:
-        fs.put_file(os.path.join(directory, name), f"{path.rstrip('/')}/{name}")
+    storage.put_folder(directory, uri, last=COMPLETE)
 
 
 def is_complete(uri: str) -> bool:
