@@ -10,8 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import Callable
+
+import yaml
 
 from sea_ray import jobs, preflight, quickstart, storage
 from sea_ray import pipeline as pipelines
@@ -23,6 +26,7 @@ from sea_ray.eval.generate import generate
 from sea_ray.export.llava import export
 from sea_ray.labels.vocab import save_vocab, vocab_from_config
 from sea_ray.presets import PRESETS
+from sea_ray.runtime import QUIET_VAR
 from sea_ray.world import audit as label_audit
 from sea_ray.world.generator import generate_world
 
@@ -32,6 +36,12 @@ EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, metavar="FILE", help="job config YAML")
     p.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="override config values")
+
+
+def _job_args(p: argparse.ArgumentParser) -> None:
+    _add_config_args(p)
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (presets expanded, overrides applied, every default) and stop")
 
 
 # --------------------------------------------------------------------------- verbs
@@ -68,8 +78,12 @@ def cmd_presets(args) -> int:
 
 
 def cmd_job(args) -> int:
-    """Every config job: load, validate and check everything once, then run it."""
+    """Every config job: load, validate and check everything once, then run it (``--print-config``:
+    print the resolved config, every default spelled out, and stop)."""
     cfg = load_config(args.config, args.overrides, job=args.verb)
+    if args.print_config:
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        return EXIT_OK
     preflight.check(cfg, args.config)
     summary = jobs.run(cfg, checked=True)
     print(json.dumps(summary, indent=2, sort_keys=True, default=str))
@@ -149,7 +163,7 @@ VERBS: dict[str, tuple[str, Callable, Callable]] = {
 
 
 for _job in jobs.JOBS.values():
-    VERBS[_job.name] = (_job.summary, _add_config_args, cmd_job)
+    VERBS[_job.name] = (_job.summary, _job_args, cmd_job)
 
 
 # --------------------------------------------------------------------------- pipeline, submit, jobs
@@ -312,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        os.environ.setdefault(QUIET_VAR, "1")
     try:
         return VERBS[args.verb][2](args)
     except ConfigError as exc:

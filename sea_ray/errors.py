@@ -20,3 +20,8 @@ class ConfigError(SeaRayError):
 
 class DataError(SeaRayError):
     """Input data cannot be used at all (not a single bad row: those are skipped and counted)."""
+
+
+class TrainingFailed(SeaRayError):
+    """A training stage's workers failed (their errors, one line per distinct error, in the message;
+    the full tracebacks are in the workers' logs above it)."""

@@ -49,7 +49,7 @@ from typing import Any, Callable, Optional
 import yaml
 
 from sea_ray import jobs, paths, runtime, storage
-from sea_ray.config.loading import set_dotted, to_dict
+from sea_ray.config.loading import anchor_preset_files, set_dotted, to_dict
 from sea_ray.config.schema import PIPELINE_STEPS, PipelineConfig
 from sea_ray.data.importer import import_manifest
 from sea_ray.train.data import label_shards, manifest_rows
@@ -149,7 +149,7 @@ def _read_recipe(step: str, recipe: Optional[str], base_dir: Path, problems: lis
         return {}
     if raw.get("job") not in (None, step):
         problems.append(f"{step}.recipe: {path} is a {raw.get('job')!r} recipe, not {step!r}")
-    return raw
+    return anchor_preset_files(raw, path.resolve().parent)
 
 
 def _wiring(name: str, plan_so_far: dict[str, StepPlan], cfg: PipelineConfig, data: dict) -> dict[str, Any]:

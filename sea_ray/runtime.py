@@ -117,6 +117,46 @@ def check_cluster_env() -> None:
                            "Kubernetes Secret, docs/submit.md#credentials)" for name in missing])
 
 
+# Ray's own INFO chatter in a job's output (worker-group starts, "Reporting training result", Ray
+# Data's execution plans, and without a dashboard the Train placement-group cleaner's "Failed to
+# query" warning every second): off when this variable is 1. The CLI sets it unless -v.
+QUIET_VAR = "SEA_RAY_QUIET"
+_QUIET_LEVELS = {"ray.train": logging.WARNING, "ray.data": logging.WARNING,
+                 "ray.train.v2._internal.execution.controller.placement_group_cleaner": logging.ERROR}
+# Ray Train's worker context logs "Reporting training result ..." at every report on a logger
+# named by its file's path (``getLogger(__file__)``), which no "ray.train" setting reaches.
+_PATH_NAMED = "ray.train.v2._internal.execution.context"
+# The logger that warns, once per process, that progress bars are off (sea_ray turns them off).
+_PROGRESS_LOGGER = "ray.data._internal.progress"
+
+
+def _not_progress_notice(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Progress bars")
+
+
+def ray_logs_quiet() -> bool:
+    return os.environ.get(QUIET_VAR) == "1"
+
+
+def quiet_ray_logs() -> None:
+    """When :data:`QUIET_VAR` is 1: Ray Train's and Ray Data's INFO logs off in this process (a
+    local Ray's workers run it at start, as their ``worker_process_setup_hook``; Train workers run
+    it again after their imports; Ray Train's own loggers follow the run's ``LoggingConfig``).
+    Warnings and errors stay."""
+    if not ray_logs_quiet():
+        return
+    import importlib.util
+
+    for name, level in _QUIET_LEVELS.items():
+        logging.getLogger(name).setLevel(level)
+    spec = importlib.util.find_spec(_PATH_NAMED)
+    if spec is not None and spec.origin:
+        logging.getLogger(spec.origin).setLevel(logging.WARNING)
+    progress = logging.getLogger(_PROGRESS_LOGGER)
+    if _not_progress_notice not in progress.filters:
+        progress.addFilter(_not_progress_notice)
+
+
 def init_ray(ray_cfg=None, quiet: bool = False, dashboard: bool = False):
     """Connect to (or start) Ray unless this process already did; returns the ray module.
 
@@ -145,6 +185,11 @@ def init_ray(ray_cfg=None, quiet: bool = False, dashboard: bool = False):
     # No runtime env: the local workers inherit this process's environment (credentials included),
     # and nothing is written into Ray's metadata or logs.
     extra = {"include_dashboard": True, "dashboard_host": "127.0.0.1"} if dashboard else {"include_dashboard": False}
+    if ray_logs_quiet():  # the hook's name is all this runtime env holds
+        extra["runtime_env"] = {"worker_process_setup_hook": f"{__name__}.quiet_ray_logs"}
+        import ray.data  # noqa: F401 - Ray Data sets its loggers' levels when imported: before quieting
+
+        quiet_ray_logs()
     _remember(ray, ray.init(address="local", num_cpus=num_cpus, **extra, **kwargs))
     check_loopback(ray)
     return ray

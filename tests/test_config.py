@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from sea_ray.checks import job_problems, tower_grid
-from sea_ray.config.loading import load_config, validate
+from sea_ray.config.loading import load_config, to_dict, validate
 from sea_ray.config.schema import AlignConfig, InstructConfig
 from sea_ray.errors import ConfigError
 
@@ -189,3 +189,47 @@ def test_local_paths_become_absolute_by_their_markers(tmp_path, monkeypatch):
     assert absolute_paths(ev).curves == [str(tmp_path / "c1"), "s3://b/c2"]
     assert absolute_paths(ev).output == str(tmp_path / "eval")
     assert driver.absolute_paths is absolute_paths  # what Ray Train workers see
+
+
+# --------------------------------------------------------------------------- user presets, --print-config
+
+
+def _user_preset(tmp_path):
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "my-vlm.yaml").write_text(
+        "preset: tiny-openclip-llama\nadapter: {type: mlp2x_gelu, hidden_size: 96}\nllm: {dtype: float32}\n")
+    (tmp_path / "align.yaml").write_text("job: align\nmodel: {preset: models/my-vlm.yaml, llm: {attn_implementation: "
+                                         "eager}}\ndata: {manifest: x.json}\nsea: {enabled: false}\n")
+    return tmp_path / "align.yaml"
+
+
+def test_a_model_block_in_its_own_file_is_a_preset_next_to_the_config(tmp_path, monkeypatch):
+    config = _user_preset(tmp_path)
+    monkeypatch.chdir("/")  # the file is found next to the config, not in the working directory
+    cfg = load_config(config)
+    assert cfg.model.adapter.hidden_size == 96  # from the file
+    assert cfg.model.llm.attn_implementation == "eager"  # the config's own key wins
+    builtin = validate({"job": "align", "model": {"preset": "tiny-openclip-llama"}, "data": {"manifest": "x"},
+                        "sea": {"enabled": False}})
+    assert cfg.model.vision == builtin.model.vision  # the built-in preset the file names
+    assert cfg.model.preset == str(tmp_path / "models" / "my-vlm.yaml")
+
+
+def test_a_missing_or_bad_preset_file_is_a_config_error(tmp_path):
+    config = _user_preset(tmp_path)
+    with pytest.raises(ConfigError, match="preset file not found: .*nope.yaml"):
+        load_config(config, ["model.preset=nope.yaml"])
+    (tmp_path / "models" / "my-vlm.yaml").write_text("- a list\n")
+    with pytest.raises(ConfigError, match="must hold a model block"):
+        load_config(config)
+
+
+def test_print_config_shows_every_default_and_reads_back_as_the_same_config(tmp_path, capsys):
+    from sea_ray import cli
+
+    config = _user_preset(tmp_path)
+    assert cli.main(["align", "--config", str(config), "--print-config", "optim.lr=3e-4"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["optim"]["lr"] == 3e-4 and printed["stall_timeout_s"] == 1800  # a default, spelled out
+    assert printed["model"]["adapter"]["hidden_size"] == 96
+    assert to_dict(validate(printed)) == printed

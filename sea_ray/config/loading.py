@@ -99,22 +99,83 @@ def _deep_merge(base: dict, top: dict) -> dict:
     return out
 
 
+PRESET_FILE_SUFFIXES = (".yaml", ".yml")
+
+
+def is_preset_file(name: Any) -> bool:
+    """A user preset: ``model: {preset: path/to/model.yaml}`` names a YAML file holding a model
+    block (which may itself name a built-in preset), not a built-in preset's name."""
+    return isinstance(name, str) and name.endswith(PRESET_FILE_SUFFIXES)
+
+
+def anchor_preset_files(raw: Any, base_dir: Path) -> Any:
+    """Relative preset files of a YAML file's config made absolute against the folder of that file
+    (as a pipeline's recipes are found next to the pipeline file); values given on the command
+    line stay relative to the working directory, like every other path."""
+    if isinstance(raw, list):
+        return [anchor_preset_files(v, base_dir) for v in raw]
+    if not isinstance(raw, dict):
+        return raw
+    out = {k: anchor_preset_files(v, base_dir) for k, v in raw.items()}
+    model = out.get("model")
+    if isinstance(model, dict) and is_preset_file(model.get("preset")) and not Path(model["preset"]).is_absolute():
+        out["model"] = dict(model, preset=str((base_dir / model["preset"]).resolve()))
+    for key, value in list(out.items()):  # dotted keys of `set` sections and overrides
+        if key.endswith("model.preset") and is_preset_file(value) and not Path(value).is_absolute():
+            out[key] = str((base_dir / value).resolve())
+    return out
+
+
+def _read_preset_file(path: str, loc: str, problems: list[str]) -> Optional[dict]:
+    try:
+        block = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        problems.append(f"{loc}.preset: preset file not found: {path}")
+        return None
+    except yaml.YAMLError as exc:
+        problems.append(f"{loc}.preset: {path} is not valid YAML: {exc}")
+        return None
+    if isinstance(block, dict) and set(block) == {"model"}:  # a file that spells the section's name
+        block = block["model"]
+    if not isinstance(block, dict):
+        problems.append(f"{loc}.preset: {path} must hold a model block (vision, adapter, llm)")
+        return None
+    if is_preset_file(block.get("preset")):
+        problems.append(f"{loc}.preset: {path} names another preset file; a preset file may name a built-in "
+                        "preset only")
+        return None
+    return block
+
+
 def _expand_presets(raw: Any, problems: list[str], where: str = "") -> Any:
-    """Replace every ``model: {preset: X, ...}`` by the preset merged with the keys beside it."""
+    """Replace every ``model: {preset: X, ...}`` by the preset merged with the keys beside it. ``X``
+    is a built-in preset's name or a YAML file of a model block (which may name a built-in preset
+    itself): built-in <- file <- the config's own keys."""
     if not isinstance(raw, dict):
         return raw
     out = {}
     for key, value in raw.items():
         loc = f"{where}.{key}" if where else key
         if key == "model" and isinstance(value, dict) and value.get("preset"):
-            name = value["preset"]
+            name, own = value["preset"], value
+            if is_preset_file(name):
+                block = _read_preset_file(name, loc, problems)
+                if block is None:
+                    out[key] = {k: v for k, v in value.items() if k != "preset"}
+                    continue
+                own = _deep_merge({k: v for k, v in block.items() if k != "preset"}, value)
+                name = block.get("preset")
+                if not name:
+                    out[key] = own
+                    continue
             if name not in PRESETS:
                 close = difflib.get_close_matches(str(name), PRESETS, n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
-                problems.append(f"{loc}.preset: unknown preset {name!r}{hint}; valid: {', '.join(sorted(PRESETS))}")
-                out[key] = {k: v for k, v in value.items() if k != "preset"}
+                problems.append(f"{loc}.preset: unknown preset {name!r}{hint}; valid: {', '.join(sorted(PRESETS))} "
+                                "or a YAML file of a model block (model.yaml)")
+                out[key] = {k: v for k, v in own.items() if k != "preset"}
             else:
-                out[key] = _deep_merge(get_preset(name), value)
+                out[key] = _deep_merge(get_preset(name), own)
         else:
             out[key] = _expand_presets(value, problems, loc)
     return out
@@ -206,7 +267,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None, job: Optio
         raise ConfigError([f"not valid YAML: {exc}"], str(path)) from None
     if not isinstance(raw, dict):
         raise ConfigError([f"the config must be a mapping, got {type(raw).__name__}"], str(path))
-    raw = apply_overrides(raw, overrides or [])
+    raw = apply_overrides(anchor_preset_files(raw, path.resolve().parent), overrides or [])
     if job is not None and raw.get("job") not in (None, job):
         raise ConfigError([f"job: this command runs {job!r} but the config says {raw.get('job')!r}"], str(path))
     return validate(raw, job=job, source=str(path))

@@ -158,6 +158,9 @@ class TrainConfig(_Section):
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 autocast on GPU, fp32 on CPU")
     grad_checkpointing: bool = False
     log_every_n_steps: int = Field(10, ge=1)
+    stall_timeout_s: Optional[float] = Field(1800, gt=0, description="a stage that makes no optimizer step for "
+                                             "this long fails with what it waits for (data, a collective, a "
+                                             "save); none = wait forever")
 
 
 class AlignConfig(TrainConfig):

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from sea_ray.runtime import quiet_ray_logs
+
 
 def segments(segments: list, fn_class: type, kwargs: dict[str, Any], num_actors: int, actor_cpus: float):
     """A dataset of ``(source rows, stream positions)`` segments, in order, each mapped by
@@ -28,8 +30,11 @@ def blocks(ds, prefetch: int = 2):
 
 
 def configure(progress_bars: bool | None = None, preserve_order: bool | None = None) -> None:
-    """Set the current Ray Data context's progress bars and ordering (None leaves a switch as is)."""
+    """Set the current Ray Data context's progress bars and ordering (None leaves a switch as is),
+    and quiet Ray Data's INFO logs in this process when the job asks for it."""
     import ray.data
+
+    quiet_ray_logs()
 
     ctx = ray.data.DataContext.get_current()
     if progress_bars is not None:

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from typing import Callable, Optional
 
 from sea_ray import paths, storage
 from sea_ray.checks import tower_image_size
 from sea_ray.config.loading import to_dict
+from sea_ray.errors import SeaRayError, TrainingFailed
 from sea_ray.paths import absolute_paths
-from sea_ray.runtime import init_ray
+from sea_ray.runtime import init_ray, ray_logs_quiet
 
 log = logging.getLogger(__name__)
 
@@ -23,27 +25,38 @@ def run_uri(cfg) -> str:
     return storage.join(paths.absolute(cfg.run.storage), cfg.run.name)
 
 
-def _progress_callback(total: int, desc: str):
+def step_line(step: int, total: int, metrics: dict) -> str:
+    """One compact progress line: ``step 10/50 loss_lm 1.234 loss_sea 0.567 lr 1.0e-03 samples/s 12.3``."""
+    parts = [f"step {step}/{total}"]
+    parts += [f"{k} {metrics[k]:.4f}" for k in ("loss_lm", "loss_sea", "temperature") if k in metrics]
+    if "lr" in metrics:
+        parts.append(f"lr {metrics['lr']:.2e}")
+    if "samples_per_s" in metrics:
+        parts.append(f"samples/s {metrics['samples_per_s']:.1f}")
+    return " ".join(parts)
+
+
+def _progress_callback(total: int, desc: str, bar: bool):
+    """Progress on the driver: a bar (tqdm_ray, rendered from the controller actor) when the
+    driver's output is a terminal, else one :func:`step_line` per report."""
     from ray.train import UserCallback
 
     class Progress(UserCallback):
-        """A progress bar on the driver (tqdm_ray renders bars from the controller actor)."""
-
         def __init__(self):
             self.bar = None
             self.done = 0
 
         def after_report(self, run_context, metrics, checkpoint):
-            from ray.experimental.tqdm_ray import tqdm
-
-            if self.bar is None:
-                self.bar = tqdm(total=total, desc=desc)
             step = int(metrics[0].get("step", self.done)) if metrics else self.done
-            self.bar.update(max(0, step - self.done))
+            if bar:
+                from ray.experimental.tqdm_ray import tqdm
+
+                if self.bar is None:
+                    self.bar = tqdm(total=total, desc=desc)
+                self.bar.update(max(0, step - self.done))
+            else:
+                print(f"{desc} {step_line(step, total, metrics[0] if metrics else {})}", flush=True)
             self.done = step
-            shown = {k: round(v, 4) for k, v in (metrics[0] if metrics else {}).items()
-                     if k in ("loss_lm", "loss_sea", "temperature", "samples_per_s")}
-            log.info("step %d/%d %s", step, total, shown)
 
     return Progress()
 
@@ -55,7 +68,7 @@ def make_trainer(cfg, worker_fn, loop_config: dict, callbacks: list,
     the source travels in ``loop_config``), so the trainer is given no dataset.
     ``controller_failure_limit``: how often the controller itself may fail before the run does
     (a tune trial sets 1, so it fails instead of hanging)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     resources = {"CPU": cfg.scaling.cpus_per_worker}
@@ -73,7 +86,8 @@ def make_trainer(cfg, worker_fn, loop_config: dict, callbacks: list,
         run_config=RunConfig(name=cfg.run.name, storage_path=path, storage_filesystem=fs,
                              failure_config=FailureConfig(**failure),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
-                             callbacks=callbacks),
+                             callbacks=callbacks,
+                             logging_config=LoggingConfig(log_level="WARNING" if ray_logs_quiet() else "INFO")),
     )
 
 
@@ -99,6 +113,26 @@ def loop_config(cfg, run: str, exclude_ids=()) -> dict:
             "preprocess": preprocess_kwargs(cfg, image_size)}
 
 
+def fit(trainer, what: str):
+    """``trainer.fit()``; a failure of its workers becomes one :class:`TrainingFailed` naming each
+    distinct worker error with its ranks (a sea_ray error by its message, any other by its type too)."""
+    from ray.train import TrainingFailedError
+
+    try:
+        return trainer.fit()
+    except TrainingFailedError as exc:
+        failures = getattr(exc, "worker_failures", None) or {}
+        by_error: dict[str, list[int]] = {}
+        for rank, error in sorted(failures.items()):
+            text = str(error) if isinstance(error, SeaRayError) else f"{type(error).__name__}: {error}"
+            by_error.setdefault(text.strip().splitlines()[-1] if text.strip() else type(error).__name__,
+                                []).append(rank)
+        lines = [f"worker {', '.join(map(str, ranks))}: {text}" for text, ranks in by_error.items()]
+        if not lines:
+            lines = [str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__]
+        raise TrainingFailed(f"{what} failed (tracebacks above):\n  " + "\n  ".join(lines)) from None
+
+
 def run(cfg) -> dict:
     """Train ``cfg`` (an AlignConfig or InstructConfig) on Ray Train; returns a summary."""
     from sea_ray.train.checkpoint import latest_complete
@@ -115,7 +149,7 @@ def run(cfg) -> dict:
              cfg.batch.global_size, cfg.scaling.num_workers, cfg.batch.per_worker, accum, uri)
     storage.makedirs(uri)
     storage.write_text(storage.join(uri, "config.json"), json.dumps(to_dict(cfg), indent=2, sort_keys=True))
-    trainer = make_trainer(cfg, train_loop, config, callbacks=[_progress_callback(steps, cfg.job)])
-    result = trainer.fit()
+    trainer = make_trainer(cfg, train_loop, config, callbacks=[_progress_callback(steps, cfg.job, sys.stdout.isatty())])
+    result = fit(trainer, f"{cfg.job} ({uri})")
     return {"job": cfg.job, "run": uri, "steps": steps, "checkpoint": latest_complete(uri),
             "metrics": result.metrics or {}}

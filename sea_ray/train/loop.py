@@ -29,10 +29,12 @@ from sea_ray import storage
 from sea_ray.constants import IGNORE_INDEX
 from sea_ray.data.images import split_transform, to_model_input
 from sea_ray.errors import DataError
+from sea_ray.runtime import quiet_ray_logs
 from sea_ray.model.vlm import build_vlm
 from sea_ray.sea import SeaLoss, average_gradients, lambda_at, pair_loss, select_pairs, word_targets
 from sea_ray.train import checkpoint as ckpt
 from sea_ray.train.feed import memory_micro_batches, order_of, ray_micro_batches
+from sea_ray.train.watchdog import StallError, Watchdog
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +103,8 @@ def to_model_batch(batch: dict, pad_id: int, normalize, device) -> dict:
     labels = torch.full((n, length), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((n, length), dtype=torch.long)
     for i, (ids, lab) in enumerate(zip(batch["input_ids"], batch["labels"])):
-        input_ids[i, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
-        labels[i, : len(lab)] = torch.as_tensor(lab, dtype=torch.long)
+        input_ids[i, : len(ids)] = torch.from_numpy(np.asarray(ids, dtype=np.int64).copy())
+        labels[i, : len(lab)] = torch.from_numpy(np.asarray(lab, dtype=np.int64).copy())
         mask[i, : len(ids)] = 1
     has_image = np.asarray(batch["has_image"], dtype=bool)
     out = {"input_ids": input_ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device),
@@ -110,10 +112,10 @@ def to_model_batch(batch: dict, pad_id: int, normalize, device) -> dict:
            "num_tokens": int(np.sum(batch["num_tokens"])), "num_samples": n}
     if "label_ids" in batch:
         rows = [i for i in range(n) if has_image[i]]
-        out["label_ids"] = torch.stack([torch.as_tensor(np.asarray(batch["label_ids"][i]), dtype=torch.long)
+        out["label_ids"] = torch.stack([torch.from_numpy(np.array(batch["label_ids"][i], dtype=np.int64))
                                         for i in rows])
-        out["label_scores"] = torch.stack([torch.as_tensor(np.asarray(batch["label_scores"][i]),
-                                                           dtype=torch.float32) for i in rows])
+        out["label_scores"] = torch.stack([torch.from_numpy(np.array(batch["label_scores"][i], dtype=np.float32))
+                                           for i in rows])
         out["top_n"] = int(batch["top_n"][0])
     return out
 
@@ -383,32 +385,55 @@ def save(st: Stage, metrics: dict) -> None:
 
 def run_stage(cfg, io, evaluate: Optional[Callable[[object, int], dict]] = None) -> dict:
     """Train one stage; returns the last metrics. ``evaluate(model, step)``, when given, runs at
-    every logging step and its metrics join the report (validation metrics for Tune)."""
+    every logging step and its metrics join the report (validation metrics for Tune). A stage
+    that makes no optimizer step for ``cfg.stall_timeout_s`` fails (:mod:`sea_ray.train.watchdog`)."""
     st = setup(cfg, io)
     batches = io.micro_batches(order_of(cfg, io.num_rows), st.state["step"], st.steps)
     window, metrics, last = Window(), {}, None
-    while st.state["step"] < st.steps:
-        for micro in range(st.accum):
-            batch = next(batches)
-            if batch is None and last is None:
-                raise DataError(f"worker {io.world_rank}: every row of its first micro-batch was dropped "
-                                "(see the warnings above)")
-            window.add(micro_step(st, batch if batch is not None else last, micro, 1.0 if batch is not None else 0.0))
-            last = batch if batch is not None else last
-        optimizer_step(st)
-        window.steps += 1
-        step = st.state["step"]
-        checkpoint = step % cfg.checkpoint.every_n_steps == 0 or step == st.steps
-        if step % cfg.log_every_n_steps == 0 or step == st.steps:
-            metrics = report(st, window, evaluate)
-            window = Window()
-            if not checkpoint:
-                io.report(dict(metrics, step=step), None, None)
-        if checkpoint:
-            save(st, metrics)
+    waiting = {"what": "the first micro-batch"}
+
+    def describe() -> str:
+        return (f"{cfg.job} stage, worker {io.world_rank} of {io.world_size}, at step {st.state['step']}/{st.steps}, "
+                f"waiting for {waiting['what']}")
+
+    dog = Watchdog(cfg.stall_timeout_s, describe, hard_exit=isinstance(io, RayTrainIO))
+    try:
+        with dog:
+            while st.state["step"] < st.steps:
+                for micro in range(st.accum):
+                    waiting["what"] = f"micro-batch {micro + 1} of {st.accum} (the data feed)"
+                    batch = next(batches)
+                    if batch is None and last is None:
+                        raise DataError(f"worker {io.world_rank}: every row of its first micro-batch was dropped "
+                                        "(see the warnings above)")
+                    waiting["what"] = f"the forward and backward of micro-batch {micro + 1} of {st.accum}"
+                    window.add(micro_step(st, batch if batch is not None else last, micro,
+                                          1.0 if batch is not None else 0.0))
+                    last = batch if batch is not None else last
+                waiting["what"] = "the optimizer step (the gradient all-reduce with the other workers)"
+                optimizer_step(st)
+                dog.beat()
+                window.steps += 1
+                step = st.state["step"]
+                checkpoint = step % cfg.checkpoint.every_n_steps == 0 or step == st.steps
+                if step % cfg.log_every_n_steps == 0 or step == st.steps:
+                    waiting["what"] = "the report (metrics and evaluation)"
+                    metrics = report(st, window, evaluate)
+                    window = Window()
+                    if not checkpoint:
+                        io.report(dict(metrics, step=step), None, None)
+                if checkpoint:
+                    waiting["what"] = "the checkpoint save"
+                    save(st, metrics)
+                    if st.writer is not None:
+                        st.writer.flush()
+                        io.sync_tensorboard()
+                dog.beat()
+    except StallError:
+        raise dog.error() from None
     if st.writer is not None:
         st.writer.close()
-        io.sync_tensorboard()
+        io.sync_tensorboard(final=True)
     return metrics
 
 
@@ -428,12 +453,15 @@ class _TensorBoardMixin:
         path = os.path.join(storage.local_copy(self.run_uri), "tensorboard")
         return SummaryWriter(path)
 
-    def sync_tensorboard(self):
-        """Copy event files written locally (remote run storage) into the run folder."""
+    def sync_tensorboard(self, final: bool = False):
+        """Copy the event files written locally (remote run storage) into the run folder: at every
+        checkpoint (the files so far, which keep growing) and at the end of the stage."""
         if self._tb_local:
             fs, path = storage.fsspec_fs(self.run_uri)
             fs.put(self._tb_local.rstrip("/") + "/", f"{path}/tensorboard/", recursive=True)
-            shutil.rmtree(self._tb_local, ignore_errors=True)
+            if final:
+                shutil.rmtree(self._tb_local, ignore_errors=True)
+                self._tb_local = None
 
 
 class RayTrainIO(_TensorBoardMixin):
@@ -496,7 +524,12 @@ class LocalIO(_TensorBoardMixin):
 
 def train_loop(loop_config: dict) -> None:
     """Ray Train worker entry point."""
+    import ray.train
+
     logging.basicConfig(level=logging.INFO)
+    quiet_ray_logs()
+    if ray.train.get_context().get_world_rank() != 0:  # one worker says what the stage is
+        logging.getLogger("sea_ray").setLevel(logging.WARNING)
     cfg = parse_config(loop_config["cfg"])
     run_stage(cfg, io_of(cfg, loop_config))
 
