@@ -62,8 +62,13 @@ class LLMConfig(_Section):
     tokenizer: Optional[str] = Field(None, json_schema_extra=MODEL_PATH,
                                      description="tokenizer dir / hub id; 'world' builds one for the synthetic "
                                      "world; default: name_or_path")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights dtype when loading")
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights dtype when loading; "
+                                                             "the GPU recipes load a frozen LLM in bfloat16 "
+                                                             "(a 7B LLM is 28 GB per GPU in float32)")
+    attn_implementation: Literal["sdpa", "eager"] = Field("sdpa", description="sdpa: PyTorch's scaled dot-product "
+                                                          "attention, which runs FlashAttention-2 kernels on "
+                                                          "GPUs for bf16/fp16 (the flash-attn package is not "
+                                                          "needed, nor in the cluster image)")
 
 
 class ModelConfig(_Section):
