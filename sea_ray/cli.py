@@ -21,8 +21,8 @@ from sea_ray import pipeline as pipelines
 from sea_ray import submit as remote
 from sea_ray.config.loading import apply_overrides, load_config, to_dict, validate
 from sea_ray.data.importer import import_manifest
-from sea_ray.errors import ConfigError, SeaRayError
-from sea_ray.eval.generate import generate
+from sea_ray.errors import ConfigError, DataError, SeaRayError
+from sea_ray.eval.generate import Generator, Sampling, generate, read_image, read_prompts
 from sea_ray.export.llava import export
 from sea_ray.labels.vocab import save_vocab, vocab_from_config
 from sea_ray.presets import PRESETS
@@ -272,9 +272,44 @@ def _quickstart_args(p):
 
 
 def cmd_generate(args) -> int:
-    """Answer a prompt about an image with a trained checkpoint."""
-    print(generate(args.checkpoint, args.image, args.prompt, max_new_tokens=args.max_new_tokens,
-                   template=args.template, device=args.device))
+    """Answer prompts about images with a trained checkpoint: one (``--prompt``), a JSONL file of
+    them (``--prompts``), or typed one after the other (``--interactive``); the model loads once."""
+    sampling = (Sampling(args.temperature, args.top_p, args.seed) if args.temperature > 0 else None)
+    modes = sum(bool(x) for x in (args.prompt, args.prompts, args.interactive))
+    if modes != 1:
+        raise ConfigError(["give exactly one of --prompt TEXT, --prompts FILE.jsonl or --interactive"])
+    if args.prompt:
+        print(generate(args.checkpoint, args.image, args.prompt, max_new_tokens=args.max_new_tokens,
+                       template=args.template, device=args.device, sampling=sampling))
+        return EXIT_OK
+    rows = read_prompts(args.prompts, args.image_root) if args.prompts else None  # every image read first
+    image = read_image(args.image) if args.image else None
+    model = Generator(args.checkpoint, args.template, args.device, args.max_new_tokens, sampling)
+    if rows is not None:
+        out = open(args.out, "w") if args.out else sys.stdout
+        try:
+            for row in rows:
+                reply = model(row["prompt"], row["pixels"])
+                print(json.dumps({"id": row["id"], "image": row["image"], "prompt": row["prompt"], "answer": reply}),
+                      file=out, flush=True)
+        finally:
+            if args.out:
+                out.close()
+        return EXIT_OK
+    print("a prompt per line; ':image PATH' sets the image (':image' alone: none); an empty line or EOF ends",
+          file=sys.stderr)
+    for line in sys.stdin:
+        line = line.strip()
+        if not line:
+            break
+        if line.startswith(":image"):
+            ref = line[len(":image"):].strip()
+            try:
+                image = read_image(ref) if ref else None
+            except DataError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+            continue
+        print(model(line, image), flush=True)
     return EXIT_OK
 
 
@@ -282,8 +317,16 @@ def _generate_args(p):
     p.add_argument("--checkpoint", required=True, metavar="URI",
                    help="checkpoint or run folder (local or s3://); its config.json gives the model")
     p.add_argument("--image", metavar="PATH_OR_URI", help="image file (local or s3://); omit for a text-only prompt")
-    p.add_argument("--prompt", required=True, help="the question")
+    p.add_argument("--prompt", help="the question")
+    p.add_argument("--prompts", metavar="FILE.jsonl",
+                   help='one {"prompt": ..., "image": ...} per line; prints one JSON line per answer')
+    p.add_argument("--image-root", metavar="DIR", help="folder the --prompts file's relative images are in")
+    p.add_argument("--out", metavar="FILE.jsonl", help="write the --prompts answers here instead of stdout")
+    p.add_argument("--interactive", action="store_true", help="read prompts from stdin, one per line")
     p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="> 0 samples (default 0: greedy)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling's p (with --temperature)")
+    p.add_argument("--seed", type=int, default=0, help="the sampling seed")
     p.add_argument("--template", choices=("auto", "llava_v1", "chat"), default="auto",
                    help="prompt template (auto: the checkpoint's instruct template)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")

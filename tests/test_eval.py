@@ -364,3 +364,54 @@ def test_eval_and_generate_verbs(tmp_path, world_dir, capsys):
     assert isinstance(capsys.readouterr().out, str)
     assert main(["generate", "--checkpoint", str(tmp_path / "missing"), "--prompt", "hi"]) == 1
     assert main(["eval", "--config", str(path), "metrics=[bogus]"]) == 2
+
+
+def test_generate_answers_a_prompts_file_and_stdin_with_one_model_load(tmp_path, world_dir, capsys, monkeypatch):
+    import io
+
+    from sea_ray.cli import main
+    from sea_ray.eval import generate as gen
+
+    uri = _fake_checkpoint(tmp_path, world_dir, "instruct")
+    images = sorted((Path(world_dir) / "images").glob("*.png"))[:2]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps(r) for r in [
+        {"id": "a", "prompt": "What color is the circle?", "image": images[0].name},
+        {"prompt": "How many shapes are there?", "image": images[1].name},
+        {"prompt": "Say hi."}]) + "\n")
+    loads = []
+    real = gen.Generator.__init__
+    monkeypatch.setattr(gen.Generator, "__init__", lambda self, *a, **k: (loads.append(1), real(self, *a, **k))[1])
+    common = ["--checkpoint", uri, "--max-new-tokens", "3", "--device", "cpu"]
+    assert main(["generate", *common, "--prompts", str(prompts), "--image-root", str(images[0].parent)]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["id"] for r in rows] == ["a", 2, 3] and rows[2]["image"] is None and len(loads) == 1
+    assert main(["generate", *common, "--image", str(images[0]), "--prompt", "What color is the circle?"]) == 0
+    assert capsys.readouterr().out.strip() == rows[0]["answer"]  # the same greedy answer either way
+
+    monkeypatch.setattr("sys.stdin", io.StringIO(f":image {images[1]}\nHow many shapes are there?\n:image\nSay hi.\n\n"))
+    assert main(["generate", *common, "--interactive"]) == 0
+    assert capsys.readouterr().out.splitlines() == [rows[1]["answer"], rows[2]["answer"]]
+
+    sampled = [main(["generate", *common, "--prompt", "Say hi.", "--temperature", "1.5", "--seed", "3"]) for _ in "ab"]
+    first, second = capsys.readouterr().out.splitlines()
+    assert sampled == [0, 0] and first == second  # a seed makes sampling repeatable
+
+
+def test_generate_checks_every_image_before_loading_a_model(tmp_path, capsys):
+    from sea_ray.cli import main
+
+    prompts = tmp_path / "prompts.jsonl"
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    prompts.write_text('{"prompt": "a", "image": "missing.png"}\n{"prompt": "b", "image": "bad.png"}\nnot json\n'
+                       '{"image": "x.png"}\n')
+    missing_checkpoint = str(tmp_path / "no-such-run")  # never reached: the prompts are read first
+    assert main(["generate", "--checkpoint", missing_checkpoint, "--prompts", str(prompts),
+                 "--image-root", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "4 bad line(s)" in err and "line 1: cannot read" in err and "line 2:" in err and "line 3: not JSON" in err
+    assert "no-such-run" not in err
+    assert main(["generate", "--checkpoint", missing_checkpoint, "--image", str(tmp_path / "missing.png"),
+                 "--prompt", "a"]) == 1
+    assert "missing.png" in capsys.readouterr().err
+    assert main(["generate", "--checkpoint", missing_checkpoint]) == 2  # no prompt at all

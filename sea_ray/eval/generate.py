@@ -9,12 +9,15 @@ visual tokens. Batches are left-padded; decoding is transformers' greedy ``gener
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 
 from sea_ray import storage
 from sea_ray.constants import IMAGE_PLACEHOLDER
+from sea_ray.data.images import decode_image
 from sea_ray.data.templates import _encode_text, adds_bos, render_llava_v1, resolve_template
 from sea_ray.errors import DataError
 
@@ -36,13 +39,24 @@ def encode_prompt(question: str, tokenizer, template: str = "auto", with_image: 
     return ids
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """Sampling instead of greedy decoding: ``temperature`` > 0, nucleus ``top_p``, a ``seed``."""
+
+    temperature: float
+    top_p: float = 1.0
+    seed: int = 0
+
+
 @torch.no_grad()
 def greedy_generate(model, prompts: Sequence[Sequence[int]], images: Optional[torch.Tensor],
-                    max_new_tokens: int = 8, eos_id: Optional[int] = None) -> list[list[int]]:
-    """Greedy continuations of ``prompts`` (token ids with at most one image sentinel each;
-    ``images`` holds the images of the prompts that have one, in order). Returns the new token
-    ids per prompt, without the eos. The prompts are embedded as in training (``model.splice``),
-    left-padded, and decoded by transformers' ``generate``; a row stops at its first eos."""
+                    max_new_tokens: int = 8, eos_id: Optional[int] = None,
+                    sampling: Optional[Sampling] = None) -> list[list[int]]:
+    """Greedy (or, with ``sampling``, sampled) continuations of ``prompts`` (token ids with at most
+    one image sentinel each; ``images`` holds the images of the prompts that have one, in order).
+    Returns the new token ids per prompt, without the eos. The prompts are embedded as in training
+    (``model.splice``), left-padded, and decoded by transformers' ``generate``; a row stops at its
+    first eos."""
     if not prompts:
         return []
     if max_new_tokens <= 0:
@@ -73,10 +87,14 @@ def greedy_generate(model, prompts: Sequence[Sequence[int]], images: Optional[to
     # With only inputs_embeds, generate returns just the new tokens (positions come from the mask).
     # eos_id None or < 0 (no token) never stops: an empty eos list, not the model's default eos.
     stop = [eos_id] if eos_id is not None and eos_id >= 0 else []
-    # Pure greedy whatever the checkpoint's generation_config.json says (sampling, penalties).
+    # Pure greedy (or the sampling asked for) whatever the checkpoint's generation_config.json says.
+    decoding = {"do_sample": False}
+    if sampling is not None:
+        torch.manual_seed(sampling.seed)
+        decoding = {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0}
     out = model.llm.generate(inputs_embeds=left, attention_mask=left_mask, max_new_tokens=max_new_tokens,
-                             do_sample=False, num_beams=1, repetition_penalty=1.0, no_repeat_ngram_size=0,
-                             min_length=0, eos_token_id=stop, pad_token_id=pad_id)
+                             num_beams=1, repetition_penalty=1.0, no_repeat_ngram_size=0, min_length=0,
+                             eos_token_id=stop, pad_token_id=pad_id, **decoding)
     generated = []
     for row in out.tolist():  # a finished row is padded after its eos
         generated.append(row[:row.index(eos_id)] if eos_id in row else row)
@@ -84,33 +102,86 @@ def greedy_generate(model, prompts: Sequence[Sequence[int]], images: Optional[to
 
 
 def answer(model, image_tensors: Optional[torch.Tensor], questions: Sequence[str], template: str = "auto",
-           max_new_tokens: int = 8) -> list[str]:
-    """Decoded greedy answers to ``questions``, one image per question (``image_tensors [N, 3, H, W]``,
+           max_new_tokens: int = 8, sampling: Optional[Sampling] = None) -> list[str]:
+    """Decoded answers to ``questions``, one image per question (``image_tensors [N, 3, H, W]``,
     the tower's transform) or none."""
     with_image = image_tensors is not None
     prompts = [encode_prompt(q, model.tokenizer, template, with_image) for q in questions]
-    new = greedy_generate(model, prompts, image_tensors, max_new_tokens)
+    new = greedy_generate(model, prompts, image_tensors, max_new_tokens, sampling=sampling)
     return [model.tokenizer.decode(t, skip_special_tokens=True).strip() for t in new]
 
 
-def generate(checkpoint: str, image: Optional[str], prompt: str, max_new_tokens: int = 32, template: str = "auto",
-             device: str = "auto") -> str:
-    """``sea-ray generate``: load a checkpoint (its ``config.json`` gives the model), answer ``prompt``
-    about ``image`` (a local path or an s3:// URI; None for a text-only prompt)."""
-    from sea_ray.data.images import decode_image
-    from sea_ray.eval.loading import device_of, load_model
+# --------------------------------------------------------------------------- sea-ray generate
 
-    model, info = load_model(checkpoint, device=device_of(device))
-    if template == "auto" and info["config"].get("job") == "instruct":
-        template = info["config"].get("template", "auto")
-    tensors = None
-    if image:
+
+def read_image(ref: str):
+    """A decoded RGB image from a local path or URI, or a DataError saying why not."""
+    try:
+        data = storage.read_bytes(ref)
+    except (OSError, FileNotFoundError) as exc:
+        raise DataError(f"cannot read {ref}: {exc}") from None
+    img, reason = decode_image(data)
+    if img is None:
+        raise DataError(f"{ref}: {reason}")
+    return img
+
+
+def read_prompts(path: str, image_root: Optional[str] = None) -> list[dict]:
+    """``--prompts FILE.jsonl``: one ``{"prompt": ..., "image": ...}`` per line (``image`` optional,
+    resolved against ``image_root`` by the one rule of :func:`sea_ray.storage.resolve_image`; an
+    ``id`` is kept). Every image is read and decoded here, before any model loads; every bad line
+    is reported at once."""
+    try:
+        text = storage.read_text(path)
+    except (OSError, FileNotFoundError) as exc:
+        raise DataError(f"cannot read the prompts file {path}: {exc}") from None
+    rows, problems = [], []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
         try:
-            data = storage.read_bytes(image)
-        except (OSError, FileNotFoundError) as exc:
-            raise DataError(f"cannot read {image}: {exc}") from None
-        img, reason = decode_image(data)
-        if img is None:
-            raise DataError(f"{image}: {reason}")
-        tensors = model.vision.transform(img).unsqueeze(0)
-    return answer(model, tensors, [prompt], template, max_new_tokens)[0]
+            row = json.loads(line)
+        except ValueError as exc:
+            problems.append(f"line {number}: not JSON ({exc})")
+            continue
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+            problems.append(f"line {number}: needs a non-empty \"prompt\" string")
+            continue
+        image = storage.resolve_image(row.get("image"), image_root) if row.get("image") else None
+        try:
+            pixels = read_image(image) if image else None
+        except DataError as exc:
+            problems.append(f"line {number}: {exc}")
+            continue
+        rows.append({"id": row.get("id", number), "prompt": row["prompt"], "image": image, "pixels": pixels})
+    if problems:
+        raise DataError(f"{path}: {len(problems)} bad line(s):\n  " + "\n  ".join(problems[:20]))
+    if not rows:
+        raise DataError(f"{path}: no prompts")
+    return rows
+
+
+class Generator:
+    """A checkpoint loaded once, answering prompt after prompt (``sea-ray generate``)."""
+
+    def __init__(self, checkpoint: str, template: str = "auto", device: str = "auto", max_new_tokens: int = 32,
+                 sampling: Optional[Sampling] = None):
+        from sea_ray.eval.loading import device_of, load_model
+
+        self.model, info = load_model(checkpoint, device=device_of(device))
+        if template == "auto" and info["config"].get("job") == "instruct":
+            template = info["config"].get("template", "auto")
+        self.template, self.max_new_tokens, self.sampling = template, max_new_tokens, sampling
+
+    def __call__(self, prompt: str, image=None) -> str:
+        """The answer to ``prompt`` about ``image`` (a decoded PIL image, or None: text only)."""
+        tensors = self.model.vision.transform(image).unsqueeze(0) if image is not None else None
+        return answer(self.model, tensors, [prompt], self.template, self.max_new_tokens, self.sampling)[0]
+
+
+def generate(checkpoint: str, image: Optional[str], prompt: str, max_new_tokens: int = 32, template: str = "auto",
+             device: str = "auto", sampling: Optional[Sampling] = None) -> str:
+    """One answer: load a checkpoint (its ``config.json`` gives the model), answer ``prompt`` about
+    ``image`` (a local path or an s3:// URI, read before the model loads; None: a text-only prompt)."""
+    pixels = read_image(image) if image else None
+    return Generator(checkpoint, template, device, max_new_tokens, sampling)(prompt, pixels)
