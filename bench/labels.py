@@ -79,7 +79,7 @@ def labeler_alone(cfg, world: Path, threads: int, limit: int) -> tuple[float, in
     vocab = build_vocab(captions_of(rows), cfg.vocab)  # the job's vocabulary: all rows' captions
     rows = rows[:limit]
     torch.manual_seed(cfg.seed)
-    tower = build_vision_tower(cfg.model.vision).eval()
+    tower = build_vision_tower(cfg.model.vision, cfg.data.image_aspect).eval()
     labeler = PatchLabeler.from_config(tower, vocab.words, cfg.labeler)
     tensors = []
     for r in rows:

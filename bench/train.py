@@ -56,10 +56,11 @@ def make_world(root: str, image_size: int, grid: int, num_images: int, preset: s
 
     world, labels = f"{root}/world{image_size}", f"{root}/labels{image_size}"
     generate_world(world, num_images=num_images, seed=0, image_size=image_size)
-    vision = validate({"job": "align", "model": {"preset": preset}, "data": {"manifest": "x", "labels": "y"},
-                       "batch": {"global_size": 1, "per_worker": 1}}).model.vision
+    align = validate({"job": "align", "model": {"preset": preset}, "data": {"manifest": "x", "labels": "y"},
+                      "batch": {"global_size": 1, "per_worker": 1}})
+    tower = build_vision_tower(align.model.vision, align.data.image_aspect)
     # shards of 32 rows, as a labels job writes them (in fewer, bigger ones): the ingest streams
-    write_oracle_labels(world, labels, grid, build_vision_tower(vision).transform_spec(), rows_per_shard=32)
+    write_oracle_labels(world, labels, grid, tower.transform_spec(), rows_per_shard=32)
     return world, labels
 
 

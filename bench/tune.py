@@ -63,7 +63,8 @@ def _world(root: Path, images: int):
     align = validate({"job": "align", "model": {"preset": "tiny-openclip-llama"},
                       "data": {"manifest": "unused", "labels": str(labels)},
                       "batch": {"global_size": 8, "per_worker": 8}})
-    write_oracle_labels(world, str(labels), 8, build_vision_tower(align.model.vision).transform_spec())
+    tower = build_vision_tower(align.model.vision, align.data.image_aspect)
+    write_oracle_labels(world, str(labels), 8, tower.transform_spec())
     return world, labels
 
 

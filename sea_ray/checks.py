@@ -1,5 +1,6 @@
 """Checks that need more than the config itself: the tower's patch grid (from its architecture,
-without building it) and the metadata of an existing labels dataset. The job table
+without building it) and the metadata of an existing labels dataset (its grid, labels per patch
+and image geometry). The job table
 (:mod:`sea_ray.jobs`) runs them for every job before any Ray resource is requested."""
 
 from __future__ import annotations
@@ -76,6 +77,27 @@ def read_labels_meta(uri: str) -> Optional[dict]:
         return None
 
 
+def labels_aspect_problem(meta: dict, image_aspect: str, uri: Optional[str]) -> Optional[str]:
+    """Why labels with metadata ``meta`` (at ``uri``) cannot train a config of ``data.image_aspect``
+    ``image_aspect``, or None. The labels record their geometry as ``transform.resize``
+    (:data:`sea_ray.data.images.ASPECT_RULES`); labels written before ``image_aspect`` existed
+    record the crop rule (or no transform at all) and count as ``crop``."""
+    from sea_ray.data.images import ASPECT_RULES, RESIZE_RULE  # (PIL and numpy: not for every check)
+
+    recorded = (meta.get("transform") or {}).get("resize", RESIZE_RULE)
+    if recorded == ASPECT_RULES[image_aspect]:
+        return None
+    made = next((a for a, rule in ASPECT_RULES.items() if rule == recorded), None)
+    where = f"the labels at {uri}" if uri else "the labels"
+    if made is None:
+        return (f"data.image_aspect: {where} were made with the image transform {recorded!r}, which this version "
+                f"does not know; re-run the labels job (data.image_aspect={image_aspect}) into a new output")
+    return (f"data.image_aspect: {where} were made with image_aspect={made} ({recorded}) but this config has "
+            f"image_aspect={image_aspect} ({ASPECT_RULES[image_aspect]}): labels and training must see the same "
+            f"pixels; re-run the labels job with data.image_aspect={image_aspect} into a new output, or set "
+            f"data.image_aspect={made}")
+
+
 def _model_grid(model: ModelConfig, problems: list[str]):
     grid, found = tower_grid(model.vision)
     problems.extend(found)
@@ -99,6 +121,9 @@ def job_problems(cfg, labels_meta: Optional[dict] = None) -> list[str]:
                                 f"tower gives {list(grid)}: label grid must equal the tower's patch grid")
             if meta.get("top_n", align.sea.top_n) < align.sea.top_n:
                 problems.append(f"sea.top_n: {align.sea.top_n} > the {meta['top_n']} labels stored per patch")
+            aspect = labels_aspect_problem(meta, align.data.image_aspect, align.data.labels)
+            if aspect:
+                problems.append(aspect)
     if getattr(cfg, "job", None) == "instruct" and cfg.init_adapter:
         trained = _checkpoint_adapter(cfg.init_adapter)
         wanted = cfg.model.adapter.model_dump(mode="json")

@@ -49,8 +49,10 @@ from typing import Any, Callable, Optional
 import yaml
 
 from sea_ray import jobs, paths, runtime, storage
+from sea_ray.checks import labels_aspect_problem
 from sea_ray.config.loading import anchor_preset_files, set_dotted, to_dict
 from sea_ray.config.schema import PIPELINE_STEPS, PipelineConfig
+from sea_ray.data.images import ASPECT_RULES
 from sea_ray.data.importer import import_manifest
 from sea_ray.train.data import label_shards, manifest_rows
 from sea_ray.train.driver import run_uri
@@ -246,9 +248,30 @@ def plan(cfg: PipelineConfig, source: str | Path) -> Plan:
     outputs = [(s.name, s.output) for s in steps if s.name in ("align", "instruct")]
     if len(outputs) == 2 and outputs[0][1] == outputs[1][1]:
         problems.append(f"align, instruct: both write {outputs[0][1]}; give them different run.name values")
+    problems += [p for p in _labels_aspect_problems(so_far) if p not in problems]
     if problems:
         raise ConfigError(problems, str(source))
     return Plan(cfg=cfg, source=str(source), data=data, steps=steps, base_dir=base_dir)
+
+
+def _labels_aspect_problems(so_far: dict[str, StepPlan]) -> list[str]:
+    """The SEA steps reading the labels step's labels must fit images to the tower as it does
+    (``data.image_aspect``): caught before the labels run, whose ``_meta.json`` the jobs' own check
+    (:func:`sea_ray.checks.job_problems`) reads once it exists."""
+    labels = so_far.get("labels")
+    if labels is None or labels.cfg is None:
+        return []
+    made = {"transform": {"resize": ASPECT_RULES[labels.cfg.data.image_aspect]}}  # what its _meta.json will say
+    out = []
+    for name in ("tune", "align"):
+        step = so_far.get(name)
+        if step is None:
+            continue
+        cfg = step.cfg.base if name == "tune" else step.cfg
+        if cfg.sea.enabled and cfg.data.labels == labels.output:
+            problem = labels_aspect_problem(made, cfg.data.image_aspect, labels.output)
+            out += [f"{name}: {problem}"] if problem else []
+    return out
 
 
 # --------------------------------------------------------------------------- completeness

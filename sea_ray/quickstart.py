@@ -340,7 +340,7 @@ def _run_ray_train(cfg: QuickstartConfig, plan: dict) -> list[dict]:
 
 def _oracle_labels(plan: dict, p: dict) -> dict:
     """Ground-truth patch words in the labels schema (the upper bound of label quality)."""
-    tower = build_vision_tower(plan["labels"].model.vision)
+    tower = build_vision_tower(plan["labels"].model.vision, plan["labels"].data.image_aspect)
     n = write_oracle_labels(p["world"], p["labels"], tower.grid[0], tower.transform_spec(),
                             top_n=min(ORACLE_TOP_N, plan["labels"].labeler.top_n))
     return {"output": p["labels"], "oracle": True, "images": n}

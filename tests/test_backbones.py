@@ -42,7 +42,7 @@ def test_recipe_reruns_at_reduced_size(tmp_path):
             "llm/config.json", "llm/tokenizer.json"} <= files
     assert not any(f.endswith((".bin", ".pt", ".pkl", ".pth")) for f in files)
     tower = build_vision_tower(VisionConfig(name="custom", custom=WORLD_CLIP_ARCH,
-                                            weights=str(out / "clip" / "open_clip_model.safetensors")))
+                                            weights=str(out / "clip" / "open_clip_model.safetensors")), "crop")
     assert tower.grid == (8, 8)
     llm = AutoModelForCausalLM.from_pretrained(out / "llm")
     tok = AutoTokenizer.from_pretrained(out / "llm")

@@ -192,7 +192,7 @@ def _tiny_vlm():
 
     cfg = validate({"job": "eval", "checkpoint": "x", "world": "x", "model": {"preset": "tiny-openclip-llama"}})
     torch.manual_seed(0)
-    return build_vlm(cfg.model).eval(), cfg
+    return build_vlm(cfg.model, "crop").eval(), cfg
 
 
 @torch.no_grad()
@@ -294,7 +294,7 @@ def _fake_checkpoint(tmp_path, world_dir, stage: str, perturb_llm: bool = False)
         raw["sea"] = {"enabled": False}
     cfg = validate(raw)
     torch.manual_seed(5)
-    model = build_vlm(cfg.model)
+    model = build_vlm(cfg.model, cfg.data.image_aspect)
     model.freeze(stage)
     state = model.trainable_state_dict()
     if perturb_llm:

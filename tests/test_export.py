@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -22,12 +23,14 @@ QUESTION = "What color is the circle?"
 LOGIT_TOLERANCE = 1e-4
 
 
-def write_checkpoint(root: Path, world_dir, stage: str, model: dict, seed: int = 3, template: str = "auto") -> str:
+def write_checkpoint(root: Path, world_dir, stage: str, model: dict, seed: int = 3, template: str = "auto",
+                     data: Optional[dict] = None) -> str:
     """A complete checkpoint as the stages write it, its trained tensors moved off their init."""
     from sea_ray.model.vlm import build_vlm
 
     raw = {"job": stage, "model": model, "run": {"name": f"x-{stage}", "seed": seed},
-           "data": {"manifest": f"{world_dir}/train/{'pretrain' if stage == 'align' else 'instruct'}.json"},
+           "data": {"manifest": f"{world_dir}/train/{'pretrain' if stage == 'align' else 'instruct'}.json",
+                    **(data or {})},
            "batch": {"global_size": 8, "per_worker": 8}}
     if stage == "instruct":
         raw["template"] = template
@@ -35,7 +38,7 @@ def write_checkpoint(root: Path, world_dir, stage: str, model: dict, seed: int =
         raw["sea"] = {"enabled": False}  # the checkpoint's tensors are what matter here, not how they were trained
     cfg = validate(raw)
     torch.manual_seed(seed)
-    vlm = build_vlm(cfg.model)
+    vlm = build_vlm(cfg.model, cfg.data.image_aspect)
     vlm.freeze(stage)
     generator = torch.Generator().manual_seed(seed + 1)
     state = {k: v + 0.05 * torch.randn(v.shape, generator=generator) for k, v in vlm.trainable_state_dict().items()}
@@ -122,6 +125,27 @@ def test_world_instruct_checkpoint_exports_with_parity(tmp_path, world_dir):
     assert world.size == (64, 64)
     near = default(images=world, text="<image>", return_tensors="pt")["pixel_values"]
     assert (near - processor(images=world, text="<image>", return_tensors="pt")["pixel_values"]).abs().max() < 1e-5
+
+
+def test_a_pad_checkpoint_exports_a_processor_that_pads(tmp_path, world_dir):
+    """data.image_aspect=pad (LLaVA-1.5's finetuning): the exported processor pads to a square of
+    the mean colour as training did, pixel for pixel on the non-square image of the parity check."""
+    uri = write_checkpoint(tmp_path, world_dir, "instruct", {"preset": "tiny-openclip-llama"},
+                           data={"image_aspect": "pad"})
+    _, processor = assert_parity(uri, tmp_path / "hf", world_dir)
+    image_processor = processor.image_processor
+    assert type(image_processor).__name__ == "LlavaImageProcessorPil" and image_processor.do_pad
+    assert json.loads((tmp_path / "hf" / "sea_ray_export.json").read_text())["image_aspect"] == "pad"
+    # transformers' default (torchvision) backend pads too; it resizes the padded square tensor-side
+    from transformers import AutoProcessor
+
+    model, _ = load_model(uri)
+    default = AutoProcessor.from_pretrained(tmp_path / "hf").image_processor
+    assert type(default).__name__ == "LlavaImageProcessor" and default.do_pad
+    wide = images(world_dir)[1]
+    assert wide.size[0] != wide.size[1]
+    near = default(images=wide, return_tensors="pt")["pixel_values"][0]
+    assert (near - model.vision.transform(wide)).abs().max() <= 1 / 255 / min(model.vision.std) + 1e-5
 
 
 def test_tiny_open_clip_with_tied_embeddings(tmp_path, world_dir):

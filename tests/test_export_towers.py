@@ -16,26 +16,26 @@ from sea_ray.presets import _TINY_HF_CLIP, _TINY_OPEN_CLIP, _WORLD_CLIP, WORLD_C
 TOL = 1e-5
 
 
-def _quick_gelu_open_clip():
+def _quick_gelu_open_clip(aspect):
     import open_clip
 
     arch = _TINY_OPEN_CLIP["custom"]
     model = open_clip.CLIP(embed_dim=arch["embed_dim"], vision_cfg=open_clip.CLIPVisionCfg(**arch["vision_cfg"]),
                            text_cfg=open_clip.CLIPTextCfg(**arch["text_cfg"]), quick_gelu=True)
-    return OpenClipTower(model.eval())
+    return OpenClipTower(model.eval(), image_aspect=aspect)
 
 
-TOWERS = {
-    "tiny-open-clip": lambda: build_vision_tower(VisionConfig(**_TINY_OPEN_CLIP)),
+TOWERS = {  # name -> builder of the tower for a data.image_aspect
+    "tiny-open-clip": lambda aspect: build_vision_tower(VisionConfig(**_TINY_OPEN_CLIP), aspect),
     "tiny-open-clip-quick-gelu": _quick_gelu_open_clip,
-    "world-clip": lambda: build_vision_tower(VisionConfig(**_WORLD_CLIP)),
-    "tiny-hf-clip": lambda: build_vision_tower(VisionConfig(**_TINY_HF_CLIP)),
+    "world-clip": lambda aspect: build_vision_tower(VisionConfig(**_WORLD_CLIP), aspect),
+    "tiny-hf-clip": lambda aspect: build_vision_tower(VisionConfig(**_TINY_HF_CLIP), aspect),
 }
 
 
-def _tower(name: str):
+def _tower(name: str, aspect: str = "crop"):
     torch.manual_seed(0)
-    return TOWERS[name]()
+    return TOWERS[name](aspect)
 
 
 def _tower_states(tower, images: torch.Tensor) -> list[torch.Tensor]:
@@ -111,16 +111,34 @@ def _images() -> list[Image.Image]:
 
 
 @pytest.mark.parametrize("name", ["world-clip", "tiny-hf-clip"])
-def test_image_processor_matches_the_tower_transform(name):
-    tower = _tower(name)
+@pytest.mark.parametrize("aspect", ["crop", "pad"])
+def test_image_processor_matches_the_tower_transform(name, aspect):
+    tower = _tower(name, aspect)
     images = _images()
     ours = torch.stack([tower.transform(img) for img in images])
-    exact = image_processor(tower)(images=images, return_tensors="pt")["pixel_values"]
-    assert (exact - ours).abs().max().item() <= TOL
+    processor = image_processor(tower)
+    assert type(processor).__name__ == {"crop": "CLIPImageProcessorPil", "pad": "LlavaImageProcessorPil"}[aspect]
+    exact = processor(images=images, return_tensors="pt")["pixel_values"]
+    diff = (exact - ours).abs().max().item()
+    print(f"{name} {aspect}: max |pixel difference| {diff:.2e}")
+    assert diff <= TOL
     # transformers' default (torchvision) backend resizes tensors: where it resizes, it may be one
     # grey level off PIL's bicubic, i.e. 1/255 over the smallest std after normalisation
     near = image_processor(tower, backend="torchvision")(images=images, return_tensors="pt")["pixel_values"]
     assert (near - ours).abs().max().item() <= 1 / 255 / min(tower.std) + TOL
+
+
+def test_a_padding_processor_sees_a_wide_photo_whole():
+    """A 2:1 photo through the exported processor of a pad tower: the pad tower's tensor, not the
+    crop tower's (the comparison that passes above would see a processor that crops)."""
+    pad, crop = _tower("world-clip", "pad"), _tower("world-clip", "crop")
+    photo = Image.fromarray(np.random.default_rng(3).integers(0, 256, (64, 128, 3), dtype=np.uint8))
+    processor = image_processor(pad)
+    assert processor.do_pad and tuple(processor.image_mean) == tuple(pad.mean)
+    pixels = processor(images=[photo], return_tensors="pt")["pixel_values"][0]
+    assert (pixels - pad.transform(photo)).abs().max().item() <= TOL
+    assert (pixels - crop.transform(photo)).abs().max().item() > 0.1
+    assert (image_processor(crop)(images=[photo], return_tensors="pt")["pixel_values"][0] - pixels).abs().max() > 0.1
 
 
 def _layer_scale(tower):

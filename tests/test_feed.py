@@ -124,8 +124,8 @@ def test_ray_data_feed_yields_the_in_memory_feeds_micro_batches(ray_local, world
 
     labels = str(tmp_path / "labels")
     align, instruct = _configs(world_dir, labels, str(tmp_path / "runs"))
-    write_oracle_labels(world_dir, labels, 8, build_vision_tower(align.model.vision).transform_spec(),
-                        rows_per_shard=7)
+    tower = build_vision_tower(align.model.vision, align.data.image_aspect)
+    write_oracle_labels(world_dir, labels, 8, tower.transform_spec(), rows_per_shard=7)
     runs = []
     for cfg, sizes in ((align, (1, 2)), (instruct, (2,))):
         source = source_of(cfg)

@@ -122,7 +122,8 @@ def test_bomb_is_rejected_without_allocating_its_pixels(tmp_path):
 def test_uint8_shipping_gives_exactly_the_towers_transform():
     from sea_ray.data.images import eval_transform
 
-    transform = eval_transform(64, (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+    transform = eval_transform(64, (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711),
+                               "crop")
     pil_part, tensor_part = split_transform(transform)
     assert isinstance(pil_part, ResizeCenterCrop)  # the decode side needs no torch
     sizes = [(100, 80), (64, 64), (30, 90), (63, 200), (1, 1), (300, 299), (65, 64), (127, 64), (20, 20), (64, 999)]

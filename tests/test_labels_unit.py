@@ -170,7 +170,7 @@ def test_open_clip_tower_labels_match_a_direct_computation(tmp_path):
 
     cfg = _labels_cfg(tmp_path)
     torch.manual_seed(0)
-    tower = build_vision_tower(cfg.model.vision).eval()
+    tower = build_vision_tower(cfg.model.vision, cfg.data.image_aspect).eval()
     words = ["red", "circle", "gray", "square"]
     labeler = PatchLabeler(tower, words, ["a photo of a {}.", "a {}."], top_n=5)
     images = torch.randn(3, 3, 64, 64)
@@ -230,7 +230,7 @@ def test_hf_clip_tower_labels_with_a_saved_model_and_tokenizer(tmp_path, hf_clip
     from sea_ray.model.vision import build_vision_tower
 
     cfg = _labels_cfg(tmp_path, vision={"backend": "hf", "name": str(hf_clip_dir), "custom": None})
-    tower = build_vision_tower(cfg.model.vision).eval()
+    tower = build_vision_tower(cfg.model.vision, cfg.data.image_aspect).eval()
     assert tower.grid == (4, 4) and tower._tokenizer is not None
     words = ["red", "circle", "gray"]
     labeler = PatchLabeler.from_config(tower, words, cfg.labeler)
@@ -269,7 +269,7 @@ def test_decode_and_label_stages_called_directly(tmp_path):
     from sea_ray.model.vision import build_vision_tower
 
     cfg = _labels_cfg(tmp_path)
-    tower = build_vision_tower(cfg.model.vision)
+    tower = build_vision_tower(cfg.model.vision, cfg.data.image_aspect)
     pil_part, tensor_part = split_transform(tower.transform)
     good = tmp_path / "good.png"
     Image.new("RGB", (80, 64), (200, 10, 10)).save(good)
@@ -286,8 +286,8 @@ def test_decode_and_label_stages_called_directly(tmp_path):
         assert "missing file" in out["reason"][1] and "not an image" in out["reason"][2]
         assert "extreme aspect ratio" in out["reason"][4]
         assert out["image"].shape == ((5, 64, 64, 3) if ship == "uint8" else (5, 3, 64, 64))
-        actor = LabelActor(cfg.model.vision, cfg.labeler, ["red", "gray"], seed=0, device="cpu", torch_threads=1,
-                           tensor_part=tensor_part, ship=ship)
+        actor = LabelActor(cfg.model.vision, cfg.data.image_aspect, cfg.labeler, ["red", "gray"], seed=0,
+                           device="cpu", torch_threads=1, tensor_part=tensor_part, ship=ship)
         labelled = actor(out)
         assert "image" not in labelled and labelled["label_ids"].shape == (5, 64 * 5)
         assert (labelled["label_ids"][1] == -1).all() and (labelled["label_scores"][2] == 0).all()
@@ -345,8 +345,8 @@ def test_audit_scores_a_perfect_labeler_as_perfect(world_dir, tmp_path, monkeypa
 
     real_build = V.build_vision_tower
 
-    def oracle_tower(vision_cfg):
-        tower = real_build(vision_cfg)
+    def oracle_tower(vision_cfg, image_aspect):
+        tower = real_build(vision_cfg, image_aspect)
         words = sorted({w for r in records.values() for ws in patch_ground_truth(r, 8, 8) for w in ws})
         table = {w: i for i, w in enumerate(words)}
         counter = {"i": 0}

@@ -46,7 +46,8 @@ def _batch(model, texts, with_image):
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)
-    return build_vlm(_cfg().model)
+    cfg = _cfg()
+    return build_vlm(cfg.model, cfg.data.image_aspect)
 
 
 @pytest.mark.parametrize("preset", ["tiny-openclip-llama", "tiny-openclip-qwen2", "tiny-hfclip-llama",
@@ -54,7 +55,7 @@ def tiny():
 def test_forward_backward_for_each_tower_and_llm(preset):
     torch.manual_seed(0)
     cfg = _cfg(preset)
-    model = build_vlm(cfg.model)
+    model = build_vlm(cfg.model, cfg.data.image_aspect)
     model.freeze("instruct")
     ids, mask, labels, images = _batch(model, [" a red circle", " is there a blue square ? yes"], [True, True])
     out = model(ids, mask, labels, images)
@@ -69,7 +70,7 @@ def test_forward_backward_for_each_tower_and_llm(preset):
 def test_other_llm_families_build_and_run(llm_type):
     torch.manual_seed(0)
     cfg = _cfg(llm_type=llm_type)
-    model = build_vlm(cfg.model)
+    model = build_vlm(cfg.model, cfg.data.image_aspect)
     ids, mask, labels, images = _batch(model, [" a green star on the left"], [True])
     out = model(ids, mask, labels, images)
     assert torch.isfinite(out["loss_lm"]) and model.llm.config.model_type == llm_type
@@ -152,7 +153,7 @@ def test_open_clip_hidden_states_match_open_clip(tiny):
 
 def test_hf_tower_drops_cls_and_uses_projection():
     cfg = _cfg("tiny-hfclip-llama")
-    model = build_vlm(cfg.model)
+    model = build_vlm(cfg.model, cfg.data.image_aspect)
     tower = model.vision
     images = torch.randn(1, 3, 64, 64)
     with torch.no_grad():

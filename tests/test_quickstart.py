@@ -67,7 +67,8 @@ def test_one_chain_in_process_without_ray(tmp_path, world_dir):
                                    "instruct": {"max_steps": 2, "global_batch": 4}, "eval_max_samples": 2}))
     chain = plan["chains"][1]
     labels = str(tmp_path / "oracle")
-    write_oracle_labels(world_dir, labels, 8, build_vision_tower(chain["align"].model.vision).transform_spec())
+    tower = build_vision_tower(chain["align"].model.vision, chain["align"].data.image_aspect)
+    write_oracle_labels(world_dir, labels, 8, tower.transform_spec())
     world = str(world_dir)
     chain["align"] = chain["align"].model_copy(update={"data": chain["align"].data.model_copy(update={
         "labels": labels, "manifest": f"{world}/train/pretrain.json", "image_root": f"{world}/images"})})

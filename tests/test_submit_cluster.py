@@ -149,8 +149,8 @@ def test_a_search_of_ray_train_trials_submitted_to_a_cluster(cluster, s3_bucket,
     _upload_world(world_dir, f"{s3_bucket}/world")
     tiny = validate({"job": "align", "model": {"preset": "tiny-openclip-llama"},
                      "data": {"manifest": "unused", "labels": "unused"}, "batch": {"global_size": 8, "per_worker": 8}})
-    write_oracle_labels(world_dir, f"{s3_bucket}/labels", 8, build_vision_tower(tiny.model.vision).transform_spec(),
-                        top_n=10)
+    tower = build_vision_tower(tiny.model.vision, tiny.data.image_aspect)
+    write_oracle_labels(world_dir, f"{s3_bucket}/labels", 8, tower.transform_spec(), top_n=10)
     exp = f"{s3_bucket}/tune/search"
     overrides = [f"base.data.manifest={s3_bucket}/world/train/pretrain.json",
                  f"base.data.image_root={s3_bucket}/world/images", f"base.data.labels={s3_bucket}/labels",

@@ -31,7 +31,8 @@ def labelled_world(world_dir, tmp_path_factory):
 
     cfg = _align_cfg(world_dir, "unused", "unused")
     labels = str(tmp_path_factory.mktemp("labels"))
-    write_oracle_labels(world_dir, labels, 8, build_vision_tower(cfg.model.vision).transform_spec())
+    tower = build_vision_tower(cfg.model.vision, cfg.data.image_aspect)
+    write_oracle_labels(world_dir, labels, 8, tower.transform_spec())
     return world_dir, labels
 
 

@@ -31,7 +31,8 @@ def labelled_world(world_dir, tmp_path_factory):
     labels = str(tmp_path_factory.mktemp("tune-labels"))
     align = validate({"job": "align", "model": {"preset": "tiny-openclip-llama"},
                       "data": {"manifest": "unused", "labels": labels}, "batch": {"global_size": 8, "per_worker": 8}})
-    write_oracle_labels(world_dir, labels, 8, build_vision_tower(align.model.vision).transform_spec())
+    tower = build_vision_tower(align.model.vision, align.data.image_aspect)
+    write_oracle_labels(world_dir, labels, 8, tower.transform_spec())
     return world_dir, labels
 
 

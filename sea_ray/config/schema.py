@@ -132,6 +132,17 @@ class CheckpointConfig(_Section):
     num_to_keep: Optional[int] = Field(2, ge=1)
 
 
+ImageAspect = Literal["pad", "crop"]
+
+
+def _image_aspect() -> Any:
+    """``data.image_aspect``: one definition for the labels job's data section and the stages'."""
+    return Field("crop", description="how an image becomes the tower's square: crop = resize the short side, "
+                 "centre crop (the CLIP processor's; the long sides of a non-square photo are cut off); pad = "
+                 "LLaVA-1.5's image_aspect_ratio pad, first padded to a square of the tower's mean colour (the "
+                 "whole photo is kept). Labels and align must use the same (docs/data.md)")
+
+
 class TrainDataConfig(_Section):
     manifest: str = Field(..., json_schema_extra=INPUT_PATH,
                           description="LLaVA JSON/JSONL or Parquet manifest (local or "
@@ -139,6 +150,7 @@ class TrainDataConfig(_Section):
     image_root: Optional[str] = Field(None, json_schema_extra=INPUT_PATH, description="folder the manifest's image "
                                       "paths are relative to")
     labels: Optional[str] = Field(None, json_schema_extra=INPUT_PATH, description="labels dataset URI (align with SEA)")
+    image_aspect: ImageAspect = _image_aspect()
     max_length: int = Field(512, ge=8, description="text tokens per sample (visual tokens not counted)")
     val_manifest: Optional[str] = Field(None, json_schema_extra=INPUT_PATH)
     shuffle_window: int = Field(8192, ge=1, description="rows shuffled together: the feed visits windows of this "
@@ -248,6 +260,7 @@ class LabelsDataConfig(_Section):
     image_root: Optional[str] = Field(None, json_schema_extra=INPUT_PATH,
                                       description="folder (local or s3://) the manifest's image paths are "
                                       "relative to; none = paths as given")
+    image_aspect: ImageAspect = _image_aspect()
     max_image_pixels: Optional[int] = Field(None, ge=1, description="decompression-bomb limit; none = PIL's "
                                             "Image.MAX_IMAGE_PIXELS (~89.5 Mpx). Larger JPEGs are decoded "
                                             "downscaled, other formats rejected")

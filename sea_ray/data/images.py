@@ -23,6 +23,12 @@ What it does with awkward input:
 
 EXIF orientation is not applied (LLaVA does not either); the point is that labels and training
 decode identically, which they do by both calling this function.
+
+A decoded image then goes through one geometry, the same in every stage (:func:`image_geometry`,
+chosen by ``data.image_aspect``): ``crop`` (:class:`ResizeCenterCrop`, the CLIP processor's
+resize + centre crop, which cuts the long sides of a non-square photo off) or ``pad``
+(:class:`PadSquareResizeCenterCrop`, LLaVA-1.5's pad to a square of the tower's mean colour first,
+which keeps the whole photo). Each records itself by its ``rule`` (:data:`ASPECT_RULES`).
 """
 
 from __future__ import annotations
@@ -152,8 +158,11 @@ def decode_image(data: Optional[bytes], max_pixels: Optional[int] = None) -> tup
         return None, f"unsupported image mode {im.mode!r} ({type(exc).__name__}: {exc})"
 
 
-# What ResizeCenterCrop does, as labels datasets and checkpoints record it (transform_spec).
+# What each geometry does, as labels datasets and checkpoints record it (transform_spec["resize"]).
 RESIZE_RULE = "shortest-bicubic+floor-center-crop"
+PAD_RULE = "pad-mean-square+" + RESIZE_RULE
+# data.image_aspect -> its rule (labels written before image_aspect existed record RESIZE_RULE: crop)
+ASPECT_RULES = {"crop": RESIZE_RULE, "pad": PAD_RULE}
 
 
 class ResizeCenterCrop:
@@ -164,6 +173,8 @@ class ResizeCenterCrop:
     preprocesses: the long side becomes ``int(size * long / short)`` and the crop's offset is
     ``(new - size) // 2``. (torchvision's ``CenterCrop``, in open_clip's transform, rounds that
     offset instead: one pixel apart for some sizes, so an exported model would see other pixels.)"""
+
+    rule = RESIZE_RULE
 
     def __init__(self, size: int):
         self.size = int(size)
@@ -181,23 +192,86 @@ class ResizeCenterCrop:
             img = img.crop((left, top, left + size, top + size))
         return img if img.mode == "RGB" else img.convert("RGB")
 
+    def refusal(self, w: int, h: int, limit: int) -> Optional[str]:
+        """Why a ``w x h`` image is not put through this geometry (the image it would make in
+        between has more than ``limit`` pixels), or None: a 1 x 20000 strip would resize to
+        224 x 4.5 M."""
+        resized = self.size * int(self.size * max(w, h) / max(1, min(w, h)))
+        if resized > limit:
+            return (f"extreme aspect ratio: {w}x{h} resized to {self.size} px on its short side would be "
+                    f"{resized} pixels")
+        return None
+
     def __repr__(self) -> str:
         return f"ResizeCenterCrop({self.size})"
 
 
-def eval_transform(image_size: int, mean, std):
-    """A tower's eval transform: :class:`ResizeCenterCrop`, ``ToTensor``, ``Normalize``."""
+def pad_color(mean) -> tuple[int, ...]:
+    """The pad colour of a tower's mean, LLaVA's ``tuple(int(x * 255) for x in image_mean)``."""
+    return tuple(int(m * 255) for m in mean)
+
+
+class PadSquareResizeCenterCrop(ResizeCenterCrop):
+    """LLaVA-1.5's ``image_aspect_ratio: pad``: the image pasted centred on a square canvas of
+    side ``max(w, h)`` filled with the tower's mean colour (:func:`pad_color`; offsets
+    ``(side - w) // 2`` and ``(side - h) // 2``, as LLaVA's ``expand2square``), then
+    :class:`ResizeCenterCrop`, which on a square only resizes: the whole image is kept.
+
+    Pixel for pixel what transformers' ``LlavaImageProcessor`` (PIL backend) gives with
+    ``do_pad=True``. A square image is left as it is, so pad and crop agree on it."""
+
+    rule = PAD_RULE
+
+    def __init__(self, size: int, mean):
+        super().__init__(size)
+        self.fill = pad_color(mean)
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        img = img if img.mode == "RGB" else img.convert("RGB")  # LLaVA converts before it pads
+        w, h = img.size
+        if w != h:
+            side = max(w, h)
+            canvas = Image.new("RGB", (side, side), self.fill)
+            canvas.paste(img, ((side - w) // 2, (side - h) // 2))
+            img = canvas
+        return super().__call__(img)
+
+    def refusal(self, w: int, h: int, limit: int) -> Optional[str]:
+        side = max(w, h)
+        if side * side > limit:
+            return (f"extreme aspect ratio: {w}x{h} padded to a {side}x{side} square would be {side * side} "
+                    "pixels")
+        return None
+
+    def __repr__(self) -> str:
+        return f"PadSquareResizeCenterCrop({self.size}, fill={self.fill})"
+
+
+def image_geometry(aspect: str, size: int, mean=None) -> ResizeCenterCrop:
+    """The pure-PIL geometry of ``data.image_aspect`` (``crop`` | ``pad``) for a tower of
+    ``size`` px; ``pad`` fills with the tower's ``mean`` colour."""
+    if aspect == "crop":
+        return ResizeCenterCrop(size)
+    if aspect == "pad":
+        if mean is None:
+            raise ValueError("image_aspect 'pad' needs the tower's mean colour")
+        return PadSquareResizeCenterCrop(size, mean)
+    raise ValueError(f"unknown image_aspect {aspect!r}; valid: {', '.join(ASPECT_RULES)}")
+
+
+def eval_transform(image_size: int, mean, std, aspect: str):
+    """A tower's eval transform: :func:`image_geometry` (``aspect``), ``ToTensor``, ``Normalize``."""
     from torchvision.transforms import Compose, Normalize, ToTensor
 
-    return Compose([ResizeCenterCrop(image_size), ToTensor(), Normalize(mean, std)])
+    return Compose([image_geometry(aspect, image_size, mean), ToTensor(), Normalize(mean, std)])
 
 
 def split_transform(transform):
     """Split a torchvision ``Compose`` (the tower's eval transform) at its ToTensor step.
 
     Returns ``(pil_part, tensor_part)``: ``pil_part(img)`` gives the resized and cropped PIL image
-    (shipped as uint8; the pure-PIL :class:`ResizeCenterCrop` of :func:`eval_transform`, so decode
-    tasks need no torch), ``tensor_part(x)`` normalises a float batch
+    (shipped as uint8; the pure-PIL geometry of :func:`eval_transform`, a :class:`ResizeCenterCrop`
+    or :class:`PadSquareResizeCenterCrop`, so decode tasks need no torch), ``tensor_part(x)`` normalises a float batch
     ``[B, 3, H, W]`` in ``[0, 1]``. :func:`to_model_input` composes them into exactly what
     ``transform`` gives per image.
     """

@@ -81,7 +81,8 @@ def world_split(world: str, split: str, max_samples: Optional[int] = None) -> tu
 
 
 def image_tensors(model, world: str, records: list[dict]) -> torch.Tensor:
-    """The records' images through the tower's own transform, ``[N, 3, H, W]``."""
+    """The records' images through the tower's own transform (the geometry of the checkpoint's
+    ``data.image_aspect``, :func:`sea_ray.eval.loading.load_model`), ``[N, 3, H, W]``."""
     out = []
     for rec in records:
         img, reason = decode_image(storage.read_bytes(storage.join(world, "images", rec["image"])))

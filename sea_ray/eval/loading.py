@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 
 from sea_ray import storage
-from sea_ray.config.schema import ModelConfig
+from sea_ray.config.schema import ModelConfig, TrainDataConfig
 from sea_ray.errors import DataError
 from sea_ray.model.vlm import build_vlm
 
@@ -19,13 +19,21 @@ def device_of(name: str) -> torch.device:
     return torch.device(name)
 
 
+def image_aspect_of(config: dict) -> str:
+    """``data.image_aspect`` of a stage's resolved config (``config.json`` of a checkpoint): the
+    geometry the model was trained to see. A checkpoint written before the field existed was
+    trained with the schema's default."""
+    return (config.get("data") or {}).get("image_aspect", TrainDataConfig.model_fields["image_aspect"].default)
+
+
 def load_model(checkpoint: str, model_cfg: Optional[ModelConfig] = None, device: str | torch.device = "cpu",
                keep_base_llm: bool = False):
     """``(model, info)``: the VLM of a checkpoint with its trained tensors loaded.
 
     ``info``: ``{"checkpoint", "stage", "step", "config", "base_llm_state"}`` where
     ``base_llm_state`` (with ``keep_base_llm``) is the LLM's state before the checkpoint replaced
-    it (None when the checkpoint holds no LLM tensors)."""
+    it (None when the checkpoint holds no LLM tensors). The tower sees images as the stage did
+    (:func:`image_aspect_of` the checkpoint's config), whatever ``model_cfg`` says."""
     from sea_ray.train import checkpoint as ckpt
 
     try:
@@ -37,7 +45,7 @@ def load_model(checkpoint: str, model_cfg: Optional[ModelConfig] = None, device:
     if model_cfg is None:
         model_cfg = ModelConfig.model_validate(config["model"])
     torch.manual_seed(int(config.get("run", {}).get("seed", 0)))  # random-init parts as in training
-    model = build_vlm(model_cfg)
+    model = build_vlm(model_cfg, image_aspect_of(config))
     # an align checkpoint also holds the SEA loss's temperature (``sea_head.``), which is not the model's
     state = {k: v for k, v in ckpt.load_model_state(uri).items() if not k.startswith("sea_head.")}
     own = model.state_dict()

@@ -187,6 +187,7 @@ def export(checkpoint: str, out: str, dtype: Optional[str] = None, overwrite: bo
     provenance = {"sea_ray_version": __version__, "checkpoint": info["checkpoint"], "stage": info["stage"],
                   "step": info["step"], "dtype": str(hf.config.dtype).replace("torch.", ""),
                   "image_token_index": hf.config.image_token_index, "image_seq_length": hf.config.image_seq_length,
+                  "image_aspect": model.vision.image_aspect,
                   "chat_template": "none" if processor.chat_template is None else
                   resolve_template(info["config"].get("template", "auto"), model.tokenizer),
                   "not_exported": ["sea_head (the SEA loss's temperature)", "optimizer state"]}

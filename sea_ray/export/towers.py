@@ -5,7 +5,8 @@
   With transformers 5 a ``CLIPVisionModel`` has no ``vision_model.`` level: its keys are
   ``embeddings.*``, ``pre_layrnorm.*``, ``encoder.layers.N.*``, ``post_layernorm.*`` (inside a
   Llava model they sit under ``model.vision_tower.``).
-- :func:`image_processor` -> the Hugging Face image processor giving ``tower.transform``'s tensor.
+- :func:`image_processor` -> the Hugging Face image processor giving ``tower.transform``'s tensor
+  (CLIP's for ``image_aspect`` crop, LLaVA's padding one for pad).
 - :func:`select_strategy` -> LLaVA's ``vision_feature_select_strategy`` and the processor's
   ``num_additional_image_tokens``.
 
@@ -43,7 +44,7 @@ import copy
 import torch
 from torch import nn
 
-from sea_ray.data.images import RESIZE_RULE
+from sea_ray.data.images import PAD_RULE, RESIZE_RULE
 
 
 
@@ -229,31 +230,40 @@ def hf_vision(tower) -> tuple:
     return config, _open_clip_state_dict(visual)
 
 
+# the geometry a tower's transform records (transform_spec()["resize"]) -> the processor class with it
+PROCESSORS = {RESIZE_RULE: "CLIPImageProcessor", PAD_RULE: "LlavaImageProcessor"}
+
+
 def image_processor(tower, backend: str = "pil"):
     """The Hugging Face image processor whose ``pixel_values`` for a PIL image are
     ``tower.transform(image)``: shortest side resized to ``image_size`` (bicubic), centre crop,
     rescale by 1/255, the tower's mean and std (SigLIP's too: sea_ray crops for every tower).
+    A tower of ``image_aspect`` ``pad`` gets LLaVA's ``LlavaImageProcessor`` with ``do_pad``: the
+    image first pasted centred on a square of ``int(mean * 255)``, as
+    :class:`sea_ray.data.images.PadSquareResizeCenterCrop` pads; ``crop`` gets CLIP's processor.
 
-    ``backend="pil"`` (``CLIPImageProcessorPil``) resizes with PIL, as open_clip's transform does,
-    and matches it exactly; ``"torchvision"`` (``CLIPImageProcessor``, the default of transformers
-    5's ``AutoImageProcessor``) resizes tensors and may differ by one grey level where it resizes.
+    ``backend="pil"`` (``CLIPImageProcessorPil`` / ``LlavaImageProcessorPil``) resizes with PIL, as
+    sea_ray's transform does, and matches it exactly; ``"torchvision"`` (the default of
+    transformers 5's ``AutoImageProcessor``) resizes tensors and may differ by a grey level or two
+    where it resizes (measured: one at 64 px, two at 224 and 336 px, padded or not).
     """
     import transformers
     from transformers.image_utils import PILImageResampling
 
-    if tower.transform_spec()["resize"] != RESIZE_RULE:
-        raise ValueError(f"cannot export the transform {tower.transform_spec()['resize']!r} (only {RESIZE_RULE})")
+    rule = tower.transform_spec()["resize"]
+    if rule not in PROCESSORS:
+        raise ValueError(f"cannot export the transform {rule!r} (only {', '.join(PROCESSORS)})")
     if backend not in ("pil", "torchvision"):
         raise ValueError(f"image processor backend must be 'pil' or 'torchvision', not {backend!r}")
-    # CLIP's processor for every tower: it is the one with sea_ray's geometry (shortest side, centre crop)
-    name = "CLIPImageProcessor" + ("Pil" if backend == "pil" else "")
+    name = PROCESSORS[rule] + ("Pil" if backend == "pil" else "")
     size = tower.image_size
+    pad = {"do_pad": True} if rule == PAD_RULE else {}  # background: int(x * 255) of image_mean, LLaVA's
     return getattr(transformers, name)(
         do_resize=True, size={"shortest_edge": size}, resample=PILImageResampling.BICUBIC,
         do_center_crop=True, crop_size={"height": size, "width": size},
         do_rescale=True, rescale_factor=1 / 255,
         do_normalize=True, image_mean=list(tower.mean), image_std=list(tower.std),
-        do_convert_rgb=True,
+        do_convert_rgb=True, **pad,
     )
 
 

@@ -17,8 +17,9 @@ Recipe (top to bottom in :func:`run`):
 2. **skip** every shard whose completion marker exists; if none is pending, only refresh
    ``_meta.json`` and ``_SUCCESS``.
 3. **pipeline** over the pending rows: ``from_arrow`` -> ``map_batches(decode_batch)`` (CPU tasks:
-   read, decode, resize + crop) -> ``map_batches(LabelActor, compute=ActorPoolStrategy)`` (the
-   labeler; ``num_gpus`` per actor, or CPUs) -> ``iter_batches`` back on the driver.
+   read, decode, the tower's geometry: resize + crop, or pad + resize) ->
+   ``map_batches(LabelActor, compute=ActorPoolStrategy)`` (the labeler; ``num_gpus`` per actor,
+   or CPUs) -> ``iter_batches`` back on the driver.
 4. **write** each shard as soon as all its rows arrived: Parquet (``LABELS_SCHEMA``), its errors
    (``ERRORS_SCHEMA``), then its marker. A kill at any point loses at most the shards without a
    marker, which the next run rewrites under the same names: no id is ever duplicated or lost.
@@ -91,7 +92,8 @@ class Plan:
 
 
 def _probe_tower(cfg: LabelsConfig):
-    """Build the tower once on the driver for its transform and grid. (Its text tower is first used
+    """Build the tower once on the driver for its transform (under ``data.image_aspect``, recorded
+    in the fingerprint and ``_meta.json`` as ``transform.resize``) and grid. (Its text tower is first used
     in the actors; a failure there, e.g. a Hugging Face dir without a tokenizer, stops the job
     with the actor's error within seconds.)"""
     import torch
@@ -100,7 +102,7 @@ def _probe_tower(cfg: LabelsConfig):
 
     torch.manual_seed(cfg.seed)
     try:
-        tower = build_vision_tower(cfg.model.vision)
+        tower = build_vision_tower(cfg.model.vision, cfg.data.image_aspect)
     except Exception as exc:
         raise ConfigError([f"model.vision: cannot build the tower ({type(exc).__name__}: {exc})"]) from exc
     if cfg.model.vision.backend == "hf" and getattr(tower, "_tokenizer", None) is None:
@@ -318,7 +320,8 @@ def _stream(p: Plan, pending: list[int], out: D.LabelsDir, stop_after: Optional[
         ds = ds.map_batches(LabelActor, batch_size=cfg.labeler.batch_size, batch_format="numpy",
                             compute=ray.data.ActorPoolStrategy(size=comp.num_actors),
                             num_cpus=comp.cpus_per_actor, num_gpus=gpus,
-                            fn_constructor_kwargs={"vision_cfg": cfg.model.vision, "labeler_cfg": cfg.labeler,
+                            fn_constructor_kwargs={"vision_cfg": cfg.model.vision,
+                                                   "image_aspect": cfg.data.image_aspect, "labeler_cfg": cfg.labeler,
                                                    "words": p.vocab.words, "seed": cfg.seed, "device": device,
                                                    "torch_threads": threads, "tensor_part": tensor_part,
                                                    "ship": comp.ship})

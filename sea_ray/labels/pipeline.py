@@ -5,10 +5,11 @@ Both are plain callables, usable without Ray (the tests call them directly):
 - :func:`decode_batch` reads each row's image (``image_bytes``, or the file at its resolved URI,
   local or ``s3://``, with :func:`sea_ray.storage.read_many`), decodes it with
   :func:`sea_ray.data.images.decode_image` and applies the PIL part of the tower's transform
-  (resize + centre crop). It ships either uint8 pixels ``[B, S, S, 3]`` (``ship="uint8"``, 4x
-  fewer bytes; normalised in the actor) or the float tensor ``[B, 3, S, S]``. A row that fails
-  keeps its place with ``ok=False``, a ``stage``
-  (``read`` | ``decode``) and a ``reason``; its pixels are zeros and are never labelled.
+  (its geometry: resize + centre crop, or with ``data.image_aspect=pad`` first a pad to a
+  square). It ships either uint8 pixels ``[B, S, S, 3]`` (``ship="uint8"``, 4x fewer bytes;
+  normalised in the actor) or the float tensor ``[B, 3, S, S]``. A row that fails keeps its
+  place with ``ok=False``, a ``stage`` (``read`` | ``decode``) and a ``reason``; its pixels are
+  zeros and are never labelled.
 - :class:`LabelActor` builds the tower from the config (seeded, so every actor holds the same
   random-init tower), the :class:`~sea_ray.labels.labeler.PatchLabeler` (text embeddings once per
   actor), and labels the ``ok`` rows. Pixels are not sent back: its output is the row key,
@@ -34,8 +35,10 @@ def decode_batch(batch, pil_part, tensor_part, image_size: int, ship: str = "uin
     """One Ray Data batch (pyarrow Table or dict of columns: row, shard, image_id, uri, image_bytes)
     -> dict of numpy columns: row, shard, image_id, ok, stage, reason, image.
 
-    With ``ship="uint8"`` and CLIP's standard transform (``pil_part`` a ResizeCenterCrop) this
-    never imports torch; ``tensor_part`` is only used (and may be None otherwise) for ``float32``."""
+    With ``ship="uint8"`` and CLIP's standard transform (``pil_part`` a ResizeCenterCrop or its
+    padding subclass) this never imports torch; ``tensor_part`` is only used (and may be None
+    otherwise) for ``float32``. An image the geometry would blow up past the pixel limit (a
+    1 x 20000 strip) is refused with its reason (``ResizeCenterCrop.refusal``)."""
     from sea_ray.data.images import ResizeCenterCrop, decode_image, pil_to_uint8, pixel_limit
 
     cols = batch.to_pydict() if hasattr(batch, "to_pydict") else {k: list(v) for k, v in batch.items()}
@@ -57,11 +60,9 @@ def decode_batch(batch, pil_part, tensor_part, image_size: int, ship: str = "uin
             stage[i], reason[i] = "decode", why
             continue
         if isinstance(pil_part, ResizeCenterCrop):  # a 1 x 20000 strip would resize to 224 x 4.5 M
-            w, h = img.size
-            resized = image_size * int(image_size * max(w, h) / max(1, min(w, h)))
-            if resized > pixel_limit(max_pixels):
-                stage[i], reason[i] = "decode", (f"extreme aspect ratio: {w}x{h} resized to {image_size} px on "
-                                                 f"its short side would be {resized} pixels")
+            why = pil_part.refusal(*img.size, pixel_limit(max_pixels))
+            if why:
+                stage[i], reason[i] = "decode", why
                 continue
         try:
             arr = pil_to_uint8(pil_part(img))
@@ -85,7 +86,7 @@ def decode_batch(batch, pil_part, tensor_part, image_size: int, ship: str = "uin
 class LabelActor:
     """Ray Data actor: labels the decoded rows of each batch (see the module docstring)."""
 
-    def __init__(self, vision_cfg, labeler_cfg, words: list[str], seed: int, device: str,
+    def __init__(self, vision_cfg, image_aspect: str, labeler_cfg, words: list[str], seed: int, device: str,
                  torch_threads: Optional[int], tensor_part, ship: str = "uint8"):
         import time
 
@@ -102,7 +103,7 @@ class LabelActor:
         if device == "cpu" and torch_threads:
             torch.set_num_threads(int(torch_threads))
         torch.manual_seed(seed)
-        tower = build_vision_tower(vision_cfg).eval().to(device)
+        tower = build_vision_tower(vision_cfg, image_aspect).eval().to(device)
         self.device = device
         self.ship = ship
         self.tensor_part = tensor_part

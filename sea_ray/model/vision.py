@@ -8,7 +8,9 @@ A tower gives
   the MaskCLIP-style variant: the last block's attention is replaced by its value path
   (value -> out_proj, no residual, no MLP), which keeps patch features local;
 - ``encode_text(texts)``: the paired text tower, [N, embed_dim] (labeling only);
-- ``transform``: the tower's own PIL -> tensor transform, and ``grid`` = (rows, cols).
+- ``transform``: the tower's own PIL -> tensor transform under its ``image_aspect`` (``crop`` |
+  ``pad``, the config's ``data.image_aspect``: :func:`sea_ray.data.images.image_geometry`), and
+  ``grid`` = (rows, cols).
 
 Hidden-state indexing follows Hugging Face: index 0 is the embedding output, index i the
 output of block i, so -1 is the last block and -2 the penultimate one.
@@ -23,7 +25,7 @@ import torch
 from torch import nn
 
 from sea_ray import storage
-from sea_ray.data.images import RESIZE_RULE, eval_transform
+from sea_ray.data.images import ASPECT_RULES, eval_transform
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +43,12 @@ class VisionTower(nn.Module):
     embed_dim: int
     has_cls: bool = True
 
-    def __init__(self, select_layer: int = -2):
+    def __init__(self, select_layer: int = -2, *, image_aspect: str):
         super().__init__()
+        if image_aspect not in ASPECT_RULES:
+            raise ValueError(f"unknown image_aspect {image_aspect!r}; valid: {', '.join(ASPECT_RULES)}")
         self.select_layer = select_layer
+        self.image_aspect = image_aspect
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -59,12 +64,12 @@ class VisionTower(nn.Module):
         """What labels record and training checks: the exact tensor both stages see."""
         return {"image_size": self.image_size, "patch_size": self.patch_size, "grid": list(self.grid),
                 "mean": [round(m, 6) for m in self.mean], "std": [round(s, 6) for s in self.std],
-                "resize": RESIZE_RULE}
+                "resize": ASPECT_RULES[self.image_aspect]}
 
     @property
     def transform(self):
         if getattr(self, "_transform", None) is None:
-            self._transform = eval_transform(self.image_size, self.mean, self.std)
+            self._transform = eval_transform(self.image_size, self.mean, self.std, self.image_aspect)
         return self._transform
 
     def _strip_prefix(self, x: torch.Tensor) -> torch.Tensor:
@@ -77,8 +82,8 @@ class VisionTower(nn.Module):
 class OpenClipTower(VisionTower):
     backend = "open_clip"
 
-    def __init__(self, clip_model, select_layer: int = -2, name: str = "custom"):
-        super().__init__(select_layer)
+    def __init__(self, clip_model, select_layer: int = -2, name: str = "custom", *, image_aspect: str):
+        super().__init__(select_layer, image_aspect=image_aspect)
         self.clip = clip_model
         visual = clip_model.visual
         if not hasattr(visual, "transformer"):
@@ -155,7 +160,8 @@ def _open_clip_weights_path(weights: str) -> str:
     return local
 
 
-def build_open_clip(name: str, weights: str | None, custom: dict | None, select_layer: int) -> OpenClipTower:
+def build_open_clip(name: str, weights: str | None, custom: dict | None, select_layer: int,
+                    image_aspect: str) -> OpenClipTower:
     import open_clip
 
     if name == "custom":
@@ -172,7 +178,7 @@ def build_open_clip(name: str, weights: str | None, custom: dict | None, select_
     else:  # a pretrained tag or hub name: needs the network
         model = open_clip.create_model(name, pretrained=weights)
     model.eval()
-    return OpenClipTower(model, select_layer=select_layer, name=name)
+    return OpenClipTower(model, select_layer=select_layer, name=name, image_aspect=image_aspect)
 
 
 # --------------------------------------------------------------------------- Hugging Face
@@ -181,8 +187,9 @@ def build_open_clip(name: str, weights: str | None, custom: dict | None, select_
 class HFTower(VisionTower):
     backend = "hf"
 
-    def __init__(self, model, select_layer: int = -2, name: str = "custom", image_processor=None):
-        super().__init__(select_layer)
+    def __init__(self, model, select_layer: int = -2, name: str = "custom", image_processor=None, *,
+                 image_aspect: str):
+        super().__init__(select_layer, image_aspect=image_aspect)
         self.name = name
         self.model = model  # CLIPModel / SiglipModel (with text tower) or a *VisionModel
         vcfg = model.config.vision_config if hasattr(model.config, "vision_config") else model.config
@@ -239,7 +246,7 @@ class HFTower(VisionTower):
         return feats if isinstance(feats, torch.Tensor) else feats.pooler_output
 
 
-def build_hf(name: str, custom: dict | None, select_layer: int) -> HFTower:
+def build_hf(name: str, custom: dict | None, select_layer: int, image_aspect: str) -> HFTower:
     from transformers import AutoConfig, AutoModel, AutoProcessor, AutoTokenizer
 
     if name == "custom":
@@ -247,7 +254,7 @@ def build_hf(name: str, custom: dict | None, select_layer: int) -> HFTower:
         model_type = custom.pop("model_type", "clip")
         config = AutoConfig.for_model(model_type, **custom)
         model = AutoModel.from_config(config)
-        tower = HFTower(model.eval(), select_layer=select_layer, name=name)
+        tower = HFTower(model.eval(), select_layer=select_layer, name=name, image_aspect=image_aspect)
         return tower
     local = storage.local_copy(name) if storage.is_remote(name) else name
     model = AutoModel.from_pretrained(local)
@@ -256,7 +263,8 @@ def build_hf(name: str, custom: dict | None, select_layer: int) -> HFTower:
         processor = AutoProcessor.from_pretrained(local).image_processor
     except Exception as exc:  # a vision-only dir may ship no processor: CLIP defaults then
         log.info("no image processor in %s (%s); using CLIP defaults", name, type(exc).__name__)
-    tower = HFTower(model.eval(), select_layer=select_layer, name=name, image_processor=processor)
+    tower = HFTower(model.eval(), select_layer=select_layer, name=name, image_processor=processor,
+                    image_aspect=image_aspect)
     try:
         tower._tokenizer = AutoTokenizer.from_pretrained(local)
     except Exception as exc:
@@ -264,8 +272,9 @@ def build_hf(name: str, custom: dict | None, select_layer: int) -> HFTower:
     return tower
 
 
-def build_vision_tower(cfg) -> VisionTower:
-    """``cfg``: a :class:`sea_ray.config.schema.VisionConfig`."""
+def build_vision_tower(cfg, image_aspect: str) -> VisionTower:
+    """``cfg``: a :class:`sea_ray.config.schema.VisionConfig`; ``image_aspect``: the job's
+    ``data.image_aspect`` (how the tower's ``transform`` fits an image to its square)."""
     if cfg.backend == "open_clip":
-        return build_open_clip(cfg.name, cfg.weights, cfg.custom, cfg.select_layer)
-    return build_hf(cfg.name, cfg.custom, cfg.select_layer)
+        return build_open_clip(cfg.name, cfg.weights, cfg.custom, cfg.select_layer, image_aspect)
+    return build_hf(cfg.name, cfg.custom, cfg.select_layer, image_aspect)

@@ -145,9 +145,10 @@ class VLM(nn.Module):
         return {k: v for k, v in self.state_dict().items() if k in names}
 
 
-def build_vlm(model_cfg) -> VLM:
-    """The composed model from a :class:`sea_ray.config.schema.ModelConfig`."""
-    vision = build_vision_tower(model_cfg.vision)
+def build_vlm(model_cfg, image_aspect: str) -> VLM:
+    """The composed model from a :class:`sea_ray.config.schema.ModelConfig`; ``image_aspect``:
+    the stage's ``data.image_aspect`` (what the tower's transform does to an image)."""
+    vision = build_vision_tower(model_cfg.vision, image_aspect)
     llm, tokenizer = build_llm(model_cfg.llm)
     llm_width = llm.get_input_embeddings().embedding_dim
     adapter = get_adapter(model_cfg.adapter.type, vision.width, llm_width, model_cfg.adapter.hidden_size)

@@ -5,7 +5,8 @@ the labels rows, each with its image and caption from the manifest); stage 2 (in
 LLaVA conversations, text-only ones included (:class:`ManifestSource`). Which rows a worker gets
 and in what order is :mod:`sea_ray.train.feed`'s; :class:`Preprocess` turns them into samples.
 
-Images leave the CPU tasks as uint8 ``[H, W, 3]`` after the tower's resize + centre crop (4x
+Images leave the CPU tasks as uint8 ``[H, W, 3]`` after the tower's geometry (``data.image_aspect``:
+resize + centre crop, or pad to a square first; :func:`sea_ray.data.images.image_geometry`; 4x
 less traffic than float32); workers scale and normalise them, which gives exactly the tensor of
 the tower's own transform, the labeler's input too.
 """
@@ -19,7 +20,7 @@ import numpy as np
 
 from sea_ray import storage
 from sea_ray.constants import IGNORE_INDEX
-from sea_ray.data.images import ResizeCenterCrop, decode_image, pil_to_uint8
+from sea_ray.data.images import decode_image, image_geometry, pil_to_uint8, pixel_limit
 from sea_ray.data.templates import encode_conversation, encode_plain, resolve_template
 from sea_ray.errors import DataError
 
@@ -118,14 +119,15 @@ class Preprocess:
     """Ray Data callable class: segments of source rows -> model-ready arrays (one tokenizer and
     one opened source per actor), yielded in the segments' order with each row's stream position."""
 
-    def __init__(self, stage: str, tokenizer_spec: str, image_size: int, image_root: Optional[str],
-                 max_length: int, template: str = "plain", source=None, rows_per_batch: int = 64):
+    def __init__(self, stage: str, tokenizer_spec: str, image_size: int, image_aspect: str,
+                 image_mean: Optional[tuple], image_root: Optional[str], max_length: int, template: str = "plain",
+                 source=None, rows_per_batch: int = 64):
         from sea_ray.model.llm import load_tokenizer
 
         self.stage, self.image_size, self.image_root, self.max_length = stage, image_size, image_root, max_length
         self.tokenizer = load_tokenizer(tokenizer_spec)
         self.template = "plain" if stage == "align" else resolve_template(template, self.tokenizer)
-        self.geometry = ResizeCenterCrop(image_size)
+        self.geometry = image_geometry(image_aspect, image_size, image_mean)
         self.source = source.open() if source is not None else None
         self.rows_per_batch = rows_per_batch
 
@@ -150,6 +152,9 @@ class Preprocess:
         image = np.zeros((self.image_size, self.image_size, 3), dtype=np.uint8)
         if has_image:
             pil, reason = _load_image(image_ref or None, image_bytes or None, self.image_root)
+            if pil is not None:
+                reason = self.geometry.refusal(*pil.size, pixel_limit())
+                pil = None if reason else pil
             if pil is None:
                 log.warning("sample %s skipped: image %s", sid, reason)
                 return None
@@ -282,5 +287,24 @@ def read_label_ids(shards: list[tuple[str, int]]) -> np.ndarray:
 def preprocess_kwargs(cfg, image_size: int) -> dict:
     """The keyword arguments of :class:`Preprocess` for a config (the source aside)."""
     return dict(stage=cfg.job, tokenizer_spec=cfg.model.llm.tokenizer or cfg.model.llm.name_or_path,
-                image_size=image_size, image_root=cfg.data.image_root, max_length=cfg.data.max_length,
+                image_size=image_size, image_aspect=cfg.data.image_aspect, image_mean=_pad_mean(cfg),
+                image_root=cfg.data.image_root, max_length=cfg.data.max_length,
                 template=getattr(cfg, "template", "plain"))
+
+
+def _pad_mean(cfg) -> Optional[tuple]:
+    """The tower's mean colour, which ``image_aspect=pad`` fills with (None with ``crop``, which
+    needs none). Only the built tower knows it for sure (open_clip's preprocessing config, a
+    Hugging Face dir's image processor), so with ``pad`` the tower is built once here, as the
+    labels job does on its driver."""
+    if cfg.data.image_aspect != "pad":
+        return None
+    import torch
+
+    from sea_ray.model.vision import build_vision_tower
+
+    with torch.random.fork_rng(devices=[]):  # a random-init tower must not move the caller's random state
+        tower = build_vision_tower(cfg.model.vision, cfg.data.image_aspect)
+    mean = tuple(float(m) for m in tower.mean)
+    del tower
+    return mean

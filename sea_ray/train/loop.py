@@ -74,12 +74,15 @@ def build_optimizer(model, cfg, steps: int):
 def sea_setup(model, cfg, device):
     """(targets [V', D], vocab id -> target row [V], labels meta) for the labels' vocabulary.
     Words the LLM cannot represent are reported once and never sampled."""
-    from sea_ray.checks import read_labels_meta
+    from sea_ray.checks import labels_aspect_problem, read_labels_meta
 
     meta = read_labels_meta(cfg.data.labels)
     if meta is None:
         raise FileNotFoundError(f"no labels metadata at {cfg.data.labels} (run `sea-ray labels` first)")
     spec = model.vision.transform_spec()
+    aspect = labels_aspect_problem(meta, model.vision.image_aspect, cfg.data.labels)
+    if aspect:
+        raise ValueError(aspect)
     if list(meta["grid"]) != list(spec["grid"]):
         raise ValueError(f"labels grid {meta['grid']} != tower grid {spec['grid']}")
     if meta.get("transform", spec) != spec:
@@ -232,7 +235,7 @@ def build_model(cfg):
     """(model with the stage's trainable parts, SEA loss or None): the same initial weights on
     every worker; instruct starts its adapter from ``init_adapter``."""
     torch.manual_seed(cfg.run.seed)
-    model = build_vlm(cfg.model)
+    model = build_vlm(cfg.model, cfg.data.image_aspect)
     sea_loss = build_sea_loss(cfg.sea) if cfg.job == "align" and cfg.sea.enabled else None
     if cfg.job == "instruct" and cfg.init_adapter:
         source = ckpt.resolve(cfg.init_adapter)

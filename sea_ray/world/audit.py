@@ -68,7 +68,7 @@ def audit(cfg, world_dir: str, limit: Optional[int] = 200, batch_size: Optional[
     if not records:
         raise DataError(f"no ground truth in {world_dir}")
     torch.manual_seed(cfg.seed)
-    tower = build_vision_tower(cfg.model.vision).eval()
+    tower = build_vision_tower(cfg.model.vision, cfg.data.image_aspect).eval()
     grid = tower.grid
     images, truths = [], []
     for rec in records:
