@@ -20,3 +20,13 @@ class ConfigError(SeaRayError):
 
 class DataError(SeaRayError):
     """Input data cannot be used at all (not a single bad row: those are skipped and counted)."""
+
+
+class TooManyErrors(DataError):
+    """More rows were bad than the job's ``max_error_fraction`` allows (or none was usable): the
+    job wrote no completion marker. The message holds the error summary (counts by stage and
+    reason, a few example rows); ``errors`` and ``rows`` are the counts it judged."""
+
+    def __init__(self, message: str, errors: int, rows: int):
+        self.errors, self.rows = errors, rows
+        super().__init__(message)
