@@ -1,6 +1,6 @@
-"""Checks that need more than the config itself: the tower's patch grid (from its architecture,
-without building it) and the metadata of an existing labels dataset (its grid, labels per patch
-and image geometry). The job table
+"""Checks that need more than the config itself: the tower's patch grid and block count (from its
+architecture, without building it) and the metadata of an existing labels dataset (its grid,
+transform and tower, and whether it holds enough labelled rows). The job table
 (:mod:`sea_ray.jobs`) runs them for every job before any Ray resource is requested."""
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ import logging
 import os
 from typing import Optional
 
-from sea_ray import storage
-from sea_ray.config.schema import AdapterConfig, AlignConfig, ModelConfig
+from sea_ray import paths, storage
+from sea_ray.config.schema import AdapterConfig, AlignConfig, ModelConfig, TuneConfig
+from sea_ray.data import budget
 from sea_ray.paths import names_a_path
 
 LABELS_META = "_meta.json"
@@ -28,12 +29,14 @@ def tower_grid(vision) -> tuple[Optional[tuple[int, int]], list[str]]:
     return (size[0] // size[1], size[0] // size[1]), problems
 
 
-def tower_image_size(vision) -> tuple[Optional[tuple[int, int]], list[str]]:
-    """((image size, patch size), problems) from the tower's architecture alone."""
+def _vision_arch(vision) -> tuple[Optional[dict], list[str]]:
+    """``{image_size, patch_size, layers}`` of the tower from its architecture alone (the backend's
+    defaults filled in), or None when only the weights can tell (a hub id not on this machine, a
+    timm tower). Also returns problems found."""
     if vision.backend == "open_clip":
+        defaults = {"image_size": 224, "patch_size": 16, "layers": 12}  # open_clip's CLIPVisionCfg
         if vision.name == "custom":
             vc = (vision.custom or {}).get("vision_cfg", {})
-            size, patch = vc.get("image_size", 224), vc.get("patch_size", 16)
         else:
             import open_clip
 
@@ -45,7 +48,7 @@ def tower_image_size(vision) -> tuple[Optional[tuple[int, int]], list[str]]:
             vc = cfg["vision_cfg"]
             if vc.get("timm_model_name"):
                 return None, []
-            size, patch = vc.get("image_size", 224), vc.get("patch_size", 16)
+        arch = {key: vc.get(key, default) for key, default in defaults.items()}
     else:
         if vision.name == "custom":
             vc = (vision.custom or {}).get("vision_config", vision.custom or {})
@@ -56,12 +59,29 @@ def tower_image_size(vision) -> tuple[Optional[tuple[int, int]], list[str]]:
             with open(path) as f:
                 cfg = json.load(f)
             vc = cfg.get("vision_config", cfg)
-        size, patch = vc.get("image_size", 224), vc.get("patch_size", 32)
-    size = size[0] if isinstance(size, (list, tuple)) else size
-    patch = patch[0] if isinstance(patch, (list, tuple)) else patch
+        arch = {"image_size": vc.get("image_size", 224), "patch_size": vc.get("patch_size", 32),
+                "layers": vc.get("num_hidden_layers", 12)}  # transformers' CLIPVisionConfig
+    for key in ("image_size", "patch_size"):
+        value = arch[key]
+        arch[key] = value[0] if isinstance(value, (list, tuple)) else value
+    return arch, []
+
+
+def tower_image_size(vision) -> tuple[Optional[tuple[int, int]], list[str]]:
+    """((image size, patch size), problems) from the tower's architecture alone."""
+    arch, problems = _vision_arch(vision)
+    if arch is None:
+        return None, problems
+    size, patch = arch["image_size"], arch["patch_size"]
     if size % patch:
         return None, [f"model.vision: image size {size} is not a multiple of patch size {patch}"]
     return (size, patch), []
+
+
+def tower_layers(vision) -> Optional[int]:
+    """The tower's number of transformer blocks from its architecture alone, or None."""
+    arch, _ = _vision_arch(vision)
+    return None if arch is None else int(arch["layers"])
 
 
 def read_labels_meta(uri: str) -> Optional[dict]:
@@ -104,12 +124,92 @@ def _model_grid(model: ModelConfig, problems: list[str]):
     return grid
 
 
+def _select_layer_problems(vision) -> list[str]:
+    from sea_ray.model.vision import layer_index
+
+    layers = tower_layers(vision)
+    if layers is None:
+        return []
+    try:
+        layer_index(vision.select_layer, layers)
+    except ValueError as exc:
+        name = "the custom tower" if vision.name == "custom" else vision.name
+        return [f"model.vision.select_layer: {exc} ({name})"]
+    return []
+
+
+def labels_counts_problems(key: str, uri: str, meta: dict, max_fraction: float) -> list[str]:
+    """A labels dataset with no labelled row, or whose error rows exceed ``max_fraction`` of its
+    manifest's rows (the counts its ``_meta.json`` records; a dataset made by an older labels job
+    may hold such counts with ``_SUCCESS``)."""
+    counts = meta.get("counts") or {}
+    if "labelled" not in counts:
+        return []
+    rows, errors, labelled = counts.get("manifest_rows", 0), counts.get("errors", 0), counts["labelled"]
+    stages = ", ".join(f"{s} {n}" for s, n in sorted((counts.get("errors_by_stage") or {}).items()) if n)
+    detail = f"{errors} error rows of {rows} manifest rows" + (f": {stages}" if stages else "")
+    fix = (f"fix the data (e.g. the labels job's data.image_root) and re-make the labels (the labels job's errors "
+           f"table: {storage.join(uri, 'errors')}/)")
+    if not labelled:
+        return [f"{key}: {uri} holds no labelled row ({detail}); {fix}"]
+    if budget.over_budget(errors, rows, max_fraction):
+        return [f"{key}: {budget.fraction(errors, rows)} of the rows of {uri} are error rows ({detail}), more than "
+                f"data.max_error_fraction = {max_fraction:g} allows; {fix}"]
+    return []
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        log.warning("%s", message)
+
+
+def _comparable_vision(vision: dict) -> dict:
+    """A vision config as it decides the labels (``select_layer`` does not: labels come from the
+    final layer), with local paths absolute."""
+    out = {k: v for k, v in vision.items() if k != "select_layer"}
+    for key in ("name", "weights"):
+        value = out.get(key)
+        if isinstance(value, str) and value not in paths.BUILT_IN_MODEL_NAMES and names_a_path(value):
+            out[key] = paths.absolute(value)
+    return out
+
+
+def _labels_tower_problems(uri: str, meta: dict, vision) -> list[str]:
+    """The labels' recorded transform against the tower's (refused: the training stage refuses
+    labels made on another transform), and their tower against this one (a warning: another tower
+    with the same grid and transform gives labels that run, maybe worse)."""
+    problems = []
+    size, _ = tower_image_size(vision)
+    spec = meta.get("transform") or {}
+    recorded = (spec.get("image_size"), spec.get("patch_size"))
+    if size is not None and None not in recorded and recorded != size:
+        problems.append(f"data.labels: labels were computed on {spec.get('image_size')} px images with "
+                        f"{spec.get('patch_size')} px patches but the vision tower takes {size[0]} px images with "
+                        f"{size[1]} px patches: the training stage refuses labels made on another image transform; "
+                        "re-make the labels with this tower")
+    recorded = (meta.get("model") or {}).get("vision")
+    if isinstance(recorded, dict):
+        theirs, ours = _comparable_vision(recorded), _comparable_vision(vision.model_dump(mode="json"))
+        changed = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+        if changed:
+            _warn_once(f"data.labels: {uri} was labelled by another tower than model.vision (differs in "
+                       f"{', '.join(changed)}: labels {', '.join(f'{k}={theirs.get(k)!r}' for k in changed)}); "
+                       "they are used as they are, since grid and transform match")
+    return problems
+
+
 def job_problems(cfg, labels_meta: Optional[dict] = None) -> list[str]:
     """Every problem found; empty when the job may start. ``labels_meta``: the labels' metadata
     when the caller already read it (checking many variants of one config)."""
     problems: list[str] = []
     model = getattr(cfg, "model", None) or getattr(getattr(cfg, "base", None), "model", None)
     grid = _model_grid(model, problems) if model is not None else None
+    if model is not None:
+        problems += _select_layer_problems(model.vision)
     align = cfg if isinstance(cfg, AlignConfig) else getattr(cfg, "base", None)
     if isinstance(align, AlignConfig) and align.sea.enabled:
         if grid is not None and align.sea.window > min(grid):
@@ -119,11 +219,19 @@ def job_problems(cfg, labels_meta: Optional[dict] = None) -> list[str]:
             if grid is not None and tuple(meta.get("grid", ())) != tuple(grid):
                 problems.append(f"data.labels: labels were computed on a {meta.get('grid')} grid but the vision "
                                 f"tower gives {list(grid)}: label grid must equal the tower's patch grid")
+            elif grid is not None:
+                problems += _labels_tower_problems(align.data.labels, meta, align.model.vision)
             if meta.get("top_n", align.sea.top_n) < align.sea.top_n:
                 problems.append(f"sea.top_n: {align.sea.top_n} > the {meta['top_n']} labels stored per patch")
             aspect = labels_aspect_problem(meta, align.data.image_aspect, align.data.labels)
             if aspect:
                 problems.append(aspect)
+            problems += labels_counts_problems("data.labels", align.data.labels, meta, align.data.max_error_fraction)
+        if isinstance(cfg, TuneConfig) and cfg.validation.labels:
+            held_out = read_labels_meta(cfg.validation.labels)
+            if held_out is not None:
+                problems += labels_counts_problems("validation.labels", cfg.validation.labels, held_out,
+                                                   align.data.max_error_fraction)
     if getattr(cfg, "job", None) == "instruct" and cfg.init_adapter:
         trained = _checkpoint_adapter(cfg.init_adapter)
         wanted = cfg.model.adapter.model_dump(mode="json")
@@ -198,7 +306,7 @@ def _model_dir_problems(key: str, uri: str) -> list[str]:
 def input_problems(fields: list[tuple[str, str, str]]) -> list[str]:
     """Every input path (``(key, value, role)``, roles as in :func:`sea_ray.config.loading.path_fields`)
     that does not exist, every model folder that is not one, an LLM without a tokenizer that
-    loads, and a labels dataset that is not complete."""
+    loads, and a labels dataset that is not found or not complete."""
     problems = []
     keys = {key for key, _, _ in fields}
     for key, value, role in fields:
@@ -216,11 +324,22 @@ def input_problems(fields: list[tuple[str, str, str]]) -> list[str]:
                 tokenizer_key = key[: -len("name_or_path")] + "tokenizer"
                 if not found_here and key.endswith("llm.name_or_path") and tokenizer_key not in keys:
                     problems += _tokenizer_problems(key, value)
+        elif role == "input" and (key == "labels" or key.endswith(".labels")):
+            problems += _labels_dir_problems(key, value)
         elif role == "input":
             found = _exists(value)
             if found is False:
                 problems.append(f"{key}: {value} does not exist")
-            elif found and key.endswith("data.labels") and _exists(storage.join(value, "_SUCCESS")) is False:
-                problems.append(f"{key}: {value} is not a complete labels dataset (no _SUCCESS): run or finish "
-                                "the labels job first")
     return problems
+
+
+def _labels_dir_problems(key: str, uri: str) -> list[str]:
+    """A labels dataset that is not found, or not complete (:meth:`~sea_ray.labels.dataset.LabelsDir.incomplete`)."""
+    from sea_ray.labels.dataset import LabelsDir
+
+    try:
+        why = LabelsDir(uri).incomplete()
+    except Exception as exc:  # unreachable storage is not a config error: the job checks it again
+        log.warning("cannot check %s from here (%s); the job checks it when it starts", uri, type(exc).__name__)
+        return []
+    return [f"{key}: {why}"] if why else []

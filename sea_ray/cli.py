@@ -20,6 +20,7 @@ from sea_ray import jobs, preflight, quickstart, storage
 from sea_ray import pipeline as pipelines
 from sea_ray import submit as remote
 from sea_ray.config.loading import apply_overrides, load_config, to_dict, validate
+from sea_ray.config.schema import MAX_ERROR_FRACTION
 from sea_ray.data.importer import import_manifest
 from sea_ray.errors import ConfigError, DataError, SeaRayError
 from sea_ray.eval.generate import Generator, Sampling, generate, read_image, read_prompts
@@ -64,7 +65,8 @@ def cmd_world(args) -> int:
 
 def cmd_import_manifest(args) -> int:
     summary = import_manifest(args.input, args.output, image_root=args.image_root, embed_images=args.embed_images,
-                              rows_per_shard=args.rows_per_shard, require_image=args.require_image)
+                              rows_per_shard=args.rows_per_shard, require_image=args.require_image,
+                              max_error_fraction=args.max_error_fraction)
     print(json.dumps(summary, indent=2, sort_keys=True))
     return EXIT_OK
 
@@ -141,6 +143,16 @@ def _import_args(p):
     p.add_argument("--rows-per-shard", type=int, metavar="N",
                    help="rows per Parquet shard (default: 50000, or 1000 with --embed-images)")
     p.add_argument("--require-image", action="store_true", help="skip text-only rows (stage-1 data)")
+    p.add_argument("--max-error-fraction", type=_fraction, default=MAX_ERROR_FRACTION, metavar="F",
+                   help="fail (no _SUCCESS) when more than this share of the rows are bad (default: "
+                   f"{MAX_ERROR_FRACTION:g}; rows skipped by --require-image do not count)")
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not in [0, 1]")
+    return value
 
 
 def _validate_args(p):

@@ -25,3 +25,13 @@ class DataError(SeaRayError):
 class TrainingFailed(SeaRayError):
     """A training stage's workers failed (their errors, one line per distinct error, in the message;
     the full tracebacks are in the workers' logs above it)."""
+
+
+class TooManyErrors(DataError):
+    """More rows were bad than the job's ``max_error_fraction`` allows (or none was usable): the
+    job wrote no completion marker. The message holds the error summary (counts by stage and
+    reason, a few example rows); ``errors`` and ``rows`` are the counts it judged."""
+
+    def __init__(self, message: str, errors: int, rows: int):
+        self.errors, self.rows = errors, rows
+        super().__init__(message)

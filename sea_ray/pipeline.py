@@ -231,6 +231,7 @@ def plan(cfg: PipelineConfig, source: str | Path) -> Plan:
             step = StepPlan(name, None, storage.join(cfg.output, "manifests"), {
                 "image_root": data["image_root"], "embed_images": cfg.importer.embed_images,
                 "rows_per_shard": cfg.importer.rows_per_shard,
+                "max_error_fraction": cfg.importer.max_error_fraction,
                 "instruct_image_root": data["instruct_image_root"],
                 "manifests": {"pretrain": (data["pretrain_source"], data["pretrain"], True),
                               "instruct": (data["instruct_source"], data["instruct"], False)}})
@@ -384,7 +385,8 @@ def _run_import(step: StepPlan) -> dict:
         root = step.args["instruct_image_root"] if key == "instruct" else step.args["image_root"]
         out[key] = import_manifest(src, dst, image_root=root,
                                    embed_images=step.args["embed_images"],
-                                   rows_per_shard=step.args["rows_per_shard"], require_image=require_image)
+                                   rows_per_shard=step.args["rows_per_shard"], require_image=require_image,
+                                   max_error_fraction=step.args["max_error_fraction"])
     return out
 
 

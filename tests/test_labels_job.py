@@ -215,7 +215,8 @@ def test_every_bad_input_is_skipped_with_its_reason_through_the_cli(ray_local, w
     manifest.write_text("\n".join(lines) + "\n")
     out = tmp_path / "labels"
     cfg_path = tmp_path / "labels.yaml"
-    cfg_path.write_text(json.dumps(_raw_cfg(manifest, out, world300 / "images", compute={"rows_per_shard": 16})))
+    cfg_path.write_text(json.dumps(_raw_cfg(manifest, out, world300 / "images", compute={"rows_per_shard": 16},
+                                            data={"max_error_fraction": 0.5})))  # many bad rows on purpose
 
     assert main(["labels", "--config", str(cfg_path)]) == 0
     summary = json.loads(capsys.readouterr().out)

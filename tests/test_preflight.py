@@ -54,11 +54,21 @@ def test_a_folder_that_is_not_a_model_is_named(capsys, inputs, tmp_path):
 
 
 def test_missing_manifest_and_incomplete_labels_are_named(capsys, inputs, tmp_path):
-    (tmp_path / "labels" / "_SUCCESS").unlink()
+    labels = tmp_path / "labels"
+    (labels / "_SUCCESS").unlink()
     code, err = _validate(capsys, *inputs, f"data.manifest={tmp_path}/nope.json")
     assert code == 2
     assert f"data.manifest: {tmp_path}/nope.json does not exist" in err
-    assert "data.labels:" in err and "not a complete labels dataset (no _SUCCESS)" in err
+    assert f"data.labels: {labels}: labels dataset not found" in err  # a folder no labels job wrote into
+    # a labels job started here: one of its three shards done
+    (labels / "_config.json").write_text(json.dumps({"fingerprint": {"valid_rows": 40, "rows_per_shard": 16}}))
+    for sub, name in (("markers", "shard-00000.json"), ("shards", "shard-00000.parquet")):
+        (labels / sub).mkdir()
+        (labels / sub / name).write_text(json.dumps({"rows": 16, "labelled": 15, "errors": 1}))
+    code, err = _validate(capsys, *inputs)
+    assert code == 2 and "not found" not in err
+    assert (f"data.labels: {labels}: labels dataset not complete (no _SUCCESS; 1 of 3 shards done, 15 rows "
+            "labelled and 1 error rows so far — re-run sea-ray labels to finish)") in err
 
 
 def test_a_hub_id_is_not_a_path(capsys, inputs):

@@ -54,7 +54,7 @@ def test_labels_and_training_read_the_same_file_for_an_absolute_path(tmp_path):
     for ref, want in ((str(real), real), (f"file://{real}", real), ("rel/b.png", rel)):
         for image_root in (str(root), f"file://{root}"):
             rows = [{"row": 0, "id": "a", "image": ref, "image_bytes": None}]
-            plan = SimpleNamespace(shards=[rows], cfg=SimpleNamespace(data=SimpleNamespace(image_root=image_root)))
+            plan = SimpleNamespace(shards=[rows], image_root=image_root)
             uri = _input_blocks(plan, [0], 8)[0].column("uri").to_pylist()[0]
             assert uri == str(want)
             labels_img, _ = decode_image(storage.read_many([uri])[0][0])

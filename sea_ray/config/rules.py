@@ -40,14 +40,17 @@ def _pipeline_problems(cfg: PipelineConfig) -> list[str]:
     return problems
 
 
-def _model_problems(model: ModelConfig, where: str) -> list[str]:
+def _model_problems(model: ModelConfig, where: str, needs_llm: bool = True) -> list[str]:
+    """``needs_llm=False`` (the labels job, which uses only the vision tower and its text tower): an
+    LLM section may be left empty; one that is given is checked all the same."""
     problems = []
     if not ADAPTER_PATTERN.match(model.adapter.type):
         problems.append(f"{where}.adapter.type: unknown adapter {model.adapter.type!r}; "
                         "valid: linear, identity, mlp2x_gelu, mlpNx_gelu")
     elif model.adapter.type.startswith("mlp") and int(ADAPTER_PATTERN.match(model.adapter.type).group(2)) < 1:
         problems.append(f"{where}.adapter.type: mlpNx_gelu needs N >= 1")
-    if (model.llm.name_or_path is None) == (model.llm.config is None):
+    llm_given = model.llm.name_or_path is not None or model.llm.config is not None
+    if (needs_llm or llm_given) and (model.llm.name_or_path is None) == (model.llm.config is None):
         problems.append(f"{where}.llm: give exactly one of name_or_path (load weights) or config (random init)")
     if model.llm.config is not None and "model_type" not in model.llm.config:
         problems.append(f"{where}.llm.config: needs model_type (e.g. llama, qwen2, gemma, phi3)")
@@ -96,7 +99,7 @@ def cross_field_problems(cfg: BaseModel) -> list[str]:
         if sea.enabled and not cfg.data.labels:
             problems.append("data.labels: required when sea.enabled is true (run `sea-ray labels` first)")
     if isinstance(cfg, LabelsConfig):
-        problems += _model_problems(cfg.model, "model")
+        problems += _model_problems(cfg.model, "model", needs_llm=False)
         bad = [t for t in cfg.labeler.templates if t.count("{}") != 1]
         if bad:
             problems.append(f"labeler.templates: each template needs exactly one '{{}}' (bad: {bad})")

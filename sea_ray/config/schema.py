@@ -16,6 +16,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 ADAPTER_PATTERN = re.compile(r"^(linear|identity|mlp(\d+)x_gelu)$")
 
+# The error budget of every job that skips bad rows (labels, import-manifest) and of the jobs that
+# read their output (align's labels): a share of the input rows, judged by
+# sea_ray.data.budget.over_budget. One default, used by every field and flag that sets it.
+MAX_ERROR_FRACTION = 0.05
+
 
 # Path fields are marked by role, so code that moves a config to another machine (sea-ray submit)
 # finds every path in one walk (path_fields): inputs are read, outputs written; a model path may
@@ -148,9 +153,14 @@ class TrainDataConfig(_Section):
                           description="LLaVA JSON/JSONL or Parquet manifest (local or "
                           "s3://)")
     image_root: Optional[str] = Field(None, json_schema_extra=INPUT_PATH, description="folder the manifest's image "
-                                      "paths are relative to")
+                                      "paths are relative to; none = the image root sea-ray import-manifest "
+                                      "recorded for an imported manifest, else paths as given")
     labels: Optional[str] = Field(None, json_schema_extra=INPUT_PATH, description="labels dataset URI (align with SEA)")
     image_aspect: ImageAspect = _image_aspect()
+    max_error_fraction: float = Field(MAX_ERROR_FRACTION, ge=0, le=1,
+                                      description="align with SEA: refuse data.labels when more than this share "
+                                      "of its input rows are error rows (the counts in its _meta.json); a labels "
+                                      "dataset with no labelled row is always refused")
     max_length: int = Field(512, ge=8, description="text tokens per sample (visual tokens not counted)")
     val_manifest: Optional[str] = Field(None, json_schema_extra=INPUT_PATH)
     shuffle_window: int = Field(8192, ge=1, description="rows shuffled together: the feed visits windows of this "
@@ -259,11 +269,16 @@ class LabelsDataConfig(_Section):
                           "s3://)")
     image_root: Optional[str] = Field(None, json_schema_extra=INPUT_PATH,
                                       description="folder (local or s3://) the manifest's image paths are "
-                                      "relative to; none = paths as given")
+                                      "relative to; none = the image root sea-ray import-manifest recorded for "
+                                      "an imported manifest, else paths as given")
     image_aspect: ImageAspect = _image_aspect()
     max_image_pixels: Optional[int] = Field(None, ge=1, description="decompression-bomb limit; none = PIL's "
                                             "Image.MAX_IMAGE_PIXELS (~89.5 Mpx). Larger JPEGs are decoded "
                                             "downscaled, other formats rejected")
+    max_error_fraction: float = Field(MAX_ERROR_FRACTION, ge=0, le=1,
+                                      description="the job fails (no _SUCCESS; finished shards are kept) when more "
+                                      "than this share of the manifest's rows are error rows, counted over the "
+                                      "whole dataset; a dataset with no labelled row always fails")
 
 
 class LabelsConfig(_Section):
@@ -554,6 +569,10 @@ class PipelineImportConfig(_Section):
 
     embed_images: bool = Field(False, description="store the image bytes in the shards (no image folder needed)")
     rows_per_shard: Optional[int] = Field(None, ge=1, description="none = the importer's default")
+    max_error_fraction: float = Field(MAX_ERROR_FRACTION, ge=0, le=1,
+                                      description="an import fails (no _SUCCESS) when more than this share of a "
+                                      "manifest's rows are skipped as bad (rows without an image skipped by "
+                                      "require_image are a filter, not errors)")
 
 
 class PipelineStepConfig(_Section):

@@ -17,7 +17,14 @@ Every row is validated by ``read_manifest``; with ``--embed-images`` each image 
 :func:`sea_ray.storage.resolve_image` points (relative paths under ``--image-root``) and decoded
 by :func:`sea_ray.data.images.decode_image`, as the labels job does; a missing, empty, truncated,
 corrupt or decompression-bomb image makes the row an error (stage ``decode``), never a crash.
-Without it, image paths are kept as written (relative to the image root the jobs are given).
+Without it, image paths are kept as written, and the image root (made absolute when local) is
+recorded in the summary, which jobs reading the folder use when their config gives no
+``data.image_root`` (:func:`sea_ray.data.manifest.image_root_for`).
+
+When more than ``max_error_fraction`` of the rows read are bad (rows without an image skipped by
+``--require-image`` are a filter and count on neither side), the import fails with
+:class:`~sea_ray.errors.TooManyErrors` and writes no ``_SUCCESS``; the shards and
+``_errors.parquet`` it wrote stay for a look, and the next import into the folder replaces them.
 """
 
 from __future__ import annotations
@@ -32,9 +39,11 @@ from typing import Optional
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from sea_ray import storage
+from sea_ray import paths, storage
+from sea_ray.config.schema import MAX_ERROR_FRACTION
+from sea_ray.data import budget
 from sea_ray.data.manifest import manifest_error, read_manifest, rows_to_table
-from sea_ray.errors import DataError
+from sea_ray.errors import DataError, TooManyErrors
 from sea_ray.labels.schema import ERRORS_SCHEMA
 
 log = logging.getLogger(__name__)
@@ -88,19 +97,50 @@ def _write_table(table: pa.Table, output: str, name: str) -> None:
         pq.write_table(table, f, compression="zstd")
 
 
+def _judged(errors: list[dict], rows_read: int, require_image: bool) -> tuple[list[dict], int]:
+    """(the error rows the budget counts, the input rows it counts them among): rows without an
+    image that ``require_image`` skips are a filter, not errors."""
+    if not require_image:
+        return errors, rows_read
+    bad = [e for e in errors if not (e["stage"] == "manifest" and e["reason"] == budget.NO_IMAGE)]
+    return bad, rows_read - (len(errors) - len(bad))
+
+
+def _refuse(input: str, output: str, errors: list[dict], judged: list[dict], rows: int, max_fraction: float,
+            image_root: Optional[str], embed_images: bool, early: bool) -> TooManyErrors:
+    """Write the errors table (no ``_SUCCESS``) and return the error to raise."""
+    errors.sort(key=lambda e: e["row"])
+    _write_table(pa.Table.from_pylist(errors, schema=ERRORS_SCHEMA), output, ERRORS_FILE)
+    stop = " (stopped early: no later row can bring it back within the budget)" if early else ""
+    return TooManyErrors(
+        f"import-manifest: {'at least ' if early else ''}{len(judged)} of {rows} rows of {input} are bad "
+        f"({budget.fraction(len(judged), rows)}), "
+        f"more than --max-error-fraction {max_fraction:g} allows{stop}; no {storage.MARKER} written, the rows and "
+        f"their reasons are in {storage.join(output, ERRORS_FILE)}\n"
+        + budget.describe(judged, "--image-root" if embed_images else None, image_root)
+        + "\n  fix the manifest or the images and import again (a new import replaces this folder)",
+        len(judged), rows)
+
+
 def import_manifest(input: str, output: str, image_root: Optional[str] = None, embed_images: bool = False,
                     rows_per_shard: Optional[int] = None, require_image: bool = False,
-                    max_image_pixels: Optional[int] = None) -> dict:
+                    max_image_pixels: Optional[int] = None,
+                    max_error_fraction: float = MAX_ERROR_FRACTION) -> dict:
     """Convert the manifest at ``input`` into Parquet shards under ``output``; return a summary.
 
     Bad rows are skipped, counted and written to ``output/_errors.parquet``; ``_SUCCESS`` is
-    written last. Re-running into the same folder replaces an earlier import.
-    ``max_image_pixels``: the decompression-bomb limit of ``embed_images`` (the labels job's
-    ``data.max_image_pixels``; default PIL's ``Image.MAX_IMAGE_PIXELS``)."""
+    written last, holding the summary (with ``image_root``, absolute when local). Re-running into
+    the same folder replaces an earlier import. ``max_image_pixels``: the decompression-bomb limit
+    of ``embed_images`` (the labels job's ``data.max_image_pixels``; default PIL's
+    ``Image.MAX_IMAGE_PIXELS``). More bad rows than ``max_error_fraction`` of the rows read (see
+    the module docstring) raise :class:`~sea_ray.errors.TooManyErrors`, without ``_SUCCESS``."""
     if rows_per_shard is None:
         rows_per_shard = DEFAULT_ROWS_PER_SHARD_EMBEDDED if embed_images else DEFAULT_ROWS_PER_SHARD
     if rows_per_shard < 1:
         raise ValueError(f"rows_per_shard must be positive, got {rows_per_shard}")
+    if not 0 <= max_error_fraction <= 1:
+        raise ValueError(f"max_error_fraction must lie in [0, 1], got {max_error_fraction}")
+    image_root = paths.absolute(image_root) or None
     started = time.time()
     try:
         manifest = read_manifest(input, require_image=require_image)
@@ -109,6 +149,10 @@ def import_manifest(input: str, output: str, image_root: Optional[str] = None, e
     errors = list(manifest.errors)
     _clear_output(output)
     storage.makedirs(output)
+    judged, rows = _judged(errors, manifest.num_read, require_image)
+    if budget.over_budget(len(judged), rows, max_error_fraction):  # malformed rows alone: before any image
+        raise _refuse(input, output, errors, judged, rows, max_error_fraction, image_root, embed_images,
+                      early=embed_images and bool(manifest.rows))
 
     num_rows = num_shards = num_embedded = num_text_only = 0
     pool = ThreadPoolExecutor(IO_THREADS) if embed_images else None
@@ -127,6 +171,10 @@ def import_manifest(input: str, output: str, image_root: Optional[str] = None, e
                         row["image_bytes"] = data
                 chunk = [r for r in chunk if id(r) not in bad]
                 num_embedded += sum(1 for r in chunk if r["image_bytes"])
+                judged, rows = _judged(errors, manifest.num_read, require_image)
+                if budget.over_budget(len(judged), rows, max_error_fraction):
+                    raise _refuse(input, output, errors, judged, rows, max_error_fraction, image_root, embed_images,
+                                  early=start + rows_per_shard < len(manifest.rows))
             if not chunk:
                 continue
             num_text_only += sum(1 for r in chunk if not r["image"] and not r["image_bytes"])

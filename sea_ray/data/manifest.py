@@ -12,12 +12,15 @@ A valid row, as returned::
 
 The Parquet layout (what ``sea-ray import-manifest`` writes) has the same columns:
 ``id`` string, ``image`` string (nullable), ``image_bytes`` binary (nullable),
-``conversations`` list<struct<from: string, value: string>>.
+``conversations`` list<struct<from: string, value: string>>. The importer's ``_SUCCESS`` holds
+its summary as JSON (:func:`import_record`), including the image root the relative ``image``
+paths live under, which jobs use when their config gives none (:func:`image_root_for`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Optional
 
@@ -25,6 +28,9 @@ import pyarrow as pa
 
 from sea_ray import storage
 from sea_ray.constants import IMAGE_PLACEHOLDER
+from sea_ray.data.budget import NO_IMAGE
+
+log = logging.getLogger(__name__)
 ROLES = ("human", "gpt")
 
 MANIFEST_SCHEMA = pa.schema([
@@ -70,7 +76,7 @@ def validate_row(row: int, item: Any, require_image: bool) -> tuple[Optional[dic
         return None, "image_bytes is not bytes"
     has_image = bool(image) or bool(image_bytes)
     if require_image and not has_image:
-        return None, "no image"
+        return None, NO_IMAGE
     turns = item.get("conversations")
     if hasattr(turns, "tolist"):
         turns = turns.tolist()
@@ -148,6 +154,40 @@ def read_manifest(uri: str, require_image: bool = False, limit: Optional[int] = 
         seen.add(clean["id"])
         result.rows.append(clean)
     return result
+
+
+def _is_file(uri: str) -> bool:
+    return str(uri).lower().rstrip("/").endswith((".json", ".jsonl", ".parquet"))
+
+
+def import_record(uri: str) -> Optional[dict]:
+    """The summary ``sea-ray import-manifest`` recorded in the ``_SUCCESS`` of the folder it wrote
+    (its ``image_root`` among others), or None: a manifest file, a folder the importer did not
+    write (or not whole), or storage this process cannot reach (the job reading it checks again)."""
+    if _is_file(uri):
+        return None
+    marker = storage.join(uri, storage.MARKER)
+    try:
+        record = json.loads(storage.read_text(marker))
+    except (FileNotFoundError, ValueError, NotADirectoryError):
+        return None
+    except Exception as exc:  # unreachable storage: no record
+        log.warning("cannot read %s (%s)", marker, type(exc).__name__)
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def image_root_for(manifest: str, image_root: Optional[str]) -> Optional[str]:
+    """The image root of a job's manifest: the config's ``image_root`` when it gives one, else
+    the one ``sea-ray import-manifest`` recorded for the imported folder ``manifest``, else None
+    (paths as given). What a row's image reference then points to is
+    :func:`sea_ray.storage.resolve_image`'s rule."""
+    if image_root:
+        return image_root
+    recorded = (import_record(manifest) or {}).get("image_root")
+    if recorded:
+        log.info("%s: using the image root recorded by sea-ray import-manifest: %s", manifest, recorded)
+    return recorded or None
 
 
 def caption_of(row: dict) -> str:

@@ -121,6 +121,45 @@ class LabelsDir:
     def write_marker(self, index: int, marker: dict) -> None:
         self.write_json(posixpath.join(MARKERS, shard_name(index) + ".json"), marker)
 
+    def delete_marker(self, index: int) -> None:
+        """Make a shard pending again (its files are rewritten by the next run)."""
+        self.delete(posixpath.join(MARKERS, shard_name(index) + ".json"))
+
+    # ------------------------------------------------------------------ state
+
+    def num_shards(self) -> Optional[int]:
+        """The shards of the whole dataset: from ``_meta.json``, else from the fingerprint in
+        ``_config.json`` (valid rows and rows per shard); None when neither tells."""
+        for rel, count in ((META_FILE, lambda m: m["counts"]["shards"]),
+                           (CONFIG_FILE, lambda c: -(-c["fingerprint"]["valid_rows"]
+                                                     // c["fingerprint"]["rows_per_shard"]))):
+            if self.exists(rel):
+                try:
+                    return int(count(self.read_json(rel)))
+                except (KeyError, TypeError, ValueError, ZeroDivisionError):
+                    continue
+        return None
+
+    def incomplete(self) -> Optional[str]:
+        """None for a complete dataset (``_SUCCESS``); else why it cannot be read, for a message:
+        ``not found`` (no folder, or one that no labels job wrote into) or ``not complete`` (a
+        labels job started here: how many shards are done, and what to do)."""
+        if self.exists(storage.MARKER):
+            return None
+        markers = self.markers()
+        if not markers and not self.exists(CONFIG_FILE) and not self.exists(META_FILE):
+            return (f"{self.uri}: labels dataset not found (no {CONFIG_FILE}, {META_FILE} or shard marker there); "
+                    "run sea-ray labels with this output first")
+        total = self.num_shards()
+        labelled = sum(int(m.get("labelled", 0)) for m in markers.values())
+        errors = sum(int(m.get("errors", 0)) for m in markers.values())
+        done = f"{len(markers)} of {total}" if total is not None else f"{len(markers)}"
+        rows = f", {labelled} rows labelled and {errors} error rows so far" if markers else ""
+        hint = ("; if that run failed for too many error rows, fix the data (e.g. data.image_root) first: the "
+                "shards with errors are redone") if markers and total == len(markers) else ""
+        return (f"{self.uri}: labels dataset not complete (no {storage.MARKER}; {done} shards done{rows} — re-run "
+                f"sea-ray labels to finish{hint})")
+
     def read_table(self, rel: str) -> pa.Table:
         # use_threads=False: pyarrow 26 sometimes aborts at interpreter exit after threaded reads
         return pq.read_table(io.BytesIO(self.read_bytes(rel)), use_threads=False)
@@ -151,12 +190,12 @@ def errors_table(errors: list[dict]) -> pa.Table:
 def read_labels(uri: str, require_complete: bool = True) -> pa.Table:
     """Every labels row of a dataset (shards with a marker), in shard order.
 
-    ``require_complete``: refuse a dataset whose ``_SUCCESS`` marker is missing (still being
-    written, or killed part-way: re-run the labels job to finish it)."""
+    ``require_complete``: refuse a dataset whose ``_SUCCESS`` marker is missing (not found; or
+    still being written, killed part-way or failed: :meth:`LabelsDir.incomplete` says which)."""
     out = LabelsDir(uri)
-    if require_complete and not out.exists(storage.MARKER):
-        raise FileNotFoundError(f"{uri} is not a complete labels dataset (no {storage.MARKER}); "
-                                "re-run the labels job to finish it")
+    why = out.incomplete() if require_complete else None
+    if why:
+        raise FileNotFoundError(why)
     tables = [out.read_table(posixpath.join(SHARDS, shard_name(i) + ".parquet")) for i in sorted(out.completed_shards())]
     if not tables:
         return LABELS_SCHEMA.empty_table()

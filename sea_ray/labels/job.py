@@ -14,8 +14,9 @@ Recipe (top to bottom in :func:`run`):
    once (seeded) for its transform and patch grid and to check that its text tower works, cut
    the valid rows into shards of ``compute.rows_per_shard`` in manifest order, and compare the
    fingerprint of this setup with the one stored in ``_config.json`` (a re-run must match).
-2. **skip** every shard whose completion marker exists; if none is pending, only refresh
-   ``_meta.json`` and ``_SUCCESS``.
+2. **skip** every shard whose completion marker exists (unless the error rows recorded so far
+   exceed the error budget: then the shards holding errors are redone, a re-run after fixing the
+   data); if none is pending, only refresh ``_meta.json`` and ``_SUCCESS``.
 3. **pipeline** over the pending rows: ``from_arrow`` -> ``map_batches(decode_batch)`` (CPU tasks:
    read, decode, the tower's geometry: resize + crop, or pad + resize) ->
    ``map_batches(LabelActor, compute=ActorPoolStrategy)`` (the labeler; ``num_gpus`` per actor,
@@ -23,8 +24,12 @@ Recipe (top to bottom in :func:`run`):
 4. **write** each shard as soon as all its rows arrived: Parquet (``LABELS_SCHEMA``), its errors
    (``ERRORS_SCHEMA``), then its marker. A kill at any point loses at most the shards without a
    marker, which the next run rewrites under the same names: no id is ever duplicated or lost.
-5. **finish:** check that the markers cover every valid row exactly once, write ``_meta.json``
-   and, last, ``_SUCCESS``.
+5. **finish:** judge the error budget over the whole dataset (malformed manifest rows plus every
+   shard's error rows, against ``data.max_error_fraction`` of the manifest's rows; a dataset with
+   no labelled row always fails): over it, the job raises
+   :class:`~sea_ray.errors.TooManyErrors` with a summary and writes no ``_SUCCESS`` (the shards
+   and markers stay; the pipeline stops early once the outcome is certain). Then check that the
+   markers cover every valid row exactly once, write ``_meta.json`` and, last, ``_SUCCESS``.
 """
 
 from __future__ import annotations
@@ -43,8 +48,9 @@ import numpy as np
 from sea_ray import storage
 from sea_ray.config.loading import to_dict
 from sea_ray.config.schema import LabelsConfig
-from sea_ray.data.manifest import read_manifest
-from sea_ray.errors import ConfigError, DataError, SeaRayError
+from sea_ray.data import budget
+from sea_ray.data.manifest import image_root_for, read_manifest
+from sea_ray.errors import ConfigError, DataError, SeaRayError, TooManyErrors
 from sea_ray.labels import dataset as D
 from sea_ray.labels.pipeline import LabelActor, decode_batch
 from sea_ray.labels.schema import META_KEYS, SCHEMA_VERSION
@@ -60,6 +66,10 @@ class LabelsInterrupted(SeaRayError):
     """Raised by the ``stop_after_shards`` test hook: the job stopped as if killed."""
 
 
+class _OverBudget(SeaRayError):
+    """The error rows so far exceed the budget: the pipeline stops, :func:`run` reports."""
+
+
 @dataclass
 class Plan:
     """Everything the driver decides before Ray starts."""
@@ -73,6 +83,7 @@ class Plan:
     transform_spec: dict
     grid: tuple[int, int]
     embed_dim: int
+    image_root: Optional[str] = None  # data.image_root, else the one the importer recorded
     shards: list[list[dict]] = field(default_factory=list)
 
     @property
@@ -127,7 +138,8 @@ def plan(cfg: LabelsConfig) -> Plan:
                         f"(min_count={cfg.vocab.min_count}) and no extra_words were given")
     transform, spec, grid, embed_dim = _probe_tower(cfg)
     p = Plan(cfg=cfg, rows=manifest.rows, manifest_errors=manifest.errors, manifest_rows=manifest.num_read,
-             vocab=vocab, transform=transform, transform_spec=spec, grid=grid, embed_dim=embed_dim)
+             vocab=vocab, transform=transform, transform_spec=spec, grid=grid, embed_dim=embed_dim,
+             image_root=image_root_for(cfg.data.manifest, cfg.data.image_root))
     size = cfg.compute.rows_per_shard
     p.shards = [p.rows[i:i + size] for i in range(0, len(p.rows), size)]
     return p
@@ -171,7 +183,8 @@ def _meta(p: Plan, markers: dict[int, dict]) -> dict:
                    "errors": sum(by_stage.values()), "errors_by_stage": dict(sorted(by_stage.items())),
                    "shards": len(p.shards)},
         "manifest": p.cfg.data.manifest,
-        "image_root": p.cfg.data.image_root,
+        "image_root": p.image_root,
+        "max_error_fraction": p.cfg.data.max_error_fraction,
         "rows_per_shard": p.cfg.compute.rows_per_shard,
         "max_image_pixels": p.cfg.data.max_image_pixels,
     }
@@ -191,7 +204,7 @@ def _input_blocks(p: Plan, pending: list[int], block_rows: int):
             "row": pa.array([r["row"] for _, r in chunk], pa.int64()),
             "shard": pa.array([k for k, _ in chunk], pa.int32()),
             "image_id": pa.array([r["id"] for _, r in chunk], pa.string()),
-            "uri": pa.array([storage.resolve_image(r.get("image"), p.cfg.data.image_root) for _, r in chunk],
+            "uri": pa.array([storage.resolve_image(r.get("image"), p.image_root) for _, r in chunk],
                             pa.string()),
             "image_bytes": pa.array([r.get("image_bytes") for _, r in chunk], pa.binary()),
         }))
@@ -221,8 +234,10 @@ def _resources(ray, cfg: LabelsConfig) -> tuple[float, str]:
 class _ShardWriter:
     """Collects the pipeline's rows per shard and writes each shard once it is whole."""
 
-    def __init__(self, out: D.LabelsDir, p: Plan, pending: list[int], stop_after: Optional[int]):
+    def __init__(self, out: D.LabelsDir, p: Plan, pending: list[int], stop_after: Optional[int],
+                 prior_errors: int = 0):
         self.out, self.p = out, p
+        self.prior_errors = prior_errors  # manifest errors + those of the shards kept from earlier runs
         self.expected = {k: len(p.shards[k]) for k in pending}
         self.image_of = {r["row"]: r.get("image") for k in pending for r in p.shards[k]}
         self.got: dict[int, dict[int, tuple]] = {k: {} for k in pending}
@@ -270,6 +285,9 @@ class _ShardWriter:
         self.labelled += len(good)
         self.errors += len(bad)
         log.info("shard %s written: %d labelled, %d error(s)", D.shard_name(k), len(good), len(bad))
+        if self.got and budget.over_budget(self.prior_errors + self.errors, self.p.manifest_rows,
+                                           self.p.cfg.data.max_error_fraction):  # shards left: stop early
+            raise _OverBudget(f"{self.prior_errors + self.errors} error rows after shard {k}")
 
     @property
     def incomplete(self) -> list[int]:
@@ -286,7 +304,7 @@ def _progress(total: int):
 
 
 def _stream(p: Plan, pending: list[int], out: D.LabelsDir, stop_after: Optional[int], gpus: float,
-            device: str) -> _ShardWriter:
+            device: str, prior_errors: int = 0) -> _ShardWriter:
     """Steps 3 and 4: the Ray Data pipeline over the pending shards, written as they complete."""
     import ray.data
 
@@ -298,7 +316,7 @@ def _stream(p: Plan, pending: list[int], out: D.LabelsDir, stop_after: Optional[
     decode_bs = comp.decode_batch_size or cfg.labeler.batch_size
     threads = comp.torch_threads or max(1, round(comp.cpus_per_actor))
 
-    writer = _ShardWriter(out, p, pending, stop_after)
+    writer = _ShardWriter(out, p, pending, stop_after, prior_errors)
     total = sum(writer.expected.values())
     ctx = ray.data.DataContext.get_current()
     old_bars = ctx.enable_progress_bars
@@ -344,20 +362,61 @@ def _stream(p: Plan, pending: list[int], out: D.LabelsDir, stop_after: Optional[
     return writer
 
 
+def _retry(p: Plan, markers: dict[int, dict]) -> set[int]:
+    """The finished shards to redo: every one holding error rows when the error rows recorded so
+    far (malformed manifest rows and the finished shards') exceed the budget, the state a failed
+    run leaves; a re-run after fixing the data (e.g. ``data.image_root``) then relabels them.
+    Otherwise none: finished shards stay finished."""
+    recorded = len(p.manifest_errors) + sum(m["errors"] for m in markers.values())
+    if not budget.over_budget(recorded, p.manifest_rows, p.cfg.data.max_error_fraction):
+        return set()
+    return {k for k, m in markers.items() if m["errors"]}
+
+
+def _refuse(out: D.LabelsDir, p: Plan, markers: dict[int, dict], wrote: bool, early: bool = False):
+    """Raise :class:`TooManyErrors` with the error summary; the dataset is left incomplete (no
+    ``_SUCCESS``, no ``_meta.json``), its finished shards and markers kept for the re-run."""
+    out.delete(storage.MARKER)
+    out.delete(D.META_FILE)
+    errors = D.read_errors(out.uri).to_pylist() if wrote else list(p.manifest_errors)
+    count = len(p.manifest_errors) + sum(m["errors"] for m in markers.values())
+    rows, max_fraction = p.manifest_rows, p.cfg.data.max_error_fraction
+    if budget.over_budget(count, rows, max_fraction):
+        stop = " (stopped early: no later row can bring it back within the budget)" if early else ""
+        head = (f"labels: {'at least ' if early else ''}{count} of {rows} manifest rows are error rows "
+                f"({budget.fraction(count, rows)}), more than data.max_error_fraction = {max_fraction:g} allows{stop}")
+    else:
+        head = f"labels: none of the {rows} manifest rows was labelled ({count} error rows)"
+    kept = (f"; the {len(markers)} finished shard(s) stay: fix the data and re-run sea-ray labels, which keeps the "
+            "shards without errors and redoes the others") if markers else "; fix the data and re-run sea-ray labels"
+    raise TooManyErrors(
+        f"{head}; {out.uri} is not complete (no {storage.MARKER} written)\n"
+        + budget.describe(errors, "data.image_root", p.image_root)
+        + f"\n  every error row with its reason: {storage.join(out.uri, D.ERRORS)}/ "
+        f"(sea_ray.labels.dataset.read_errors){kept}", count, rows)
+
+
 def run(cfg: LabelsConfig, *, stop_after_shards: Optional[int] = None) -> dict:
     """Run the labels job (recipe in the module docstring); returns a JSON-able summary.
 
     ``stop_after_shards`` (tests): after that many shards, write the next shard's files but not
     its marker and raise :class:`LabelsInterrupted`, as a kill at the worst moment would.
+    Raises :class:`~sea_ray.errors.TooManyErrors` when the error budget is exceeded.
     """
     start = time.time()
     p = plan(cfg)
     out = D.LabelsDir(cfg.output)
     known = _check_output(out, p)
-    done = out.completed_shards() if known else set()
-    pending = [k for k in range(len(p.shards)) if k not in done]
+    if budget.over_budget(len(p.manifest_errors), p.manifest_rows, cfg.data.max_error_fraction):
+        _refuse(out, p, {}, wrote=False, early=True)  # malformed manifest rows alone: before Ray starts
+    markers = out.markers() if known else {}
+    retry = _retry(p, markers)
+    pending = [k for k in range(len(p.shards)) if k not in markers or k in retry]
     log.info("%d valid rows in %d shard(s): %d complete, %d pending; %d malformed manifest row(s)",
              len(p.rows), len(p.shards), len(p.shards) - len(pending), len(pending), len(p.manifest_errors))
+    if retry:
+        log.warning("the error rows recorded so far exceed data.max_error_fraction=%g: redoing the %d finished "
+                    "shard(s) that hold errors", cfg.data.max_error_fraction, len(retry))
     gpus, device = 0.0, "cpu"
     if pending:  # connect and check the cluster before writing anything
         gpus, device = _resources(init_ray(cfg.ray), cfg)
@@ -369,13 +428,24 @@ def run(cfg: LabelsConfig, *, stop_after_shards: Optional[int] = None) -> dict:
     out.write_json(D.VOCAB_FILE, p.vocab.to_dict(to_dict(cfg.vocab)))  # fixed by the fingerprint
     out.write_table(f"{D.ERRORS}/{D.MANIFEST_ERRORS}.parquet", D.errors_table(p.manifest_errors))
     writer = None
+    early = False
     if pending:
         out.delete(storage.MARKER)
         out.delete(D.META_FILE)
-        writer = _stream(p, pending, out, stop_after_shards, gpus, device)
+        for k in sorted(retry):
+            out.delete_marker(k)
+        prior = len(p.manifest_errors) + sum(m["errors"] for k, m in markers.items() if k not in retry)
+        try:
+            writer = _stream(p, pending, out, stop_after_shards, gpus, device, prior)
+        except _OverBudget:
+            early = True
 
     markers = out.markers()
     missing = sorted(set(range(len(p.shards))) - set(markers))
+    errors = len(p.manifest_errors) + sum(m["errors"] for m in markers.values())
+    if early or budget.over_budget(errors, p.manifest_rows, cfg.data.max_error_fraction) or (
+            not missing and not sum(m["labelled"] for m in markers.values())):
+        _refuse(out, p, markers, wrote=True, early=early)
     covered = sum(m["rows"] for m in markers.values())
     if missing or covered != len(p.rows):
         raise DataError(f"{out.uri}: shards {missing} have no marker or rows are unaccounted for "
@@ -386,7 +456,7 @@ def run(cfg: LabelsConfig, *, stop_after_shards: Optional[int] = None) -> dict:
     seconds = time.time() - start
     processed = sum(writer.expected.values()) if writer else 0
     return {"output": out.uri, "counts": meta["counts"], "vocab_size": len(p.vocab), "vocab_hash": p.vocab.hash,
-            "grid": list(p.grid), "shards_skipped": len(p.shards) - len(pending),
+            "grid": list(p.grid), "shards_skipped": len(p.shards) - len(pending), "shards_redone": len(retry),
             "shards_written": writer.written if writer else 0, "images_processed": processed,
             "seconds": round(seconds, 2), "img_per_s": round(processed / seconds, 2) if processed else None,
             "first_batch_s": round(writer.first_batch_s, 2) if writer and writer.first_batch_s else None}

@@ -9,7 +9,7 @@ A labels dataset is a folder (local or ``s3://``)::
     errors/shard-00000.parquet ...   rows of that shard that could not be read, decoded or labelled
     markers/shard-00000.json ...     a shard's completion marker, written after its Parquet and errors files
     _meta.json                       vocabulary, model, transform, grid, counts (written at the end)
-    _SUCCESS                         written last: the whole dataset is complete
+    _SUCCESS                         written last: the whole dataset is complete, within its error budget
 
 Shard ``k`` holds the valid manifest rows ``[k * rows_per_shard, (k + 1) * rows_per_shard)`` (valid
 = passed manifest validation, in manifest order). Only shards with a marker count; a re-run

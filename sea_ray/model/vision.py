@@ -33,6 +33,18 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+def layer_index(layer: int, num_layers: int) -> int:
+    """The hidden state ``select_layer = layer`` names in a tower of ``num_layers`` blocks, as an
+    index in 0 (the embeddings) .. ``num_layers`` (the last block); negative counts from the end
+    (-1 = the last block, ``-(num_layers + 1)`` = the embeddings). Anything else raises
+    ``ValueError``. The one rule for both backends and for the pre-flight check."""
+    idx = layer if layer >= 0 else num_layers + 1 + layer
+    if not 0 <= idx <= num_layers:
+        raise ValueError(f"select_layer {layer} is out of range for a {num_layers}-block tower (valid: "
+                         f"{-(num_layers + 1)} .. {num_layers}; -1 = the last block, -2 = the penultimate)")
+    return idx
+
+
 class VisionTower(nn.Module):
     """Common interface; subclasses fill in the backend."""
 
@@ -111,14 +123,8 @@ class OpenClipTower(VisionTower):
             states.append(x)
         return states
 
-    def _layer_index(self, layer: int) -> int:
-        idx = layer if layer >= 0 else self.num_layers + 1 + layer
-        if not 0 <= idx <= self.num_layers:
-            raise ValueError(f"select_layer {layer} is out of range for a {self.num_layers}-block tower")
-        return idx
-
     def patch_tokens(self, images: torch.Tensor) -> torch.Tensor:
-        idx = self._layer_index(self.select_layer)
+        idx = layer_index(self.select_layer, self.num_layers)
         return self._strip_prefix(self._hidden_states(images, idx)[idx])
 
     def joint_patch_features(self, images: torch.Tensor, dense: bool = False) -> torch.Tensor:
@@ -216,7 +222,7 @@ class HFTower(VisionTower):
 
     def patch_tokens(self, images: torch.Tensor) -> torch.Tensor:
         states = self._states(images).hidden_states
-        return self._strip_prefix(states[self.select_layer])
+        return self._strip_prefix(states[layer_index(self.select_layer, self.num_layers)])
 
     def joint_patch_features(self, images: torch.Tensor, dense: bool = False) -> torch.Tensor:
         vm = self.vision_model

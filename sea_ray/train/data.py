@@ -203,11 +203,11 @@ def label_shards(labels_uri: str) -> list[tuple[str, int]]:
 
     Only a finished labels dataset (``_SUCCESS`` present) is read; a shard without its marker
     (a killed run's last one) is never used."""
-    from sea_ray.labels.dataset import completed_shard_rows
+    from sea_ray.labels.dataset import LabelsDir, completed_shard_rows
 
-    if not storage.is_complete(labels_uri):
-        raise DataError(f"{labels_uri} is not a complete labels dataset (no {storage.MARKER}): "
-                        "re-run the labels job to finish it")
+    why = LabelsDir(labels_uri).incomplete()
+    if why:
+        raise DataError(why)
     shards = completed_shard_rows(labels_uri)
     if not shards:
         raise DataError(f"no labels shards under {labels_uri}")
@@ -285,10 +285,13 @@ def read_label_ids(shards: list[tuple[str, int]]) -> np.ndarray:
 
 
 def preprocess_kwargs(cfg, image_size: int) -> dict:
-    """The keyword arguments of :class:`Preprocess` for a config (the source aside)."""
+    """The keyword arguments of :class:`Preprocess` for a config (the source aside); the image root
+    is ``data.image_root``, else the one ``sea-ray import-manifest`` recorded for the manifest."""
+    from sea_ray.data.manifest import image_root_for
+
     return dict(stage=cfg.job, tokenizer_spec=cfg.model.llm.tokenizer or cfg.model.llm.name_or_path,
                 image_size=image_size, image_aspect=cfg.data.image_aspect, image_mean=_pad_mean(cfg),
-                image_root=cfg.data.image_root, max_length=cfg.data.max_length,
+                image_root=image_root_for(cfg.data.manifest, cfg.data.image_root), max_length=cfg.data.max_length,
                 template=getattr(cfg, "template", "plain"))
 
 
