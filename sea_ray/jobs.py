@@ -52,7 +52,8 @@ JOBS: dict[str, Job] = {job.name: job for job in (
     Job("instruct", "stage 2: instruction tuning with Ray Train", driver.run),
     Job("tune", "search SEA and adapter hyperparameters with Ray Tune + Optuna", search.run,
         (checks.job_problems, search.search_problems)),
-    Job("eval", "evaluate a checkpoint (alignment diagnostics, QA accuracy)", eval_job.run),
+    Job("eval", "evaluate a checkpoint on a world or your own data (held-out LM loss, alignment diagnostics, "
+        "QA accuracy)", eval_job.run),
     Job("benchmark", "lmms-eval benchmarks of exported models, side by side (one Ray task per model)",
         benchmark.run, (checks.job_problems, benchmark.problems)),
 )}

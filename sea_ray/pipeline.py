@@ -180,9 +180,9 @@ def _wiring(name: str, plan_so_far: dict[str, StepPlan], cfg: PipelineConfig, da
             w["model.adapter"] = to_dict(align.cfg.model.adapter)
     elif name == "eval":
         trained = instruct or align
-        w = {"checkpoint": trained.output if trained else None, "world": data["world"],
-             "vocab": labels.output if labels else None,  # nearest words over the labels' vocabulary
-             "output": storage.join(out, "eval"), "ray": ray}
+        w = {"checkpoint": trained.output if trained else None, "output": storage.join(out, "eval"), "ray": ray}
+        if data["world"]:  # else the eval recipe's own held-out data (its data section)
+            w.update(world=data["world"], vocab=labels.output if labels else None)  # nearest words: the labels' words
         if trained is not None and trained.cfg is not None:  # the model that was trained, whatever the recipe says
             w["model"] = to_dict(trained.cfg.model)
     return {k: v for k, v in w.items() if v is not None}
@@ -392,7 +392,7 @@ def _run_import(step: StepPlan) -> dict:
 
 def _run_job(step: StepPlan) -> dict:
     cfg = step.cfg
-    if step.name == "eval" and storage.is_remote(cfg.world):
+    if step.name == "eval" and cfg.world and storage.is_remote(cfg.world):
         # eval runs in this process and reads the ground truth with local-file readers: give it a
         # local copy of the (small, synthetic) world, downloaded once into the sea_ray cache
         log.info("pipeline: eval reads a local copy of %s", cfg.world)

@@ -1,8 +1,8 @@
 """The rules across fields of a job config: what pydantic's per-field types and ranges cannot say.
 
 :func:`cross_field_problems` lists every broken rule of a validated config (the model section,
-train batch and precision, SEA temperatures, labeler templates, pipeline steps); it is run by
-:func:`sea_ray.config.loading.validate`, which also runs the search rules
+train batch and precision, SEA temperatures, labeler templates, an eval's data and metrics,
+pipeline steps); it is run by :func:`sea_ray.config.loading.validate`, which also runs the search rules
 (:func:`sea_ray.config.loading._tune_problems`: they validate each end of a search range, so they
 live beside ``validate``). Grid and label checks that need the tower's architecture or the labels'
 metadata live in :func:`sea_ray.checks.job_problems`.
@@ -14,8 +14,9 @@ import difflib
 
 from pydantic import BaseModel
 
-from sea_ray.config.schema import (ADAPTER_PATTERN, PIPELINE_STEPS, WORLD_TASK, AlignConfig, BenchmarkConfig,
-                                   EvalConfig, LabelsConfig, ModelConfig, PipelineConfig, TrainConfig)
+from sea_ray.config.schema import (ADAPTER_PATTERN, EVAL_WORLD_METRICS, PIPELINE_STEPS, WORLD_TASK, AlignConfig,
+                                   BenchmarkConfig, EvalConfig, LabelsConfig, ModelConfig, PipelineConfig,
+                                   TrainConfig)
 
 
 def _pipeline_problems(cfg: PipelineConfig) -> list[str]:
@@ -106,12 +107,59 @@ def cross_field_problems(cfg: BaseModel) -> list[str]:
         if cfg.model.vision.backend == "hf" and cfg.model.vision.name == "custom":
             problems.append("model.vision: labeling with the hf backend needs a saved CLIPModel dir with its "
                             "tokenizer (vision.name=DIR); a random-init 'custom' hf tower has no tokenizer")
-    if isinstance(cfg, EvalConfig) and cfg.model is not None:
-        problems += _model_problems(cfg.model, "model")
+    if isinstance(cfg, EvalConfig):
+        problems += _eval_problems(cfg)
     if isinstance(cfg, PipelineConfig):
         problems += _pipeline_problems(cfg)
     if isinstance(cfg, BenchmarkConfig):
         problems += _benchmark_problems(cfg)
+    return problems
+
+
+def eval_inputs_missing(cfg: EvalConfig, metric: str) -> list[str]:
+    """The own-data inputs (``data.*`` keys) ``metric`` needs that ``cfg`` does not give (none on a
+    world, which holds every input)."""
+    data = cfg.data
+    if cfg.world is not None:
+        return []
+    if metric == "alignment":
+        return [key for key, value in (("data.manifest", data.manifest), ("data.labels", data.labels)) if not value]
+    if metric == "qa":
+        return [] if data.conversations else ["data.conversations"]
+    return [] if data.manifest or data.conversations else ["data.manifest or data.conversations"]
+
+
+def eval_metrics(cfg: EvalConfig) -> list[str]:
+    """What an eval computes: ``metrics`` when given, else for a world alignment, qa and perplexity,
+    for own data lm_loss and every other metric but perplexity whose inputs are given."""
+    if cfg.metrics:
+        return list(dict.fromkeys(cfg.metrics))
+    if cfg.world is not None:
+        return list(EVAL_WORLD_METRICS)
+    return [m for m in ("lm_loss", "alignment", "qa") if not eval_inputs_missing(cfg, m)]
+
+
+def _eval_problems(cfg: EvalConfig) -> list[str]:
+    problems = _model_problems(cfg.model, "model") if cfg.model is not None else []
+    data_given = any(value is not None for value in cfg.data.model_dump().values())
+    if (cfg.world is None) != data_given:
+        problems.append("world, data: give exactly one: world (a synthetic world folder, from sea-ray world) or "
+                        "data (your own held-out data: data.manifest and/or data.conversations, data.image_root, "
+                        "data.labels)" + (" (both are given)" if data_given else ""))
+        return problems
+    if cfg.world is not None:
+        return problems
+    if not (cfg.data.manifest or cfg.data.conversations):
+        problems.append("data: give data.manifest (captions) and/or data.conversations (conversations with "
+                        "reference answers)")
+        return problems
+    for metric in cfg.metrics or []:
+        missing = eval_inputs_missing(cfg, metric)
+        if missing:
+            problems.append(f"metrics: {metric} on own data needs {' and '.join(missing)}")
+    if cfg.vocab:
+        problems.append("vocab: own data is decoded over its labels' vocabulary (data.labels); vocab applies to a "
+                        "world only")
     return problems
 
 

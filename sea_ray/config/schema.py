@@ -376,34 +376,66 @@ class TuneConfig(_Section):
 # --------------------------------------------------------------------------- eval
 
 
-EVAL_METRICS = ("alignment", "qa", "perplexity")
+EVAL_METRICS = ("alignment", "qa", "perplexity", "lm_loss")
+EVAL_WORLD_METRICS = ("alignment", "qa", "perplexity")  # what a world is evaluated on when `metrics` is not given
+
+
+class EvalDataConfig(_Section):
+    """Your own held-out data, instead of a synthetic world: LLaVA-format manifests (JSON, JSONL or
+    Parquet; local or s3://), their images and, for the SEA diagnostics, a labels dataset."""
+
+    manifest: Optional[str] = Field(None, json_schema_extra=INPUT_PATH,
+                                    description="captions manifest (LLaVA pretrain layout: the first answer is "
+                                    "the caption): held-out LM loss as align computes it, the captions of TACS "
+                                    "and the modality gap, and the images the labels describe")
+    conversations: Optional[str] = Field(None, json_schema_extra=INPUT_PATH,
+                                         description="conversations manifest (LLaVA instruct layout): held-out LM "
+                                         "loss as instruct computes it, and QA by generation (every human turn "
+                                         "asked, its gpt turn the reference answer)")
+    image_root: Optional[str] = Field(None, json_schema_extra=INPUT_PATH,
+                                      description="folder (local or s3://) the manifests' image paths are "
+                                      "relative to; none = paths as given")
+    conversations_image_root: Optional[str] = Field(None, json_schema_extra=INPUT_PATH,
+                                                    description="image folder of the conversations manifest, "
+                                                    "when it differs; none = image_root")
+    labels: Optional[str] = Field(None, json_schema_extra=INPUT_PATH,
+                                  description="labels dataset of data.manifest's images (sea-ray labels): the "
+                                  "nearest words of the visual tokens against its CLIP labels, over its "
+                                  "vocabulary (_meta.json)")
 
 
 class EvalConfig(_Section):
-    """``sea-ray eval``: a checkpoint on a held-out split of the synthetic world (see docs/eval.md)."""
+    """``sea-ray eval``: a checkpoint on held-out data, a split of the synthetic world or your own
+    manifests (see docs/eval.md)."""
 
     job: Literal["eval"] = "eval"
     checkpoint: str = Field(..., json_schema_extra=INPUT_PATH,
                             description="checkpoint URI, or a run URI (its newest complete checkpoint); "
                             "align or instruct")
     model: Optional[ModelConfig] = Field(None, description="the model; none = the checkpoint's own config.json")
-    world: str = Field(..., json_schema_extra=INPUT_PATH,
-                       description="synthetic world folder (sea-ray world): images, ground truth, QA")
-    split: Literal["train", "val", "test"] = "test"
+    world: Optional[str] = Field(None, json_schema_extra=INPUT_PATH,
+                                 description="synthetic world folder (sea-ray world): images, ground truth, QA; "
+                                 "give world or data")
+    data: EvalDataConfig = Field(EvalDataConfig(), description="your own held-out data (manifests, images, "
+                                 "labels); give world or data")
+    split: Literal["train", "val", "test"] = Field("test", description="the world's split (world only)")
     output: str = Field("./eval", json_schema_extra=OUTPUT_PATH,
                         description="report folder (local or s3://): report.json, report.md, plots/, "
                         "predictions.jsonl")
-    max_samples: Optional[int] = Field(None, ge=1, description="held-out images evaluated (their patches and "
-                                       "their questions); none = every image of the split")
-    metrics: list[Literal["alignment", "qa", "perplexity"]] = Field(list(EVAL_METRICS), min_length=1,
-                                                                     description="alignment: nearest-word "
-                                                                     "accuracy, TACS, modality gap; qa: accuracy "
-                                                                     "by generation; perplexity: the LLM on "
-                                                                     "held-out text before vs after")
+    max_samples: Optional[int] = Field(None, ge=1, description="world: held-out images evaluated (their patches "
+                                       "and their questions); data: the first rows of each manifest; none = all")
+    metrics: Optional[list[Literal["alignment", "qa", "perplexity", "lm_loss"]]] = Field(
+        None, min_length=1, description="alignment: nearest-word accuracy (world ground truth, or agreement with "
+        "data.labels), TACS, modality gap; qa: accuracy by generation (exact match; own data also VQA "
+        "accuracy); perplexity: the LLM alone on held-out text before vs after; lm_loss: the training "
+        "objective (masked LM loss with the images) and its perplexity, for the model training started from "
+        "and the checkpoint. none = a world: alignment, qa, perplexity; data: lm_loss, and alignment with "
+        "data.labels, qa with data.conversations")
     vocab: Optional[str] = Field(None, json_schema_extra=INPUT_PATH,
                                  description="nearest-word vocabulary: a labels dataset (its _meta.json) or "
                                  "a vocab.json; none = the world's training captions under the labels job's "
-                                 "vocabulary rules (the vocab section's defaults)")
+                                 "vocabulary rules (the vocab section's defaults). World only: own data is "
+                                 "decoded over its labels' vocabulary")
     top_k: int = Field(10, ge=1, description="TACS: the best visual-token cosines averaged per image")
     template: Literal["auto", "llava_v1", "chat"] = Field("auto", description="QA prompt template; auto = the "
                                                            "instruct checkpoint's own, else resolved from the "
@@ -415,7 +447,8 @@ class EvalConfig(_Section):
                               "(the checkpoint's run and, for instruct, its align run are always plotted)")
     audit: Optional[str] = Field(None, json_schema_extra=INPUT_PATH,
                                  description="a label-audit JSON (sea-ray audit-labels) plotted in the "
-                                 "report; none = <vocab>/_audit.json when vocab is a labels dataset that has one")
+                                 "report; none = <vocab>/_audit.json (own data: <data.labels>/_audit.json) when "
+                                 "that labels dataset has one")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available")
     ray: RayConfig = Field(RayConfig(), description="unused: evaluation runs in this process (kept so pipeline "
                            "wiring can pass its Ray section)")

@@ -18,22 +18,34 @@ import torch
 from sea_ray import storage
 from sea_ray.constants import IMAGE_PLACEHOLDER
 from sea_ray.data.images import decode_image
-from sea_ray.data.templates import _encode_text, adds_bos, render_llava_v1, resolve_template
+from sea_ray.data.templates import _encode_text, _eos, adds_bos, render_llava_v1, resolve_template
 from sea_ray.errors import DataError
 
 
-def render_prompt(question: str, tokenizer, template: str = "auto", with_image: bool = True) -> str:
-    """The text the model sees before its answer (``template``: auto | llava_v1 | chat)."""
-    content = f"{IMAGE_PLACEHOLDER}\n{question}" if with_image and IMAGE_PLACEHOLDER not in question else question
+def render_prompt(question: str, tokenizer, template: str = "auto", with_image: bool = True,
+                  history: Sequence[tuple[str, str]] = ()) -> str:
+    """The text the model sees before its answer (``template``: auto | llava_v1 | chat).
+
+    ``history``: the conversation's earlier ``(question, answer)`` turns, rendered before the
+    question as the instruct stage renders them (an eos after each answer). Without an
+    ``<image>`` placeholder in any turn, one goes in front of the first question (``with_image``)."""
+    turns: list[tuple[str, Optional[str]]] = [*((q, a) for q, a in history), (question, None)]
+    if with_image and not any(IMAGE_PLACEHOLDER in q for q, _ in turns):
+        turns[0] = (f"{IMAGE_PLACEHOLDER}\n{turns[0][0]}", turns[0][1])
     if resolve_template(template, tokenizer) == "chat":
-        return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                             add_generation_prompt=True)
-    return render_llava_v1([(content, None)])[0]
+        messages = []
+        for q, a in turns:
+            messages.append({"role": "user", "content": q})
+            if a is not None:
+                messages.append({"role": "assistant", "content": a})
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return render_llava_v1(turns, _eos(tokenizer)[1] if history else "")[0]
 
 
-def encode_prompt(question: str, tokenizer, template: str = "auto", with_image: bool = True) -> list[int]:
+def encode_prompt(question: str, tokenizer, template: str = "auto", with_image: bool = True,
+                  history: Sequence[tuple[str, str]] = ()) -> list[int]:
     """Token ids of :func:`render_prompt` with the image sentinel in place of the placeholder."""
-    text = render_prompt(question, tokenizer, template, with_image)
+    text = render_prompt(question, tokenizer, template, with_image, history)
     bos = adds_bos(tokenizer) and resolve_template(template, tokenizer) != "chat"
     ids, _ = _encode_text(text, [], tokenizer, bos)
     return ids
@@ -102,11 +114,16 @@ def greedy_generate(model, prompts: Sequence[Sequence[int]], images: Optional[to
 
 
 def answer(model, image_tensors: Optional[torch.Tensor], questions: Sequence[str], template: str = "auto",
-           max_new_tokens: int = 8, sampling: Optional[Sampling] = None) -> list[str]:
+           max_new_tokens: int = 8, histories: Optional[Sequence[Sequence[tuple[str, str]]]] = None,
+           has_image: Optional[Sequence[bool]] = None, sampling: Optional[Sampling] = None) -> list[str]:
     """Decoded answers to ``questions``, one image per question (``image_tensors [N, 3, H, W]``,
-    the tower's transform) or none."""
-    with_image = image_tensors is not None
-    prompts = [encode_prompt(q, model.tokenizer, template, with_image) for q in questions]
+    the tower's transform) or none; greedy unless ``sampling``. ``has_image``: which questions have
+    one (``image_tensors`` then holds only theirs, in order; default: all or, without tensors,
+    none); ``histories``: each question's earlier turns (:func:`render_prompt`)."""
+    if has_image is None:
+        has_image = [image_tensors is not None] * len(questions)
+    histories = histories if histories is not None else [()] * len(questions)
+    prompts = [encode_prompt(q, model.tokenizer, template, w, h) for q, w, h in zip(questions, has_image, histories)]
     new = greedy_generate(model, prompts, image_tensors, max_new_tokens, sampling=sampling)
     return [model.tokenizer.decode(t, skip_special_tokens=True).strip() for t in new]
 
@@ -176,7 +193,7 @@ class Generator:
     def __call__(self, prompt: str, image=None) -> str:
         """The answer to ``prompt`` about ``image`` (a decoded PIL image, or None: text only)."""
         tensors = self.model.vision.transform(image).unsqueeze(0) if image is not None else None
-        return answer(self.model, tensors, [prompt], self.template, self.max_new_tokens, self.sampling)[0]
+        return answer(self.model, tensors, [prompt], self.template, self.max_new_tokens, sampling=self.sampling)[0]
 
 
 def generate(checkpoint: str, image: Optional[str], prompt: str, max_new_tokens: int = 32, template: str = "auto",

@@ -27,13 +27,16 @@ def image_aspect_of(config: dict) -> str:
 
 
 def load_model(checkpoint: str, model_cfg: Optional[ModelConfig] = None, device: str | torch.device = "cpu",
-               keep_base_llm: bool = False):
+               keep_base_llm: bool = False, keep_base: bool = False):
     """``(model, info)``: the VLM of a checkpoint with its trained tensors loaded.
 
-    ``info``: ``{"checkpoint", "stage", "step", "config", "base_llm_state"}`` where
+    ``info``: ``{"checkpoint", "stage", "step", "config", "base_llm_state", "base_state"}`` where
     ``base_llm_state`` (with ``keep_base_llm``) is the LLM's state before the checkpoint replaced
-    it (None when the checkpoint holds no LLM tensors). The tower sees images as the stage did
-    (:func:`image_aspect_of` the checkpoint's config), whatever ``model_cfg`` says."""
+    it (None when the checkpoint holds no LLM tensors), and ``base_state`` (with ``keep_base``)
+    the model's value of every tensor the checkpoint replaced, before it did: the weights the
+    checkpoint's training started from (built with its seed, as training builds them; None without
+    ``keep_base``). The tower sees images as the stage did (:func:`image_aspect_of` the
+    checkpoint's config), whatever ``model_cfg`` says."""
     from sea_ray.train import checkpoint as ckpt
 
     try:
@@ -56,7 +59,12 @@ def load_model(checkpoint: str, model_cfg: Optional[ModelConfig] = None, device:
     base_llm = None
     if keep_base_llm and any(k.startswith("llm.") for k in state):
         base_llm = {k: v.detach().clone() for k, v in model.llm.state_dict().items()}
+    base = None
+    if keep_base:  # the LLM's tensors shared with base_llm when both are kept
+        shared = base_llm or {}
+        base = {k: shared[k[len("llm."):]] if k.startswith("llm.") and k[len("llm."):] in shared
+                else own[k].detach().clone() for k in state}
     model.load_state_dict(state, strict=False)
     model.to(device).eval()
     return model, {"checkpoint": uri, "stage": meta.get("stage", config.get("job")), "step": meta.get("step"),
-                   "config": config, "base_llm_state": base_llm}
+                   "config": config, "base_llm_state": base_llm, "base_state": base}

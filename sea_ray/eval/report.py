@@ -153,8 +153,9 @@ def _fmt(value, digits: int = 4) -> str:
 
 def _audit_for(report: dict, cfg) -> Optional[dict]:
     uri = cfg.audit
-    if uri is None and cfg.vocab and not cfg.vocab.endswith(".json"):
-        candidate = storage.join(cfg.vocab, "_audit.json")
+    labels = cfg.vocab if cfg.vocab and not cfg.vocab.endswith(".json") else getattr(cfg.data, "labels", None)
+    if uri is None and labels:
+        candidate = storage.join(labels, "_audit.json")
         uri = candidate if storage.exists(candidate) else None
     if uri is None:
         return None
@@ -165,24 +166,67 @@ def _audit_for(report: dict, cfg) -> Optional[dict]:
         return None
 
 
+def _data_lines(report: dict) -> list[str]:
+    if "world" in report:
+        return [f"- data: `{report['world']}`, split `{report['split']}`, {report['images']} images"]
+    data, rows = report["data"], report.get("rows", {})
+    lines = [f"- {name}: `{data[key]}` ({rows.get(name, 0)} rows)"
+             for name, key in (("captions", "manifest"), ("conversations", "conversations")) if key in data]
+    lines += [f"- {key.replace('_', ' ')}: `{data[key]}`"
+              for key in ("image_root", "conversations_image_root", "labels") if key in data]
+    if report.get("errors"):
+        lines.append(f"- skipped: {len(report['errors'])} rows or images (their reasons: `errors` in report.json)")
+    return lines
+
+
+def _lm_loss_lines(m: dict) -> list[str]:
+    lines = ["## Held-out LM loss (the training objective, images in place)", "",
+             "| data | preprocessed as | rows | tokens | loss (start) | loss (checkpoint) | perplexity (start) | "
+             "perplexity (checkpoint) |", "|---|---|---|---|---|---|---|---|"]
+    for name, s in m["sets"].items():
+        before = s["before"] or {}
+        lines.append(f"| {name} | {s['preprocessed_as']} | {s['rows']} | {s['tokens']} | "
+                     f"{_fmt(before.get('loss_lm'))} | {_fmt(s['after']['loss_lm'])} | {_fmt(before.get('ppl'), 3)} | "
+                     f"{_fmt(s['after']['ppl'], 3)} |")
+    return lines + ["", f"Mean negative log-likelihood per supervised token. Start: {m['before_is']}.", ""]
+
+
+def _alignment_lines(a: dict) -> list[str]:
+    lines = ["## Alignment diagnostics (adapter outputs)", "", "| metric | value |", "|---|---|"]
+    if a.get("truth") == "labels":
+        lines += [f"| nearest word = the labels' top-1 | {_fmt(a['nearest_word_accuracy'])} |",
+                  f"| chance (random word) | {_fmt(a['nearest_word_chance'])} |",
+                  f"| nearest word in the labels' top-{a['top_n']} | {_fmt(a['nearest_word_in_top_n'])} |",
+                  f"| chance (random word) | {_fmt(a['nearest_word_in_top_n_chance'])} |"]
+    else:
+        lines += [f"| nearest-word accuracy | {_fmt(a['nearest_word_accuracy'])} |",
+                  f"| chance (random word) | {_fmt(a['nearest_word_chance'])} |"]
+    lines += [f"| TACS (top-{a['top_k']}) | {_fmt(a['tacs'])} |", f"| modality gap | {_fmt(a['modality_gap'])} |", ""]
+    groups = ", ".join(f"{g} {_fmt(v['accuracy'])} ({v['patches']} patches)"
+                       for g, v in a["nearest_word_by_group"].items())
+    lines.append((f"By patch kind: {groups}. " if groups else f"{a['patches']} labelled patches of {a['images']} "
+                  "images. ") + f"Vocabulary: {a['vocab_size']} words ({a['vocab_source']}); "
+                 f"most predicted: {', '.join(f'{w} {s:.2f}' for w, s in a['most_predicted'])}.")
+    return lines + [""]
+
+
 def to_markdown(report: dict, plots: dict[str, str]) -> str:
     lines = [f"# Evaluation: {report.get('run') or report['checkpoint']}", "",
              f"- checkpoint: `{report['checkpoint']}` ({report['stage']}, step {report['step']})",
-             f"- data: `{report['world']}`, split `{report['split']}`, {report['images']} images", ""]
+             *_data_lines(report), ""]
+    if report.get("lm_loss"):
+        lines += _lm_loss_lines(report["lm_loss"])
     a = report.get("alignment")
     if a:
-        groups = ", ".join(f"{g} {_fmt(v['accuracy'])} ({v['patches']} patches)"
-                           for g, v in a["nearest_word_by_group"].items())
-        lines += ["## Alignment diagnostics (adapter outputs)", "",
-                  "| metric | value |", "|---|---|",
-                  f"| nearest-word accuracy | {_fmt(a['nearest_word_accuracy'])} |",
-                  f"| chance (random word) | {_fmt(a['nearest_word_chance'])} |",
-                  f"| TACS (top-{a['top_k']}) | {_fmt(a['tacs'])} |",
-                  f"| modality gap | {_fmt(a['modality_gap'])} |", "",
-                  f"By patch kind: {groups}. Vocabulary: {a['vocab_size']} words ({a['vocab_source']}); "
-                  f"most predicted: {', '.join(f'{w} {s:.2f}' for w, s in a['most_predicted'])}.", ""]
+        lines += _alignment_lines(a)
     q = report.get("qa")
-    if q:
+    if q and "vqa_accuracy" in q:
+        lines += ["## QA accuracy (greedy generation on the conversations, every human turn)", "",
+                  "| score | accuracy | questions |", "|---|---|---|",
+                  f"| exact match (normalised) | **{_fmt(q['accuracy'])}** | {q['count']} |",
+                  f"| VQA accuracy (VQAv2 normalisation) | **{_fmt(q['vqa_accuracy'])}** | {q['count']} |", "",
+                  f"{q['conversations']} conversations; every answer in predictions.jsonl.", ""]
+    elif q:
         lines += ["## QA accuracy (greedy generation, exact match after normalisation)", "",
                   "| type | accuracy | questions |", "|---|---|---|",
                   f"| **all** | **{_fmt(q['accuracy'])}** | {q['count']} |"]
@@ -226,11 +270,23 @@ def write_report(report: dict, cfg) -> dict:
     if png:
         plots["loss curves"] = f"{PLOTS}/loss_curves.png"
     pngs = {"loss curves": png}
-    if report.get("qa"):
+    if report.get("qa") and "vqa_accuracy" in report["qa"]:
+        q = report["qa"]
+        pngs["QA accuracy"] = plot_bars({"exact match": {"all": q["accuracy"] or 0.0},
+                                         "VQA": {"all": q["vqa_accuracy"] or 0.0}}, "QA accuracy", "accuracy")
+        plots["QA accuracy"] = f"{PLOTS}/qa_accuracy.png"
+    elif report.get("qa"):
         by_type = {t: v["accuracy"] for t, v in report["qa"]["by_type"].items()}
         pngs["QA accuracy by type"] = plot_bars({"accuracy": {"all": report["qa"]["accuracy"], **by_type}},
                                                 "QA accuracy by question type", "exact match")
         plots["QA accuracy by type"] = f"{PLOTS}/qa_by_type.png"
+    if report.get("lm_loss"):
+        sets = report["lm_loss"]["sets"]
+        series = {"checkpoint": {name: v["after"]["ppl"] for name, v in sets.items()}}
+        if any(v["before"] for v in sets.values()):
+            series = {"start": {name: v["before"]["ppl"] for name, v in sets.items() if v["before"]}, **series}
+        pngs["held-out perplexity"] = plot_bars(series, "held-out perplexity (LM loss with images)", "perplexity")
+        plots["held-out perplexity"] = f"{PLOTS}/lm_loss.png"
     audit = _audit_for(report, cfg)
     if audit:
         report["label_audit"] = audit

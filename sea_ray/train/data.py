@@ -267,9 +267,13 @@ def source_of(cfg, exclude_ids=(), shared: bool = True):
             if not len(index):
                 raise DataError(f"{cfg.data.labels}: every row is held out")
         return LabelsSource(shards, share(by_id), index)
-    items = [(r["id"], r["image"] or "", r["image_bytes"] or b"", r["conversations"]) for r in manifest.rows
-             if r["id"] not in excluded]
+    items = manifest_items([r for r in manifest.rows if r["id"] not in excluded])
     return ManifestSource(share(items), len(items))
+
+
+def manifest_items(rows: list[dict]) -> list[tuple]:
+    """The items of a :class:`ManifestSource` from manifest rows (:func:`sea_ray.data.manifest.read_manifest`'s)."""
+    return [(r["id"], r["image"] or "", r["image_bytes"] or b"", r["conversations"]) for r in rows]
 
 
 def read_label_ids(shards: list[tuple[str, int]]) -> np.ndarray:
