@@ -216,17 +216,11 @@ def job_problems(cfg, labels_meta: Optional[dict] = None) -> list[str]:
             problems.append(f"sea.window: {align.sea.window} is larger than the {grid[0]} x {grid[1]} patch grid")
         meta = labels_meta or (read_labels_meta(align.data.labels) if align.data.labels else None)
         if meta is not None:
-            if grid is not None and tuple(meta.get("grid", ())) != tuple(grid):
-                problems.append(f"data.labels: labels were computed on a {meta.get('grid')} grid but the vision "
-                                f"tower gives {list(grid)}: label grid must equal the tower's patch grid")
-            elif grid is not None:
-                problems += _labels_tower_problems(align.data.labels, meta, align.model.vision)
-            if meta.get("top_n", align.sea.top_n) < align.sea.top_n:
-                problems.append(f"sea.top_n: {align.sea.top_n} > the {meta['top_n']} labels stored per patch")
-            aspect = labels_aspect_problem(meta, align.data.image_aspect, align.data.labels)
-            if aspect:
-                problems.append(aspect)
-            problems += labels_counts_problems("data.labels", align.data.labels, meta, align.data.max_error_fraction)
+            problems += _labels_problems("data.labels", align.data.labels, meta, align, grid)
+        if align.data.val_labels:
+            val_meta = read_labels_meta(align.data.val_labels)
+            if val_meta is not None:
+                problems += _labels_problems("data.val_labels", align.data.val_labels, val_meta, align, grid)
         if isinstance(cfg, TuneConfig) and cfg.validation.labels:
             held_out = read_labels_meta(cfg.validation.labels)
             if held_out is not None:
@@ -239,6 +233,24 @@ def job_problems(cfg, labels_meta: Optional[dict] = None) -> list[str]:
             problems.append(f"init_adapter: {cfg.init_adapter} holds a {trained} adapter but model.adapter is "
                             f"{wanted}: give instruct the align run's adapter")
     return problems
+
+
+def _labels_problems(key: str, uri: str, meta: dict, align: AlignConfig, grid) -> list[str]:
+    """What keeps the labels dataset ``uri`` (config key ``key``, metadata ``meta``) from feeding the
+    align config ``align``: grid, tower and transform, labels per patch, image aspect, counts."""
+    problems = []
+    if grid is not None and tuple(meta.get("grid", ())) != tuple(grid):
+        problems.append(f"{key}: labels were computed on a {meta.get('grid')} grid but the vision "
+                        f"tower gives {list(grid)}: label grid must equal the tower's patch grid")
+    elif grid is not None:
+        problems += [p.replace("data.labels:", f"{key}:", 1)
+                     for p in _labels_tower_problems(uri, meta, align.model.vision)]
+    if meta.get("top_n", align.sea.top_n) < align.sea.top_n:
+        problems.append(f"sea.top_n: {align.sea.top_n} > the {meta['top_n']} labels stored per patch ({key})")
+    aspect = labels_aspect_problem(meta, align.data.image_aspect, uri)
+    if aspect:
+        problems.append(aspect)
+    return problems + labels_counts_problems(key, uri, meta, align.data.max_error_fraction)
 
 
 def _checkpoint_adapter(uri: str) -> Optional[dict]:
@@ -324,7 +336,7 @@ def input_problems(fields: list[tuple[str, str, str]]) -> list[str]:
                 tokenizer_key = key[: -len("name_or_path")] + "tokenizer"
                 if not found_here and key.endswith("llm.name_or_path") and tokenizer_key not in keys:
                     problems += _tokenizer_problems(key, value)
-        elif role == "input" and (key == "labels" or key.endswith(".labels")):
+        elif role == "input" and (key == "labels" or key.endswith((".labels", ".val_labels"))):
             problems += _labels_dir_problems(key, value)
         elif role == "input":
             found = _exists(value)

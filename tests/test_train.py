@@ -67,11 +67,27 @@ def bucket(s3_server):
 
 
 @pytest.fixture(scope="module")
-def reference(ray_local, labelled_world, bucket):
+def val_labels(labelled_world, tmp_path_factory):
+    """Oracle labels of the world's validation split (the labels of its val manifest)."""
+    from sea_ray.world.oracle import write_oracle_labels
+    from sea_ray.model.vision import build_vision_tower
+
+    world, _ = labelled_world
+    cfg = _align_cfg(world, "unused", "unused")
+    out = str(tmp_path_factory.mktemp("val-labels"))
+    write_oracle_labels(world, out, 8, build_vision_tower(cfg.model.vision, cfg.data.image_aspect).transform_spec(),
+                        split="val")
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(ray_local, labelled_world, val_labels, bucket):
     """An uninterrupted 2-worker align run with its checkpoints in a bucket: the yardstick of the
-    fault-tolerance tests."""
+    fault-tolerance tests. It validates every checkpoint on the val split (Ray's validation tasks)."""
     world, labels = labelled_world
-    return run(_align_cfg(world, labels, f"{bucket}/runs", name="reference"))
+    return run(_align_cfg(world, labels, f"{bucket}/runs", name="reference",
+                          data={"val_manifest": f"{world}/val/pretrain.json", "val_labels": val_labels},
+                          validation={"max_rows": 8}))
 
 
 def test_align_run_writes_complete_checkpoints_and_metrics(reference, bucket):
@@ -91,6 +107,30 @@ def test_align_run_writes_complete_checkpoints_and_metrics(reference, bucket):
     fs, path = storage.fsspec_fs(f"{run_dir}/tensorboard")
     assert any("events.out.tfevents." in p for p in fs.find(path))
     assert json.loads(storage.read_text(f"{run_dir}/config.json"))["run"]["name"] == "reference"
+
+
+def test_every_checkpoint_is_validated_beside_training_and_logged(reference, bucket, tmp_path):
+    """Ray's validation tasks measured each checkpoint on the val split; the numbers are in the
+    summary per step and in the run's TensorBoard under val/."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    validated = reference["validation"]
+    assert sorted(validated) == [EVERY, STEPS]
+    for metrics in validated.values():
+        assert set(metrics) == {"val_loss_lm", "val_ppl", "val_sea_loss", "val_word_acc"}
+        assert metrics["val_ppl"] == pytest.approx(torch.exp(torch.tensor(metrics["val_loss_lm"])).item(), rel=1e-5)
+        assert 0.0 <= metrics["val_word_acc"] <= 1.0
+    assert validated[EVERY] != validated[STEPS]  # measured on each checkpoint's own weights
+    fs, path = storage.fsspec_fs(f"{reference['run']}/tensorboard")
+    fs.get(path.rstrip("/") + "/", str(tmp_path / "tb") + "/", recursive=True)
+    scalars = {}
+    for events in (tmp_path / "tb").rglob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            scalars.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
+    assert sorted(s for s, _ in scalars["val/loss_lm"]) == [EVERY, STEPS]
+    assert dict(scalars["val/word_acc"])[STEPS] == pytest.approx(validated[STEPS]["val_word_acc"])
 
 
 def test_killed_worker_resumes_and_matches_uninterrupted_run(reference, labelled_world, tmp_path):

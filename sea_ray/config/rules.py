@@ -74,6 +74,11 @@ def _train_problems(cfg: TrainConfig) -> list[str]:
         pass  # allowed: fp32 on GPU is slow but valid
     if not cfg.scaling.use_gpu and cfg.precision == "bf16":
         problems.append("precision: bf16 needs scaling.use_gpu=true (CPU training runs in fp32)")
+    if cfg.data.val_labels and not cfg.data.val_manifest:
+        problems.append("data.val_labels: needs data.val_manifest (the manifest those labels are of)")
+    if cfg.data.val_labels and cfg.job != "align":
+        problems.append("data.val_labels: only align measures SEA metrics; instruct validates on "
+                        "data.val_manifest alone")
     return problems
 
 

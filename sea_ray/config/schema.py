@@ -162,12 +162,27 @@ class TrainDataConfig(_Section):
                                       "of its input rows are error rows (the counts in its _meta.json); a labels "
                                       "dataset with no labelled row is always refused")
     max_length: int = Field(512, ge=8, description="text tokens per sample (visual tokens not counted)")
-    val_manifest: Optional[str] = Field(None, json_schema_extra=INPUT_PATH)
+    val_manifest: Optional[str] = Field(None, json_schema_extra=INPUT_PATH,
+                                        description="held-out manifest (the training one's format): every "
+                                        "checkpoint is measured on it (val_loss_lm, val_ppl; docs/align.md)")
+    val_labels: Optional[str] = Field(None, json_schema_extra=INPUT_PATH,
+                                      description="align with SEA: the labels dataset of val_manifest; adds "
+                                      "val_sea_loss and val_word_acc")
     shuffle_window: int = Field(8192, ge=1, description="rows shuffled together: the feed visits windows of this "
                                 "many consecutive rows in a seeded order and permutes each (docs/data.md)")
     preprocess_actors: int = Field(1, ge=1, description="Ray Data actors per Train worker that decode images and "
                                    "tokenize")
     preprocess_cpus: float = Field(0.5, gt=0, description="CPUs per preprocessing actor")
+
+
+class StageValidationConfig(_Section):
+    """How a stage measures its checkpoints on ``data.val_manifest`` (sea_ray/train/validation.py)."""
+
+    max_rows: Optional[int] = Field(256, ge=1, description="held-out rows measured (the manifest's first); "
+                                    "none = all")
+    batch_size: int = Field(16, ge=1, description="rows per forward pass")
+    cpus: float = Field(0.5, gt=0, description="CPUs of Ray's validation task (it runs beside training)")
+    gpus: float = Field(0.0, ge=0, description="GPUs of Ray's validation task")
 
 
 class TrainConfig(_Section):
@@ -185,6 +200,8 @@ class TrainConfig(_Section):
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 autocast on GPU, fp32 on CPU")
     grad_checkpointing: bool = False
     log_every_n_steps: int = Field(10, ge=1)
+    validation: StageValidationConfig = Field(StageValidationConfig(), description="with data.val_manifest: "
+                                              "held-out metrics at every checkpoint")
     stall_timeout_s: Optional[float] = Field(1800, gt=0, description="a stage that makes no optimizer step for "
                                              "this long fails with what it waits for (data, a collective, a "
                                              "save); none = wait forever")

@@ -78,6 +78,16 @@ def make_trainer(cfg, worker_fn, loop_config: dict, callbacks: list,
     failure = {"max_failures": cfg.max_failures}
     if controller_failure_limit is not None:
         failure["controller_failure_limit"] = controller_failure_limit
+    validation = None
+    if loop_config.get("validate"):  # every checkpoint measured by a Ray task beside training
+        from ray.train import ValidationConfig, ValidationTaskConfig
+
+        from sea_ray.train.validation import validate_checkpoint
+
+        task = {"num_cpus": cfg.validation.cpus, "num_gpus": cfg.validation.gpus}
+        validation = ValidationConfig(fn=validate_checkpoint, ray_remote_kwargs=task,
+                                      task_config=ValidationTaskConfig(fn_kwargs={"cfg": loop_config["cfg"],
+                                                                                  "run_uri": loop_config["run_uri"]}))
     return TorchTrainer(
         worker_fn,
         train_loop_config=loop_config,
@@ -88,6 +98,7 @@ def make_trainer(cfg, worker_fn, loop_config: dict, callbacks: list,
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
                              callbacks=callbacks,
                              logging_config=LoggingConfig(log_level="WARNING" if ray_logs_quiet() else "INFO")),
+        validation_config=validation,
     )
 
 
@@ -110,7 +121,7 @@ def loop_config(cfg, run: str, exclude_ids=()) -> dict:
 
     (image_size, _), _ = tower_image_size(cfg.model.vision)
     return {"cfg": to_dict(cfg), "run_uri": run, "source": source_of(cfg, exclude_ids),
-            "preprocess": preprocess_kwargs(cfg, image_size)}
+            "preprocess": preprocess_kwargs(cfg, image_size), "validate": bool(cfg.data.val_manifest)}
 
 
 def fit(trainer, what: str):
@@ -151,5 +162,10 @@ def run(cfg) -> dict:
     storage.write_text(storage.join(uri, "config.json"), json.dumps(to_dict(cfg), indent=2, sort_keys=True))
     trainer = make_trainer(cfg, train_loop, config, callbacks=[_progress_callback(steps, cfg.job, sys.stdout.isatty())])
     result = fit(trainer, f"{cfg.job} ({uri})")
-    return {"job": cfg.job, "run": uri, "steps": steps, "checkpoint": latest_complete(uri),
-            "metrics": result.metrics or {}}
+    summary = {"job": cfg.job, "run": uri, "steps": steps, "checkpoint": latest_complete(uri),
+               "metrics": result.metrics or {}}
+    validated = {int(m["val_step"]): {k: v for k, v in m.items() if k.startswith("val_") and k != "val_step"}
+                 for _, m in (result.best_checkpoints or []) if "val_step" in m}
+    if validated:  # Ray's validation tasks attached these to their checkpoints
+        summary["validation"] = dict(sorted(validated.items()))
+    return summary

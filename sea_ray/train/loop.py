@@ -470,7 +470,8 @@ class _TensorBoardMixin:
 class RayTrainIO(_TensorBoardMixin):
     """Inside a Ray Train worker: its micro-batches preprocessed on Ray Data as they go."""
 
-    def __init__(self, run_uri: str, source, preprocess: dict, actors: int = 1, actor_cpus: float = 0.5):
+    def __init__(self, run_uri: str, source, preprocess: dict, actors: int = 1, actor_cpus: float = 0.5,
+                 validate: bool = False):
         import ray.train
         import ray.train.torch
 
@@ -479,6 +480,7 @@ class RayTrainIO(_TensorBoardMixin):
         self.device = ray.train.torch.get_device()
         self.run_uri, self.num_rows, self.source, self.preprocess = run_uri, source.num_rows, source, preprocess
         self.actors, self.actor_cpus = actors, actor_cpus
+        self.validate = validate  # every checkpoint goes to Ray's validation task (sea_ray.train.validation)
 
     def micro_batches(self, order, start_step: int, steps: int) -> Iterable[Optional[dict]]:
         return ray_micro_batches(self.source, self.preprocess, order, self.world_size, self.world_rank, start_step,
@@ -499,7 +501,8 @@ class RayTrainIO(_TensorBoardMixin):
         import ray.train
 
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name if checkpoint else None)
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name if checkpoint else None,
+                         validation=bool(checkpoint) and self.validate)
 
 
 class LocalIO(_TensorBoardMixin):
@@ -540,4 +543,4 @@ def train_loop(loop_config: dict) -> None:
 def io_of(cfg, loop_config: dict) -> RayTrainIO:
     """The worker I/O of a driver's ``loop_config`` (run folder, source, preprocessing arguments)."""
     return RayTrainIO(loop_config["run_uri"], loop_config["source"], loop_config["preprocess"],
-                      cfg.data.preprocess_actors, cfg.data.preprocess_cpus)
+                      cfg.data.preprocess_actors, cfg.data.preprocess_cpus, validate=loop_config.get("validate", False))

@@ -124,7 +124,7 @@ def in_process_trial(config: dict, *, setup: dict, train_rows: dict, val_rows: d
     from ray import tune
 
     from sea_ray.train.loop import LocalIO, run_stage, total_steps
-    from sea_ray.tune.validation import Evaluator
+    from sea_ray.train.validation import Evaluator
 
     started = _start_trial(config, setup, "in_process")
     if started is None:
@@ -153,7 +153,7 @@ def ray_train_worker(loop_config: dict) -> None:
     import ray
 
     from sea_ray.train.loop import io_of, parse_config, run_stage
-    from sea_ray.tune.validation import Evaluator
+    from sea_ray.train.validation import Evaluator
 
     logging.basicConfig(level=logging.INFO)
     cfg = parse_config(loop_config["cfg"])
@@ -183,7 +183,8 @@ def ray_train_trial(config: dict, *, setup: dict, val_rows: dict) -> None:
     steps = total_steps(trial_cfg, worker_config["source"].num_rows)
     trainer = make_trainer(
         trial_cfg, ray_train_worker,
-        dict(worker_config, val_rows=ray.put(val_rows), val_labels=setup["val_labels"], eval=setup["eval"]),
+        dict(worker_config, val_rows=ray.put(val_rows), val_labels=setup["val_labels"], eval=setup["eval"],
+             validate=False),  # a trial's own held-out metric (Evaluator) is its validation
         # history.json is kept by the Train controller; Tune gets the same reports
         callbacks=[on_report_callback(lambda metrics: TrialFolder(folder.uri).record(metrics, steps)),
                    TuneReportCallback()],
