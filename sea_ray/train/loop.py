@@ -14,8 +14,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -33,6 +31,7 @@ from sea_ray.runtime import quiet_ray_logs
 from sea_ray.model.vlm import build_vlm
 from sea_ray.sea import SeaLoss, average_gradients, lambda_at, pair_loss, select_pairs, word_targets
 from sea_ray.train import checkpoint as ckpt
+from sea_ray.train import tracking
 from sea_ray.train.feed import memory_micro_batches, order_of, ray_micro_batches
 from sea_ray.train.watchdog import StallError, Watchdog
 
@@ -228,7 +227,7 @@ class Stage:
     targets: Optional[torch.Tensor] = None
     row_of: Optional[torch.Tensor] = None
     grid: tuple = ()
-    writer: Any = None
+    tracker: Optional[tracking.Tracker] = None  # the experiment trackers (none on ranks other than 0)
 
 
 def build_model(cfg):
@@ -283,7 +282,7 @@ def setup(cfg, io) -> Stage:
     return Stage(cfg, io, model, sea_loss, trained, wrapped, strategy, optimizer, scheduler,
                  normalize=lambda images: to_model_input(images, tensor_part), steps=steps,
                  accum=accumulation_steps(cfg, io.world_size), state=state, trainable_keys=trainable_keys,
-                 writer=io.tensorboard() if io.world_rank == 0 else None, **extra)
+                 tracker=tracking.start(cfg, io.run_uri, io.world_rank), **extra)
 
 
 def autocast_for(cfg, device):
@@ -356,7 +355,7 @@ class Window:
 
 
 def report(st: Stage, window: Window, evaluate: Optional[Callable]) -> dict:
-    """The logging step's metrics (plus ``evaluate(model, step)``'s), to TensorBoard on rank 0."""
+    """The logging step's metrics (plus ``evaluate(model, step)``'s), to the trackers on rank 0."""
     step = st.state["step"]
     metrics = window.metrics(st)
     if evaluate is not None:
@@ -364,10 +363,7 @@ def report(st: Stage, window: Window, evaluate: Optional[Callable]) -> dict:
         with torch.no_grad():
             metrics.update(evaluate(st.model, step))
         st.model.train()
-    if st.writer is not None:
-        for key, value in metrics.items():
-            st.writer.add_scalar(f"train/{key}", value, step)
-        st.writer.flush()
+    st.tracker.log(metrics, step)
     return metrics
 
 
@@ -401,7 +397,7 @@ def run_stage(cfg, io, evaluate: Optional[Callable[[object, int], dict]] = None)
 
     dog = Watchdog(cfg.stall_timeout_s, describe, hard_exit=isinstance(io, RayTrainIO))
     try:
-        with dog:
+        with dog, st.tracker:  # the trackers close when the stage ends, failed or not
             while st.state["step"] < st.steps:
                 for micro in range(st.accum):
                     waiting["what"] = f"micro-batch {micro + 1} of {st.accum} (the data feed)"
@@ -428,46 +424,17 @@ def run_stage(cfg, io, evaluate: Optional[Callable[[object, int], dict]] = None)
                 if checkpoint:
                     waiting["what"] = "the checkpoint save"
                     save(st, metrics)
-                    if st.writer is not None:
-                        st.writer.flush()
-                        io.sync_tensorboard()
+                    st.tracker.flush()
                 dog.beat()
     except StallError:
         raise dog.error() from None
-    if st.writer is not None:
-        st.writer.close()
-        io.sync_tensorboard(final=True)
     return metrics
 
 
 # --------------------------------------------------------------------------- I/O adapters
 
 
-class _TensorBoardMixin:
-    run_uri: str
-    _tb_local: Optional[str] = None
-
-    def tensorboard(self):
-        from torch.utils.tensorboard import SummaryWriter
-
-        if storage.is_remote(self.run_uri):
-            self._tb_local = tempfile.mkdtemp(prefix="sea-tb-")
-            return SummaryWriter(self._tb_local)
-        path = os.path.join(storage.local_copy(self.run_uri), "tensorboard")
-        return SummaryWriter(path)
-
-    def sync_tensorboard(self, final: bool = False):
-        """Copy the event files written locally (remote run storage) into the run folder: at every
-        checkpoint (the files so far, which keep growing) and at the end of the stage."""
-        if self._tb_local:
-            fs, path = storage.fsspec_fs(self.run_uri)
-            fs.put(self._tb_local.rstrip("/") + "/", f"{path}/tensorboard/", recursive=True)
-            if final:
-                shutil.rmtree(self._tb_local, ignore_errors=True)
-                self._tb_local = None
-
-
-class RayTrainIO(_TensorBoardMixin):
+class RayTrainIO:
     """Inside a Ray Train worker: its micro-batches preprocessed on Ray Data as they go."""
 
     def __init__(self, run_uri: str, source, preprocess: dict, actors: int = 1, actor_cpus: float = 0.5):
@@ -502,7 +469,7 @@ class RayTrainIO(_TensorBoardMixin):
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name if checkpoint else None)
 
 
-class LocalIO(_TensorBoardMixin):
+class LocalIO:
     """A plain single process (the quickstart's chains, in-process tune trials, benchmarks): the
     same recipe and feed order, on rows preprocessed once (:func:`sea_ray.train.feed.materialize`)."""
 
