@@ -29,7 +29,7 @@ from sea_ray.errors import ConfigError
 from sea_ray.eval import job as eval_job
 from sea_ray.export import benchmark
 from sea_ray.labels import job as labels_job
-from sea_ray.train import driver
+from sea_ray.train import driver, tracking
 from sea_ray.tune import search
 
 
@@ -48,10 +48,12 @@ class Job:
 
 JOBS: dict[str, Job] = {job.name: job for job in (
     Job("labels", "precompute CLIP patch labels with Ray Data", labels_job.run),
-    Job("align", "stage 1: SEA alignment pretraining with Ray Train", driver.run),
-    Job("instruct", "stage 2: instruction tuning with Ray Train", driver.run),
+    Job("align", "stage 1: SEA alignment pretraining with Ray Train", driver.run,
+        (checks.job_problems, tracking.problems)),
+    Job("instruct", "stage 2: instruction tuning with Ray Train", driver.run,
+        (checks.job_problems, tracking.problems)),
     Job("tune", "search SEA and adapter hyperparameters with Ray Tune + Optuna", search.run,
-        (checks.job_problems, search.search_problems)),
+        (checks.job_problems, search.search_problems, tracking.problems)),
     Job("eval", "evaluate a checkpoint on a world or your own data (held-out LM loss, alignment diagnostics, "
         "QA accuracy)", eval_job.run),
     Job("benchmark", "lmms-eval benchmarks of exported models, side by side (one Ray task per model)",

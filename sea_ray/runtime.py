@@ -13,7 +13,8 @@ Two security rules live here and nowhere else:
   and its runtime-env agent's log. A local Ray's workers inherit this process's environment, so a
   local run passes no runtime env at all; on a cluster, workers get credentials from the nodes'
   own environment (a Kubernetes Secret, an instance role), and only the non-secret
-  :data:`SETTINGS_ENV` are forwarded. :func:`is_credential` is the one test of a name.
+  :data:`SETTINGS_ENV` are forwarded. :func:`is_credential` is the one test of a name,
+  :func:`carries_password` of a value (a URL with a password in it).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import logging
 import os
 import re
 import sys
+import urllib.parse
 
 from sea_ray.errors import ConfigError
 
@@ -38,9 +40,12 @@ LOCAL_ENV = {
 }
 
 # Non-secret settings forwarded to a cluster's workers (object-storage endpoint and region, offline
-# switches, caches). Credentials are not among them, on purpose: see the module doc.
+# switches, caches, where the experiment trackers log). Credentials are not among them, on purpose
+# (WANDB_API_KEY, MLFLOW_TRACKING_TOKEN/PASSWORD): see the module doc.
 SETTINGS_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION",
-                "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "SEA_RAY_CACHE")
+                "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "SEA_RAY_CACHE",
+                "MLFLOW_TRACKING_URI", "MLFLOW_ALLOW_FILE_STORE", "WANDB_MODE", "WANDB_PROJECT", "WANDB_ENTITY",
+                "WANDB_BASE_URL", "WANDB_DIR")
 
 # The variables a cluster job names with ``sea-ray submit --cluster-env``: they must be set on the
 # cluster's nodes; the job's driver checks that they are (names travel, values never do).
@@ -57,9 +62,26 @@ def is_credential(name: str) -> bool:
     return name.upper() in CREDENTIAL_NAMES or bool(_CREDENTIAL_PATTERN.search(name.upper()))
 
 
-def settings_env() -> dict[str, str]:
-    """The non-secret settings of this environment that a cluster's workers should see."""
-    return {k: os.environ[k] for k in SETTINGS_ENV if k in os.environ}
+def carries_password(value: str) -> bool:
+    """Whether a setting's value is a URL with a password in it (``https://user:pass@host``, a
+    tracking server's address written with its login): a credential, whatever its variable's name."""
+    try:
+        return urllib.parse.urlsplit(value.strip()).password is not None
+    except ValueError:
+        return False
+
+
+def settings_env(names: tuple[str, ...] = SETTINGS_ENV) -> dict[str, str]:
+    """The non-secret settings of this environment that a cluster's workers should see (``names``
+    that are set; a value with a password in it is left out, with a warning naming the variable)."""
+    found = {}
+    for name in names:
+        if name in os.environ and carries_password(os.environ[name]):
+            log.warning("%s is a URL with a password in it: not sent to the cluster (give the cluster's nodes "
+                        "the variable, docs/submit.md#credentials)", name)
+        elif name in os.environ:
+            found[name] = os.environ[name]
+    return found
 
 
 def submitted_job_env():

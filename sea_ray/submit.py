@@ -40,7 +40,7 @@ from sea_ray import paths, pipeline, preflight
 from sea_ray.config.loading import load_config
 from sea_ray.config.schema import JOBS
 from sea_ray.errors import ConfigError, SeaRayError
-from sea_ray.runtime import CLUSTER_ENV_VAR, SETTINGS_ENV, is_credential
+from sea_ray.runtime import CLUSTER_ENV_VAR, SETTINGS_ENV, carries_password, is_credential, settings_env
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +48,9 @@ log = logging.getLogger(__name__)
 WORKING_DIR_EXCLUDES = [".git", ".venv", "out", "runs", "**/__pycache__", "*.egg-info", ".pytest_cache",
                         ".whl", "*.pyc"]
 
-# Passed when set here: the object-storage endpoint and region, offline switches (never a credential).
-DEFAULT_ENV = tuple(k for k in SETTINGS_ENV if k not in ("HF_HOME", "SEA_RAY_CACHE"))
+# Passed when set here: the object-storage endpoint and region, offline switches, the trackers'
+# settings (never a credential; never this machine's local folders).
+DEFAULT_ENV = tuple(k for k in SETTINGS_ENV if k not in ("HF_HOME", "SEA_RAY_CACHE", "WANDB_DIR"))
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
@@ -130,17 +131,17 @@ def _first_line(exc: BaseException) -> str:
 def parse_env(items: list[str], defaults: bool = True) -> tuple[dict[str, str], list[str]]:
     """(env_vars, names missing here) from ``--env NAME`` (value from this environment) and
     ``--env NAME=VALUE`` (a literal). Both are for settings that are not secret: a credential's
-    name is refused, whichever way it is given."""
+    name, or a URL with a password in it, is refused, whichever way it is given."""
     env: dict[str, str] = {}
     missing: list[str] = []
     if defaults:
-        env.update({k: os.environ[k] for k in DEFAULT_ENV if k in os.environ})
+        env.update(settings_env(DEFAULT_ENV))
     refused = []
     for item in items:
         name, sep, value = item.partition("=")
         if not name.isidentifier():
             raise ConfigError([f"--env {name!r}: not a variable name"])
-        if is_credential(name):
+        if is_credential(name) or carries_password(value if sep else os.environ.get(name, "")):
             refused.append(f"--env {name}: a credential; sea-ray never sends credential values to a cluster (Ray "
                            "keeps a job's environment in its job metadata and logs). Give the cluster the "
                            f"variable (a Kubernetes Secret or an instance role, docs/submit.md#credentials) and "

@@ -263,20 +263,18 @@ def test_scale_out_semantics_and_schedule():
 
 
 def test_tensorboard_events_reach_a_bucket_at_every_checkpoint_not_only_at_the_end(s3_bucket):
-    from sea_ray.train.loop import LocalIO
+    from sea_ray.train.tracking import TensorBoard, Tracker
 
-    io = LocalIO(f"{s3_bucket}/run", rows={}, num_rows=1)
-    writer = io.tensorboard()
-    writer.add_scalar("train/loss_lm", 1.0, 1)
-    writer.flush()
-    io.sync_tensorboard()  # what a checkpoint does mid-run
+    board = TensorBoard(None, f"{s3_bucket}/run")
+    tracker = Tracker([board])
+    tracker.log({"loss_lm": 1.0}, 1)
+    tracker.flush()  # what a checkpoint does mid-run
     fs, path = storage.fsspec_fs(f"{s3_bucket}/run/tensorboard")
     mid = {p: fs.size(p) for p in fs.find(path)}
     assert any("events.out.tfevents." in p for p in mid)
-    writer.add_scalar("train/loss_lm", 0.5, 2)
-    writer.close()
-    io.sync_tensorboard(final=True)
+    tracker.log({"loss_lm": 0.5}, 2)
+    tracker.close()
     fs.invalidate_cache()
     end = {p: fs.size(p) for p in fs.find(path)}
     assert set(end) == set(mid) and sum(end.values()) > sum(mid.values())  # the same files, grown
-    assert io._tb_local is None
+    assert board._local is None

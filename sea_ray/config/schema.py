@@ -185,6 +185,33 @@ class StageValidationConfig(_Section):
     gpus: float = Field(0.0, ge=0, description="GPUs of Ray's validation task")
 
 
+class MlflowConfig(_Section):
+    tracking_uri: Optional[str] = Field(None, description="MLflow tracking server or store (http(s)://, "
+                                        "databricks, sqlite:///PATH); none = MLFLOW_TRACKING_URI, else a SQLite "
+                                        "store beside the runs, sqlite:///<run.storage>/mlflow.db (local "
+                                        "run.storage only)")
+    experiment: Optional[str] = Field(None, description="experiment name; none = the job (align, instruct)")
+
+
+class WandbConfig(_Section):
+    project: Optional[str] = Field(None, description="none = WANDB_PROJECT, else W&B's default")
+    entity: Optional[str] = Field(None, description="team or user; none = WANDB_ENTITY, else your default")
+    mode: Optional[Literal["online", "offline", "disabled"]] = Field(None, description="none = WANDB_MODE, else "
+                                                                     "online; offline writes the run to `dir` "
+                                                                     "for a later `wandb sync`")
+    dir: Optional[str] = Field(None, json_schema_extra=OUTPUT_PATH,
+                               description="folder W&B writes its files under (wandb/); none = WANDB_DIR, else the "
+                               "run folder when it is local, else W&B's default (the working directory)")
+
+
+class TrackingConfig(_Section):
+    backends: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        ["tensorboard"], description="where rank 0 logs the metrics (train/<name> at every logged step); mlflow "
+        "and wandb need the `tracking` extra (docs/align.md#experiment-trackers-tracking)")
+    mlflow: MlflowConfig = MlflowConfig()
+    wandb: WandbConfig = WandbConfig()
+
+
 class TrainConfig(_Section):
     """Shared by ``align`` and ``instruct``."""
 
@@ -196,6 +223,7 @@ class TrainConfig(_Section):
     optim: OptimConfig = OptimConfig()
     batch: BatchConfig = BatchConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    tracking: TrackingConfig = TrackingConfig()
     max_failures: int = Field(0, ge=-1, description="worker-group restarts (FailureConfig); -1 = unlimited")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 autocast on GPU, fp32 on CPU")
     grad_checkpointing: bool = False

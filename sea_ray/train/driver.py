@@ -86,8 +86,7 @@ def make_trainer(cfg, worker_fn, loop_config: dict, callbacks: list,
 
         task = {"num_cpus": cfg.validation.cpus, "num_gpus": cfg.validation.gpus}
         validation = ValidationConfig(fn=validate_checkpoint, ray_remote_kwargs=task,
-                                      task_config=ValidationTaskConfig(fn_kwargs={"cfg": loop_config["cfg"],
-                                                                                  "run_uri": loop_config["run_uri"]}))
+                                      task_config=ValidationTaskConfig(fn_kwargs={"cfg": loop_config["cfg"]}))
     return TorchTrainer(
         worker_fn,
         train_loop_config=loop_config,

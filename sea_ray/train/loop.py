@@ -14,8 +14,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -33,6 +31,7 @@ from sea_ray.runtime import quiet_ray_logs
 from sea_ray.model.vlm import build_vlm
 from sea_ray.sea import SeaLoss, average_gradients, lambda_at, pair_loss, select_pairs, word_targets
 from sea_ray.train import checkpoint as ckpt
+from sea_ray.train import tracking
 from sea_ray.train.feed import memory_micro_batches, order_of, ray_micro_batches
 from sea_ray.train.watchdog import StallError, Watchdog
 
@@ -228,7 +227,7 @@ class Stage:
     targets: Optional[torch.Tensor] = None
     row_of: Optional[torch.Tensor] = None
     grid: tuple = ()
-    writer: Any = None
+    tracker: Optional[tracking.Tracker] = None  # the experiment trackers (none on ranks other than 0)
 
 
 def build_model(cfg):
@@ -283,7 +282,7 @@ def setup(cfg, io) -> Stage:
     return Stage(cfg, io, model, sea_loss, trained, wrapped, strategy, optimizer, scheduler,
                  normalize=lambda images: to_model_input(images, tensor_part), steps=steps,
                  accum=accumulation_steps(cfg, io.world_size), state=state, trainable_keys=trainable_keys,
-                 writer=io.tensorboard() if io.world_rank == 0 else None, **extra)
+                 tracker=tracking.start(cfg, io.run_uri, io.world_rank), **extra)
 
 
 def autocast_for(cfg, device):
@@ -356,7 +355,7 @@ class Window:
 
 
 def report(st: Stage, window: Window, evaluate: Optional[Callable]) -> dict:
-    """The logging step's metrics (plus ``evaluate(model, step)``'s), to TensorBoard on rank 0."""
+    """The logging step's metrics (plus ``evaluate(model, step)``'s), to the trackers on rank 0."""
     step = st.state["step"]
     metrics = window.metrics(st)
     if evaluate is not None:
@@ -364,10 +363,7 @@ def report(st: Stage, window: Window, evaluate: Optional[Callable]) -> dict:
         with torch.no_grad():
             metrics.update(evaluate(st.model, step))
         st.model.train()
-    if st.writer is not None:
-        for key, value in metrics.items():
-            st.writer.add_scalar(f"train/{key}", value, step)
-        st.writer.flush()
+    st.tracker.log(metrics, step)
     return metrics
 
 
@@ -386,6 +382,16 @@ def save(st: Stage, metrics: dict) -> None:
         st.io.report(dict(metrics, step=step), tmp if rank == 0 else None, ckpt.step_dir_name(step))
 
 
+def _log_validations(st: Stage, wait: bool) -> None:
+    """Rank 0: the metrics of checkpoints validated since the last call (Ray's validation tasks,
+    :mod:`sea_ray.train.validation`), to the trackers under ``val/`` at their checkpoints' steps;
+    ``wait``: the stage has ended, so wait for the validations still running."""
+    if st.io.world_rank != 0:
+        return
+    for step, metrics in st.io.validations(wait):
+        st.tracker.log({k[len("val_"):]: v for k, v in metrics.items() if k.startswith("val_")}, step, prefix="val")
+
+
 def run_stage(cfg, io, evaluate: Optional[Callable[[object, int], dict]] = None) -> dict:
     """Train one stage; returns the last metrics. ``evaluate(model, step)``, when given, runs at
     every logging step and its metrics join the report (validation metrics for Tune). A stage
@@ -401,7 +407,7 @@ def run_stage(cfg, io, evaluate: Optional[Callable[[object, int], dict]] = None)
 
     dog = Watchdog(cfg.stall_timeout_s, describe, hard_exit=isinstance(io, RayTrainIO))
     try:
-        with dog:
+        with dog, st.tracker:  # the trackers close when the stage ends, failed or not
             while st.state["step"] < st.steps:
                 for micro in range(st.accum):
                     waiting["what"] = f"micro-batch {micro + 1} of {st.accum} (the data feed)"
@@ -428,46 +434,20 @@ def run_stage(cfg, io, evaluate: Optional[Callable[[object, int], dict]] = None)
                 if checkpoint:
                     waiting["what"] = "the checkpoint save"
                     save(st, metrics)
-                    if st.writer is not None:
-                        st.writer.flush()
-                        io.sync_tensorboard()
+                    _log_validations(st, wait=False)
+                    st.tracker.flush()
                 dog.beat()
+            waiting["what"] = "the validation of the last checkpoints (Ray's validation tasks)"
+            _log_validations(st, wait=True)
     except StallError:
         raise dog.error() from None
-    if st.writer is not None:
-        st.writer.close()
-        io.sync_tensorboard(final=True)
     return metrics
 
 
 # --------------------------------------------------------------------------- I/O adapters
 
 
-class _TensorBoardMixin:
-    run_uri: str
-    _tb_local: Optional[str] = None
-
-    def tensorboard(self):
-        from torch.utils.tensorboard import SummaryWriter
-
-        if storage.is_remote(self.run_uri):
-            self._tb_local = tempfile.mkdtemp(prefix="sea-tb-")
-            return SummaryWriter(self._tb_local)
-        path = os.path.join(storage.local_copy(self.run_uri), "tensorboard")
-        return SummaryWriter(path)
-
-    def sync_tensorboard(self, final: bool = False):
-        """Copy the event files written locally (remote run storage) into the run folder: at every
-        checkpoint (the files so far, which keep growing) and at the end of the stage."""
-        if self._tb_local:
-            fs, path = storage.fsspec_fs(self.run_uri)
-            fs.put(self._tb_local.rstrip("/") + "/", f"{path}/tensorboard/", recursive=True)
-            if final:
-                shutil.rmtree(self._tb_local, ignore_errors=True)
-                self._tb_local = None
-
-
-class RayTrainIO(_TensorBoardMixin):
+class RayTrainIO:
     """Inside a Ray Train worker: its micro-batches preprocessed on Ray Data as they go."""
 
     def __init__(self, run_uri: str, source, preprocess: dict, actors: int = 1, actor_cpus: float = 0.5,
@@ -481,6 +461,7 @@ class RayTrainIO(_TensorBoardMixin):
         self.run_uri, self.num_rows, self.source, self.preprocess = run_uri, source.num_rows, source, preprocess
         self.actors, self.actor_cpus = actors, actor_cpus
         self.validate = validate  # every checkpoint goes to Ray's validation task (sea_ray.train.validation)
+        self._validated: set = set()
 
     def micro_batches(self, order, start_step: int, steps: int) -> Iterable[Optional[dict]]:
         return ray_micro_batches(self.source, self.preprocess, order, self.world_size, self.world_rank, start_step,
@@ -504,8 +485,25 @@ class RayTrainIO(_TensorBoardMixin):
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name if checkpoint else None,
                          validation=bool(checkpoint) and self.validate)
 
+    def validations(self, wait: bool) -> list[tuple[int, dict]]:
+        """``(step, metrics)`` of the checkpoints Ray validated since the last call, by step (with
+        ``wait``: after every validation still running has finished)."""
+        if not self.validate:
+            return []
+        import ray.train
+        from ray.train import CheckpointConsistencyMode
 
-class LocalIO(_TensorBoardMixin):
+        mode = CheckpointConsistencyMode.VALIDATED if wait else CheckpointConsistencyMode.COMMITTED
+        new = []
+        for reported in ray.train.get_all_reported_checkpoints(consistency_mode=mode):
+            step = reported.metrics.get("val_step")
+            if step is not None and int(step) not in self._validated:
+                self._validated.add(int(step))
+                new.append((int(step), reported.metrics))
+        return sorted(new, key=lambda item: item[0])
+
+
+class LocalIO:
     """A plain single process (the quickstart's chains, in-process tune trials, benchmarks): the
     same recipe and feed order, on rows preprocessed once (:func:`sea_ray.train.feed.materialize`)."""
 
@@ -520,6 +518,9 @@ class LocalIO(_TensorBoardMixin):
 
     def wrap(self, model, strategy: str):
         return model
+
+    def validations(self, wait: bool) -> list[tuple[int, dict]]:
+        return []  # in one process, validation is the evaluate callback of run_stage
 
     def report(self, metrics: dict, checkpoint_dir: Optional[str], name: Optional[str]):
         if checkpoint_dir and name:

@@ -26,15 +26,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 from types import SimpleNamespace
 from typing import Optional
 
 import numpy as np
 import torch
 
-from sea_ray import storage
 from sea_ray.data.images import split_transform, to_model_input
 from sea_ray.sea import SeaLoss, nearest_word
 from sea_ray.train import checkpoint as ckpt
@@ -174,28 +171,10 @@ class StageValidator:
         return metrics
 
 
-def log_validation(run_uri: str, metrics: dict, step: int) -> None:
-    """``metrics`` at ``step`` under ``val/`` in the run's TensorBoard (an event file of their own
-    beside the training one; for an ``s3://`` run written locally, then copied up)."""
-    from torch.utils.tensorboard import SummaryWriter
-
-    remote = storage.is_remote(run_uri)
-    folder = tempfile.mkdtemp(prefix="sea-val-tb-") if remote else os.path.join(storage.local_copy(run_uri),
-                                                                                 "tensorboard")
-    writer = SummaryWriter(folder, filename_suffix=f".val{step}")
-    for key, value in metrics.items():
-        writer.add_scalar(f"val/{key[len('val_'):] if key.startswith('val_') else key}", value, step)
-    writer.close()
-    if remote:
-        fs, path = storage.fsspec_fs(run_uri)
-        fs.put(folder.rstrip("/") + "/", f"{path}/tensorboard/", recursive=True)
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-def validate_checkpoint(checkpoint, cfg: dict, run_uri: str) -> dict:
+def validate_checkpoint(checkpoint, cfg: dict) -> dict:
     """Ray Train's validation function (``ValidationConfig(fn=...)``): the stage's model with the
-    tensors of ``checkpoint`` (a ``ray.train.Checkpoint``), measured by :class:`StageValidator`,
-    logged at the checkpoint's step; returns the metrics Ray attaches to the checkpoint."""
+    tensors of ``checkpoint`` (a ``ray.train.Checkpoint``), measured by :class:`StageValidator`;
+    returns the metrics Ray attaches to the checkpoint (with ``val_step``, its step)."""
     stage = parse_config(cfg)
     model, _ = build_model(stage)
     with checkpoint.as_directory() as folder:
@@ -205,7 +184,6 @@ def validate_checkpoint(checkpoint, cfg: dict, run_uri: str) -> dict:
     device = torch.device("cuda" if stage.scaling.use_gpu and torch.cuda.is_available() else "cpu")
     model.to(device)
     metrics = StageValidator(stage)(model, step)
-    log_validation(run_uri, metrics, step)
     print(f"{stage.job} validation at step {step}: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()),
           flush=True)  # the task's line in the job's output
     return dict(metrics, val_step=step)
