@@ -287,3 +287,32 @@ def test_tracker_settings_reach_a_cluster_and_a_password_in_a_url_never_does(mon
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://mlflow.example.com")
     assert runtime.settings_env()["MLFLOW_TRACKING_URI"] == "https://mlflow.example.com"
     assert tracking._shown("https://alice:hunter2@mlflow.example.com:5000/x") == "https://mlflow.example.com:5000/x"
+
+
+# --------------------------------------------------------------------------- validation on Ray Train
+
+
+@pytest.mark.tracking
+@pytest.mark.ray
+@pytest.mark.slow
+def test_an_align_run_with_a_val_manifest_logs_held_out_metrics_at_every_checkpoint_to_mlflow(
+        ray_local, manifest, world_dir, tmp_path, monkeypatch):
+    """On Ray Train: every checkpoint goes to Ray's validation task; rank 0 logs what it measured
+    under val/ at the checkpoint's step, in MLflow as in TensorBoard."""
+    pytest.importorskip("mlflow", reason="the tracking extra is not installed")
+    from mlflow.tracking import MlflowClient
+
+    from sea_ray.train.driver import run
+
+    store = f"sqlite:///{tmp_path}/mlflow.db"  # the Train workers' environment is the session Ray's
+    raw = _raw(manifest, world_dir, tmp_path / "runs", ["tensorboard", "mlflow"], steps=4,
+               mlflow={"tracking_uri": store, "experiment": "sea-val"})
+    raw["data"]["val_manifest"] = f"{world_dir}/val/pretrain.json"
+    raw.update(scaling={"num_workers": 1, "cpus_per_worker": 0.5}, validation={"max_rows": 4},
+               checkpoint={"every_n_steps": 2, "num_to_keep": None})
+    summary = run(validate(raw))
+    assert sorted(summary["validation"]) == [2, 4]
+    history = MlflowClient(tracking_uri=store).get_metric_history(_state(summary["run"])["mlflow"]["run_id"],
+                                                                  "val/loss_lm")
+    assert [(m.step, round(m.value, 5)) for m in history] == [
+        (step, round(summary["validation"][step]["val_loss_lm"], 5)) for step in (2, 4)]
