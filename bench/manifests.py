@@ -38,8 +38,8 @@ SOURCES = ("coco/train2017/{:012d}.jpg", "gqa/images/{}.jpg", "ocr_vqa/images/{}
            "textvqa/train_images/{:016x}.jpg", "vg/VG_100K/{}.jpg")
 
 
-def _caption(rng: random.Random) -> str:
-    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 14)))
+def _caption(rng: random.Random, low: int = 6, high: int = 14) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(low, high)))
 
 
 def write_lcs(path: Path, rows: int, seed: int = 0) -> None:
@@ -64,7 +64,7 @@ def write_mix(path: Path, rows: int, seed: int = 0) -> None:
             for t in range(rng.randint(1, 5)):
                 question = "What is " + _caption(rng)[:40] + "?"
                 turns += [{"from": "human", "value": ("<image>\n" if t == 0 else "") + question},
-                          {"from": "gpt", "value": _caption(rng)}]
+                          {"from": "gpt", "value": _caption(rng, 10, 110)}]  # the real file: ~1.0 GB
             row = {"id": str(i), "conversations": turns}
             if rng.random() > 0.06:  # mix665k: about 6 % of its rows are text-only
                 row["image"] = rng.choice(SOURCES).format(i)
