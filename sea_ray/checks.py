@@ -14,6 +14,7 @@ from typing import Optional
 from sea_ray import paths, storage
 from sea_ray.config.schema import AdapterConfig, AlignConfig, ModelConfig, TuneConfig
 from sea_ray.data import budget
+from sea_ray.data.templates import SkipSample, encode_conversation, resolve_template
 from sea_ray.paths import names_a_path
 
 LABELS_META = "_meta.json"
@@ -226,6 +227,10 @@ def job_problems(cfg, labels_meta: Optional[dict] = None) -> list[str]:
             if held_out is not None:
                 problems += labels_counts_problems("validation.labels", cfg.validation.labels, held_out,
                                                    align.data.max_error_fraction)
+    if getattr(cfg, "job", None) == "labels":
+        problems += _text_tokenizer_problems(cfg.model.vision)
+    if getattr(cfg, "job", None) == "instruct":
+        problems += _template_problems(cfg)
     if getattr(cfg, "job", None) == "instruct" and cfg.init_adapter:
         trained = _checkpoint_adapter(cfg.init_adapter)
         wanted = cfg.model.adapter.model_dump(mode="json")
@@ -233,6 +238,54 @@ def job_problems(cfg, labels_meta: Optional[dict] = None) -> list[str]:
             problems.append(f"init_adapter: {cfg.init_adapter} holds a {trained} adapter but model.adapter is "
                             f"{wanted}: give instruct the align run's adapter")
     return problems
+
+
+def _text_tokenizer_problems(vision) -> list[str]:
+    """The labels job embeds its vocabulary with the CLIP text tower: a local Hugging Face folder
+    must hold that tower's tokenizer (a folder that is not there is reported by the input checks;
+    an ``s3://`` one is checked when the job starts)."""
+    if vision.backend != "hf" or vision.name in paths.BUILT_IN_MODEL_NAMES or storage.is_remote(vision.name):
+        return []
+    folder = os.path.expanduser(vision.name)
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        return []
+    from sea_ray.model.vision import text_tokenizer
+
+    if text_tokenizer(folder) is None:
+        return [f"model.vision.name: {vision.name} holds no tokenizer for its text tower, which the labels job "
+                "embeds the vocabulary with: save the CLIP (or SigLIP) tokenizer into that folder "
+                "(tokenizer.save_pretrained(folder))"]
+    return []
+
+
+# A conversation the instruct template must be able to render and supervise (two turns: the
+# turn-by-turn rendering of a chat template is checked from the second turn on).
+_PROBE_CONVERSATION = [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "a cat"},
+                       {"from": "human", "value": "What colour?"}, {"from": "gpt", "value": "black"}]
+
+
+def _template_problems(cfg) -> list[str]:
+    """instruct: ``template`` resolves for the LLM's tokenizer (``chat`` needs a chat template) and
+    renders a conversation with its answers found: a chat template that does not render a
+    conversation as a prefix of its continuation would skip every row once the workers run. Only a
+    local tokenizer (or ``world``) is loaded here; one that does not load is the input checks' to
+    report, a hub id or ``s3://`` one is checked when the job starts."""
+    spec = cfg.model.llm.tokenizer or cfg.model.llm.name_or_path
+    if not spec or storage.is_remote(spec) or (spec != "world" and not os.path.isdir(os.path.expanduser(spec))):
+        return []
+    from sea_ray.model.llm import load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(os.path.expanduser(spec) if spec != "world" else spec)
+    except Exception:
+        return []
+    try:
+        encode_conversation(_PROBE_CONVERSATION, tokenizer, resolve_template(cfg.template, tokenizer), 10_000)
+    except SkipSample:
+        return []
+    except ValueError as exc:
+        return [f"template: {exc} ({spec})"]
+    return []
 
 
 def _labels_problems(key: str, uri: str, meta: dict, align: AlignConfig, grid) -> list[str]:

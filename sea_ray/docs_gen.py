@@ -33,8 +33,11 @@ Every job reads one YAML file (`sea-ray <verb> --config FILE`) with the keys bel
 be overridden on the command line as `dotted.key=value` (the value is parsed as YAML, so
 `optim.lr=3e-4`, `sea.enabled=false` and `steps=[labels,align]` work). Validation lists every
 problem at once (exit code 2) and suggests the closest key for a misspelt one. A `model:` section
-may name a preset (`sea-ray presets` lists them); keys beside `preset` override the preset's.
-Defaults live only in the config classes, so a recipe states only what it changes.
+may name a preset (`sea-ray presets` lists them) or a YAML file of your own model block
+(`model: {preset: models/my-vlm.yaml}`, relative to the config file); keys beside `preset`
+override the preset's. Defaults live only in the config classes, so a recipe states only what it
+changes. Your own CLIP, LLM and data, from the model block to a trained and evaluated model:
+[own-data.md](own-data.md).
 
 Check a config without starting anything. Besides the values, `sea-ray validate` (and every job
 verb, `pipeline` and `submit`, before they start) checks the inputs: every manifest, image root,

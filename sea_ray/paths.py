@@ -36,12 +36,15 @@ def _local(value: str) -> Optional[str]:
 def names_a_path(value: str, cwd: Optional[Path] = None) -> bool:
     """Whether a model value (``model.llm.name_or_path``, ``model.vision.name``, a tokenizer...)
     names a path rather than a hub id, an architecture or a registered name (``world``): a URI, an
-    absolute or explicitly relative path (``./``, ``../``, ``~``), or something that exists from
-    ``cwd``. The one rule for the input checks and for submission."""
+    absolute or explicitly relative path (``./``, ``../``, ``~``), something that exists from
+    ``cwd``, or a relative path whose first folder exists from ``cwd`` (``own/clpi`` beside a folder
+    ``own``: a misspelt folder, not the hub id of an organisation ``own``). The one rule for the
+    input checks and for submission."""
     if value == "world":
         return False
+    here = cwd or Path.cwd()
     return ("://" in value or os.path.isabs(value) or value.startswith(("./", "../", "~"))
-            or (cwd or Path.cwd()).joinpath(value).exists())
+            or here.joinpath(value).exists() or ("/" in value and here.joinpath(value.split("/", 1)[0]).is_dir()))
 
 
 # Model values that name something built in, never a path (whatever lies in the working dir).

@@ -32,7 +32,7 @@ BIN = Path(sys.executable).parent
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 # Pages run in this order (later pages may use earlier pages' outputs); others follow by name.
 PAGE_ORDER = ["configuration.md", "data.md", "labels.md", "align.md", "instruct.md", "eval.md", "export.md", "tune.md",
-              "pipeline.md", "object-storage.md", "clusters.md", "quickstart.md", "README.md"]
+              "pipeline.md", "own-data.md", "object-storage.md", "clusters.md", "quickstart.md", "README.md"]
 BLOCK = re.compile(r"^(?P<marker><!-- run -->\s*\n)?```bash\n(?P<body>.*?)^```", re.M | re.S)
 LINK = re.compile(r"\[[^\]]*\]\(([^)#\s]+)(#[^)]*)?\)")
 BLOCK_TIMEOUT_S = 900
@@ -78,7 +78,7 @@ def _sea_ray_commands(body: str) -> list[list[str]]:
         words: list[str] = []
         for token in [*lexer, ";"]:
             if token and set(token) <= set("();<>|&"):  # an operator ends a command
-                while words and re.match(r"^[A-Z_][A-Z0-9_]*=", words[0]):  # VAR=value prefixes
+                while words and (words[0] == "!" or re.match(r"^[A-Z_][A-Z0-9_]*=", words[0])):  # `!`, VAR=value
                     words = words[1:]
                 if words and words[0] in ("sea-ray", ".venv/bin/sea-ray"):
                     commands.append(words[1:])
@@ -111,7 +111,10 @@ def make_scratch(tmp_path_factory) -> tuple[Path, dict]:
     (root / "workflows").symlink_to(REPO / "workflows")
     env = {k: v for k, v in os.environ.items()
            if not (k.startswith("RAY_AUTH") or k in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"))}
-    env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", RAY_AUTH_MODE="disabled",
+    # `sea-ray` and `python` come from this interpreter's bin; PYTHONPATH makes them (and Ray's workers) import
+    # this checkout's sea_ray, whichever checkout that environment was installed from
+    pythonpath = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", PYTHONPATH=pythonpath, RAY_AUTH_MODE="disabled",
                SEA_RAY_CACHE=str(root / ".cache"), MPLBACKEND="Agg")
     return root, env
 
@@ -124,7 +127,7 @@ def scratch(tmp_path_factory, s3_server):
 
 # Pages that use no other page's outputs run in a scratch folder of their own, in another test
 # file (tests/test_docs_pipeline.py), so that they run beside the rest.
-OWN_SCRATCH = ("pipeline.md",)
+OWN_SCRATCH = ("pipeline.md", "own-data.md")
 RUNNABLE = _ordered([p for p in PAGES if any(marked for marked, _ in blocks(p)) and p.name not in OWN_SCRATCH])
 
 

@@ -1,5 +1,6 @@
-"""The marked commands of docs/pipeline.md, run as tests/test_docs.py runs every page's, in a
-scratch folder of their own: the page uses no other page's outputs, so it runs beside them."""
+"""The marked commands of the pages that use no other page's outputs (tests/test_docs.py's
+OWN_SCRATCH: docs/pipeline.md, docs/own-data.md), run as tests/test_docs.py runs every page's, each
+page in a scratch folder of its own, so they run beside the other pages."""
 
 import pytest
 
@@ -8,7 +9,7 @@ from tests.test_docs import OWN_SCRATCH, PAGES, make_scratch, run_marked_blocks
 OWN = [p for p in PAGES if p.name in OWN_SCRATCH]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def scratch(tmp_path_factory, s3_server):
     return make_scratch(tmp_path_factory)
 

@@ -475,3 +475,21 @@ def test_the_world_is_own_data_too_lm_loss_on_a_world(world_dir, tmp_path):
     sets = report["lm_loss"]["sets"]
     assert sets["captions"]["rows"] == 2 and sets["conversations"]["rows"] >= 2
     assert sets["conversations"]["before"]["loss_lm"] != sets["conversations"]["after"]["loss_lm"]
+
+
+def test_imported_manifests_bring_their_image_root(own_data, tmp_path):
+    """Manifests imported with --image-root need no data.image_root: every metric (held-out loss,
+    alignment, QA) finds the images where sea-ray import-manifest recorded them, as the stages do."""
+    from sea_ray.config.loading import validate
+    from sea_ray.data.importer import import_manifest
+    from sea_ray.eval.job import evaluate
+
+    for name in ("captions", "conversations"):
+        import_manifest(str(own_data / f"{name}.json"), str(tmp_path / name), image_root=str(own_data / "images"))
+    raw = _eval_raw(own_data, _checkpoint(tmp_path, own_data, "instruct"), tmp_path / "ev",
+                    metrics=["lm_loss", "alignment", "qa"], max_new_tokens=2)
+    raw["data"].update(manifest=str(tmp_path / "captions"), conversations=str(tmp_path / "conversations"))
+    del raw["data"]["image_root"]
+    report = evaluate(validate(raw))
+    assert report["errors"] == [] and report["qa"]["count"] == 7
+    assert report["alignment"]["images"] == 4 and report["lm_loss"]["sets"]["captions"]["rows"] == 4

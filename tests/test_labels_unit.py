@@ -250,6 +250,45 @@ def test_hf_clip_tower_labels_with_a_saved_model_and_tokenizer(tmp_path, hf_clip
     assert dense.label(torch.randn(1, 3, 64, 64))[0].shape == (1, 16, 2)
 
 
+def test_an_hf_folder_without_tokenizer_files_is_refused_for_labeling(tmp_path, hf_clip_dir):
+    """transformers 5 builds an empty CLIPTokenizer (special tokens only) from a CLIP folder without
+    tokenizer files; it counts as no tokenizer: validation names the folder, the tower has none."""
+    import shutil
+
+    from sea_ray import checks
+    from sea_ray.model.vision import build_vision_tower, text_tokenizer
+
+    bare = tmp_path / "clip-no-tokenizer"
+    shutil.copytree(hf_clip_dir, bare)
+    for f in bare.glob("*"):
+        if f.name.startswith(("tokenizer", "vocab", "merges", "special_tokens")):
+            f.unlink()
+    assert text_tokenizer(str(hf_clip_dir)) is not None and text_tokenizer(str(bare)) is None
+    cfg = _labels_cfg(tmp_path, vision={"backend": "hf", "name": str(bare), "custom": None})
+    assert build_vision_tower(cfg.model.vision, cfg.data.image_aspect)._tokenizer is None
+    problems = checks.job_problems(cfg)
+    assert any(p.startswith(f"model.vision.name: {bare} holds no tokenizer for its text tower") for p in problems)
+    good = _labels_cfg(tmp_path, vision={"backend": "hf", "name": str(hf_clip_dir), "custom": None})
+    assert checks.job_problems(good) == []
+
+
+def test_a_vision_only_hf_folder_gives_a_tower_with_its_processors_mean(tmp_path, hf_clip_dir):
+    """A saved CLIPVisionModel (no text tower) with only an image processor: the tower reads the
+    processor's mean and std (AutoProcessor gives the image processor itself then)."""
+    from transformers import CLIPImageProcessor, CLIPVisionModel
+
+    from sea_ray.model.vision import build_hf
+
+    folder = tmp_path / "vision-only"
+    CLIPVisionModel.from_pretrained(hf_clip_dir).save_pretrained(folder)
+    CLIPImageProcessor(image_mean=[0.1, 0.2, 0.3], image_std=[0.5, 0.5, 0.5], size={"shortest_edge": 64},
+                       crop_size={"height": 64, "width": 64}).save_pretrained(folder)
+    tower = build_hf(str(folder), None, -2, "crop")
+    assert (tower.mean, tower.std) == ((0.1, 0.2, 0.3), (0.5, 0.5, 0.5))
+    assert tower._tokenizer is None and tower.grid == (4, 4)
+    assert tower.patch_tokens(torch.randn(1, 3, 64, 64)).shape == (1, 16, 32)
+
+
 def test_random_init_hf_tower_is_refused_for_labeling(tmp_path):
     from sea_ray.errors import ConfigError
 

@@ -76,6 +76,17 @@ def test_a_hub_id_is_not_a_path(capsys, inputs):
     assert "model.llm.tokenizer" not in err
 
 
+def test_a_misspelt_relative_model_folder_is_named(capsys, inputs, tmp_path, monkeypatch):
+    """``own/lm`` beside a folder ``own`` is a misspelt folder, not the hub id of an organisation
+    ``own``: named before anything starts instead of a download attempt when the job starts."""
+    (tmp_path / "own" / "llm").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    code, err = _validate(capsys, *inputs, "model.llm.name_or_path=own/lm")
+    assert code == 2 and "model.llm.name_or_path: own/lm does not exist" in err
+    code, err = _validate(capsys, *inputs, "model.llm.name_or_path=elsewhere/lm")  # no folder `elsewhere`: a hub id
+    assert "model.llm.name_or_path" not in err
+
+
 def test_a_pipeline_names_its_missing_inputs(capsys, tmp_path):
     code = cli.main(["validate", "--config", str(REPO / "workflows/configs/tiny_pipeline.yaml"),
                      f"output={tmp_path}/out", "steps=[labels,align]", f"data.world={tmp_path}/no-world"])
@@ -114,3 +125,23 @@ def test_checks_run_once_per_command(counted, inputs, capsys, monkeypatch):
     assert cli.main(["submit", "--address", "h:1", "--", "align", "--config", "workflows/configs/world_align.yaml",
                      *inputs]) == 0
     assert counted == ["align"]
+
+
+def test_an_instruct_template_the_tokenizer_cannot_render_is_named_before_ray_starts(tmp_path):
+    """`template: chat` without a chat template, or a chat template that does not render a
+    conversation as a prefix of its continuation (every row would be skipped in the workers)."""
+    from sea_ray import checks
+    from sea_ray.config.loading import load_config
+    from sea_ray.model.llm import load_tokenizer
+
+    recipe = REPO / "workflows/configs/tiny_instruct.yaml"
+    assert not any(p.startswith("template:") for p in checks.job_problems(load_config(recipe, job="instruct")))
+    cfg = load_config(recipe, ["template=chat"], job="instruct")
+    assert any(p.startswith("template: template 'chat' but") for p in checks.job_problems(cfg))
+    tokenizer = load_tokenizer("world")
+    tokenizer.chat_template = ("{% for m in messages %}{% if m['role'] == 'assistant' and not loop.last %}<|a|>"
+                               "{% else %}<|{{ m['role'] }}|>{{ m['content'] }}{% endif %}{{ eos_token }}{% endfor %}"
+                               "{% if add_generation_prompt %}<|assistant|>{% endif %}")  # drops earlier answers
+    tokenizer.save_pretrained(tmp_path / "tok")
+    cfg = load_config(recipe, [f"model.llm.tokenizer={tmp_path / 'tok'}"], job="instruct")
+    assert any("does not render a conversation as a prefix" in p for p in checks.job_problems(cfg))

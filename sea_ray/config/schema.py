@@ -77,7 +77,9 @@ class LLMConfig(_Section):
 
 
 class ModelConfig(_Section):
-    preset: Optional[str] = Field(None, description="a named preset (expanded before validation)")
+    preset: Optional[str] = Field(None, description="a built-in preset's name (sea-ray presets), or a YAML file "
+                                  "of a model block (a path ending .yaml/.yml, relative to the config file that "
+                                  "names it); expanded before validation, the keys beside it win")
     vision: VisionConfig = VisionConfig()
     adapter: AdapterConfig = AdapterConfig()
     llm: LLMConfig = LLMConfig()
@@ -439,10 +441,12 @@ class EvalDataConfig(_Section):
                                          "asked, its gpt turn the reference answer)")
     image_root: Optional[str] = Field(None, json_schema_extra=INPUT_PATH,
                                       description="folder (local or s3://) the manifests' image paths are "
-                                      "relative to; none = paths as given")
+                                      "relative to; none = the image root sea-ray import-manifest recorded for "
+                                      "an imported manifest, else paths as given")
     conversations_image_root: Optional[str] = Field(None, json_schema_extra=INPUT_PATH,
                                                     description="image folder of the conversations manifest, "
-                                                    "when it differs; none = image_root")
+                                                    "when it differs; none = image_root (when given, else "
+                                                    "the one sea-ray import-manifest recorded for it)")
     labels: Optional[str] = Field(None, json_schema_extra=INPUT_PATH,
                                   description="labels dataset of data.manifest's images (sea-ray labels): the "
                                   "nearest words of the visual tokens against its CLIP labels, over its "

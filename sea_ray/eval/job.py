@@ -51,7 +51,7 @@ from sea_ray.config.rules import eval_metrics
 from sea_ray.config.schema import AlignConfig, EvalConfig, InstructConfig, TrainDataConfig, VocabConfig
 from sea_ray.constants import IMAGE_PLACEHOLDER
 from sea_ray.data.images import decode_image
-from sea_ray.data.manifest import caption_of, read_manifest
+from sea_ray.data.manifest import caption_of, image_root_for, read_manifest
 from sea_ray.data.templates import render_llava_v1
 from sea_ray.errors import DataError
 from sea_ray.eval.generate import answer
@@ -467,7 +467,10 @@ def _evaluate_data(cfg: EvalConfig, model, info: dict, metrics: list[str], templ
                    say: Callable[[str], None]) -> None:
     data = cfg.data
     errors: list[dict] = []
+    # the config's image roots, else the ones `sea-ray import-manifest` recorded (as the stages read them)
+    captions_root = image_root_for(data.manifest, data.image_root) if data.manifest else data.image_root
     qa_root = data.conversations_image_root or data.image_root
+    qa_root = image_root_for(data.conversations, qa_root) if data.conversations else qa_root
     captions = read_rows(data.manifest, True, cfg.max_samples, errors) if data.manifest else None
     conversations = read_rows(data.conversations, False, cfg.max_samples, errors) if data.conversations else None
     report["data"] = {k: v for k, v in data.model_dump().items() if v is not None}
@@ -475,12 +478,12 @@ def _evaluate_data(cfg: EvalConfig, model, info: dict, metrics: list[str], templ
     if "lm_loss" in metrics:
         sets = {}
         if captions:
-            sets["captions"] = (data.manifest, captions, data.image_root)
+            sets["captions"] = (data.manifest, captions, captions_root)
         if conversations:
             sets["conversations"] = (data.conversations, conversations, qa_root)
         report["lm_loss"] = lm_loss_metrics(model, info, cfg, sets, template, say)
     if "alignment" in metrics:
-        report["alignment"] = labels_alignment(model, captions, data.labels, data.image_root, errors, cfg.top_k,
+        report["alignment"] = labels_alignment(model, captions, data.labels, captions_root, errors, cfg.top_k,
                                                cfg.batch_size)
         a = report["alignment"]
         say(f"eval: nearest word = the labels' top-1 {_pct(a['nearest_word_accuracy'])}, in their top-{a['top_n']} "

@@ -199,7 +199,7 @@ class HFTower(VisionTower):
         self.name = name
         self.model = model  # CLIPModel / SiglipModel (with text tower) or a *VisionModel
         vcfg = model.config.vision_config if hasattr(model.config, "vision_config") else model.config
-        self.vision_model = model.vision_model
+        self.vision_model = getattr(model, "vision_model", model)  # a *VisionModel is its own (transformers 5)
         self.image_size = vcfg.image_size
         self.patch_size = vcfg.patch_size
         self.width = vcfg.hidden_size
@@ -253,7 +253,7 @@ class HFTower(VisionTower):
 
 
 def build_hf(name: str, custom: dict | None, select_layer: int, image_aspect: str) -> HFTower:
-    from transformers import AutoConfig, AutoModel, AutoProcessor, AutoTokenizer
+    from transformers import AutoConfig, AutoModel, AutoProcessor
 
     if name == "custom":
         custom = dict(custom or {})
@@ -266,16 +266,37 @@ def build_hf(name: str, custom: dict | None, select_layer: int, image_aspect: st
     model = AutoModel.from_pretrained(local)
     processor = None
     try:
-        processor = AutoProcessor.from_pretrained(local).image_processor
-    except Exception as exc:  # a vision-only dir may ship no processor: CLIP defaults then
-        log.info("no image processor in %s (%s); using CLIP defaults", name, type(exc).__name__)
+        loaded = AutoProcessor.from_pretrained(local)
+        # a CLIPProcessor holds the image processor; a dir with no tokenizer gives the image processor itself
+        processor = getattr(loaded, "image_processor", loaded)
+        if not hasattr(processor, "image_mean"):
+            raise ValueError(f"{type(loaded).__name__} has no image mean")
+    except Exception as exc:  # a dir may ship no processor: CLIP defaults then (SigLIP's for a SigLIP)
+        processor = None
+        log.info("no image processor in %s (%s); using the default mean and std", name, type(exc).__name__)
     tower = HFTower(model.eval(), select_layer=select_layer, name=name, image_processor=processor,
                     image_aspect=image_aspect)
-    try:
-        tower._tokenizer = AutoTokenizer.from_pretrained(local)
-    except Exception as exc:
-        log.info("no tokenizer in %s (%s): labeling with this tower is unavailable", name, type(exc).__name__)
+    tower._tokenizer = text_tokenizer(local)
+    if tower._tokenizer is None:
+        log.info("no tokenizer in %s: labeling with this tower is unavailable", name)
     return tower
+
+
+def text_tokenizer(folder: str):
+    """The tokenizer of the text tower saved in the Hugging Face folder ``folder``, or None when the
+    folder holds none. A tokenizer that knows only its special tokens counts as none: transformers 5
+    builds such an empty one from a CLIP folder without tokenizer files, and with it every word
+    would embed as the same unknown token."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except Exception as exc:
+        log.debug("no tokenizer loads from %s (%s: %s)", folder, type(exc).__name__, exc)
+        return None
+    if set(tokenizer.get_vocab().values()) <= set(tokenizer.all_special_ids):
+        return None
+    return tokenizer
 
 
 def build_vision_tower(cfg, image_aspect: str) -> VisionTower:
