@@ -54,7 +54,7 @@ from sea_ray.data.images import decode_image
 from sea_ray.data.manifest import caption_of, image_root_for, read_manifest
 from sea_ray.data.templates import render_llava_v1
 from sea_ray.errors import DataError
-from sea_ray.eval.generate import answer
+from sea_ray.eval.generate import answer, read_image
 from sea_ray.eval.loading import device_of, load_model
 from sea_ray.eval.metrics import (ModalityGap, lm_nll, normalize_answer, perplexity, qa_accuracy, vqa_accuracy,
                                   word_accuracy)
@@ -101,13 +101,8 @@ def world_split(world: str, split: str, max_samples: Optional[int] = None) -> tu
 def image_tensors(model, world: str, records: list[dict]) -> torch.Tensor:
     """The records' images through the tower's own transform (the geometry of the checkpoint's
     ``data.image_aspect``, :func:`sea_ray.eval.loading.load_model`), ``[N, 3, H, W]``."""
-    out = []
-    for rec in records:
-        img, reason = decode_image(storage.read_bytes(storage.join(world, "images", rec["image"])))
-        if img is None:
-            raise DataError(f"{rec['image']}: {reason}")
-        out.append(model.vision.transform(img))
-    return torch.stack(out)
+    return torch.stack([model.vision.transform(read_image(storage.join(world, "images", rec["image"])))
+                        for rec in records])
 
 
 # --------------------------------------------------------------------------- metrics on a model

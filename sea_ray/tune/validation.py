@@ -77,10 +77,3 @@ def write_holdout(source_uri: str, out_uri: str, num_images: int, seed: int, reu
     write_labels(out_uri, table, meta, held_out_from=source_uri, seed=seed)
     log.info("validation: %d held-out images of %s -> %s", table.num_rows, source_uri, out_uri)
     return chosen
-
-
-# --------------------------------------------------------------------------- rows in memory
-
-
-def take(rows: dict[str, np.ndarray], index) -> dict[str, np.ndarray]:
-    return {k: v[index] for k, v in rows.items()}
