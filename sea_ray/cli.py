@@ -27,7 +27,7 @@ from sea_ray.eval.generate import Generator, Sampling, generate, read_image, rea
 from sea_ray.export.llava import export
 from sea_ray.labels.vocab import save_vocab, vocab_from_config
 from sea_ray.presets import PRESETS
-from sea_ray.runtime import QUIET_VAR
+from sea_ray.runtime import QUIET_VAR, quiet_ray_logs
 from sea_ray.world import audit as label_audit
 from sea_ray.world.generator import generate_world
 
@@ -383,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not args.verbose:
         os.environ.setdefault(QUIET_VAR, "1")
+        quiet_ray_logs()  # this process too, Ray or not (a model load's progress bar in a log)
     try:
         return VERBS[args.verb][2](args)
     except ConfigError as exc:

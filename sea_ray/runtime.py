@@ -150,6 +150,8 @@ _QUIET_LEVELS = {"ray.train": logging.WARNING, "ray.data": logging.WARNING,
 _PATH_NAMED = "ray.train.v2._internal.execution.context"
 # The logger that warns, once per process, that progress bars are off (sea_ray turns them off).
 _PROGRESS_LOGGER = "ray.data._internal.progress"
+# huggingface_hub's switch for its progress bars, which transformers follows when it is imported.
+_HF_BARS_VAR = "HF_HUB_DISABLE_PROGRESS_BARS"
 
 
 def _not_progress_notice(record: logging.LogRecord) -> bool:
@@ -163,8 +165,8 @@ def ray_logs_quiet() -> bool:
 def quiet_ray_logs() -> None:
     """When :data:`QUIET_VAR` is 1: Ray Train's and Ray Data's INFO logs off in this process (a
     local Ray's workers run it at start, as their ``worker_process_setup_hook``; Train workers run
-    it again after their imports; Ray Train's own loggers follow the run's ``LoggingConfig``).
-    Warnings and errors stay."""
+    it again after their imports; Ray Train's own loggers follow the run's ``LoggingConfig``), and
+    transformers' progress bars off where stderr is not a terminal. Warnings and errors stay."""
     if not ray_logs_quiet():
         return
     import importlib.util
@@ -177,6 +179,11 @@ def quiet_ray_logs() -> None:
     progress = logging.getLogger(_PROGRESS_LOGGER)
     if _not_progress_notice not in progress.filters:
         progress.addFilter(_not_progress_notice)
+    if not sys.stderr.isatty():  # transformers' "Loading weights" bar: one line per model load in a log
+        os.environ.setdefault(_HF_BARS_VAR, "1")  # read when transformers is imported (this process's workers)
+        hf_logging = sys.modules.get("transformers.utils.logging")
+        if hf_logging is not None:  # imported already: its own switch
+            hf_logging.disable_progress_bar()
 
 
 def init_ray(ray_cfg=None, quiet: bool = False, dashboard: bool = False):
@@ -212,9 +219,30 @@ def init_ray(ray_cfg=None, quiet: bool = False, dashboard: bool = False):
         import ray.data  # noqa: F401 - Ray Data sets its loggers' levels when imported: before quieting
 
         quiet_ray_logs()
-    _remember(ray, ray.init(address="local", num_cpus=num_cpus, **extra, **kwargs))
+    _remember(ray, start_local_ray(num_cpus=num_cpus, **extra, **kwargs))
     check_loopback(ray)
     return ray
+
+
+_LOCAL_START_ATTEMPTS = 3
+_STARTUP_TIMEOUT = "timed out during startup"  # Ray's message (ray._private.node) when its raylet is late
+
+
+def start_local_ray(**init_kwargs):
+    """``ray.init(address="local", **init_kwargs)``, started again (up to 3 attempts) when Ray's
+    raylet misses the fixed 30 s Ray gives it to register, as it can on a busy machine; returns
+    Ray's context."""
+    import ray
+
+    for attempt in range(1, _LOCAL_START_ATTEMPTS + 1):
+        try:
+            return ray.init(address="local", **init_kwargs)
+        except Exception as exc:
+            if _STARTUP_TIMEOUT not in str(exc) or attempt == _LOCAL_START_ATTEMPTS:
+                raise
+            log.warning("the local Ray did not start in time (attempt %d of %d): starting it again", attempt,
+                        _LOCAL_START_ATTEMPTS)
+            ray.shutdown()
 
 
 # The context ray.init returned to init_ray, by the job id of that connection (a later ray.init,

@@ -84,16 +84,10 @@ def ray_local(s3_server):
     server so workers inherit its endpoint and credentials."""
     import ray
 
-    for attempt in range(3):  # Ray gives a starting raylet a fixed 30 s, which a loaded machine can miss
-        try:
-            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-                     configure_logging=False,
-                     runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}})
-            break
-        except Exception as exc:
-            if "timed out during startup" not in str(exc) or attempt == 2:
-                raise
-            ray.shutdown()
+    from sea_ray.runtime import start_local_ray
+
+    start_local_ray(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+                    runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}})
     try:
         import ray.data
 
