@@ -292,9 +292,14 @@ def _labels_problems(key: str, uri: str, meta: dict, align: AlignConfig, grid) -
     """What keeps the labels dataset ``uri`` (config key ``key``, metadata ``meta``) from feeding the
     align config ``align``: grid, tower and transform, labels per patch, image aspect, counts."""
     problems = []
-    if grid is not None and tuple(meta.get("grid", ())) != tuple(grid):
-        problems.append(f"{key}: labels were computed on a {meta.get('grid')} grid but the vision "
-                        f"tower gives {list(grid)}: label grid must equal the tower's patch grid")
+    other_grid = grid is not None and tuple(meta.get("grid", ())) != tuple(grid)
+    if other_grid and align.data.label_grid == "exact":
+        problems.append(f"{key}: labels were computed on a {meta.get('grid')} grid but the vision tower gives "
+                        f"{list(grid)}: make the labels with this tower, or set data.label_grid: resample to "
+                        "move them onto its grid (docs/labels.md)")
+    elif other_grid:
+        log.info("%s: labels on a %s grid, resampled onto the tower's %s (data.label_grid: resample)", key,
+                 meta.get("grid"), list(grid))
     elif grid is not None:
         problems += [p.replace("data.labels:", f"{key}:", 1)
                      for p in _labels_tower_problems(uri, meta, align.model.vision)]

@@ -113,7 +113,7 @@ def _vocab_args(p):
 def cmd_audit_labels(args) -> int:
     """Precision@1 of patch labels against the synthetic world's ground truth, per variant."""
     cfg = load_config(args.config, args.overrides, job="labels")
-    report = label_audit.audit(cfg, args.world, limit=args.limit or None)
+    report = label_audit.audit(cfg, args.world, limit=args.limit or None, transfer_grid=args.transfer_grid)
     out = args.out or storage.join(cfg.output, "_audit.json")
     json_uri, md_uri = label_audit.write_report(report, out)
     print(label_audit.to_markdown(report), end="")
@@ -126,6 +126,17 @@ def _audit_args(p):
     p.add_argument("--world", required=True, help="synthetic world folder (sea-ray world --out DIR)")
     p.add_argument("--out", help="report JSON to write, Markdown beside it (default: <output>/_audit.json)")
     p.add_argument("--limit", type=int, default=200, help="world images to audit (0 = all)")
+    p.add_argument("--transfer-grid", type=_grid, metavar="ROWSxCOLS",
+                   help="also score the labels resampled onto this patch grid (a tower with another grid: "
+                   "data.label_grid: resample), e.g. 9x9")
+
+
+def _grid(text: str) -> tuple[int, int]:
+    parts = text.lower().split("x")
+    if len(parts) > 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a grid: write ROWSxCOLS, e.g. 9x9")
+    rows = int(parts[0])
+    return rows, int(parts[-1])
 
 
 def _world_args(p):

@@ -100,7 +100,9 @@ def test_label_grid_must_equal_tower_grid(tmp_path):
     cfg = validate(_align(**{"data.labels": str(labels)}))
     assert tower_grid(cfg.model.vision)[0] == (8, 8)
     problems = job_problems(cfg)
-    assert len(problems) == 1 and "label grid must equal the tower's patch grid" in problems[0]
+    assert len(problems) == 1 and "[7, 7] grid but the vision tower gives [8, 8]" in problems[0]
+    assert "data.label_grid: resample" in problems[0]
+    assert job_problems(validate(_align(**{"data.labels": str(labels), "data.label_grid": "resample"}))) == []
     (labels / "_meta.json").write_text('{"grid": [8, 8], "top_n": 10}')
     assert job_problems(cfg) == []
     assert any("sea.window" in p for p in job_problems(validate(_align(**{"data.labels": str(labels),

@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 
+from sea_ray.errors import DataError
 from sea_ray.eval import metrics as M
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (40, 60, 220), "yellow": (230, 220, 40)}
@@ -265,8 +266,9 @@ class _StubModel:
         from sea_ray.sea import word_targets
 
         out = []
+        patches = self.vision.grid[0] * self.vision.grid[1]
         for i in images[:, 0, 0, 0].long().tolist():
-            targets, _, _ = word_targets([self.word_of_image[i]] * 64, self.tokenizer, self.embedding)
+            targets, _, _ = word_targets([self.word_of_image[i]] * patches, self.tokenizer, self.embedding)
             out.append(targets)
         return torch.stack(out)
 
@@ -294,6 +296,14 @@ def test_label_agreement_known_answers(own_data):
     a = labels_alignment(other, rows, labels, root, [])
     assert a["nearest_word_accuracy"] == pytest.approx(64 / 255) == a["nearest_word_in_top_n"]
     assert -1.0 <= a["tacs"] <= 1.0 and 0.0 <= a["modality_gap"] <= 2.0
+    # a tower with a 9 x 9 grid: the 8 x 8 labels are refused, or resampled (data.label_grid)
+    nine = _StubModel(tok, embedding, list(COLOURS))
+    nine.vision.grid = (9, 9)
+    nine.vision.transform_spec = lambda: dict(_tiny_transform_spec(), image_size=72, grid=[9, 9])
+    with pytest.raises(DataError, match=r"8, 8\] grid but the vision tower gives \[9, 9\].*label_grid: resample"):
+        labels_alignment(nine, rows, labels, root, [])
+    a = labels_alignment(nine, rows, labels, root, [], label_grid="resample")
+    assert a["nearest_word_accuracy"] == 1.0 and a["patches"] == 4 * 81  # 9 x 9: no patch left unlabelled
     # a missing image is skipped and recorded, the others still count
     errors: list[dict] = []
     gone = [dict(rows[0], image="missing.png")] + rows[1:]

@@ -146,7 +146,8 @@ def eval_metrics(cfg: EvalConfig) -> list[str]:
 
 def _eval_problems(cfg: EvalConfig) -> list[str]:
     problems = _model_problems(cfg.model, "model") if cfg.model is not None else []
-    data_given = any(value is not None for value in cfg.data.model_dump().values())
+    data_given = any(value is not None for key, value in cfg.data.model_dump().items()
+                     if key != "label_grid")  # a setting with a default, not data
     if (cfg.world is None) != data_given:
         problems.append("world, data: give exactly one: world (a synthetic world folder, from sea-ray world) or "
                         "data (your own held-out data: data.manifest and/or data.conversations, data.image_root, "

@@ -150,6 +150,16 @@ def _image_aspect() -> Any:
                  "whole photo is kept). Labels and align must use the same (docs/data.md)")
 
 
+LabelGrid = Literal["exact", "resample"]
+
+
+def _label_grid() -> Any:
+    """``data.label_grid``: one definition for align's data section and eval's."""
+    return Field("exact", description="labels made on another patch grid than the tower's (another tower: "
+                 "SigLIP-384's 27 x 27 with CLIP-L-336's 24 x 24 labels): resample moves each patch's label "
+                 "scores onto the tower's grid by area (docs/labels.md); exact refuses a grid that differs")
+
+
 class TrainDataConfig(_Section):
     manifest: str = Field(..., json_schema_extra=INPUT_PATH,
                           description="LLaVA JSON/JSONL or Parquet manifest (local or "
@@ -158,6 +168,7 @@ class TrainDataConfig(_Section):
                                       "paths are relative to; none = the image root sea-ray import-manifest "
                                       "recorded for an imported manifest, else paths as given")
     labels: Optional[str] = Field(None, json_schema_extra=INPUT_PATH, description="labels dataset URI (align with SEA)")
+    label_grid: LabelGrid = _label_grid()
     image_aspect: ImageAspect = _image_aspect()
     max_error_fraction: float = Field(MAX_ERROR_FRACTION, ge=0, le=1,
                                       description="align with SEA: refuse data.labels when more than this share "
@@ -451,6 +462,7 @@ class EvalDataConfig(_Section):
                                   description="labels dataset of data.manifest's images (sea-ray labels): the "
                                   "nearest words of the visual tokens against its CLIP labels, over its "
                                   "vocabulary (_meta.json)")
+    label_grid: LabelGrid = _label_grid()
 
 
 class EvalConfig(_Section):

@@ -60,6 +60,7 @@ from sea_ray.eval.metrics import (ModalityGap, lm_nll, normalize_answer, perplex
                                   word_accuracy)
 from sea_ray.eval.report import write_report
 from sea_ray.labels.dataset import META_FILE
+from sea_ray.labels.regrid import resample
 from sea_ray.labels.schema import to_arrays
 from sea_ray.labels.vocab import build_vocab
 from sea_ray.sea import nearest_word, tacs, word_targets
@@ -183,7 +184,7 @@ def alignment_metrics(model, images: torch.Tensor, records: list[dict], words: l
 
 
 def labels_alignment(model, rows: list[dict], labels_uri: str, image_root: Optional[str], errors: list[dict],
-                     top_k: int = 10, batch_size: int = 32) -> dict:
+                     top_k: int = 10, batch_size: int = 32, label_grid: str = "exact") -> dict:
     """The diagnostics of :func:`alignment_metrics` on your own images against a labels dataset:
     each visual token's nearest word vs its patch's top-1 CLIP label and vs its stored top-n
     labels, over the labels' vocabulary; TACS and the modality gap against the rows' captions.
@@ -195,10 +196,12 @@ def labels_alignment(model, rows: list[dict], labels_uri: str, image_root: Optio
     except (OSError, ValueError) as exc:
         raise DataError(f"data.labels: cannot read {meta_uri}: {exc}") from None
     spec = model.vision.transform_spec()
-    if list(meta.get("grid", ())) != list(spec["grid"]):
+    moved = list(meta.get("grid", ())) != list(spec["grid"])
+    if moved and label_grid == "exact":
         raise DataError(f"data.labels: labels were computed on a {meta.get('grid')} grid but the vision tower "
-                        f"gives {spec['grid']}: label the images with this model's tower")
-    if meta.get("transform", spec) != spec:
+                        f"gives {spec['grid']}: label the images with this model's tower, or set "
+                        "data.label_grid: resample to move them onto its grid")
+    if not moved and meta.get("transform", spec) != spec:
         raise DataError(f"data.labels: labels were computed on another image transform ({meta['transform']}) "
                         f"than this tower's ({spec})")
     words = list(meta["vocab"]["words"])
@@ -217,7 +220,11 @@ def labels_alignment(model, rows: list[dict], labels_uri: str, image_root: Optio
             top1, top_n = [], []
             stored = read_stored_rows(shards, np.asarray([at[r["id"]] for r in chunk]))  # only these rows
             for k in range(len(chunk)):
-                ids, _ = to_arrays(stored.slice(k, 1).to_pylist()[0])
+                row = stored.slice(k, 1).to_pylist()[0]
+                ids, scores = to_arrays(row)
+                if moved:
+                    n = int(row["top_n"])
+                    ids = resample(ids, scores, meta["grid"], spec["grid"], n)[0].reshape(-1, n)
                 for patch in ids:
                     named = [words[j] for j in patch if j >= 0]
                     top1.append(named[:1])
@@ -479,7 +486,7 @@ def _evaluate_data(cfg: EvalConfig, model, info: dict, metrics: list[str], templ
         report["lm_loss"] = lm_loss_metrics(model, info, cfg, sets, template, say)
     if "alignment" in metrics:
         report["alignment"] = labels_alignment(model, captions, data.labels, captions_root, errors, cfg.top_k,
-                                               cfg.batch_size)
+                                               cfg.batch_size, data.label_grid)
         a = report["alignment"]
         say(f"eval: nearest word = the labels' top-1 {_pct(a['nearest_word_accuracy'])}, in their top-{a['top_n']} "
             f"{_pct(a['nearest_word_in_top_n'])} (chance {_pct(a['nearest_word_chance'])}), TACS {a['tacs']:.4f}, "

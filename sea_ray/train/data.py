@@ -23,6 +23,7 @@ from sea_ray.constants import IGNORE_INDEX
 from sea_ray.data.images import decode_image, image_geometry, pil_to_uint8, pixel_limit
 from sea_ray.data.templates import encode_conversation, encode_plain, resolve_template
 from sea_ray.errors import DataError
+from sea_ray.labels.regrid import resample
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +122,7 @@ class Preprocess:
 
     def __init__(self, stage: str, tokenizer_spec: str, image_size: int, image_aspect: str,
                  image_mean: Optional[tuple], image_root: Optional[str], max_length: int, template: str = "plain",
-                 source=None, rows_per_batch: int = 64):
+                 source=None, rows_per_batch: int = 64, label_grid: Optional[tuple] = None):
         from sea_ray.model.llm import load_tokenizer
 
         self.stage, self.image_size, self.image_root, self.max_length = stage, image_size, image_root, max_length
@@ -130,6 +131,7 @@ class Preprocess:
         self.geometry = image_geometry(image_aspect, image_size, image_mean)
         self.source = source.open() if source is not None else None
         self.rows_per_batch = rows_per_batch
+        self.label_grid = tuple(label_grid) if label_grid else None  # labels resampled onto it (labels/regrid.py)
 
     def _encode(self, conversations) -> dict:
         from sea_ray.data.manifest import caption_of
@@ -163,10 +165,13 @@ class Preprocess:
         out = {"sample_id": sid, "input_ids": np.asarray(encoded["input_ids"], dtype=np.int32), "labels": labels_arr,
                "image": image, "has_image": has_image, "num_tokens": int((labels_arr != IGNORE_INDEX).sum())}
         if labels is not None:
-            out.update(label_ids=np.asarray(labels["label_ids"], dtype=np.int32),
-                       label_scores=np.asarray(labels["label_scores"], dtype=np.float32),
-                       grid=np.asarray([labels["grid_h"], labels["grid_w"]], dtype=np.int32),
-                       top_n=int(labels["top_n"]))
+            grid, top_n = (int(labels["grid_h"]), int(labels["grid_w"])), int(labels["top_n"])
+            ids, scores = labels["label_ids"], labels["label_scores"]
+            if self.label_grid and grid != self.label_grid:
+                ids, scores = resample(ids, scores, grid, self.label_grid, top_n)
+                grid = self.label_grid
+            out.update(label_ids=np.asarray(ids, dtype=np.int32), label_scores=np.asarray(scores, dtype=np.float32),
+                       grid=np.asarray(grid, dtype=np.int32), top_n=top_n)
         return out
 
     def __call__(self, batch: dict):
@@ -296,7 +301,24 @@ def preprocess_kwargs(cfg, image_size: int) -> dict:
     return dict(stage=cfg.job, tokenizer_spec=cfg.model.llm.tokenizer or cfg.model.llm.name_or_path,
                 image_size=image_size, image_aspect=cfg.data.image_aspect, image_mean=_pad_mean(cfg),
                 image_root=image_root_for(cfg.data.manifest, cfg.data.image_root), max_length=cfg.data.max_length,
-                template=getattr(cfg, "template", "plain"))
+                template=getattr(cfg, "template", "plain"), label_grid=_label_grid(cfg))
+
+
+def _label_grid(cfg) -> Optional[tuple]:
+    """The tower's patch grid when align resamples its labels onto it (``data.label_grid``), else None."""
+    if cfg.job != "align" or cfg.data.label_grid != "resample":
+        return None
+    from sea_ray.checks import tower_grid
+
+    grid, _ = tower_grid(cfg.model.vision)
+    if grid is None:  # only the weights know (a tower not described on this machine): build it once
+        import torch
+
+        from sea_ray.model.vision import build_vision_tower
+
+        with torch.random.fork_rng(devices=[]):
+            grid = tuple(build_vision_tower(cfg.model.vision, cfg.data.image_aspect).grid)
+    return tuple(int(x) for x in grid)
 
 
 def _pad_mean(cfg) -> Optional[tuple]:

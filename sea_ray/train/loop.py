@@ -83,8 +83,11 @@ def sea_setup(model, cfg, device):
     if aspect:
         raise ValueError(aspect)
     if list(meta["grid"]) != list(spec["grid"]):
-        raise ValueError(f"labels grid {meta['grid']} != tower grid {spec['grid']}")
-    if meta.get("transform", spec) != spec:
+        if cfg.data.label_grid == "exact":
+            raise ValueError(f"labels grid {meta['grid']} != tower grid {spec['grid']} (data.label_grid: resample "
+                             "moves them onto the tower's grid)")
+        log.info("labels on a %s grid, resampled onto the tower's %s grid", meta["grid"], spec["grid"])
+    elif meta.get("transform", spec) != spec:
         raise ValueError(f"labels were computed on another image transform: {meta['transform']} != {spec}")
     words = meta["vocab"]["words"]
     targets, mapped, unmapped = word_targets(words, model.tokenizer, model.input_embedding_table())
