@@ -403,6 +403,11 @@ def main(argv: list[str] | None = None) -> int:
     except SeaRayError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
+    except OSError as exc:  # storage: a missing bucket or file, an object store out of reach, a full disk
+        if args.verbose:
+            raise
+        print(f"error: {storage.storage_error(exc)} (-v shows the traceback)", file=sys.stderr)
+        return EXIT_FAILURE
 
 
 if __name__ == "__main__":

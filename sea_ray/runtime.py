@@ -28,6 +28,7 @@ import sys
 import urllib.parse
 
 from sea_ray.errors import ConfigError
+from sea_ray.storage import S3_ATTEMPTS_VAR, S3_TIMEOUT_VAR
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ LOCAL_ENV = {
 SETTINGS_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION",
                 "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "SEA_RAY_CACHE",
                 "MLFLOW_TRACKING_URI", "MLFLOW_ALLOW_FILE_STORE", "WANDB_MODE", "WANDB_PROJECT", "WANDB_ENTITY",
-                "WANDB_BASE_URL", "WANDB_DIR")
+                "WANDB_BASE_URL", "WANDB_DIR", S3_ATTEMPTS_VAR, S3_TIMEOUT_VAR)
 
 # The variables a cluster job names with ``sea-ray submit --cluster-env``: they must be set on the
 # cluster's nodes; the job's driver checks that they are (names travel, values never do).
@@ -144,6 +145,7 @@ def check_cluster_env() -> None:
 # query" warning every second): off when this variable is 1. The CLI sets it unless -v.
 QUIET_VAR = "SEA_RAY_QUIET"
 _QUIET_LEVELS = {"ray.train": logging.WARNING, "ray.data": logging.WARNING,
+                 "aiobotocore.credentials": logging.WARNING, "botocore.credentials": logging.WARNING,
                  "ray.train.v2._internal.execution.controller.placement_group_cleaner": logging.ERROR}
 # Ray Train's worker context logs "Reporting training result ..." at every report on a logger
 # named by its file's path (``getLogger(__file__)``), which no "ray.train" setting reaches.

@@ -12,7 +12,9 @@ logged or written anywhere. Completion markers make outputs visible only when wh
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+import inspect
 import io
 import os
 import tempfile
@@ -20,7 +22,61 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
+from sea_ray.errors import ConfigError
+
 MARKER = "_SUCCESS"
+
+# Retries and timeouts of every S3 call, pyarrow's and s3fs' alike, from the environment (Ray's
+# workers inherit it; a submitted job forwards it as a setting). The defaults ride out an object
+# store that stops answering for 30 s (a paused or restarting server, a network blip): a request
+# waits up to S3_TIMEOUT_S for an answer, then is tried again with the SDK's exponential backoff,
+# up to S3_ATTEMPTS times in all. Past them the error names the bucket and key.
+S3_ATTEMPTS_VAR, S3_ATTEMPTS = "SEA_RAY_S3_ATTEMPTS", 10
+S3_TIMEOUT_VAR, S3_TIMEOUT_S = "SEA_RAY_S3_TIMEOUT_S", 20.0
+
+
+def s3_retry_settings() -> tuple[int, float]:
+    """``(attempts, timeout in seconds)`` of S3 calls: the environment's, else the defaults."""
+    try:
+        attempts = int(os.environ.get(S3_ATTEMPTS_VAR) or S3_ATTEMPTS)
+        timeout = float(os.environ.get(S3_TIMEOUT_VAR) or S3_TIMEOUT_S)
+    except ValueError:
+        attempts = timeout = 0
+    if attempts < 1 or timeout <= 0:
+        raise ConfigError([f"{S3_ATTEMPTS_VAR} must be a whole number >= 1 and {S3_TIMEOUT_VAR} a number of seconds "
+                           f"> 0, got {os.environ.get(S3_ATTEMPTS_VAR)!r} and {os.environ.get(S3_TIMEOUT_VAR)!r}"])
+    return attempts, timeout
+
+
+def storage_error(exc: OSError) -> str:
+    """One line saying what an I/O error was: its message (which names the path, or the bucket
+    and key), and for an object store out of reach how long S3 calls were retried."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, FileNotFoundError) and exc.filename and str(exc.filename) not in text:
+        text = f"{text}: {exc.filename}"
+    if any(m in text for m in ("NETWORK_CONNECTION", "Could not connect", "Connect timeout", "Read timeout")):
+        attempts, timeout = s3_retry_settings()
+        text += (f" (tried {attempts} times, {timeout:g} s each, with backoff; {S3_ATTEMPTS_VAR} and "
+                 f"{S3_TIMEOUT_VAR} set how long)")
+    return text
+
+
+def _naming_uri(fn):
+    """``fn`` whose I/O errors name its ``uri`` argument (an object store's "The specified bucket
+    does not exist" says neither bucket nor key)."""
+    position = list(inspect.signature(fn).parameters).index("uri")
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except OSError as exc:
+            uri = str(kwargs["uri"] if "uri" in kwargs else args[position])
+            if uri in str(exc) or not is_remote(uri):
+                raise
+            raise type(exc)(f"{uri}: {' '.join(str(exc).split()) or type(exc).__name__}") from exc
+
+    return wrapper
 
 
 def is_remote(uri: str) -> bool:
@@ -37,7 +93,12 @@ def fsspec_fs(uri: str):
 
     uri = str(uri)
     if uri.startswith("s3://"):
-        kwargs = {}
+        attempts, timeout = s3_retry_settings()
+        # no listings cache: markers written by other processes (workers, other jobs) are what a
+        # listing is for, and s3fs would otherwise answer from its first listing for ever
+        kwargs = {"use_listings_cache": False,
+                  "config_kwargs": {"connect_timeout": timeout, "read_timeout": timeout,
+                                    "retries": {"max_attempts": attempts, "mode": "standard"}}}
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         if endpoint:
             kwargs["endpoint_url"] = endpoint
@@ -55,7 +116,9 @@ def pyarrow_fs(uri: str):
     uri = str(uri)
     if uri.startswith("s3://"):
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        kwargs = {"allow_bucket_creation": True}
+        attempts, timeout = s3_retry_settings()
+        kwargs = {"allow_bucket_creation": True, "connect_timeout": timeout, "request_timeout": timeout,
+                  "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=attempts)}
         if endpoint:
             scheme, _, host = endpoint.partition("://")
             kwargs.update(endpoint_override=host or endpoint, scheme=scheme if host else "https")
@@ -98,17 +161,20 @@ def resolve_image(ref: Optional[str], image_root: Optional[str] = None) -> Optio
     return os.path.join(os.path.abspath(_strip_file_scheme(image_root)), ref)
 
 
+@_naming_uri
 def exists(uri: str) -> bool:
     fs, path = fsspec_fs(uri)
     return fs.exists(path)
 
 
+@_naming_uri
 def read_bytes(uri: str) -> bytes:
     fs, path = fsspec_fs(uri)
     with fs.open(path, "rb") as f:
         return f.read()
 
 
+@_naming_uri
 def read_text(uri: str) -> str:
     return read_bytes(uri).decode("utf-8")
 
@@ -182,7 +248,7 @@ def open_atomic(uri: str) -> Iterator:
     if is_remote(uri):
         buf = io.BytesIO()
         yield buf
-        fs.pipe_file(path, buf.getvalue())
+        _naming_uri(lambda uri: fs.pipe_file(path, buf.getvalue()))(uri)
         return
     parent = os.path.dirname(path) or "."
     os.makedirs(parent, exist_ok=True)
@@ -198,16 +264,19 @@ def open_atomic(uri: str) -> Iterator:
         raise
 
 
+@_naming_uri
 def write_bytes(uri: str, data: bytes) -> None:
     """Write a whole object atomically (:func:`open_atomic`)."""
     with open_atomic(uri) as f:
         f.write(data)
 
 
+@_naming_uri
 def write_text(uri: str, text: str) -> None:
     write_bytes(uri, text.encode("utf-8"))
 
 
+@_naming_uri
 def create_exclusive(uri: str, data: bytes) -> bool:
     """Create ``uri`` holding ``data`` only if it does not exist: True when this call created it,
     False when it already existed. ``O_EXCL`` on a local disk, a conditional PUT
@@ -236,6 +305,7 @@ def create_exclusive(uri: str, data: bytes) -> bool:
     return True
 
 
+@_naming_uri
 def put_folder(local: str, uri: str, last: str) -> None:
     """Copy the files of the local folder ``local`` to ``uri`` (local or remote), the file named
     ``last`` after every other: a reader that sees it sees the whole folder."""
@@ -246,6 +316,26 @@ def put_folder(local: str, uri: str, last: str) -> None:
         fs.put_file(os.path.join(local, name), f"{path.rstrip('/')}/{name}")
 
 
+@_naming_uri
+def put_tree(local: str, uri: str, last: str) -> None:
+    """Copy the local folder ``local`` with its subfolders to ``uri`` (local or remote), the top
+    file named ``last`` after everything else (a reader that sees it sees the whole tree)."""
+    fs, path = fsspec_fs(uri)
+    root = path.rstrip("/")
+    for folder, _, files in os.walk(local):
+        rel = os.path.relpath(folder, local)
+        target = root if rel == "." else f"{root}/{rel}"
+        if not is_remote(uri):
+            fs.makedirs(target, exist_ok=True)
+        for name in files:
+            if rel == "." and name == last:
+                continue
+            fs.put_file(os.path.join(folder, name), f"{target}/{name}")
+    if os.path.exists(os.path.join(local, last)):
+        fs.put_file(os.path.join(local, last), f"{root}/{last}")
+
+
+@_naming_uri
 def makedirs(uri: str) -> None:
     fs, path = fsspec_fs(uri)
     if not is_remote(uri):

@@ -126,10 +126,15 @@ def loop_config(cfg, run: str, exclude_ids=()) -> dict:
 def fit(trainer, what: str):
     """``trainer.fit()``; a failure of its workers becomes one :class:`TrainingFailed` naming each
     distinct worker error with its ranks (a sea_ray error by its message, any other by its type too)."""
-    from ray.train import TrainingFailedError
+    from ray.train import ControllerError, TrainingFailedError
 
     try:
         return trainer.fit()
+    except ControllerError as exc:  # the controller's own failure (its storage out of reach): not retried by Ray
+        cause = getattr(exc, "controller_failure", None) or exc
+        text = storage.storage_error(cause) if isinstance(cause, OSError) else _last_line(cause)
+        raise TrainingFailed(f"{what} failed: {text}; re-run the same command to resume from the newest "
+                             "complete checkpoint") from None
     except TrainingFailedError as exc:
         failures = getattr(exc, "worker_failures", None) or {}
         by_error: dict[str, list[int]] = {}
@@ -141,6 +146,11 @@ def fit(trainer, what: str):
         if not lines:
             lines = [str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__]
         raise TrainingFailed(f"{what} failed (tracebacks above):\n  " + "\n  ".join(lines)) from None
+
+
+def _last_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[-1]}" if text else type(error).__name__
 
 
 def run(cfg) -> dict:

@@ -50,10 +50,13 @@ import json
 import math
 import os
 import re
+import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+
+from sea_ray import storage
 
 WORLD_VERSION = 1
 
@@ -527,6 +530,11 @@ def generate_world(out_dir: str | os.PathLike, num_images: int, seed: int, image
     _check_image_size(image_size)
     if not isinstance(num_images, (int, np.integer)) or num_images < 1:
         raise ValueError(f"num_images must be a positive int, got {num_images!r}")
+    if storage.is_remote(str(out_dir)):  # made here, then copied up, world.json last
+        with tempfile.TemporaryDirectory(prefix="sea-world-") as local:
+            summary = generate_world(local, num_images, seed, image_size, splits)
+            storage.put_tree(local, str(out_dir), "world.json")
+        return dict(summary, out_dir=str(out_dir))
     counts = split_counts(num_images, splits)
     out = Path(out_dir)
     images_dir = out / "images"
