@@ -21,7 +21,7 @@ import pytest  # noqa: E402
 # each file whole in one of them, in this order: pyproject's addopts): starting the long files
 # first keeps both processes busy to the end instead of leaving one to finish them alone.
 LONGEST_FIRST = ("test_docs.py", "test_submit_cluster.py", "test_train.py", "test_tune.py", "test_docs_pipeline.py",
-                 "test_labels_job.py", "test_security.py", "test_submit_token.py", "test_quickstart.py",
+                 "test_labels_job.py", "test_s3_outage.py", "test_security.py", "test_submit_token.py", "test_quickstart.py",
                  "test_feed.py", "test_bad_data.py")
 
 

@@ -124,8 +124,11 @@ def test_missing_buckets_end_in_one_error_line_and_a_world_can_be_written_to_a_b
 
 @pytest.mark.slow
 def test_an_align_run_rides_out_a_20_s_pause_of_the_bucket_holding_its_checkpoints(pausable_s3, world_dir, tmp_path):
-    """Before the retries were set, 4 of 4 such runs died 16-18 s into the pause with a Ray Train
-    ControllerError (AWS Error NETWORK_CONNECTION)."""
+    """The run waits out the pause (its next checkpoint upload) and finishes. The report that led
+    here had 4 of 4 such runs die 16-18 s into a pause with a Ray Train ControllerError (AWS Error
+    NETWORK_CONNECTION); at this test's timing the SDKs' own defaults survive it too, so what
+    tells the retries from the defaults is the pyarrow test above. This one found that s3fs
+    answered listings from its first one for ever (the poll below never saw a checkpoint)."""
     from sea_ray.model.vision import build_vision_tower
     from sea_ray.config.loading import validate
     from sea_ray.train import checkpoint as ckpt
