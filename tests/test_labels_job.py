@@ -83,8 +83,16 @@ def test_local_run_writes_the_documented_dataset(reference, world300):
     assert ids == [f"world_{i:06d}" for i in range(N_IMAGES)]
     # schema as documented, per-row shapes and invariants
     assert table.schema.equals(LABELS_SCHEMA, check_metadata=True)
-    for name in D.LabelsDir(str(out)).list(D.SHARDS):
-        assert pq.read_schema(out / D.SHARDS / name).equals(LABELS_SCHEMA)
+    # each shard in parts, every part named by its marker, every stored file a part of some marker
+    ldir = D.LabelsDir(str(out))
+    markers = ldir.markers()
+    listed = [rel for k, m in markers.items() for rel, _ in D.shard_files(k, m)]
+    assert sorted(listed) == ldir.list_tree(D.SHARDS) and len(listed) >= len(markers) == 5
+    for k, m in markers.items():
+        assert sum(part["rows"] for part in m["parts"]) == m["labelled"] == m["rows"]
+        for rel, rows in D.shard_files(k, m):
+            assert rel.startswith(f"{D.SHARDS}/{D.shard_name(k)}/part-")
+            assert pq.read_schema(out / rel).equals(LABELS_SCHEMA) and pq.read_metadata(out / rel).num_rows == rows
     assert set(table["grid_h"].to_pylist()) == {8} and set(table["top_n"].to_pylist()) == {TOP_N}
     labels = _by_id(out)
     meta = json.loads((out / D.META_FILE).read_text())
@@ -111,10 +119,10 @@ def test_local_run_writes_the_documented_dataset(reference, world300):
 
     assert read_labels_meta(str(out))["grid"] == [8, 8]
     # a re-run finds every shard complete and rewrites nothing
-    before = {p.name: p.stat().st_mtime_ns for p in (out / D.SHARDS).iterdir()}
+    before = {p: p.stat().st_mtime_ns for p in (out / D.SHARDS).rglob("*.parquet")}
     again = run(cfg)
     assert again["shards_skipped"] == 5 and again["shards_written"] == 0 and again["images_processed"] == 0
-    assert {p.name: p.stat().st_mtime_ns for p in (out / D.SHARDS).iterdir()} == before
+    assert {p: p.stat().st_mtime_ns for p in (out / D.SHARDS).rglob("*.parquet")} == before
 
 
 def test_changed_setup_on_the_same_output_is_refused(reference, world300):
@@ -139,23 +147,77 @@ def test_killed_part_way_then_rerun_gives_the_same_rows(reference, world300, tmp
         run(cfg, stop_after_shards=2)
     ldir = D.LabelsDir(str(out))
     marked = ldir.completed_shards()
-    files = {n for n in ldir.list(D.SHARDS)}
-    assert len(marked) == 2 and len(files) == 3 and not (out / "_SUCCESS").exists()
-    torn = (files - {D.shard_name(k) + ".parquet" for k in marked}).pop()
+    errors_files = {int(n[6:11]) for n in ldir.list(D.ERRORS) if n.startswith("shard-")}
+    with_parts = {int(rel.split("/")[1][6:]) for rel in ldir.list_tree(D.SHARDS)}
+    [torn_shard] = errors_files - marked  # all its files written, its marker not
+    assert len(marked) == 2 and marked | {torn_shard} <= with_parts and not (out / "_SUCCESS").exists()
     with pytest.raises(FileNotFoundError):
         D.read_labels(str(out))
     assert D.read_labels(str(out), require_complete=False).num_rows == 2 * ROWS_PER_SHARD
-    # make it worse: the unmarked shard torn in half (a non-atomic store), a temp file left behind
-    data = (out / D.SHARDS / torn).read_bytes()
-    (out / D.SHARDS / torn).write_bytes(data[: len(data) // 2])
+    # make it worse: a part of the unmarked shard torn in half (a non-atomic store), a stray part
+    # that no run of this plan would write, temporary files left behind
+    torn = sorted((out / D.SHARDS / D.shard_name(torn_shard)).iterdir())[0]
+    data = torn.read_bytes()
+    torn.write_bytes(data[: len(data) // 2])
+    (torn.parent / D.part_name(torn_shard * ROWS_PER_SHARD + 1, 3)).write_bytes(data)
     (out / D.SHARDS / ".tmp-deadbeef").write_bytes(b"partial")
+    (torn.parent / ".tmp-cafe").write_bytes(b"partial")
 
     summary = run(cfg)
     assert summary["shards_skipped"] == 2 and summary["shards_written"] == 3
     assert summary["counts"]["labelled"] == N_IMAGES
-    assert not (out / D.SHARDS / ".tmp-deadbeef").exists()
+    assert not (out / D.SHARDS / ".tmp-deadbeef").exists() and not (torn.parent / ".tmp-cafe").exists()
+    markers = ldir.markers()
+    assert sorted(rel for k, m in markers.items() for rel, _ in D.shard_files(k, m)) == ldir.list_tree(D.SHARDS)
     _assert_same_labels(_by_id(out), _by_id(ref_out))
     assert D.read_labels(str(out))["image_id"].to_pylist() == [f"world_{i:06d}" for i in range(N_IMAGES)]
+
+
+def test_the_driver_gets_counts_and_error_rows_only_and_the_rows_are_the_labelers(ray_local, world300, tmp_path,
+                                                                                  monkeypatch):
+    """What the pipeline yields to the driver holds no label array (part records: counts, file
+    names, error rows); the dataset written by the workers is row for row what the labeler gives
+    for each image, called directly without Ray, in manifest order, as the driver wrote it before."""
+    from sea_ray.data.images import split_transform
+    from sea_ray.labels import job
+    from sea_ray.labels.pipeline import RECORD_SCHEMA, LabelActor, decode_batch
+
+    rows = json.loads((world300 / "all.json").read_text())[:150]
+    rows.insert(70, {"id": "gone", "image": "no_such_image.png", "conversations": rows[0]["conversations"]})
+    manifest = tmp_path / "m.json"
+    manifest.write_text(json.dumps(rows))
+    out = tmp_path / "labels"
+    cfg = _cfg(manifest, out, world300 / "images", compute={"decode_batch_size": 24})  # batches cross shards
+    received = []
+    add = job._ShardWriter.add
+    monkeypatch.setattr(job._ShardWriter, "add", lambda self, batch: received.append(batch) or add(self, batch))
+    summary = run(cfg)
+    assert summary["counts"]["labelled"] == 150 and summary["counts"]["errors_by_stage"] == {"manifest": 0, "read": 1}
+
+    assert received and all(batch.schema.equals(RECORD_SCHEMA) for batch in received)
+    records = [rec for batch in received for rec in batch.to_pylist()]
+    assert sum(rec["rows"] for rec in records) == 151 and sum(rec["labelled"] for rec in records) == 150
+    assert [(e, r) for rec in records for e, r in zip(rec["error_id"], rec["error_row"])] == [("gone", 70)]
+    assert summary["driver_received_bytes"] == sum(batch.nbytes for batch in received) < 100 * len(rows)
+    [error] = D.read_errors(str(out)).to_pylist()
+    assert error["image"] == "no_such_image.png" and error["stage"] == "read"
+
+    # the reference: the decode and label stages called in this process, every valid row in order
+    p = job.plan(cfg)
+    pil_part, tensor_part = split_transform(p.transform)
+    block = job._input_blocks(p, list(range(len(p.shards))), len(p.rows))[0]
+    decoded = decode_batch(block, pil_part, None, p.image_size, max_pixels=cfg.data.max_image_pixels)
+    actor = LabelActor(cfg.model.vision, cfg.data.image_aspect, cfg.labeler, p.vocab.words, seed=cfg.seed,
+                       device="cpu", torch_threads=1, tensor_part=tensor_part)
+    expected = actor(decoded)
+    good = np.flatnonzero(expected["ok"])
+    table = D.read_labels(str(out))
+    assert table["image_id"].to_pylist() == [str(expected["image_id"][i]) for i in good]
+    width = 64 * TOP_N
+    ids = np.asarray(table["label_ids"].combine_chunks().flatten()).reshape(-1, width)
+    scores = np.asarray(table["label_scores"].combine_chunks().flatten()).reshape(-1, width)
+    assert np.array_equal(ids, expected["label_ids"][good])
+    assert np.allclose(scores.astype(np.float32), expected["label_scores"][good].astype(np.float32), atol=2e-3)
 
 
 def test_bucket_input_and_output(reference, world300, s3_bucket, s3_server):
@@ -243,7 +305,7 @@ def test_every_bad_input_is_skipped_with_its_reason_through_the_cli(ray_local, w
     assert meta["counts"]["manifest_rows"] == len(lines)
 
 
-def test_bench_dry_run_prints_the_four_result_lines(ray_local, tmp_path, capsys):
+def test_bench_dry_run_prints_the_driver_memory_and_the_four_result_lines(ray_local, tmp_path, capsys):
     import importlib.util
     from pathlib import Path
 
@@ -252,8 +314,14 @@ def test_bench_dry_run_prints_the_four_result_lines(ray_local, tmp_path, capsys)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     result = bench.main(["--dry-run", "--workdir", str(tmp_path)])
-    lines = capsys.readouterr().out.strip().splitlines()[-4:]
+    printed = capsys.readouterr().out.strip().splitlines()
+    rss, lines = printed[-7:-4], printed[-4:]
     assert [line.split(":")[0] for line in lines] == ["labeler_alone_img_s", "end_to_end_img_s", "ratio",
                                                      "bytes_per_image"]
+    # the driver's memory at 32 and 64 images, each in its own driver process
+    assert [line.split(":")[0] for line in rss] == ["driver_peak_rss_mb_32", "driver_peak_rss_mb_64",
+                                                   "driver_peak_rss_ratio"]
+    assert float(rss[2].split(": ")[1]) == pytest.approx(result["driver_peak_rss_ratio"], abs=1e-3)
+    assert all(mb > 0 for mb in result["driver_peak_rss_mb"].values())
     assert float(lines[2].split(": ")[1]) == pytest.approx(result["ratio"], abs=1e-3) and result["ratio"] > 0
     assert result["bytes_per_image"] == 64 * 64 * 3  # uint8 pixels of the tiny tower's 64 px input

@@ -337,6 +337,72 @@ def test_decode_and_label_stages_called_directly(tmp_path):
     assert np.array_equal(labelled["label_ids"][0], labelled["label_ids"][3])
 
 
+def test_the_write_stage_writes_runs_of_one_shard_and_returns_no_labels(tmp_path):
+    """A batch as Ray Data may bundle it: two shards, blocks out of order, an error row. Each run of
+    consecutive rows of one shard becomes one part (named by its first row and rows, its rows in
+    order); the records hold counts and error rows, no label."""
+    from sea_ray.labels import dataset as D
+    from sea_ray.labels.pipeline import RECORD_SCHEMA, write_parts
+
+    grid, top_n = (2, 2), 3
+    # seq 4..5 (shard 1), then 0..3 (shard 0: rows 0-3, row 2 an error), then 7 (shard 1, after a gap)
+    seq = np.array([4, 5, 0, 1, 2, 3, 7])
+    batch = {"seq": seq, "row": seq + 10, "shard": np.array([1, 1, 0, 0, 0, 0, 1], np.int32),
+             "image_id": np.array([f"i{s}" for s in seq], dtype=object),
+             "ok": np.array([True, True, True, True, False, True, True]),
+             "stage": np.array(["", "", "", "", "read", "", ""], dtype=object),
+             "reason": np.array(["", "", "", "", "missing file", "", ""], dtype=object),
+             "label_ids": np.repeat(seq[:, None], 12, axis=1).astype(np.int32),
+             "label_scores": np.full((7, 12), 0.5, np.float16)}
+    records = write_parts(batch, str(tmp_path), grid, top_n)
+    assert records.schema.equals(RECORD_SCHEMA)
+    assert records.to_pylist() == [
+        {"shard": 0, "first_row": 10, "rows": 4, "part": D.part_name(10, 3), "labelled": 3, "error_row": [12],
+         "error_id": ["i2"], "error_stage": ["read"], "error_reason": ["missing file"]},
+        {"shard": 1, "first_row": 14, "rows": 2, "part": D.part_name(14, 2), "labelled": 2, "error_row": [],
+         "error_id": [], "error_stage": [], "error_reason": []},
+        {"shard": 1, "first_row": 17, "rows": 1, "part": D.part_name(17, 1), "labelled": 1, "error_row": [],
+         "error_id": [], "error_stage": [], "error_reason": []}]
+    ldir = D.LabelsDir(str(tmp_path))
+    assert ldir.list_tree(D.SHARDS) == ["shards/shard-00000/" + D.part_name(10, 3),
+                                        "shards/shard-00001/" + D.part_name(14, 2),
+                                        "shards/shard-00001/" + D.part_name(17, 1)]
+    part = ldir.read_table("shards/shard-00000/" + D.part_name(10, 3))
+    assert part["image_id"].to_pylist() == ["i0", "i1", "i3"]
+    assert [row[0] for row in part["label_ids"].to_pylist()] == [0, 1, 3]
+
+
+def test_only_the_files_a_marker_names_are_read_and_the_single_file_layout_still_reads(tmp_path):
+    """A dataset written in parts (write_labels), and one of the layout before parts (a marker
+    without ``parts`` naming shards/shard-K.parquet) read alike; a part that no marker names is never
+    read, and a marked shard whose part is missing is not complete."""
+    from sea_ray.labels import dataset as D
+
+    n, grid, top_n = 6, (2, 2), 3
+    table = D.labels_table([f"i{k}" for k in range(n)], grid, top_n, np.arange(n * 12).reshape(n, 12) % 7,
+                           np.full((n, 12), 0.25, np.float16))
+    parts = tmp_path / "parts"
+    D.write_labels(str(parts), table, {"grid": list(grid)}, rows_per_shard=4)
+    old = tmp_path / "old"
+    for k, start in enumerate((0, 4)):
+        ldir = D.LabelsDir(str(old))
+        ldir.write_table(f"shards/{D.shard_name(k)}.parquet", table.slice(start, 4))
+        ldir.write_errors(k, D.errors_table([]))
+        ldir.write_marker(k, {"shard": k, "rows": min(4, n - start), "labelled": min(4, n - start), "errors": 0})
+    (old / "_SUCCESS").write_text("")
+    for uri in (parts, old):
+        assert D.read_labels(str(uri)).equals(table)
+        assert [rows for _, rows in D.completed_shard_rows(str(uri))] == [4, 2]
+    assert [uri.rsplit("/", 2)[1:] for uri, _ in D.completed_shard_rows(str(parts))] == [
+        ["shard-00000", D.part_name(0, 4)], ["shard-00001", D.part_name(4, 2)]]
+    # a stray part beside the listed one is never read; a listed part gone makes its shard incomplete
+    (parts / D.SHARDS / "shard-00001" / D.part_name(5, 1)).write_bytes(b"not parquet")
+    assert D.read_labels(str(parts)).equals(table)
+    (parts / D.SHARDS / "shard-00000" / D.part_name(0, 4)).unlink()
+    assert D.LabelsDir(str(parts)).completed_shards() == {1}
+    assert D.LabelsDir(str(parts)).remove_shard_files([1]) == 2 and D.LabelsDir(str(parts)).list_tree(D.SHARDS) == []
+
+
 # --------------------------------------------------------------------------- audit (in-process)
 
 

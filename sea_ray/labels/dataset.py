@@ -30,6 +30,13 @@ def shard_name(index: int) -> str:
     return f"shard-{index:05d}"
 
 
+def part_name(first_row: int, rows: int) -> str:
+    """A shard part's file name: its first manifest row and its row count. Parts of one shard hold
+    disjoint runs of its rows, so the name says what the file holds, and a task that is retried
+    writes the same name with the same rows."""
+    return f"part-{first_row:010d}-{rows}.parquet"
+
+
 def _shard_index(name: str) -> Optional[int]:
     stem = name.rsplit(".", 1)[0]
     if stem.startswith("shard-") and stem[6:].isdigit():
@@ -84,46 +91,84 @@ class LabelsDir:
         return sorted(posixpath.basename(i.path) for i in self.fs.get_file_info(selector)
                       if i.type == pafs.FileType.File)
 
+    def list_tree(self, rel_dir: str) -> list[str]:
+        """Paths (relative to the dataset) of every file under ``rel_dir``, sub-folders included,
+        from one listing (empty when it does not exist)."""
+        import pyarrow.fs as pafs
+
+        selector = pafs.FileSelector(self.path(rel_dir), allow_not_found=True, recursive=True)
+        return sorted(posixpath.relpath(i.path, self.root) for i in self.fs.get_file_info(selector)
+                      if i.type == pafs.FileType.File)
+
     def clean_temporaries(self) -> int:
         """Remove half-written temporaries a killed run left behind (local only); returns how many."""
         removed = 0
         if self.local:
-            for sub in (SHARDS, ERRORS, MARKERS, ""):
-                for name in self.list(sub):
-                    if name.startswith(_TMP_PREFIX):
-                        self.fs.delete_file(self.path(sub, name))
-                        removed += 1
+            rels = self.list_tree(SHARDS) + [posixpath.join(sub, n) for sub in (ERRORS, MARKERS, "")
+                                             for n in self.list(sub)]
+            for rel in rels:
+                if posixpath.basename(rel).startswith(_TMP_PREFIX):
+                    self.fs.delete_file(self.path(rel))
+                    removed += 1
         return removed
 
     # ------------------------------------------------------------------ shards
 
     def completed_shards(self) -> set[int]:
-        """Shards whose marker and Parquet file both exist."""
-        marked = {_shard_index(n) for n in self.list(MARKERS) if n.endswith(".json")}
-        files = {_shard_index(n) for n in self.list(SHARDS) if n.endswith(".parquet")}
-        return {i for i in marked & files if i is not None}
+        """Shards whose marker and every data file it names exist."""
+        return set(self.markers())
 
     def markers(self) -> dict[int, dict]:
-        return {i: self.read_json(posixpath.join(MARKERS, shard_name(i) + ".json"))
-                for i in sorted(self.completed_shards())}
+        """The markers of the completed shards (:meth:`completed_shards`), by shard index."""
+        marked = sorted(i for i in (_shard_index(n) for n in self.list(MARKERS) if n.endswith(".json"))
+                        if i is not None)
+        if not marked:
+            return {}
+        stored = set(self.list_tree(SHARDS))
+        found = {}
+        for i in marked:
+            marker = self.read_json(posixpath.join(MARKERS, shard_name(i) + ".json"))
+            if all(rel in stored for rel, _ in shard_files(i, marker)):
+                found[i] = marker
+        return found
 
     def write_table(self, rel: str, table: pa.Table) -> None:
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")
         self.write_bytes(rel, buf.getvalue())
 
-    def write_shard(self, index: int, labels: pa.Table, errors: pa.Table) -> None:
-        """The shard's Parquet and errors files (its marker is written separately, last)."""
-        name = shard_name(index)
-        self.write_table(posixpath.join(SHARDS, name + ".parquet"), labels)
-        self.write_table(posixpath.join(ERRORS, name + ".parquet"), errors)
+    def write_part(self, index: int, first_row: int, labels: pa.Table) -> str:
+        """One part of shard ``index`` (a run of its rows, from manifest row ``first_row``), written
+        whole; returns its file name, for the marker. Called by the pipeline's write tasks."""
+        name = part_name(first_row, labels.num_rows)
+        self.write_table(posixpath.join(SHARDS, shard_name(index), name), labels)
+        return name
+
+    def write_errors(self, index: int, errors: pa.Table) -> None:
+        """The errors file of shard ``index`` (written before its marker)."""
+        self.write_table(posixpath.join(ERRORS, shard_name(index) + ".parquet"), errors)
 
     def write_marker(self, index: int, marker: dict) -> None:
+        """The shard's marker, written after its parts and errors file: ``parts`` lists the part
+        files (``{"file", "rows"}``) in row order; only those are the shard's rows."""
         self.write_json(posixpath.join(MARKERS, shard_name(index) + ".json"), marker)
 
     def delete_marker(self, index: int) -> None:
         """Make a shard pending again (its files are rewritten by the next run)."""
         self.delete(posixpath.join(MARKERS, shard_name(index) + ".json"))
+
+    def remove_shard_files(self, indices) -> int:
+        """Delete the data files of the shards ``indices`` (pending ones: no marker), whatever an
+        earlier run left of them (parts, a torn file, a single-file shard of the old layout), from
+        one listing; returns how many. Call it after deleting their markers."""
+        indices = set(indices)
+        removed = 0
+        for rel in self.list_tree(SHARDS):
+            top = rel.split("/")[1] if rel.count("/") >= 1 else ""
+            if _shard_index(top) in indices:
+                self.fs.delete_file(self.path(rel))
+                removed += 1
+        return removed
 
     # ------------------------------------------------------------------ state
 
@@ -165,6 +210,15 @@ class LabelsDir:
         return pq.read_table(io.BytesIO(self.read_bytes(rel)), use_threads=False)
 
 
+def shard_files(index: int, marker: dict) -> list[tuple[str, int]]:
+    """``(path relative to the dataset, rows)`` of the data files of shard ``index`` in row order,
+    as its marker names them: the parts it lists, or for a marker without ``parts`` (written before
+    shards were written in parts) the one file ``shards/shard-K.parquet``."""
+    if "parts" not in marker:
+        return [(posixpath.join(SHARDS, shard_name(index) + ".parquet"), int(marker["labelled"]))]
+    return [(posixpath.join(SHARDS, shard_name(index), p["file"]), int(p["rows"])) for p in marker["parts"]]
+
+
 def labels_table(image_ids: list[str], grid: tuple[int, int], top_n: int, ids: np.ndarray,
                  scores: np.ndarray) -> pa.Table:
     """A LABELS_SCHEMA table from ``ids [N, P * top_n]`` int32 and ``scores [N, P * top_n]`` float16."""
@@ -196,7 +250,7 @@ def read_labels(uri: str, require_complete: bool = True) -> pa.Table:
     why = out.incomplete() if require_complete else None
     if why:
         raise FileNotFoundError(why)
-    tables = [out.read_table(posixpath.join(SHARDS, shard_name(i) + ".parquet")) for i in sorted(out.completed_shards())]
+    tables = [out.read_table(rel) for i, m in out.markers().items() for rel, _ in shard_files(i, m)]
     if not tables:
         return LABELS_SCHEMA.empty_table()
     return pa.concat_tables(tables)
@@ -214,21 +268,23 @@ def read_errors(uri: str) -> pa.Table:
 
 
 def completed_shard_rows(uri: str) -> list[tuple[str, int]]:
-    """``(URI, rows)`` of every completed shard file in shard order (rows from its marker)."""
+    """``(URI, rows)`` of every data file of the completed shards, in shard and row order (rows
+    from the markers)."""
     out = LabelsDir(uri)
-    return [(storage.join(out.uri, SHARDS, shard_name(i) + ".parquet"), int(m["labelled"]))
-            for i, m in out.markers().items()]
+    return [(storage.join(out.uri, rel), rows) for i, m in out.markers().items() for rel, rows in shard_files(i, m)]
 
 
 def write_labels(uri: str, labels: pa.Table, meta: dict, rows_per_shard: int = 0, **marker) -> None:
     """A complete labels dataset from an in-memory table (oracle labels, a held-out copy): shards
-    of ``rows_per_shard`` rows (0: one shard), each with an empty errors file and its marker
-    (``marker`` adds fields to it), then ``_meta.json`` and ``_SUCCESS``."""
+    of ``rows_per_shard`` rows (0: one shard), each one part with an empty errors file and its
+    marker (``marker`` adds fields to it), then ``_meta.json`` and ``_SUCCESS``."""
     out = LabelsDir(uri)
     size = rows_per_shard or max(1, labels.num_rows)
     for k, start in enumerate(range(0, max(1, labels.num_rows), size)):
         shard = labels.slice(start, size)
-        out.write_shard(k, shard, errors_table([]))
-        out.write_marker(k, {"shard": k, "rows": shard.num_rows, "labelled": shard.num_rows, "errors": 0, **marker})
+        part = out.write_part(k, start, shard)
+        out.write_errors(k, errors_table([]))
+        out.write_marker(k, {"shard": k, "rows": shard.num_rows, "labelled": shard.num_rows, "errors": 0,
+                             "parts": [{"file": part, "rows": shard.num_rows}], **marker})
     out.write_json(META_FILE, meta)
     storage.mark_complete(uri)

@@ -20,10 +20,12 @@ Recipe (top to bottom in :func:`run`):
 3. **pipeline** over the pending rows: ``from_arrow`` -> ``map_batches(decode_batch)`` (CPU tasks:
    read, decode, the tower's geometry: resize + crop, or pad + resize) ->
    ``map_batches(LabelActor, compute=ActorPoolStrategy)`` (the labeler; ``num_gpus`` per actor,
-   or CPUs) -> ``iter_batches`` back on the driver.
-4. **write** each shard as soon as all its rows arrived: Parquet (``LABELS_SCHEMA``), its errors
-   (``ERRORS_SCHEMA``), then its marker. A kill at any point loses at most the shards without a
-   marker, which the next run rewrites under the same names: no id is ever duplicated or lost.
+   or CPUs) -> ``map_batches(write_parts)`` (tasks: each run of one shard's rows written straight
+   to the output as a Parquet part, ``shards/shard-K/part-*.parquet``) -> ``iter_batches`` of the
+   part records back on the driver: counts, file names and error rows, never a label.
+4. **mark** each shard as soon as all its rows are in: its errors (``ERRORS_SCHEMA``), then its
+   marker, which lists its parts. A kill at any point loses at most the shards without a marker,
+   whose files the next run deletes and writes anew: no id is ever duplicated or lost.
 5. **finish:** judge the error budget over the whole dataset (malformed manifest rows plus every
    shard's error rows, against ``data.max_error_fraction`` of the manifest's rows; a dataset with
    no labelled row always fails): over it, the job raises
@@ -43,8 +45,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional
 
-import numpy as np
-
 from sea_ray import storage
 from sea_ray.config.loading import to_dict
 from sea_ray.config.schema import LabelsConfig
@@ -52,7 +52,7 @@ from sea_ray.data import budget
 from sea_ray.data.manifest import image_root_for, read_manifest
 from sea_ray.errors import ConfigError, DataError, SeaRayError, TooManyErrors
 from sea_ray.labels import dataset as D
-from sea_ray.labels.pipeline import LabelActor, decode_batch
+from sea_ray.labels.pipeline import LabelActor, decode_batch, write_parts
 from sea_ray.labels.schema import META_KEYS, SCHEMA_VERSION
 from sea_ray.labels.vocab import Vocab, build_vocab, captions_of
 from sea_ray.runtime import init_ray
@@ -196,12 +196,15 @@ def _input_blocks(p: Plan, pending: list[int], block_rows: int):
     import pyarrow as pa
 
     rows = [(k, r) for k in pending for r in p.shards[k]]
+    size = len(p.shards[0]) if p.shards else 0  # every shard but the last is full
+    seq = [k * size + j for k in pending for j in range(len(p.shards[k]))]  # position among the valid rows
     block_rows = max(block_rows, math.ceil(len(rows) / _MAX_BLOCKS))
     blocks = []
     for i in range(0, len(rows), block_rows):
         chunk = rows[i:i + block_rows]
         blocks.append(pa.table({
             "row": pa.array([r["row"] for _, r in chunk], pa.int64()),
+            "seq": pa.array(seq[i:i + block_rows], pa.int64()),
             "shard": pa.array([k for k, _ in chunk], pa.int32()),
             "image_id": pa.array([r["id"] for _, r in chunk], pa.string()),
             "uri": pa.array([storage.resolve_image(r.get("image"), p.image_root) for _, r in chunk],
@@ -232,7 +235,8 @@ def _resources(ray, cfg: LabelsConfig) -> tuple[float, str]:
 
 
 class _ShardWriter:
-    """Collects the pipeline's rows per shard and writes each shard once it is whole."""
+    """On the driver: collects the write stage's part records (counts and error rows, no labels)
+    per shard, and once every row of a shard is in, writes its errors file and then its marker."""
 
     def __init__(self, out: D.LabelsDir, p: Plan, pending: list[int], stop_after: Optional[int],
                  prior_errors: int = 0):
@@ -240,51 +244,55 @@ class _ShardWriter:
         self.prior_errors = prior_errors  # manifest errors + those of the shards kept from earlier runs
         self.expected = {k: len(p.shards[k]) for k in pending}
         self.image_of = {r["row"]: r.get("image") for k in pending for r in p.shards[k]}
-        self.got: dict[int, dict[int, tuple]] = {k: {} for k in pending}
+        self.got: dict[int, list[dict]] = {k: [] for k in pending}
+        self.rows: dict[int, int] = {k: 0 for k in pending}
         self.written = 0
         self.stop_after = stop_after
         self.labelled = 0
         self.errors = 0
+        self.received_bytes = 0  # what the driver got from the pipeline
         self.first_batch_s: Optional[float] = None  # pipeline start-up: until the first labelled batch
 
-    def add(self, batch: dict) -> int:
-        n = len(batch["row"])
-        for i in range(n):
-            k = int(batch["shard"][i])
-            bucket = self.got.get(k)
-            if bucket is None:
-                raise DataError(f"the pipeline returned row {int(batch['row'][i])} of shard {k}, which is not pending")
-            bucket[int(batch["row"][i])] = (str(batch["image_id"][i]), bool(batch["ok"][i]), str(batch["stage"][i]),
-                                            str(batch["reason"][i]), batch["label_ids"][i], batch["label_scores"][i])
-            if len(bucket) == self.expected[k]:
+    def add(self, batch) -> int:
+        """One batch of part records (a pyarrow table of ``RECORD_SCHEMA``); returns its rows."""
+        self.received_bytes += batch.nbytes
+        n = 0
+        for rec in batch.to_pylist():
+            k = rec["shard"]
+            if k not in self.got:
+                raise DataError(f"the pipeline returned rows of shard {k}, which is not pending")
+            self.got[k].append(rec)
+            self.rows[k] += rec["rows"]
+            n += rec["rows"]
+            if self.rows[k] > self.expected[k]:
+                raise DataError(f"the pipeline returned {self.rows[k]} rows of shard {k}, which has {self.expected[k]}")
+            if self.rows[k] == self.expected[k]:
                 self._flush(k)
         return n
 
     def _flush(self, k: int) -> None:
-        bucket = self.got.pop(k)
-        rows = sorted(bucket)
-        good = [r for r in rows if bucket[r][1]]
-        bad = [r for r in rows if not bucket[r][1]]
-        width = self.p.grid[0] * self.p.grid[1] * self.p.cfg.labeler.top_n
-        ids = np.stack([bucket[r][4] for r in good]) if good else np.zeros((0, width), np.int32)
-        scores = np.stack([bucket[r][5] for r in good]) if good else np.zeros((0, width), np.float16)
-        labels = D.labels_table([bucket[r][0] for r in good], self.p.grid, self.p.cfg.labeler.top_n, ids, scores)
-        errors = D.errors_table([{"row": r, "image_id": bucket[r][0], "image": self.image_of.get(r),
-                                  "stage": bucket[r][2] or "label", "reason": bucket[r][3]} for r in bad])
-        self.out.write_shard(k, labels, errors)
+        records = sorted(self.got.pop(k), key=lambda rec: rec["first_row"])
+        del self.rows[k]
+        parts = [{"file": rec["part"], "rows": rec["labelled"]} for rec in records if rec["part"]]
+        labelled = sum(part["rows"] for part in parts)
+        bad = sorted((r, i, s, why) for rec in records for r, i, s, why in
+                     zip(rec["error_row"], rec["error_id"], rec["error_stage"], rec["error_reason"]))
+        self.out.write_errors(k, D.errors_table([{"row": r, "image_id": i, "image": self.image_of.get(r),
+                                                  "stage": s, "reason": why} for r, i, s, why in bad]))
         if self.stop_after is not None and self.written >= self.stop_after:
             raise LabelsInterrupted(f"stopped after {self.written} shard(s), shard {k} written without its marker")
         shard_ids = [r["id"] for r in self.p.shards[k]]
         self.out.write_marker(k, {
-            "shard": k, "rows": len(rows), "labelled": len(good), "errors": len(bad),
-            "errors_by_stage": dict(Counter(bucket[r][2] or "label" for r in bad)),
+            "shard": k, "rows": self.expected[k], "labelled": labelled, "errors": len(bad),
+            "errors_by_stage": dict(Counter(s for _, _, s, _ in bad)), "parts": parts,
             "first_row": self.p.shards[k][0]["row"] if shard_ids else None,
             "last_row": self.p.shards[k][-1]["row"] if shard_ids else None,
             "ids_sha256": hashlib.sha256("\n".join(shard_ids).encode("utf-8")).hexdigest()})
         self.written += 1
-        self.labelled += len(good)
+        self.labelled += labelled
         self.errors += len(bad)
-        log.info("shard %s written: %d labelled, %d error(s)", D.shard_name(k), len(good), len(bad))
+        log.info("shard %s written: %d labelled in %d part(s), %d error(s)", D.shard_name(k), labelled, len(parts),
+                 len(bad))
         if self.got and budget.over_budget(self.prior_errors + self.errors, self.p.manifest_rows,
                                            self.p.cfg.data.max_error_fraction):  # shards left: stop early
             raise _OverBudget(f"{self.prior_errors + self.errors} error rows after shard {k}")
@@ -303,9 +311,10 @@ def _progress(total: int):
                 mininterval=1.0)
 
 
-def _stream(p: Plan, pending: list[int], out: D.LabelsDir, stop_after: Optional[int], gpus: float,
-            device: str, prior_errors: int = 0) -> _ShardWriter:
-    """Steps 3 and 4: the Ray Data pipeline over the pending shards, written as they complete."""
+def _dataset(p: Plan, pending: list[int], out: D.LabelsDir, gpus: float, device: str):
+    """Step 3: the Ray Data pipeline over the pending shards. Its rows are part records
+    (:data:`~sea_ray.labels.pipeline.RECORD_SCHEMA`): the labels themselves are written by its
+    last stage and never reach the driver."""
     import ray.data
 
     from sea_ray.data.images import split_transform
@@ -315,6 +324,36 @@ def _stream(p: Plan, pending: list[int], out: D.LabelsDir, stop_after: Optional[
     pil_part, tensor_part = split_transform(p.transform)
     decode_bs = comp.decode_batch_size or cfg.labeler.batch_size
     threads = comp.torch_threads or max(1, round(comp.cpus_per_actor))
+    ds = ray.data.from_arrow(_input_blocks(p, pending, decode_bs))
+    ds = ds.map_batches(decode_batch, batch_size=decode_bs, batch_format="pyarrow",
+                        num_cpus=comp.cpus_per_decode_task,
+                        # max_calls=0 is Ray's default (unlimited) for tasks; stating it makes the
+                        # remote args differ from the actors', which keeps Ray Data from fusing the
+                        # decode tasks into the actors (fused, decoding would stall labeling).
+                        max_calls=0,
+                        fn_kwargs={"pil_part": pil_part, "image_size": p.image_size,
+                                   "tensor_part": tensor_part if comp.ship == "float32" else None,
+                                   "ship": comp.ship, "max_pixels": cfg.data.max_image_pixels})
+    ds = ds.map_batches(LabelActor, batch_size=cfg.labeler.batch_size, batch_format="numpy",
+                        compute=ray.data.ActorPoolStrategy(size=comp.num_actors),
+                        num_cpus=comp.cpus_per_actor, num_gpus=gpus,
+                        fn_constructor_kwargs={"vision_cfg": cfg.model.vision,
+                                               "image_aspect": cfg.data.image_aspect, "labeler_cfg": cfg.labeler,
+                                               "words": p.vocab.words, "seed": cfg.seed, "device": device,
+                                               "torch_threads": threads, "tensor_part": tensor_part,
+                                               "ship": comp.ship})
+    # the write tasks: each actor output block as it is (batch_size=None), written straight to the
+    # output. I/O-bound: they reserve no CPU (so they never wait behind the decode tasks for one)
+    # and at most two per actor run at a time.
+    return ds.map_batches(write_parts, batch_size=None, batch_format="numpy", num_cpus=0,
+                          compute=ray.data.TaskPoolStrategy(size=2 * comp.num_actors),
+                          fn_kwargs={"output": out.uri, "grid": tuple(p.grid), "top_n": cfg.labeler.top_n})
+
+
+def _stream(p: Plan, pending: list[int], out: D.LabelsDir, stop_after: Optional[int], gpus: float,
+            device: str, prior_errors: int = 0) -> _ShardWriter:
+    """Steps 3 and 4: the pipeline over the pending shards; each shard marked as it completes."""
+    import ray.data
 
     writer = _ShardWriter(out, p, pending, stop_after, prior_errors)
     total = sum(writer.expected.values())
@@ -325,26 +364,9 @@ def _stream(p: Plan, pending: list[int], out: D.LabelsDir, stop_after: Optional[
     iterator = None
     started = time.time()
     try:
-        ds = ray.data.from_arrow(_input_blocks(p, pending, decode_bs))
-        ds = ds.map_batches(decode_batch, batch_size=decode_bs, batch_format="pyarrow",
-                            num_cpus=comp.cpus_per_decode_task,
-                            # max_calls=0 is Ray's default (unlimited) for tasks; stating it makes the
-                            # remote args differ from the actors', which keeps Ray Data from fusing the
-                            # decode tasks into the actors (fused, decoding would stall labeling).
-                            max_calls=0,
-                            fn_kwargs={"pil_part": pil_part, "image_size": p.image_size,
-                                       "tensor_part": tensor_part if comp.ship == "float32" else None,
-                                       "ship": comp.ship, "max_pixels": cfg.data.max_image_pixels})
-        ds = ds.map_batches(LabelActor, batch_size=cfg.labeler.batch_size, batch_format="numpy",
-                            compute=ray.data.ActorPoolStrategy(size=comp.num_actors),
-                            num_cpus=comp.cpus_per_actor, num_gpus=gpus,
-                            fn_constructor_kwargs={"vision_cfg": cfg.model.vision,
-                                                   "image_aspect": cfg.data.image_aspect, "labeler_cfg": cfg.labeler,
-                                                   "words": p.vocab.words, "seed": cfg.seed, "device": device,
-                                                   "torch_threads": threads, "tensor_part": tensor_part,
-                                                   "ship": comp.ship})
+        ds = _dataset(p, pending, out, gpus, device)
         # an explicit generator, so that close() below stops the executor at once on any exit
-        iterator = iter(ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1))
+        iterator = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1))
         for batch in iterator:
             if writer.first_batch_s is None:
                 writer.first_batch_s = time.time() - started
@@ -434,6 +456,7 @@ def run(cfg: LabelsConfig, *, stop_after_shards: Optional[int] = None) -> dict:
         out.delete(D.META_FILE)
         for k in sorted(retry):
             out.delete_marker(k)
+        out.remove_shard_files(pending)  # what earlier runs left of them: the pipeline writes them anew
         prior = len(p.manifest_errors) + sum(m["errors"] for k, m in markers.items() if k not in retry)
         try:
             writer = _stream(p, pending, out, stop_after_shards, gpus, device, prior)
@@ -459,4 +482,5 @@ def run(cfg: LabelsConfig, *, stop_after_shards: Optional[int] = None) -> dict:
             "grid": list(p.grid), "shards_skipped": len(p.shards) - len(pending), "shards_redone": len(retry),
             "shards_written": writer.written if writer else 0, "images_processed": processed,
             "seconds": round(seconds, 2), "img_per_s": round(processed / seconds, 2) if processed else None,
-            "first_batch_s": round(writer.first_batch_s, 2) if writer and writer.first_batch_s else None}
+            "first_batch_s": round(writer.first_batch_s, 2) if writer and writer.first_batch_s else None,
+            "driver_received_bytes": writer.received_bytes if writer else 0}

@@ -1,6 +1,7 @@
-"""The two Ray Data stages of the labels job: read + decode (CPU tasks) and label (actor pool).
+"""The three Ray Data stages of the labels job: read + decode (CPU tasks), label (actor pool) and
+write (tasks).
 
-Both are plain callables, usable without Ray (the tests call them directly):
+All are plain callables, usable without Ray (the tests call them directly):
 
 - :func:`decode_batch` reads each row's image (``image_bytes``, or the file at its resolved URI,
   local or ``s3://``, with :func:`sea_ray.storage.read_many`), decodes it with
@@ -14,6 +15,15 @@ Both are plain callables, usable without Ray (the tests call them directly):
   random-init tower), the :class:`~sea_ray.labels.labeler.PatchLabeler` (text embeddings once per
   actor), and labels the ``ok`` rows. Pixels are not sent back: its output is the row key,
   ``ok/stage/reason`` and flat ``label_ids`` / ``label_scores`` of ``P * top_n`` values.
+- :func:`write_parts` writes the labelled rows of a batch straight to the output, one Parquet part
+  per run of consecutive rows of one shard (``LabelsDir.write_part``), and returns only a record
+  per part (:data:`RECORD_SCHEMA`: shard, rows, the part's file name, counts, the error rows):
+  the label arrays never leave the workers, the driver marks each shard once all its rows are in.
+
+Each row carries ``seq``, its position among the manifest's valid rows, through the stages: a
+batch may hold rows of several shards, in any order (Ray Data bundles blocks as they come), and
+the write stage cuts it into runs of consecutive ``seq``, so the parts of a shard, in the order of
+their first rows, hold its rows in manifest order.
 """
 
 from __future__ import annotations
@@ -22,12 +32,27 @@ import logging
 from typing import Optional
 
 import numpy as np
+import pyarrow as pa
 
 from sea_ray import storage
+from sea_ray.labels.dataset import LabelsDir, labels_table
 
 log = logging.getLogger(__name__)
 
-PASS_THROUGH = ("row", "shard", "image_id")
+PASS_THROUGH = ("row", "seq", "shard", "image_id")
+
+# What the write stage returns to the driver: one row per part (a run of one shard's rows).
+RECORD_SCHEMA = pa.schema([
+    pa.field("shard", pa.int32()),
+    pa.field("first_row", pa.int64()),           # the run's first manifest row
+    pa.field("rows", pa.int64()),                # rows of the run: labelled + errors
+    pa.field("part", pa.string()),               # the part file written, null when no row was labelled
+    pa.field("labelled", pa.int64()),            # rows in the part file
+    pa.field("error_row", pa.list_(pa.int64())),  # the run's error rows: manifest row, id, stage, reason
+    pa.field("error_id", pa.list_(pa.string())),
+    pa.field("error_stage", pa.list_(pa.string())),
+    pa.field("error_reason", pa.list_(pa.string())),
+])
 
 
 def decode_batch(batch, pil_part, tensor_part, image_size: int, ship: str = "uint8",
@@ -74,6 +99,8 @@ def decode_batch(batch, pil_part, tensor_part, image_size: int, ship: str = "uin
             stage[i], reason[i] = "decode", f"transform failed ({type(exc).__name__}: {exc})"
     out = {"row": np.asarray(cols["row"], dtype=np.int64), "shard": np.asarray(cols["shard"], dtype=np.int32),
            "image_id": np.asarray(cols["image_id"], dtype=object), "ok": ok, "stage": stage, "reason": reason}
+    if "seq" in cols:
+        out["seq"] = np.asarray(cols["seq"], dtype=np.int64)
     if ship == "uint8":
         out["image"] = pixels
     else:
@@ -147,6 +174,35 @@ class LabelActor:
                         ids[i], scores[i] = (a[0] for a in self._label(images[j:j + 1]))
                     except Exception as one:  # noqa: BLE001
                         ok[i], stage[i], reason[i] = False, "label", f"labeling failed ({type(one).__name__}: {one})"
-        out = {k: batch[k] for k in PASS_THROUGH}
+        out = {k: batch[k] for k in PASS_THROUGH if k in batch}
         out.update(ok=ok, stage=stage, reason=reason, label_ids=ids, label_scores=scores)
         return out
+
+
+def write_parts(batch: dict, output: str, grid: tuple[int, int], top_n: int) -> pa.Table:
+    """Write stage: the labelled rows of ``batch`` (the label actor's output) to the labels
+    dataset ``output``, one part per run of consecutive ``seq`` of one shard, written whole
+    (``LabelsDir.write_part``); returns one :data:`RECORD_SCHEMA` row per run, with no labels.
+    A retried task writes the same files again (named by their rows)."""
+    out = LabelsDir(output)
+    seq = np.asarray(batch["seq"], dtype=np.int64)
+    shard = np.asarray(batch["shard"], dtype=np.int64)
+    order = np.lexsort((seq, shard))
+    cuts = np.flatnonzero((np.diff(shard[order]) != 0) | (np.diff(seq[order]) != 1)) + 1
+    ok = np.asarray(batch["ok"], dtype=bool)
+    rows, ids = np.asarray(batch["row"], dtype=np.int64), np.asarray(batch["image_id"], dtype=object)
+    records = {name: [] for name in RECORD_SCHEMA.names}
+    for run in np.split(order, cuts):
+        good, bad = run[ok[run]], run[~ok[run]]
+        part = None
+        if len(good):
+            table = labels_table([str(i) for i in ids[good]], grid, top_n, np.asarray(batch["label_ids"])[good],
+                                 np.asarray(batch["label_scores"])[good])
+            part = out.write_part(int(shard[run[0]]), int(rows[good[0]]), table)
+        for name, value in (("shard", int(shard[run[0]])), ("first_row", int(rows[run[0]])), ("rows", len(run)),
+                            ("part", part), ("labelled", len(good)), ("error_row", rows[bad].tolist()),
+                            ("error_id", [str(i) for i in ids[bad]]),
+                            ("error_stage", [str(s) or "label" for s in np.asarray(batch["stage"])[bad]]),
+                            ("error_reason", [str(r) for r in np.asarray(batch["reason"])[bad]])):
+            records[name].append(value)
+    return pa.table(records, schema=RECORD_SCHEMA)

@@ -4,16 +4,23 @@ A labels dataset is a folder (local or ``s3://``)::
 
     _config.json                     the resolved config and the fingerprint re-runs must match (written first)
     vocab.json                       the vocabulary (words, counts, hash), written before any shard
-    shards/shard-00000.parquet ...   one row per labelled image (schema below), in manifest order
+    shards/shard-00000/part-0000000000-32.parquet ...
+                                     a shard's rows (schema below), in parts: each part a run of its rows
+                                     in manifest order, named by its first manifest row and its row count,
+                                     written by the pipeline's workers
     errors/manifest.parquet          malformed manifest rows (ERRORS_SCHEMA)
     errors/shard-00000.parquet ...   rows of that shard that could not be read, decoded or labelled
-    markers/shard-00000.json ...     a shard's completion marker, written after its Parquet and errors files
+    markers/shard-00000.json ...     a shard's completion marker, written after its parts and errors file;
+                                     its ``parts`` list the shard's part files in row order
     _meta.json                       vocabulary, model, transform, grid, counts (written at the end)
     _SUCCESS                         written last: the whole dataset is complete, within its error budget
 
 Shard ``k`` holds the valid manifest rows ``[k * rows_per_shard, (k + 1) * rows_per_shard)`` (valid
-= passed manifest validation, in manifest order). Only shards with a marker count; a re-run
-rewrites every shard without one, so each image id appears in exactly one shard file exactly once.
+= passed manifest validation, in manifest order): the parts its marker lists, in that order. Only
+shards with a marker count, and only the files their marker names; a re-run deletes and rewrites
+every shard without one, so each image id appears in exactly one part file exactly once. A marker
+without ``parts`` (written before shards were written in parts) names the one file
+``shards/shard-00000.parquet``; such datasets read the same (:func:`sea_ray.labels.dataset.shard_files`).
 
 Per image, ``label_ids`` and ``label_scores`` are flat row-major ``[P * top_n]`` arrays
 (P = grid_h * grid_w patches); a patch with fewer than ``top_n`` positive scores is padded with
