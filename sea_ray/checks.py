@@ -6,13 +6,14 @@ transform and tower, and whether it holds enough labelled rows). The job table
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import json
 import logging
 import os
 from typing import Optional
 
 from sea_ray import paths, storage
-from sea_ray.config.schema import AdapterConfig, AlignConfig, ModelConfig, TuneConfig
+from sea_ray.config.schema import AdapterConfig, AlignConfig, ModelConfig, TrainConfig, TuneConfig
 from sea_ray.data import budget
 from sea_ray.data.templates import SkipSample, encode_conversation, resolve_template
 from sea_ray.paths import names_a_path
@@ -227,6 +228,11 @@ def job_problems(cfg, labels_meta: Optional[dict] = None) -> list[str]:
             if held_out is not None:
                 problems += labels_counts_problems("validation.labels", cfg.validation.labels, held_out,
                                                    align.data.max_error_fraction)
+    if model is not None and model.llm.lora.enabled:
+        problems += _lora_target_problems(model.llm)
+    train = cfg if isinstance(cfg, TrainConfig) else getattr(cfg, "base", None)
+    if isinstance(train, TrainConfig) and train.model.llm.lora.enabled and train.model.llm.lora.qlora:
+        problems += qlora_package_problems()
     if getattr(cfg, "job", None) == "labels":
         problems += _text_tokenizer_problems(cfg.model.vision)
     if getattr(cfg, "job", None) == "instruct":
@@ -238,6 +244,42 @@ def job_problems(cfg, labels_meta: Optional[dict] = None) -> list[str]:
             problems.append(f"init_adapter: {cfg.init_adapter} holds a {trained} adapter but model.adapter is "
                             f"{wanted}: give instruct the align run's adapter")
     return problems
+
+
+def _lora_target_problems(llm) -> list[str]:
+    """``model.llm.lora.target_modules`` against the LLM's architecture (built on the meta device,
+    no weights): every name matches a module, and PEFT accepts the modules matched (an LLM only a
+    download could tell, a hub id or an ``s3://`` one, is checked when the job starts)."""
+    import torch
+
+    from sea_ray.model.llm import apply_lora, llm_skeleton
+
+    try:
+        skeleton = llm_skeleton(llm)
+    except Exception as exc:  # an LLM that does not build is the input checks' (or the job's) to report
+        log.warning("cannot build the LLM's architecture to check model.llm.lora (%s)", type(exc).__name__)
+        return []
+    if skeleton is None:
+        return []
+    try:
+        with torch.device("meta"):  # the LoRA weights PEFT adds take no memory either
+            apply_lora(skeleton, llm.lora)
+    except ValueError as exc:
+        first = (str(exc).strip().splitlines() or [""])[0][:400]
+        return [f"model.llm.lora.target_modules: {first}"]
+    return []
+
+
+QLORA_HINT = "pip install -c constraints.txt -e '.[qlora]'"
+
+
+def qlora_package_problems() -> list[str]:
+    """QLoRA's 4-bit base needs bitsandbytes where the stage is checked (the workers need it too)."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return ["model.llm.lora.qlora: the 4-bit base needs the bitsandbytes package, which is not installed "
+                f"here (and QLoRA runs on CUDA GPUs only): install the qlora extra, {QLORA_HINT}, or set "
+                "model.llm.lora.qlora=false for LoRA on the full-precision base"]
+    return []
 
 
 def _text_tokenizer_problems(vision) -> list[str]:

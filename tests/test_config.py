@@ -235,3 +235,73 @@ def test_print_config_shows_every_default_and_reads_back_as_the_same_config(tmp_
     assert printed["optim"]["lr"] == 3e-4 and printed["stall_timeout_s"] == 1800  # a default, spelled out
     assert printed["model"]["adapter"]["hidden_size"] == 96
     assert to_dict(validate(printed)) == printed
+
+
+# --------------------------------------------------------------------------- LoRA (model.llm.lora)
+
+
+def _instruct(lora: dict, preset="tiny-openclip-llama", **extra):
+    raw = {"job": "instruct", "model": {"preset": preset, "llm": {"lora": {"enabled": True, **lora}}},
+           "data": {"manifest": "m.json"}, "batch": {"global_size": 8, "per_worker": 8}}
+    raw.update(extra)
+    return raw
+
+
+def _problems(raw) -> list[str]:
+    try:
+        return job_problems(validate(raw))
+    except ConfigError as exc:
+        return exc.problems
+
+
+def test_lora_rank_and_target_modules_are_checked_against_the_llm():
+    assert _problems(_instruct({"rank": 8, "target_modules": ["q_proj", "v_proj"]})) == []
+    assert _problems(_instruct({})) == []  # all-linear
+    assert _problems(_instruct({"rank": 0})) == ["model.llm.lora.rank: Input should be greater than or equal to 1 "
+                                                 "(got 0)"]
+    assert _problems(_instruct({"target_modules": []}))[0].startswith("model.llm.lora.target_modules: give at least")
+    # a misspelt name is refused with the LLM's linear layers, though PEFT takes a list one name of which matches
+    [misspelt] = _problems(_instruct({"target_modules": ["q_proj", "v_prj"]}))
+    assert misspelt.startswith("model.llm.lora.target_modules: 'v_prj' (did you mean 'v_proj'?) names no module "
+                               "of the LLM (LlamaForCausalLM)") and "q_proj, up_proj, v_proj" in misspelt
+    # a module PEFT cannot put LoRA on (a norm), found by PEFT itself on the LLM's meta-device skeleton
+    [norm] = _problems(_instruct({"target_modules": ["input_layernorm"]}))
+    assert norm.startswith("model.llm.lora.target_modules: Target module LlamaRMSNorm") and "not supported" in norm
+    # a loaded LLM (a folder with weights) is checked from its config.json alone
+    assert _problems(_instruct({"target_modules": ["qkv_proj"]}, preset="world-clip-llama"))[0].startswith(
+        "model.llm.lora.target_modules: 'qkv_proj' (did you mean 'v_proj'?) names no module")
+    # align keeps the LLM frozen: LoRA there is a mistake, not a no-op
+    assert _problems(_align(**{"model.llm.lora.enabled": True})) == [
+        "model.llm.lora.enabled: align keeps the LLM frozen, so there is nothing to train with LoRA: set it in the "
+        "instruct config"]
+
+
+def test_qlora_on_a_cpu_is_a_config_error_naming_the_field_before_ray_starts(tmp_path, monkeypatch, capsys):
+    from sea_ray import cli
+    from sea_ray.train import driver
+
+    raw = _instruct({"qlora": True}, preset="world-clip-llama")
+    [cpu] = _problems(raw)
+    assert cpu.startswith("model.llm.lora.qlora: QLoRA's 4-bit base runs on CUDA GPUs only (bitsandbytes); this "
+                          "config trains on CPUs (scaling.use_gpu=false)")
+    path = tmp_path / "qlora.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    monkeypatch.setattr(driver, "init_ray", lambda *a, **k: pytest.fail("Ray was started"))
+    assert cli.main(["instruct", "--config", str(path)]) == 2
+    assert "model.llm.lora.qlora: QLoRA's 4-bit base runs on CUDA GPUs only" in capsys.readouterr().err
+    # on GPUs, without bitsandbytes (never installed on the CPU machines): the pre-flight check names the extra
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else
+                        real(name, *a))
+    gpu = _problems(dict(raw, scaling={"use_gpu": True}))
+    assert gpu == ["model.llm.lora.qlora: the 4-bit base needs the bitsandbytes package, which is not installed here "
+                   "(and QLoRA runs on CUDA GPUs only): install the qlora extra, pip install -c constraints.txt -e "
+                   "'.[qlora]', or set model.llm.lora.qlora=false for LoRA on the full-precision base"]
+    assert _problems(dict(raw, scaling={"use_gpu": True}, strategy="fsdp"))[0].startswith(
+        "model.llm.lora.qlora: not with strategy fsdp")
+    assert _problems(_instruct({"qlora": True}, scaling={"use_gpu": True}))[0].startswith(
+        "model.llm.lora.qlora: needs model.llm.name_or_path")  # a random-init LLM has no weights to quantize
+    assert any(p.startswith("model.llm.lora.qlora: QLoRA trains LoRA weights")
+               for p in _problems(_instruct({"enabled": False, "qlora": True}, preset="world-clip-llama")))

@@ -219,3 +219,59 @@ def test_export_to_a_bucket(tmp_path, world_dir, s3_bucket):
     assert {"config.json", "model.safetensors", "tokenizer.json", "processor_config.json"} <= names, names
     hf = LlavaForConditionalGeneration.from_pretrained(storage.local_copy(out))
     assert hf.config.image_token_index == len(load_model(uri)[0].tokenizer)
+
+
+# Loads an exported folder in a fresh interpreter in which `import peft` fails (as where peft is
+# not installed), and prints its logits on a fixed prompt: an export needs no peft to load.
+WITHOUT_PEFT = """
+import importlib.abc, importlib.machinery, sys
+class Refuse(importlib.abc.Loader):
+    def create_module(self, spec): return None
+    def exec_module(self, module): raise ImportError("peft is not installed here")
+class NoPeft(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "peft":
+            return importlib.machinery.ModuleSpec(name, Refuse())
+sys.meta_path.insert(0, NoPeft())
+import torch
+from transformers import LlavaForConditionalGeneration
+hf = LlavaForConditionalGeneration.from_pretrained(sys.argv[1]).eval()
+ids = torch.tensor([[5, 6, 7, 8]])
+with torch.no_grad():
+    print(float(hf(input_ids=ids).logits.sum()))
+"""
+
+
+def test_a_lora_checkpoint_exports_merged_into_a_plain_llava(tmp_path, world_dir):
+    """LoRA weights merged into the LLM (PEFT's merge_and_unload): a plain LLaVA folder with no LoRA
+    tensor and no adapter config, that loads where peft cannot be imported and computes what
+    sea_ray's model with LoRA applied computes (the parity check)."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    lora = {"enabled": True, "rank": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]}
+    uri = write_checkpoint(tmp_path, world_dir, "instruct", {"preset": "world-clip-llama", "llm": {"lora": lora}})
+    assert any(".lora_B." in k for k in ckpt.load_model_state(uri))
+    hf, _ = assert_parity(uri, tmp_path / "hf", world_dir)
+    files = {p.name for p in (tmp_path / "hf").iterdir()}
+    assert "adapter_config.json" not in files and "adapter_model.safetensors" not in files
+    saved = load_file(tmp_path / "hf" / "model.safetensors")
+    assert saved and not any("lora" in k or "base_layer" in k for k in saved)
+    provenance = json.loads((tmp_path / "hf" / "sea_ray_export.json").read_text())
+    assert provenance["lora"] == {"merged": True, "rank": 4, "alpha": 8.0, "qlora": False,
+                                  "target_modules": ["q_proj", "v_proj", "down_proj"]}
+    # the merge changed the targeted weights of the base LLM, and only those
+    model, _ = load_model(uri)
+    exported = hf.state_dict()
+    layer = "model.language_model.layers.0."
+    base = model.base_llm.model.layers[0]
+    assert not torch.equal(exported[layer + "self_attn.q_proj.weight"], base.self_attn.q_proj.base_layer.weight)
+    assert torch.equal(exported[layer + "self_attn.k_proj.weight"], base.self_attn.k_proj.weight)
+    out = subprocess.run([sys.executable, "-c", WITHOUT_PEFT, str(tmp_path / "hf")], capture_output=True, text=True,
+                         timeout=300, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    with torch.no_grad():
+        here = float(hf(input_ids=torch.tensor([[5, 6, 7, 8]])).logits.sum())
+    assert float(out.stdout.strip().splitlines()[-1]) == pytest.approx(here, rel=1e-5)

@@ -198,3 +198,62 @@ def test_frozen_modules_stay_in_eval_mode(tiny):
     model.freeze("instruct")
     model.train()
     assert model.llm.training and not model.vision.training
+
+
+# --------------------------------------------------------------------------- LoRA (model.llm.lora)
+
+
+def _lora_cfg(**lora):
+    raw = {"job": "instruct", "model": {"preset": "tiny-openclip-llama",
+                                        "llm": {"lora": {"enabled": True, "rank": 4, **lora}}},
+           "data": {"manifest": "m"}, "batch": {"global_size": 2, "per_worker": 2}}
+    return validate(raw)
+
+
+def test_lora_trains_only_its_weights_and_the_adapter(tiny):
+    """instruct with LoRA: gradients reach the LoRA weights of the target modules and the adapter,
+    never a base weight of the LLM; the tower only with train_vision; a checkpoint (the trainable
+    state dict) holds exactly those."""
+    torch.manual_seed(0)
+    cfg = _lora_cfg(target_modules=["q_proj", "v_proj"])
+    model = build_vlm(cfg.model, cfg.data.image_aspect)
+    assert model.freeze("instruct") == {"vision": False, "adapter": True, "llm": True}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    lora = {n for n in trainable if n.startswith("llm.")}
+    assert lora and all(".lora_A." in n or ".lora_B." in n for n in lora)
+    assert {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in lora} == {"q_proj", "v_proj"}
+    assert trainable - lora == {n for n, _ in model.adapter.named_parameters(prefix="adapter")}
+    assert set(model.trainable_state_dict()) == trainable
+    ids, mask, labels, images = _batch(model, [" a red circle", " is there a blue square ? yes"], [True, True])
+    model(ids, mask, labels, images)["loss_lm"].backward()
+    got = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert got == {n for n in trainable if ".lora_A." not in n}  # lora_B starts at zero: A's gradient is 0
+    assert model.base_llm is model.llm.get_base_model() and type(model.base_llm).__name__ == "LlamaForCausalLM"
+    model.train()
+    assert model.llm.training and not model.vision.training  # LoRA dropout is on while training
+    plan = model.freeze("instruct", train_vision=True)
+    assert plan["vision"] and all(p.requires_grad for p in model.vision.parameters())
+    assert {n for n, p in model.named_parameters() if p.requires_grad and n.startswith("llm.")} == lora
+    model.freeze("align")
+    assert not any(p.requires_grad for p in model.llm.parameters())
+
+
+def test_merging_lora_keeps_the_logits_and_gives_a_plain_llm():
+    torch.manual_seed(0)
+    cfg = _lora_cfg()
+    model = build_vlm(cfg.model, cfg.data.image_aspect).eval()
+    with torch.no_grad():  # move LoRA off its init (lora_B = 0 makes it the identity)
+        for name, p in model.llm.named_parameters():
+            if ".lora_B." in name:
+                p.normal_(0, 0.1)
+    ids, mask, _, images = _batch(model, [" a red circle on the left"], [True])
+    with torch.no_grad():
+        ours = model(ids, mask, images=images)["logits"]
+        with model.llm.disable_adapter():
+            base = model(ids, mask, images=images)["logits"]
+        assert (ours - base).abs().max() > 1e-3  # the LoRA weights change what the model computes
+        assert model.merge_lora() and not model.merge_lora()
+        merged = model(ids, mask, images=images)["logits"]
+    assert type(model.llm).__name__ == "LlamaForCausalLM" and model.base_llm is model.llm
+    assert not any("lora" in k for k in model.llm.state_dict())
+    torch.testing.assert_close(merged, ours, rtol=1e-4, atol=1e-5)

@@ -235,6 +235,26 @@ def test_instruct_from_the_adapter_of_an_align_run_in_a_bucket(reference, labell
     assert "loss_sea" not in instruct["metrics"] and instruct["metrics"]["loss_lm"] > 0
 
 
+def test_lora_instruct_under_fsdp_checkpoints_its_lora_weights_and_the_adapter(reference, labelled_world, tmp_path):
+    """LoRA on two FSDP2 workers (the frozen base sharded beside its LoRA weights): the checkpoint,
+    gathered from the shards, holds every LoRA weight and the adapter, and no base weight."""
+    world, _ = labelled_world
+    lora = {"enabled": True, "rank": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    instruct = run(validate({
+        "job": "instruct", "model": {"preset": "tiny-openclip-llama", "llm": {"lora": lora}},
+        "init_adapter": reference["run"], "run": {"name": "lora-fsdp", "storage": str(tmp_path)},
+        "data": {"manifest": f"{world}/train/instruct.json", "image_root": f"{world}/images", "max_length": 96},
+        "scaling": {"num_workers": 2}, "batch": {"global_size": 8, "per_worker": 4},
+        "optim": {"max_steps": 2, "lr": 1e-2}, "checkpoint": {"every_n_steps": 2}, "strategy": "fsdp"}))
+    saved = ckpt.load_checkpoint(instruct["checkpoint"])
+    llm = {k for k in saved["model"] if k.startswith("llm.")}
+    # 2 layers x (q_proj, v_proj) x (lora_A, lora_B)
+    assert len(llm) == 8 and all(".lora_A." in k or ".lora_B." in k for k in llm)
+    assert set(saved["model"]) - llm == set(_adapter(reference["run"]))
+    assert all(saved["model"][k].abs().max() > 0 for k in llm)  # lora_B left its zero init on both workers' steps
+    assert instruct["metrics"]["loss_lm"] > 0
+
+
 def test_scale_out_semantics_and_schedule():
     from types import SimpleNamespace
 

@@ -64,8 +64,39 @@ def _model_problems(model: ModelConfig, where: str, needs_llm: bool = True) -> l
     return problems
 
 
+def _lora_problems(cfg: TrainConfig) -> list[str]:
+    """LoRA trains instruct's LLM; QLoRA's 4-bit base needs GPUs, weights to quantize and one copy
+    of the base per worker (bitsandbytes' 4-bit weights are not sharded by FSDP here). Whether the
+    target modules exist in the LLM and bitsandbytes is installed: :func:`sea_ray.checks.job_problems`."""
+    lora, llm = cfg.model.llm.lora, cfg.model.llm
+    problems = []
+    if lora.qlora and not lora.enabled:
+        problems.append("model.llm.lora.qlora: QLoRA trains LoRA weights on a 4-bit base: set "
+                        "model.llm.lora.enabled=true too")
+    if not lora.enabled:
+        return problems
+    if cfg.job != "instruct":
+        problems.append(f"model.llm.lora.enabled: {cfg.job} keeps the LLM frozen, so there is nothing to train with "
+                        "LoRA: set it in the instruct config")
+    if lora.target_modules != "all-linear" and not lora.target_modules:
+        problems.append("model.llm.lora.target_modules: give at least one module name (e.g. [q_proj, v_proj]) or "
+                        "all-linear")
+    if lora.qlora:
+        if not cfg.scaling.use_gpu:
+            problems.append("model.llm.lora.qlora: QLoRA's 4-bit base runs on CUDA GPUs only (bitsandbytes); this "
+                            "config trains on CPUs (scaling.use_gpu=false): set scaling.use_gpu=true, or "
+                            "model.llm.lora.qlora=false for LoRA on the full-precision base")
+        if llm.name_or_path is None:
+            problems.append("model.llm.lora.qlora: needs model.llm.name_or_path (weights are quantized to 4 bits as "
+                            "they load; a random-init model.llm.config LLM has none)")
+        if getattr(cfg, "strategy", "ddp") == "fsdp":
+            problems.append("model.llm.lora.qlora: not with strategy fsdp (the 4-bit base is not sharded here): "
+                            "use strategy ddp or auto, which is ddp with QLoRA")
+    return problems
+
+
 def _train_problems(cfg: TrainConfig) -> list[str]:
-    problems = _model_problems(cfg.model, "model")
+    problems = _model_problems(cfg.model, "model") + _lora_problems(cfg)
     per_step = cfg.batch.per_worker * cfg.scaling.num_workers
     if cfg.batch.global_size % per_step:
         problems.append(f"batch.global_size: {cfg.batch.global_size} is not divisible by batch.per_worker x "

@@ -10,7 +10,7 @@ itself is :func:`sea_ray.config.loading.validate`; the rules across fields are i
 from __future__ import annotations
 
 import re
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -59,6 +59,27 @@ class AdapterConfig(_Section):
                                        "default: the LLM's width, as in LLaVA-1.5); ignored by linear")
 
 
+class LoraConfig(_Section):
+    """LoRA on the LLM (instruct; PEFT): the base LLM stays frozen, its LoRA weights train with the
+    adapter (and the vision tower with train_vision); a checkpoint holds only those, export merges
+    them (docs/instruct.md#lora-and-qlora)."""
+
+    enabled: bool = Field(False, description="train LoRA weights instead of the whole LLM (instruct only: align "
+                          "keeps the LLM frozen)")
+    rank: int = Field(16, ge=1, description="r, the rank of each LoRA update (LLaVA-1.5's LoRA recipe: 128)")
+    alpha: float = Field(32.0, gt=0, description="lora_alpha: the update is scaled by alpha / rank (LLaVA-1.5: "
+                         "256)")
+    dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the LoRA input (lora_dropout)")
+    target_modules: Union[Literal["all-linear"], list[str]] = Field(
+        "all-linear", description="the LLM's modules that get LoRA weights: all-linear (every linear layer but the "
+        "output layer, as LLaVA-1.5's LoRA) or names, each matching the modules whose dotted name is it or ends "
+        "with it (PEFT's rule; e.g. [q_proj, v_proj]); each name must match a module of the LLM")
+    qlora: bool = Field(False, description="QLoRA: the base LLM is loaded in 4-bit NF4 (bitsandbytes: double "
+                        "quantization, bf16 compute) on each GPU worker; needs scaling.use_gpu, weights "
+                        "(name_or_path), the bitsandbytes package (the qlora extra) and strategy ddp. Validation, "
+                        "eval and export load the base unquantized (dtype) with the LoRA weights")
+
+
 class LLMConfig(_Section):
     name_or_path: Optional[str] = Field(None, json_schema_extra=MODEL_PATH,
                                         description="Hugging Face causal LM: local dir, s3:// URI or hub id")
@@ -74,6 +95,7 @@ class LLMConfig(_Section):
                                                           "attention, which runs FlashAttention-2 kernels on "
                                                           "GPUs for bf16/fp16 (the flash-attn package is not "
                                                           "needed, nor in the cluster image)")
+    lora: LoraConfig = Field(LoraConfig(), description="LoRA / QLoRA adapters on the LLM (instruct)")
 
 
 class ModelConfig(_Section):

@@ -36,7 +36,8 @@ def load_model(checkpoint: str, model_cfg: Optional[ModelConfig] = None, device:
     the model's value of every tensor the checkpoint replaced, before it did: the weights the
     checkpoint's training started from (built with its seed, as training builds them; None without
     ``keep_base``). The tower sees images as the stage did (:func:`image_aspect_of` the
-    checkpoint's config), whatever ``model_cfg`` says."""
+    checkpoint's config), whatever ``model_cfg`` says. A LoRA checkpoint (``model.llm.lora``) loads
+    into the LoRA model it was trained as (a QLoRA one on its base unquantized: :func:`sea_ray.model.llm.build_llm`)."""
     from sea_ray.train import checkpoint as ckpt
 
     try:

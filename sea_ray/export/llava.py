@@ -13,6 +13,9 @@ What maps to what:
 - adapter ``mlp2x_gelu`` (``0.``, ``2.``) -> ``multi_modal_projector.linear_1`` / ``linear_2``
   with ``projector_hidden_act="gelu"``; other adapters have no transformers class and are refused;
 - LLM: ``model.*`` -> ``model.language_model.*``, ``lm_head`` as it is (tied when the LLM ties);
+  LoRA weights (``model.llm.lora``) merged into the base weights first (PEFT's
+  ``merge_and_unload``), so the folder is a plain LLaVA that loads without peft; a QLoRA
+  checkpoint's LoRA weights are merged into the base as it loads unquantized (``model.llm.dtype``);
 - tokenizer: an added special ``<image>`` token (its embedding rows drawn around the mean of the
   others, as transformers' ``resize_token_embeddings`` and the LLaVA conversion scripts do; the
   row is never read, the processor's image tokens are replaced by visual tokens) and the pad
@@ -91,8 +94,12 @@ def chat_template_of(info: dict, tokenizer) -> Optional[str]:
 
 def build_llava(model, info: dict, dtype: Optional[str] = None):
     """(LlavaForConditionalGeneration, LlavaProcessor) holding ``model``'s weights (a sea_ray
-    :class:`~sea_ray.model.vlm.VLM` with its checkpoint loaded; its LLM is resized in place)."""
+    :class:`~sea_ray.model.vlm.VLM` with its checkpoint loaded; its LoRA weights are merged into
+    its LLM and the LLM is resized, in place)."""
     from transformers import GenerationConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    if model.merge_lora():
+        log.info("LoRA weights merged into the LLM")
 
     projector = projector_weights(model, info["config"]["model"]["adapter"]["type"])
     vision_config, vision_state = towers.hf_vision(model.vision)
@@ -154,6 +161,14 @@ def check_prompt(model, info: dict, processor) -> None:
                          f"{ours}; this tokenizer cannot be exported faithfully")
 
 
+def _lora_provenance(info: dict) -> Optional[dict]:
+    """What the checkpoint's LoRA was (merged into the exported weights), or None without LoRA."""
+    lora = ((info["config"].get("model") or {}).get("llm") or {}).get("lora") or {}
+    if not lora.get("enabled"):
+        return None
+    return {"merged": True, **{k: lora.get(k) for k in ("rank", "alpha", "target_modules", "qlora")}}
+
+
 def _write_folder(hf, processor, provenance: dict, folder: str) -> None:
     hf.save_pretrained(folder)
     processor.save_pretrained(folder)
@@ -187,7 +202,7 @@ def export(checkpoint: str, out: str, dtype: Optional[str] = None, overwrite: bo
     provenance = {"sea_ray_version": __version__, "checkpoint": info["checkpoint"], "stage": info["stage"],
                   "step": info["step"], "dtype": str(hf.config.dtype).replace("torch.", ""),
                   "image_token_index": hf.config.image_token_index, "image_seq_length": hf.config.image_seq_length,
-                  "image_aspect": model.vision.image_aspect,
+                  "image_aspect": model.vision.image_aspect, "lora": _lora_provenance(info),
                   "chat_template": "none" if processor.chat_template is None else
                   resolve_template(info["config"].get("template", "auto"), model.tokenizer),
                   "not_exported": ["sea_head (the SEA loss's temperature)", "optimizer state"]}

@@ -18,7 +18,7 @@ from torch import nn
 
 from sea_ray.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from sea_ray.model.adapters import get_adapter
-from sea_ray.model.llm import build_llm
+from sea_ray.model.llm import build_llm, is_lora
 from sea_ray.model.vision import VisionTower, build_vision_tower
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,19 @@ class VLM(nn.Module):
         self.adapter = adapter
         self.llm = llm
         self.tokenizer = tokenizer
+
+    @property
+    def base_llm(self) -> nn.Module:
+        """The Hugging Face causal LM itself, under PEFT's LoRA model when there is one."""
+        return self.llm.get_base_model() if is_lora(self.llm) else self.llm
+
+    def merge_lora(self) -> bool:
+        """Fold the LLM's LoRA weights into its base weights (PEFT's ``merge_and_unload``): the
+        LLM becomes a plain causal LM computing what the LoRA model computed. False without LoRA."""
+        if not is_lora(self.llm):
+            return False
+        self.llm = self.llm.merge_and_unload()
+        return True
 
     @property
     def llm_width(self) -> int:
@@ -114,7 +127,8 @@ class VLM(nn.Module):
         """Set requires_grad per module for ``stage`` and log the result; returns {module: trainable}.
 
         align: adapter trainable; vision tower and LLM frozen (the SEA temperature is the loss's).
-        instruct: adapter + LLM trainable; vision tower only with ``train_vision``."""
+        instruct: adapter + LLM trainable; vision tower only with ``train_vision``. An LLM with
+        LoRA (``model.llm.lora``) trains its LoRA weights only, its base staying frozen."""
         if stage not in STAGES:
             raise ValueError(f"unknown stage {stage!r}; valid: {', '.join(STAGES)}")
         plan = {
@@ -125,10 +139,17 @@ class VLM(nn.Module):
         self._plan = plan
         self.train(self.training)
         for name, trainable in plan.items():
-            getattr(self, name).requires_grad_(trainable)
-            n = sum(p.numel() for p in getattr(self, name).parameters())
-            log.info("stage %s: %-8s %-9s (%s parameters)", stage, name, "trainable" if trainable else "frozen",
-                     f"{n:,}")
+            module = getattr(self, name)
+            module.requires_grad_(trainable)
+            what = "trainable" if trainable else "frozen"
+            if name == "llm" and trainable and is_lora(module):
+                module.requires_grad_(False)
+                module.set_requires_grad(module.active_adapters, True)  # PEFT's: the LoRA weights only
+                what = "LoRA"
+            n = sum(p.numel() for p in module.parameters())
+            k = sum(p.numel() for p in module.parameters() if p.requires_grad)
+            log.info("stage %s: %-8s %-9s (%s parameters%s)", stage, name, what, f"{n:,}",
+                     f", {k:,} trainable" if 0 < k < n else "")
         return plan
 
     def train(self, mode: bool = True):
@@ -145,11 +166,12 @@ class VLM(nn.Module):
         return {k: v for k, v in self.state_dict().items() if k in names}
 
 
-def build_vlm(model_cfg, image_aspect: str) -> VLM:
+def build_vlm(model_cfg, image_aspect: str, quantized_on: Optional[torch.device] = None) -> VLM:
     """The composed model from a :class:`sea_ray.config.schema.ModelConfig`; ``image_aspect``:
-    the stage's ``data.image_aspect`` (what the tower's transform does to an image)."""
+    the stage's ``data.image_aspect`` (what the tower's transform does to an image);
+    ``quantized_on``: where a QLoRA LLM loads its 4-bit base (:func:`sea_ray.model.llm.build_llm`)."""
     vision = build_vision_tower(model_cfg.vision, image_aspect)
-    llm, tokenizer = build_llm(model_cfg.llm)
+    llm, tokenizer = build_llm(model_cfg.llm, quantized_on)
     llm_width = llm.get_input_embeddings().embedding_dim
     adapter = get_adapter(model_cfg.adapter.type, vision.width, llm_width, model_cfg.adapter.hidden_size)
     return VLM(vision, adapter, llm, tokenizer=tokenizer)

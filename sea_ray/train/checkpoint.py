@@ -2,7 +2,7 @@
 
 A checkpoint is a folder ``step_00000100`` under the run folder (local or ``s3://``)::
 
-    model.safetensors    the trainable modules' tensors (adapter, SEA temperature, LLM in stage 2)
+    model.safetensors    the trainable tensors (adapter, SEA temperature; stage 2: the LLM, or its LoRA weights)
     optimizer.pt         optimizer + LR-scheduler state (tensors and numbers only)
     state.json           step, samples seen, epoch: the data position
     config.json          the resolved job config

@@ -138,10 +138,11 @@ def sea_pairs_for(batch: dict, row_of: torch.Tensor, targets: torch.Tensor, grid
 
 
 def resolve_strategy(cfg, device) -> str:
-    """ddp for align; for instruct FSDP on GPUs (``auto``) or as configured (FSDP2 also runs on CPU)."""
+    """ddp for align; for instruct FSDP on GPUs (``auto``) or as configured (FSDP2 also runs on CPU).
+    QLoRA's 4-bit base is not sharded: ``auto`` is ddp there (``fsdp`` is refused by the config rules)."""
     choice = getattr(cfg, "strategy", "ddp")
     if choice == "auto":
-        return "fsdp" if device.type == "cuda" else "ddp"
+        return "fsdp" if device.type == "cuda" and not cfg.model.llm.lora.qlora else "ddp"
     return choice
 
 
@@ -161,7 +162,7 @@ def shard_fsdp(model) -> None:
     from torch.distributed.fsdp import fully_shard
 
     scalars = {p for p in model.parameters() if p.ndim == 0}
-    layers = getattr(getattr(model.llm, "model", None), "layers", None)
+    layers = getattr(getattr(model.base_llm, "model", None), "layers", None)
     for layer in layers or []:
         fully_shard(layer)
     fully_shard(model, ignored_params=scalars or None)
@@ -233,11 +234,13 @@ class Stage:
     tracker: Optional[tracking.Tracker] = None  # the experiment trackers (none on ranks other than 0)
 
 
-def build_model(cfg):
+def build_model(cfg, device: Optional[torch.device] = None):
     """(model with the stage's trainable parts, SEA loss or None): the same initial weights on
-    every worker; instruct starts its adapter from ``init_adapter``."""
+    every worker; instruct starts its adapter from ``init_adapter``. ``device``: the training
+    worker's, where a QLoRA config loads its 4-bit base (none: the base unquantized, as
+    validation measures a checkpoint)."""
     torch.manual_seed(cfg.run.seed)
-    model = build_vlm(cfg.model, cfg.data.image_aspect)
+    model = build_vlm(cfg.model, cfg.data.image_aspect, quantized_on=device)
     sea_loss = build_sea_loss(cfg.sea) if cfg.job == "align" and cfg.sea.enabled else None
     if cfg.job == "instruct" and cfg.init_adapter:
         source = ckpt.resolve(cfg.init_adapter)
@@ -255,7 +258,7 @@ def setup(cfg, io) -> Stage:
     """Model, SEA targets, wrapping, optimizer and schedule; resumed from the run's newest complete
     checkpoint when there is one."""
     device = io.device
-    model, sea_loss = build_model(cfg)
+    model, sea_loss = build_model(cfg, device)
     tensor_part = split_transform(model.vision.transform)[1]
     extra = {}
     if sea_loss is not None:
@@ -303,6 +306,10 @@ def micro_step(st: Stage, batch: dict, micro: int, weight: float = 1.0) -> dict:
     if st.sea_loss is not None:
         pairs = sea_pairs_for(b, st.row_of, st.targets, st.grid, cfg,
                               step_generator(cfg.run.seed, step, st.io.world_rank, micro))
+    # dropout (LoRA's, a trained tower's) draws from the global generator: seeded per micro-batch
+    # from the same stateless stream, so that a resumed run drops exactly what the first one did
+    torch.manual_seed(int(torch.randint(2**62, (1,), generator=step_generator(cfg.run.seed + 1, step,
+                                                                               st.io.world_rank, micro))))
     with gradient_sync(st.wrapped, st.strategy, micro == st.accum - 1), autocast_for(cfg, st.io.device):
         out = st.wrapped(b["input_ids"], b["attention_mask"], b["labels"], b["images"])
         loss = out["loss_lm"]
