@@ -4,6 +4,7 @@ Run (CPU; about a minute per measurement on 2 cores)::
 
     .venv/bin/python bench/manifests.py                 # 558,128 caption rows and 665,298 conversation rows
     .venv/bin/python bench/manifests.py --scale 0.01    # the same shapes at 1 %, seconds
+    .venv/bin/python bench/manifests.py --baseline ../main  # beside another checkout's sea_ray, same files
 
 Writes the two LLaVA-format JSON files into a temporary folder (their shapes: LCS-558K's one
 caption per image, ``<image>`` in the human turn; mix665k's multi-turn conversations over COCO /
@@ -15,7 +16,9 @@ Python process (so its peak RSS is its own):
   vocabulary, shards and the fingerprint; the tiny preset's tower, since its size does not change
   the planning).
 
-Prints one line per measurement: rows, wall seconds, peak RSS in MB, and the goal (< 60 s, < 4 GB).
+Prints one line per measurement: rows, wall seconds, peak RSS in MB, and the goal (< 60 s, < 4 GB);
+with ``--baseline DIR`` each measurement is also made with the ``sea_ray`` of the checkout at DIR
+(on the same files, one process after the other) and the ratios this / baseline are printed.
 Time is machine-dependent; nothing here asserts it.
 """
 
@@ -95,19 +98,33 @@ CHILD = textwrap.dedent("""
 """)
 
 
-def measure(kind: str, manifest: Path, out: Path) -> dict:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def measure(kind: str, manifest: Path, out: Path, tree: Path = REPO) -> dict:
+    """One measurement in a fresh process importing the ``sea_ray`` of the checkout ``tree``."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=str(tree))
     done = subprocess.run([sys.executable, "-c", CHILD, kind, str(manifest), str(out)], capture_output=True,
-                          text=True, env=env, cwd=Path(__file__).resolve().parents[1])
+                          text=True, env=env, cwd=tree)
     if done.returncode:
-        raise SystemExit(f"{kind} on {manifest.name} failed:\n{done.stderr[-3000:]}")
+        raise SystemExit(f"{kind} on {manifest.name} ({tree}) failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def line(kind: str, name: str, result: dict, label: str = "") -> str:
+    ok = result["seconds"] < 60 and result["peak_rss_mb"] < 4096
+    return (f"{kind:12s} {name:28s} {label:9s} rows {result['rows']}  {result['seconds']:6.1f} s  "
+            f"peak RSS {result['peak_rss_mb']:5d} MB  goal (< 60 s, < 4 GB): {'met' if ok else 'NOT met'}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", type=float, default=1.0, help="fraction of the real row counts")
+    parser.add_argument("--baseline", type=Path, help="another checkout whose sea_ray is measured beside this one")
     args = parser.parse_args()
+    baseline = args.baseline.resolve() if args.baseline else None
+    if baseline is not None and not (baseline / "sea_ray" / "__init__.py").is_file():
+        raise SystemExit(f"--baseline {baseline}: no sea_ray package there")
     with tempfile.TemporaryDirectory(prefix="sea-manifests-") as tmp:
         root = Path(tmp)
         lcs, mix = root / "blip_laion_cc_sbu_558k.json", root / "llava_v1_5_mix665k.json"
@@ -115,10 +132,16 @@ def main() -> None:
         write_mix(mix, max(1, int(MIX_ROWS * args.scale)))
         print(f"manifests: {lcs.name} {lcs.stat().st_size / 1e6:.0f} MB, {mix.name} {mix.stat().st_size / 1e6:.0f} MB")
         for kind, manifest in (("import", lcs), ("import", mix), ("labels_plan", lcs)):
-            result = measure(kind, manifest, root / f"out-{kind}-{manifest.stem}")
-            ok = result["seconds"] < 60 and result["peak_rss_mb"] < 4096
-            print(f"{kind:12s} {manifest.name:28s} rows {result['rows']}  {result['seconds']:6.1f} s  "
-                  f"peak RSS {result['peak_rss_mb']:5d} MB  goal (< 60 s, < 4 GB): {'met' if ok else 'NOT met'}")
+            if baseline is None:
+                print(line(kind, manifest.name, measure(kind, manifest, root / f"out-{kind}-{manifest.stem}")),
+                      flush=True)
+                continue
+            before = measure(kind, manifest, root / f"base-{kind}-{manifest.stem}", baseline)
+            after = measure(kind, manifest, root / f"out-{kind}-{manifest.stem}")
+            print(line(kind, manifest.name, before, "baseline"), flush=True)
+            print(line(kind, manifest.name, after, "this"), flush=True)
+            print(f"{'':12s} {'':28s} {'ratio':9s} time {after['seconds'] / max(before['seconds'], 0.1):.2f}x  "
+                  f"peak RSS {after['peak_rss_mb'] / max(before['peak_rss_mb'], 1):.2f}x", flush=True)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ A config may say ``model: {preset: NAME}`` and override any key beside it; the p
 expanded before validation, so the resolved config written into every run folder always
 spells out the whole model. Tiny presets are real architectures with random weights, for
 tests and the synthetic world; the paper presets pin the real sizes (weights from a local
-path, an ``s3://`` URI, or a hub id when the machine is online).
+path, an ``s3://`` URI, or a hub id when the machine is online; their architectures also ship in
+``sea_ray/assets/configs``, so they build offline without weights: :mod:`sea_ray.model.published`).
 """
 
 from __future__ import annotations
@@ -67,6 +68,8 @@ _WORLD_LLM = {"name_or_path": os.path.join(WORLD_ASSETS, "llm")}
 _WORLD_RANDOM_LLM = {"config": WORLD_LLM_CONFIG, "tokenizer": os.path.join(WORLD_ASSETS, "llm")}
 
 _CLIP_L336 = {"backend": "open_clip", "name": "ViT-L-14-336", "weights": "openai"}
+# SigLIP through the Hugging Face backend (open_clip builds it on timm, which gives no patch tokens here)
+_SIGLIP_SO400M_384 = {"backend": "hf", "name": "google/siglip-so400m-patch14-384"}
 
 PRESETS: dict[str, dict] = {
     # tiny, random weights, for tests and the synthetic world
@@ -94,6 +97,9 @@ PRESETS: dict[str, dict] = {
                            "llm": {"name_or_path": "microsoft/Phi-3-mini-4k-instruct"}},
     "clip-l336-llama3-8b": {"vision": _CLIP_L336, "adapter": {"type": "mlp2x_gelu"},
                             "llm": {"name_or_path": "meta-llama/Meta-Llama-3-8B-Instruct"}},
+    # SigLIP-SO400M/14 at 384 px (27 x 27 patches, no class token) with Vicuna-7B
+    "siglip-so400m384-vicuna7b": {"vision": _SIGLIP_SO400M_384, "adapter": {"type": "mlp2x_gelu"},
+                                  "llm": {"name_or_path": "lmsys/vicuna-7b-v1.5"}},
 }
 
 

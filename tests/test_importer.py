@@ -142,10 +142,11 @@ def test_cli_embed_images_makes_bad_images_error_rows(world_dir, tmp_path, capsy
         assert got["image_bytes"] == (world_dir / "images" / want["image"]).read_bytes()
 
 
-@pytest.mark.parametrize("bad", ["{not json", '{"a": 1}'])
+@pytest.mark.parametrize("bad", ["{not json", '{"a": 1}', '[{"id": "a"}, {"id": "b", "conversations": [{'])
 def test_unreadable_manifest_is_a_data_error(tmp_path, bad):
     from sea_ray.errors import DataError
 
     (tmp_path / "m.json").write_text(bad)
     with pytest.raises(DataError):
         import_manifest(str(tmp_path / "m.json"), str(tmp_path / "out"))
+    assert not (tmp_path / "out" / "_SUCCESS").exists()  # a manifest broken after its first rows: nothing imported

@@ -56,3 +56,46 @@ def test_world_manifests_are_clean(world_dir):
     for name in ("pretrain.json", "instruct.json"):
         result = read_manifest(str(world_dir / "train" / name))
         assert result.errors == [] and len(result.rows) >= 48
+
+
+def test_manifests_are_streamed_not_read_whole(tmp_path, monkeypatch):
+    """JSON and JSON Lines are read as streams (a 1 GB mix665k is not held as text, nor as every
+    parsed sample besides the rows kept); a line separator inside a JSONL string is not a line."""
+    import gc
+
+    from sea_ray import storage
+
+    rows = [GOOD, dict(GOOD, id="b", conversations=[GOOD["conversations"][0],
+                                                     {"from": "gpt", "value": "a red\u2028circle"}])]
+    (tmp_path / "m.json").write_text(json.dumps(rows))
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n")
+
+    def whole(*args, **kwargs):
+        raise AssertionError("the manifest was read whole")
+
+    monkeypatch.setattr(storage, "read_text", whole)
+    monkeypatch.setattr(storage, "read_bytes", whole)
+    for name in ("m.json", "m.jsonl"):
+        result = read_manifest(str(tmp_path / name))
+        assert result.errors == [] and [r["id"] for r in result.rows] == ["a", "b"], name
+        assert result.rows[1]["conversations"][1]["value"] == "a red\u2028circle"
+    assert gc.isenabled()
+
+
+def test_a_json_manifest_broken_anywhere_is_not_json(tmp_path):
+    import gc
+
+    import pytest
+
+    text = json.dumps([GOOD, dict(GOOD, id="b")])
+    cases = {"truncated": (text[:-20], "is not valid JSON after row 0"),
+             "trailing": (text + " []", "is not valid JSON after row 1"),
+             "empty": ("", "is not valid JSON ("),
+             "an object": (json.dumps({"rows": [GOOD]}), "holds a JSON dict"),
+             "a broken object": ('{"rows": [', "is not valid JSON (")}
+    for name, (body, message) in cases.items():
+        path = tmp_path / f"{name}.json"
+        path.write_text(body)
+        with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+            read_manifest(str(path))
+        assert gc.isenabled(), name

@@ -87,6 +87,11 @@ class VisionTower(nn.Module):
     def _strip_prefix(self, x: torch.Tensor) -> torch.Tensor:
         return x[:, 1:] if self.has_cls else x
 
+    def image_modules(self) -> list[nn.Module]:
+        """The modules of the image encoder (its joint-space projection included), not the
+        paired text tower: what a published vision-tower size counts."""
+        raise NotImplementedError
+
 
 # --------------------------------------------------------------------------- open_clip
 
@@ -113,6 +118,9 @@ class OpenClipTower(VisionTower):
         self.std = tuple(cfg.get("std", CLIP_STD))
         self.num_layers = len(visual.transformer.resblocks)
         self._tokenizer = None
+
+    def image_modules(self) -> list[nn.Module]:
+        return [self.clip.visual]
 
     def _hidden_states(self, images: torch.Tensor, upto: int) -> list[torch.Tensor]:
         visual = self.clip.visual
@@ -177,12 +185,15 @@ def build_open_clip(name: str, weights: str | None, custom: dict | None, select_
                                text_cfg=open_clip.CLIPTextCfg(**custom["text_cfg"]))
         if weights:
             open_clip.load_checkpoint(model, _open_clip_weights_path(weights))
-    elif weights is None:
-        model = open_clip.create_model(name, pretrained=None)
-    elif storage.is_remote(weights) or os.path.exists(weights):
-        model = open_clip.create_model(name, pretrained=_open_clip_weights_path(weights))
-    else:  # a pretrained tag or hub name: needs the network
-        model = open_clip.create_model(name, pretrained=weights)
+    else:  # create_model moves the model to its `device` (cpu unless told): the ambient default, so
+        # that a build under `with torch.device("meta")` stays there (sea_ray.model.published)
+        device = torch.get_default_device()
+        if weights is None:
+            model = open_clip.create_model(name, pretrained=None, device=device)
+        elif storage.is_remote(weights) or os.path.exists(weights):
+            model = open_clip.create_model(name, pretrained=_open_clip_weights_path(weights), device=device)
+        else:  # a pretrained tag or hub name: needs the network
+            model = open_clip.create_model(name, pretrained=weights, device=device)
     model.eval()
     return OpenClipTower(model, select_layer=select_layer, name=name, image_aspect=image_aspect)
 
@@ -215,6 +226,10 @@ class HFTower(VisionTower):
         self.mean, self.std = mean, std
         self.num_layers = vcfg.num_hidden_layers
         self._tokenizer = None
+
+    def image_modules(self) -> list[nn.Module]:
+        proj = getattr(self.model, "visual_projection", None)
+        return [self.vision_model] + ([proj] if proj is not None else [])
 
     def _states(self, images: torch.Tensor):
         out = self.vision_model(pixel_values=images, output_hidden_states=True)
