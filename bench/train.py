@@ -19,19 +19,11 @@ last window (after warm-up) is the one compared. Never run by the tests; tests a
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import tempfile
 import time
-from pathlib import Path
 
-for key, value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0",
-                   "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "AWS_EC2_METADATA_DISABLED": "true",
-                   "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_TRAIN_METRICS_ENABLED": "0",
-                   "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "TOKENIZERS_PARALLELISM": "false"}.items():
-    os.environ.setdefault(key, value)
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import offline_env  # noqa: E402,F401 - the benchmarks' environment, before Ray or transformers
 
 
 def align_config(world: str, labels: str, runs: str, preset: str, steps: int, per_worker: int, sea: bool, name: str,
