@@ -71,12 +71,16 @@ def _naming_uri(fn):
         try:
             return fn(*args, **kwargs)
         except OSError as exc:
-            uri = str(kwargs["uri"] if "uri" in kwargs else args[position])
-            if uri in str(exc) or not is_remote(uri):
-                raise
-            raise type(exc)(f"{uri}: {' '.join(str(exc).split()) or type(exc).__name__}") from exc
+            _raise_naming(exc, str(kwargs["uri"] if "uri" in kwargs else args[position]))
 
     return wrapper
+
+
+def _raise_naming(exc: OSError, uri: str):
+    """Raise ``exc`` again, its message led by ``uri`` when it is remote and not named yet."""
+    if uri in str(exc) or not is_remote(uri):
+        raise exc
+    raise type(exc)(f"{uri}: {' '.join(str(exc).split()) or type(exc).__name__}") from exc
 
 
 def is_remote(uri: str) -> bool:
@@ -248,7 +252,10 @@ def open_atomic(uri: str) -> Iterator:
     if is_remote(uri):
         buf = io.BytesIO()
         yield buf
-        _naming_uri(lambda uri: fs.pipe_file(path, buf.getvalue()))(uri)
+        try:
+            fs.pipe_file(path, buf.getvalue())
+        except OSError as exc:
+            _raise_naming(exc, uri)
         return
     parent = os.path.dirname(path) or "."
     os.makedirs(parent, exist_ok=True)
