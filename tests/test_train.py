@@ -282,6 +282,18 @@ def test_scale_out_semantics_and_schedule():
     assert [lrs[s] for s in (0, 2, 3, 8, 13)] == [0.0, 0.667, 1.0, 0.5, 0.0]
 
 
+@pytest.mark.parametrize("warmup, steps", [(0, 1), (0, 7), (3, 13), (5, 5), (2, 1000)])
+def test_the_lr_schedule_is_transformers_cosine_with_warmup(warmup, steps):
+    from transformers.optimization import get_cosine_schedule_with_warmup
+
+    from sea_ray.train.loop import lr_factor
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    reference = get_cosine_schedule_with_warmup(opt, warmup, steps).lr_lambdas[0]
+    ours = lr_factor(warmup, steps)
+    assert [ours(s) for s in range(steps + 1)] == pytest.approx([reference(s) for s in range(steps + 1)], abs=1e-12)
+
+
 def test_tensorboard_events_reach_a_bucket_at_every_checkpoint_not_only_at_the_end(s3_bucket):
     from sea_ray.train.tracking import TensorBoard, Tracker
 
