@@ -298,42 +298,47 @@ def preprocess_kwargs(cfg, image_size: int) -> dict:
     is ``data.image_root``, else the one ``sea-ray import-manifest`` recorded for the manifest."""
     from sea_ray.data.manifest import image_root_for
 
+    tower = _TowerFacts(cfg)
     return dict(stage=cfg.job, tokenizer_spec=cfg.model.llm.tokenizer or cfg.model.llm.name_or_path,
-                image_size=image_size, image_aspect=cfg.data.image_aspect, image_mean=_pad_mean(cfg),
+                image_size=image_size, image_aspect=cfg.data.image_aspect, image_mean=tower.pad_mean(),
                 image_root=image_root_for(cfg.data.manifest, cfg.data.image_root), max_length=cfg.data.max_length,
-                template=getattr(cfg, "template", "plain"), label_grid=_label_grid(cfg))
+                template=getattr(cfg, "template", "plain"), label_grid=tower.label_grid())
 
 
-def _label_grid(cfg) -> Optional[tuple]:
-    """The tower's patch grid when align resamples its labels onto it (``data.label_grid``), else None."""
-    if cfg.job != "align" or cfg.data.label_grid != "resample":
-        return None
-    from sea_ray.checks import tower_grid
+class _TowerFacts:
+    """What preprocessing needs to know of a config's vision tower, the tower built at most once
+    (with a forked random state: a random-init tower must not move the caller's)."""
 
-    grid, _ = tower_grid(cfg.model.vision)
-    if grid is None:  # only the weights know (a tower not described on this machine): build it once
-        import torch
+    def __init__(self, cfg):
+        self.cfg, self._tower = cfg, None
 
-        from sea_ray.model.vision import build_vision_tower
+    def _built(self):
+        if self._tower is None:
+            import torch
 
-        with torch.random.fork_rng(devices=[]):
-            grid = tuple(build_vision_tower(cfg.model.vision, cfg.data.image_aspect).grid)
-    return tuple(int(x) for x in grid)
+            from sea_ray.model.vision import build_vision_tower
 
+            with torch.random.fork_rng(devices=[]):
+                self._tower = build_vision_tower(self.cfg.model.vision, self.cfg.data.image_aspect)
+        return self._tower
 
-def _pad_mean(cfg) -> Optional[tuple]:
-    """The tower's mean colour, which ``image_aspect=pad`` fills with (None with ``crop``, which
-    needs none). Only the built tower knows it for sure (open_clip's preprocessing config, a
-    Hugging Face dir's image processor), so with ``pad`` the tower is built once here, as the
-    labels job does on its driver."""
-    if cfg.data.image_aspect != "pad":
-        return None
-    import torch
+    def label_grid(self) -> Optional[tuple]:
+        """The tower's patch grid when align resamples its labels onto it (``data.label_grid``),
+        else None; from the config when the tower is described on this machine, else built."""
+        cfg = self.cfg
+        if cfg.job != "align" or cfg.data.label_grid != "resample":
+            return None
+        from sea_ray.checks import tower_grid
 
-    from sea_ray.model.vision import build_vision_tower
+        grid, _ = tower_grid(cfg.model.vision)
+        if grid is None:  # only the weights know (a tower not described on this machine)
+            grid = self._built().grid
+        return tuple(int(x) for x in grid)
 
-    with torch.random.fork_rng(devices=[]):  # a random-init tower must not move the caller's random state
-        tower = build_vision_tower(cfg.model.vision, cfg.data.image_aspect)
-    mean = tuple(float(m) for m in tower.mean)
-    del tower
-    return mean
+    def pad_mean(self) -> Optional[tuple]:
+        """The tower's mean colour, which ``image_aspect=pad`` fills with (None with ``crop``,
+        which needs none). Only the built tower knows it for sure (open_clip's preprocessing
+        config, a Hugging Face dir's image processor), as the labels job does on its driver."""
+        if self.cfg.data.image_aspect != "pad":
+            return None
+        return tuple(float(m) for m in self._built().mean)
