@@ -62,6 +62,8 @@ WORLD_CLIP_ARCH = {
 WORLD_LLM_CONFIG = {"model_type": "llama", "hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4,
                     "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 512}
 WORLD_ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "world")
+# ~200 generic English sentences (written for sea_ray): language retention beyond the world's text
+SHIPPED_TEXTS = {"english": os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "text", "english.txt")}
 _WORLD_CLIP = {"backend": "open_clip", "name": "custom", "custom": WORLD_CLIP_ARCH,
                "weights": os.path.join(WORLD_ASSETS, "clip", "open_clip_model.safetensors")}
 _WORLD_LLM = {"name_or_path": os.path.join(WORLD_ASSETS, "llm")}

@@ -85,7 +85,8 @@ def test_one_chain_in_process_without_ray(tmp_path, world_dir):
     assert data["align_rows"] == 48 == len(data["align"]["sample_id"]) and data["instruct_rows"] > 48
     assert data["align"]["image"].shape == (48, 64, 64, 3) and len(data["align"]["label_ids"][0]) == 64 * 3
     metrics = run_chain(chain, data, 1, None)
-    for key in ("nw_align", "nw_final", "tacs", "modality_gap", "qa", "ppl_before", "ppl_after"):
+    for key in ("nw_align", "nw_final", "tacs", "modality_gap", "qa", "ppl_before", "ppl_after", "ppl_english_before",
+                "ppl_english_after"):
         assert metrics[key] is not None, key
     assert 0 <= metrics["qa"] <= 1 and metrics["ppl_before"] != metrics["ppl_after"]
     report = json.loads((tmp_path / "eval" / "sea-s0" / "report.json").read_text())

@@ -12,7 +12,9 @@ from __future__ import annotations
 import re
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from sea_ray.presets import SHIPPED_TEXTS
 
 ADAPTER_PATTERN = re.compile(r"^(linear|identity|mlp(\d+)x_gelu)$")
 
@@ -519,6 +521,11 @@ class EvalConfig(_Section):
                                  "a vocab.json; none = the world's training captions under the labels job's "
                                  "vocabulary rules (the vocab section's defaults). World only: own data is "
                                  "decoded over its labels' vocabulary")
+    perplexity_texts: list[str] = Field([], json_schema_extra=INPUT_PATH,
+                                        description="text files (one passage per line) on which `perplexity` "
+                                        "also measures the LLM alone before vs after: language retention beyond "
+                                        "the held-out data; `english` = the ~200 generic English sentences "
+                                        "shipped with sea_ray")
     top_k: int = Field(10, ge=1, description="TACS: the best visual-token cosines averaged per image")
     template: Literal["auto", "llava_v1", "chat"] = Field("auto", description="QA prompt template; auto = the "
                                                            "instruct checkpoint's own, else resolved from the "
@@ -535,6 +542,11 @@ class EvalConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available")
     ray: RayConfig = Field(RayConfig(), description="unused: evaluation runs in this process (kept so pipeline "
                            "wiring can pass its Ray section)")
+
+    @field_validator("perplexity_texts")
+    @classmethod
+    def _shipped_texts(cls, texts: list[str]) -> list[str]:
+        return [SHIPPED_TEXTS.get(t, t) for t in texts]
 
 
 # --------------------------------------------------------------------------- quickstart
