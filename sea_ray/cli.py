@@ -16,7 +16,7 @@ from typing import Callable
 
 import yaml
 
-from sea_ray import jobs, preflight, quickstart, storage
+from sea_ray import jobs, preflight, quickstart, storage, study
 from sea_ray import pipeline as pipelines
 from sea_ray import submit as remote
 from sea_ray.config.loading import apply_overrides, load_config, to_dict, validate
@@ -294,6 +294,19 @@ def _quickstart_args(p):
                    help="override settings, e.g. seeds=[0] align.max_steps=50 output=out/qs")
 
 
+def cmd_study(args) -> int:
+    """Comparisons of SEA against the baseline over seeds, and one report of the paired differences."""
+    study.run(load_config(args.config, args.overrides, job="study"))  # which checks every comparison first
+    return EXIT_OK
+
+
+def _study_args(p):
+    p.add_argument("--config", required=True, metavar="FILE",
+                   help="study config YAML, e.g. workflows/configs/study.yaml (docs/study.md)")
+    p.add_argument("overrides", nargs="*", metavar="dotted.key=value",
+                   help="override settings, e.g. output=out/study base.seeds=[0,1]")
+
+
 def cmd_generate(args) -> int:
     """Answer prompts about images with a trained checkpoint: one (``--prompt``), a JSONL file of
     them (``--prompts``), or typed one after the other (``--interactive``); the model loads once."""
@@ -373,6 +386,8 @@ def _export_args(p):
 
 VERBS["quickstart"] = ("the embedded default end to end: the paper's table in miniature (local Ray, offline)",
                        _quickstart_args, cmd_quickstart)
+VERBS["study"] = ("SEA against the baseline over seeds: LLM sizes, language retention, sensitivity; one report "
+                  "with confidence intervals and paired tests", _study_args, cmd_study)
 VERBS["generate"] = ("answer a prompt about an image with a trained checkpoint", _generate_args, cmd_generate)
 VERBS["export"] = ("write a checkpoint as a Hugging Face LLaVA folder (transformers, vLLM, lmms-eval)",
                    _export_args, cmd_export)

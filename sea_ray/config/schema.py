@@ -604,6 +604,48 @@ class QuickstartConfig(_Section):
     ray: RayConfig = RayConfig()
 
 
+# --------------------------------------------------------------------------- study
+
+
+class StudyComparisonConfig(_Section):
+    """One comparison of a study: a quickstart (baseline and +SEA, every seed) with its own settings."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="its folder under output and its "
+                      "row in the report")
+    question: str = Field("", description="the question it answers; the report groups comparisons by it (e.g. "
+                          "retention, llm_size, sensitivity)")
+    set: dict[str, Any] = Field({}, description="dotted quickstart keys applied over the study's base (preset, "
+                                "seeds, sea.weight, instruct.lr, set.instruct, ...)")
+    llm_layers: Optional[int] = Field(None, ge=1, description="train a world Llama of this many decoder layers "
+                                      "on world text as the shipped 4-layer one was (sea_ray.world.backbones."
+                                      "train_world_llm; cached under <output>/llms) and use it as the LLM of "
+                                      "align and instruct")
+    baseline_from: Optional[str] = Field(None, description="another comparison whose baseline arm this one pairs "
+                                         "with (it then trains only +SEA); allowed when the two differ only in "
+                                         "SEA settings, which the baseline does not use")
+
+
+class StudyLlmTrainConfig(_Section):
+    num_images: int = Field(16000, ge=10, description="world images whose text trains the world Llamas of "
+                            "llm_layers (the shipped LLM's recipe)")
+    epochs: int = Field(4, ge=1)
+
+
+class StudyConfig(_Section):
+    """``sea-ray study``: comparisons of SEA against the baseline, each a quickstart over several
+    seeds, and one report of the paired differences (see docs/study.md)."""
+
+    job: Literal["study"] = "study"
+    output: str = Field("./out/study", json_schema_extra=OUTPUT_PATH, description="root of every output (local "
+                        "dir): a folder per comparison, study.md, study.json, plots/")
+    base: dict[str, Any] = Field({}, description="dotted quickstart keys for every comparison (world size, steps, "
+                                 "seeds, ...)")
+    comparisons: list[StudyComparisonConfig] = Field(..., min_length=1)
+    llm_train: StudyLlmTrainConfig = StudyLlmTrainConfig()
+    confidence: float = Field(0.95, gt=0, lt=1, description="level of the differences' confidence intervals")
+    ray: RayConfig = RayConfig()
+
+
 # --------------------------------------------------------------------------- benchmark
 
 # lmms-eval task presets: the paper's eight benchmarks (Table 2), with the splits that score offline.
@@ -742,6 +784,7 @@ JOBS: dict[str, type[_Section]] = {
     "tune": TuneConfig,
     "eval": EvalConfig,
     "quickstart": QuickstartConfig,
+    "study": StudyConfig,
     "pipeline": PipelineConfig,
     "benchmark": BenchmarkConfig,
 }
