@@ -20,8 +20,9 @@ from sea_ray import jobs, preflight, quickstart, storage, study
 from sea_ray import pipeline as pipelines
 from sea_ray import submit as remote
 from sea_ray.config.loading import apply_overrides, load_config, to_dict, validate
-from sea_ray.config.schema import MAX_ERROR_FRACTION
+from sea_ray.config.schema import MAX_ERROR_FRACTION, ShardColumnsConfig
 from sea_ray.data.importer import import_manifest
+from sea_ray.data.shards import FORMATS
 from sea_ray.errors import ConfigError, DataError, SeaRayError
 from sea_ray.eval.generate import Generator, Sampling, generate, read_image, read_prompts
 from sea_ray.export.llava import export
@@ -64,9 +65,10 @@ def cmd_world(args) -> int:
 
 
 def cmd_import_manifest(args) -> int:
+    columns = ShardColumnsConfig(id=args.id_column, image=args.image_column, caption=args.caption_column)
     summary = import_manifest(args.input, args.output, image_root=args.image_root, embed_images=args.embed_images,
                               rows_per_shard=args.rows_per_shard, require_image=args.require_image,
-                              max_error_fraction=args.max_error_fraction)
+                              max_error_fraction=args.max_error_fraction, fmt=args.format, columns=columns)
     print(json.dumps(summary, indent=2, sort_keys=True))
     return EXIT_OK
 
@@ -147,7 +149,15 @@ def _world_args(p):
 
 
 def _import_args(p):
-    p.add_argument("--input", required=True, metavar="URI", help="LLaVA JSON/JSONL (or Parquet) manifest")
+    p.add_argument("--input", required=True, metavar="URI", help="LLaVA JSON/JSONL (or Parquet) manifest, or "
+                   "image-text shards: a .tar/.parquet file, a folder or a glob of them")
+    p.add_argument("--format", choices=FORMATS, default="auto",
+                   help="what --input holds (default: auto, by file names and columns; docs/data.md)")
+    p.add_argument("--id-column", metavar="C", help="image-text Parquet: the id column (default: key, else id)")
+    p.add_argument("--image-column", metavar="C", help="image-text shards: the image column or WebDataset "
+                   "extension (default: detected, e.g. jpg or image)")
+    p.add_argument("--caption-column", metavar="C", help="image-text shards: the caption column or WebDataset "
+                   "extension (default: detected, e.g. caption or txt)")
     p.add_argument("--output", required=True, metavar="URI", help="output folder of Parquet shards (local or s3://)")
     p.add_argument("--image-root", metavar="URI", help="folder the manifest's image paths are relative to")
     p.add_argument("--embed-images", action="store_true", help="store the image bytes in the shards")

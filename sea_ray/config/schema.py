@@ -184,10 +184,49 @@ def _label_grid() -> Any:
                  "scores onto the tower's grid by area (docs/labels.md); exact refuses a grid that differs")
 
 
+ManifestFormat = Literal["auto", "llava", "webdataset", "parquet"]
+
+
+def _manifest_format() -> Any:
+    """``data.format``: one definition for the labels job's data section and the stages'."""
+    return Field("auto", description="what data.manifest holds: llava (LLaVA JSON/JSONL, or Parquet with a "
+                 "conversations column, as sea-ray import-manifest writes), webdataset (.tar shards: <key>.jpg with "
+                 "<key>.txt and/or <key>.json, img2dataset's webdataset output), parquet (image-text Parquet: an "
+                 "image-bytes column, img2dataset's parquet output or a Hugging Face image struct); auto decides "
+                 "by file names and columns (docs/data.md)")
+
+
+class ShardColumnsConfig(_Section):
+    """The columns (Parquet) or member extensions (WebDataset) of image-text shards; none = detect."""
+
+    id: Optional[str] = Field(None, description="Parquet id column; none = key, else id (WebDataset: the "
+                              "member key)")
+    image: Optional[str] = Field(None, description="Parquet image column (bytes or a {bytes, path} struct) or "
+                                 "WebDataset image extension; none = the first of jpg, jpeg, png, webp, image, "
+                                 "image_bytes, img (WebDataset: jpg, jpeg, png, webp, bmp, gif, tif, tiff)")
+    caption: Optional[str] = Field(None, description="Parquet caption column or WebDataset caption extension; "
+                                   "none = caption, txt, text, TEXT (WebDataset: txt, caption, text, else the "
+                                   "caption of the .json member)")
+
+
+def _shard_columns() -> Any:
+    """``data.columns``: one definition for the labels job's data section and the stages'."""
+    return Field(ShardColumnsConfig(), description="image-text shards: which columns (members) hold the id, "
+                 "image and caption")
+
+
+def _manifest_field() -> Any:
+    """``data.manifest``: one definition for the labels job's data section and the stages'."""
+    return Field(..., json_schema_extra=INPUT_PATH,
+                 description="the samples (local or s3://): a LLaVA JSON/JSONL file, a Parquet file, a folder of "
+                 "Parquet (an imported manifest) or of image-text shards (.tar, .parquet), or a glob of shards "
+                 "(data.format)")
+
+
 class TrainDataConfig(_Section):
-    manifest: str = Field(..., json_schema_extra=INPUT_PATH,
-                          description="LLaVA JSON/JSONL or Parquet manifest (local or "
-                          "s3://)")
+    manifest: str = _manifest_field()
+    format: ManifestFormat = _manifest_format()
+    columns: ShardColumnsConfig = _shard_columns()
     image_root: Optional[str] = Field(None, json_schema_extra=INPUT_PATH, description="folder the manifest's image "
                                       "paths are relative to; none = the image root sea-ray import-manifest "
                                       "recorded for an imported manifest, else paths as given")
@@ -346,9 +385,9 @@ class LabelsComputeConfig(_Section):
 
 
 class LabelsDataConfig(_Section):
-    manifest: str = Field(..., json_schema_extra=INPUT_PATH,
-                          description="LLaVA JSON/JSONL or Parquet manifest (local or "
-                          "s3://)")
+    manifest: str = _manifest_field()
+    format: ManifestFormat = _manifest_format()
+    columns: ShardColumnsConfig = _shard_columns()
     image_root: Optional[str] = Field(None, json_schema_extra=INPUT_PATH,
                                       description="folder (local or s3://) the manifest's image paths are "
                                       "relative to; none = the image root sea-ray import-manifest recorded for "

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from sea_ray import storage
+from sea_ray.config.schema import AlignConfig, InstructConfig
 from sea_ray.constants import IGNORE_INDEX
 from sea_ray.data.images import split_transform, to_model_input
 from sea_ray.errors import DataError
@@ -41,8 +42,6 @@ log = logging.getLogger(__name__)
 
 
 def parse_config(raw: dict):
-    from sea_ray.config.schema import AlignConfig, InstructConfig
-
     return (AlignConfig if raw.get("job") == "align" else InstructConfig).model_validate(raw)
 
 
