@@ -161,6 +161,15 @@ class BatchConfig(_Section):
 class CheckpointConfig(_Section):
     every_n_steps: int = Field(500, ge=1)
     num_to_keep: Optional[int] = Field(2, ge=1)
+    format: Literal["auto", "full", "sharded"] = Field(
+        "auto", description="auto = sharded under FSDP, else full. full: rank 0 gathers the trainable tensors and the "
+        "optimizer state and writes model.safetensors and optimizer.pt; sharded: every rank writes its own shard "
+        "(torch.distributed.checkpoint), nothing is gathered. Both resume on any number of workers and load in eval, "
+        "export and generate (docs/align.md#outputs-and-resuming)")
+    upload: Literal["async", "sync"] = Field(
+        "async", description="async: training goes on while Ray Train uploads a checkpoint to the run storage (it "
+        "waits for the upload before the stage ends; a failed upload fails the worker, which resumes from the newest "
+        "complete checkpoint); sync: every rank waits for its upload")
 
 
 ImageAspect = Literal["pad", "crop"]
