@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from sea_ray.config.loading import validate
 from sea_ray.errors import NotInstalled
 from sea_ray.model import smollm2
 from sea_ray.presets import SMOLLM2_DIR
@@ -128,36 +127,14 @@ def test_world_words_map_to_smollm2_and_keep_their_neighbourhoods(smol, world_di
 def test_one_chain_with_the_preset_in_process(converted, tmp_path, world_dir):
     """align (2 steps) -> instruct (1 step) -> eval of the +SEA arm with the preset (oracle labels):
     the chat template renders the conversations, SEA's loss is computed on SmolLM2's targets."""
-    from sea_ray.checks import tower_image_size
     from sea_ray.data.templates import resolve_template
-    from sea_ray.model.vision import build_vision_tower
-    from sea_ray.quickstart import build_configs, run_chain
-    from sea_ray.train.data import preprocess_kwargs, source_of
-    from sea_ray.train.feed import materialize
-    from sea_ray.world.oracle import write_oracle_labels
+    from sea_ray.quickstart import run_chain
+    from tests.chains import world_chain
 
-    plan = build_configs(validate({"job": "quickstart", "output": str(tmp_path), "seeds": [0],
-                                   "preset": "world-clip-smollm2",
-                                   "align": {"max_steps": 2, "global_batch": 2},
-                                   "instruct": {"max_steps": 1, "global_batch": 2}, "eval_max_samples": 1}))
-    chain = plan["chains"][1]
+    chain, data = world_chain(world_dir, tmp_path, preset="world-clip-smollm2",
+                              align={"max_steps": 2, "global_batch": 2}, instruct={"max_steps": 1, "global_batch": 2},
+                              eval_max_samples=1)
     assert chain["align"].model.llm.name_or_path == SMOLLM2_DIR
-    labels = str(tmp_path / "oracle")
-    tower = build_vision_tower(chain["align"].model.vision, chain["align"].data.image_aspect)
-    write_oracle_labels(world_dir, labels, 8, tower.transform_spec())
-    world = str(world_dir)
-    chain["align"] = chain["align"].model_copy(update={"data": chain["align"].data.model_copy(update={
-        "labels": labels, "manifest": f"{world}/train/pretrain.json", "image_root": f"{world}/images"})})
-    chain["instruct"] = chain["instruct"].model_copy(update={"data": chain["instruct"].data.model_copy(update={
-        "manifest": f"{world}/train/instruct.json", "image_root": f"{world}/images"})})
-    for key in ("eval", "eval_align"):
-        chain[key] = chain[key].model_copy(update={"world": world, "vocab": None, "audit": None})
-    (image_size, _), _ = tower_image_size(chain["align"].model.vision)
-    data = {}
-    for stage in ("align", "instruct"):
-        source = source_of(chain[stage], shared=False)
-        data[stage] = materialize(source, preprocess_kwargs(chain[stage], image_size), in_process=True)
-        data[f"{stage}_rows"] = source.num_rows
     from sea_ray.model.llm import load_tokenizer
 
     assert resolve_template(chain["instruct"].template, load_tokenizer(SMOLLM2_DIR)) == "chat"
