@@ -1,26 +1,31 @@
 """Benchmark of the search: ASHA + TPE against random search without early stopping, at an
-equal trial budget, on the synthetic world (tiny models, oracle labels).
+equal compute budget, on the synthetic world (tiny models, oracle labels).
 
-Run (CPU, a few minutes; starts its own local Ray)::
+Run (CPU; starts its own local Ray; about a minute per seed on an idle 2-core machine)::
 
-    .venv/bin/python bench/tune.py                    # 16 trials each, 24 steps per trial, seeds 0 and 1
-    .venv/bin/python bench/tune.py --trials 24 --seeds 0 1 2 3
-    .venv/bin/python bench/tune.py --dry-run          # 3 trials of 6 steps, to check it runs
+    .venv/bin/python bench/tune.py                       # 8 seeds, budget 16 full trials of 24 steps
+    .venv/bin/python bench/tune.py --seeds 0 1 2 3 4 5 6 7 8 9 --grace 1 --startup 8
+    .venv/bin/python bench/tune.py --dry-run             # 2 seeds, a budget of 3 trials of 6 steps
 
-Both searches run ``sea_ray.tune.search.run`` in the same Ray session on the same data, space,
-held-out metric (``val_sea_loss``, see ``docs/tune.md``) and trial budget, one trial at a time so
-that trial-steps are counted exactly (and TPE sees every finished trial):
+The budget is compute, counted in trial-steps (optimizer steps summed over trials):
+``--trials`` full trials of ``--steps`` steps. Both searches run ``sea_ray.tune.search.run`` in
+the same Ray session on the same data, space and held-out metric (``val_sea_loss``, see
+``docs/tune.md``), one trial at a time so that trial-steps are counted exactly (and TPE sees
+every finished trial):
 
-- ``random``: ``searcher=random``, ASHA off: every trial trains all its steps;
+- ``random``: ``searcher=random``, ASHA off: ``--trials`` trials, each trains all its steps;
 - ``asha_tpe``: ``searcher=optuna`` (TPE, seeded) with ASHA on the metric reported every
-  ``--every`` steps.
+  ``--every`` steps, free to start as many trials as the budget allows: a Tune stopper ends the
+  search at the report where its trial-steps reach the budget.
 
-Per seed, the yardstick is the best metric random search found. For each search the script
-prints the trial-steps it spent (all its trials' optimizer steps, in the order they happened)
-until it first reported a metric at least that good; the last line is ``ratio: r`` = ASHA+TPE /
-random, trial-steps summed over the seeds (``inf`` if ASHA+TPE missed the target of any seed).
-Where random search finds its best is luck (its trials are exchangeable), so one seed says
-little: use several. Trial-steps, not seconds: no wall-clock value is asserted.
+A search's best is the best ``val_sea_loss`` any of its trials reported within the budget.
+Printed: per seed and search its best, trials and trial-steps; the fraction of seeds where ASHA +
+TPE's best is at least as good as random search's; the target, the median over the seeds of
+random search's best, and the trial-steps ASHA + TPE spent on each seed until it first reported
+a value at least that good (in time order). The last line is ``ratio: r`` = the median over the
+seeds of those trial-steps / the budget (``inf`` where ASHA + TPE missed the target on half the
+seeds or more; goal: at most 1/3, and ASHA + TPE better on at least 75% of the seeds). Trial-steps,
+not seconds: no wall-clock value is asserted.
 """
 
 from __future__ import annotations
@@ -30,10 +35,12 @@ import json
 import logging
 import math
 import os
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 for _key, _value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0",
                      "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "TOKENIZERS_PARALLELISM": "false",
@@ -44,7 +51,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 SPACE = {
-    "sea.init_temperature": {"type": "loguniform", "low": 0.01, "high": 0.5},
+    "sea.init_temperature": {"type": "loguniform", "low": 0.02, "high": 0.5},
     "sea.weight": {"type": "uniform", "low": 0.1, "high": 2.0},
     "optim.lr": {"type": "loguniform", "low": 1e-5, "high": 3e-2},
     "model.adapter.type": {"type": "choice", "values": ["linear", "mlp2x_gelu", "mlp3x_gelu"]},
@@ -68,13 +75,14 @@ def _world(root: Path, images: int):
     return world, labels
 
 
-def _config(args, world: Path, labels: Path, runs: Path, name: str, smart: bool):
+def _config(args, world: Path, labels: Path, runs: Path, name: str, smart: bool, trials: int):
     from sea_ray.config.loading import validate
 
     return validate({
-        "job": "tune", "num_samples": args.trials, "max_concurrent": 1, "trial_cpus": 2,
+        "job": "tune", "num_samples": trials, "max_concurrent": 1, "trial_cpus": 2,
         "report_every_n_steps": args.every, "seed": args.seed, "metric": "val_sea_loss", "mode": "min",
-        "searcher": "optuna" if smart else "random", "optuna": {"n_startup_trials": args.startup},
+        "searcher": "optuna" if smart else "random",
+        "optuna": {"n_startup_trials": args.startup, "gamma": args.gamma},
         "asha": {"enabled": smart, "grace_period": args.grace, "reduction_factor": args.reduction}, "plots": False,
         "validation": {"num_images": 24, "lm_loss": False},
         "base": {"model": {"preset": "tiny-openclip-llama"}, "run": {"name": name, "storage": str(runs), "seed": 0},
@@ -86,50 +94,78 @@ def _config(args, world: Path, labels: Path, runs: Path, name: str, smart: bool)
     })
 
 
-def trial_steps_to_reach(history, target: float):
-    """(trial-steps spent until the first report with metric <= target, or None; total trial-steps).
-
-    Reports are replayed in time order; the steps spent at a report are the sum over trials of the
-    last step each had reported by then."""
+def spend(history, budget: Optional[int] = None):
+    """The reports of ``history`` in time order with the trial-steps spent when each was made (the
+    sum over trials of the last step each had reported by then), cut at the report where the
+    spending reaches ``budget``. Returns ``[(trial_steps, trial_id, value), ...]``."""
     latest: dict[str, int] = {}
-    reached = None
+    out = []
     for row in history.sort_values("timestamp").itertuples():
         latest[row.trial_id] = max(latest.get(row.trial_id, 0), int(row.step))
-        if reached is None and row.val_sea_loss <= target + 1e-12:
-            reached = sum(latest.values())
-    return reached, sum(latest.values())
+        out.append((sum(latest.values()), row.trial_id, float(row.val_sea_loss)))
+        if budget is not None and out[-1][0] >= budget:
+            break
+    return out
+
+
+def steps_to_reach(reports, target: float) -> Optional[int]:
+    """Trial-steps spent at the first report at least as good as ``target`` (None: never)."""
+    return next((spent for spent, _, value in reports if value <= target + 1e-12), None)
 
 
 def expected_random_steps(history, target: float, steps: int) -> float:
     """Trial-steps random search needs to reach ``target``, averaged over every order of its
     trials (they are exchangeable: which one comes first is luck). With ``k`` of ``N`` trials
     reaching it, ``(N - k) / (k + 1)`` full trials come first on average, then the mean step at
-    which those ``k`` reach it."""
+    which those ``k`` reach it (inf when none does)."""
     reach = []
     for _, trial in history.sort_values("step").groupby("trial_id"):
         hit = trial[trial["val_sea_loss"] <= target + 1e-12]
         if len(hit):
             reach.append(int(hit["step"].iloc[0]))
     n, k = history["trial_id"].nunique(), len(reach)
-    return (n - k) / (k + 1) * steps + sum(reach) / k
+    return math.inf if k == 0 else (n - k) / (k + 1) * steps + sum(reach) / k
+
+
+def budget_stopper(budget: int):
+    """A Tune stopper that ends the search at the report where its trials' steps sum to ``budget``."""
+    from ray import tune
+
+    class Budget(tune.Stopper):
+        def __init__(self):
+            self.latest: dict[str, int] = {}
+
+        def __call__(self, trial_id, result):
+            if "step" in result:
+                self.latest[trial_id] = max(self.latest.get(trial_id, 0), int(result["step"]))
+            return self.stop_all()
+
+        def stop_all(self):
+            return sum(self.latest.values()) >= budget
+
+    return Budget()
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--trials", type=int, default=16, help="trial budget of each search")
+    parser.add_argument("--trials", type=int, default=16, help="the budget, in full trials (random search's trials)")
     parser.add_argument("--steps", type=int, default=24, help="optimizer steps of a full trial")
     parser.add_argument("--every", type=int, default=3, help="report (and ASHA time unit) cadence in steps")
-    parser.add_argument("--grace", type=int, default=2, help="ASHA grace period, in reports")
-    parser.add_argument("--reduction", type=int, default=3, help="ASHA reduction factor")
-    parser.add_argument("--startup", type=int, default=4, help="random TPE start-up trials")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3], help="one pair of searches per seed")
+    parser.add_argument("--grace", type=int, default=1, help="ASHA grace period, in reports")
+    parser.add_argument("--reduction", type=float, default=3, help="ASHA reduction factor")
+    parser.add_argument("--startup", type=int, default=8, help="random TPE start-up trials")
+    parser.add_argument("--gamma", type=float, default=0.25, help="TPE's good fraction (optuna.gamma)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(range(8)), help="one pair of searches per seed")
     parser.add_argument("--images", type=int, default=120, help="synthetic-world images (80%% train)")
     parser.add_argument("--out", help="keep the experiments here (default: a temporary folder)")
-    parser.add_argument("--dry-run", action="store_true", help="3 trials of 6 steps, one seed")
+    parser.add_argument("--dry-run", action="store_true", help="2 seeds, a budget of 3 trials of 6 steps")
     args = parser.parse_args()
     if args.dry_run:
-        args.trials, args.steps, args.every, args.startup, args.grace, args.seeds = 3, 6, 2, 1, 1, [0]
+        args.trials, args.steps, args.every, args.startup, args.grace, args.seeds = 3, 6, 2, 1, 1, [0, 1]
     logging.basicConfig(level=logging.WARNING)
+    budget = args.trials * args.steps
+    # enough trials for ASHA + TPE to spend the budget even if every one stops at its first rung
+    asha_trials = budget // min(args.steps, args.grace * args.every) + 1
 
     import pandas as pd
     import ray
@@ -141,43 +177,44 @@ def main() -> int:
     world, labels = _world(root, args.images)
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}})
-    lines, spent, expected = [], {"random": [], "asha_tpe": []}, {}
+    print(f"budget per search: {budget} trial-steps ({args.trials} full trials of {args.steps} steps); reports every "
+          f"{args.every} steps; ASHA grace {args.grace} report(s), reduction factor {args.reduction}; TPE "
+          f"{args.startup} start-up trials, gamma {args.gamma}; seeds {args.seeds}", flush=True)
+    found = {}  # seed -> search -> (history, reports within the budget, summary, seconds)
+    best = {}  # seed -> search -> the best value reported within the budget
     for seed in args.seeds:
-        out = {}
+        args.seed = seed
+        found[seed], best[seed] = {}, {}
         for name, smart in (("random", False), ("asha_tpe", True)):
-            args.seed = seed
             start = time.perf_counter()
-            summary = run(_config(args, world, labels, root / "runs", f"{name}-seed{seed}", smart))
+            cfg = _config(args, world, labels, root / "runs", f"{name}-seed{seed}", smart,
+                          asha_trials if smart else args.trials)
+            summary = run(cfg, stop=budget_stopper(budget) if smart else None)
             history = pd.read_parquet(root / "runs" / f"{name}-seed{seed}" / "history.parquet")
-            out[name] = (summary, history, time.perf_counter() - start)
-        target = float(out["random"][1]["val_sea_loss"].min())
-        expected[seed] = expected_random_steps(out["random"][1], target, args.steps)
-        for name, (summary, history, seconds) in out.items():
-            reached, total = trial_steps_to_reach(history, target)
-            spent[name].append(reached)
-            lines.append(json.dumps({"seed": seed, "search": name, "target": round(target, 4),
-                                     "trial_steps_to_reach": reached, "trial_steps_total": total,
-                                     "best_val_sea_loss": round(float(history["val_sea_loss"].min()), 4),
-                                     "status": summary["status"], "wall_s": round(seconds, 1)}))
+            reports = spend(history, budget)
+            found[seed][name] = (history, reports)
+            best[seed][name] = min(value for _, _, value in reports)
+            print(json.dumps({"seed": seed, "search": name, "best_val_sea_loss": round(best[seed][name], 4),
+                              "trials": len({trial for _, trial, _ in reports}), "trial_steps": reports[-1][0],
+                              "status": summary["status"], "wall_s": round(time.perf_counter() - start, 1)}),
+                  flush=True)
     ray.shutdown()
 
-    print(f"trial budget per search: {args.trials} trials of {args.steps} steps, reports every {args.every} steps; "
-          f"seeds {args.seeds}")
-    print("target per seed: the best val_sea_loss random search found with that seed")
-    for line in lines:
-        print(line)
-    random_total = sum(spent["random"])
-    if any(s is None for s in spent["asha_tpe"]):
-        print("ASHA+TPE did not reach random search's best with seed(s) "
-              f"{[s for s, r in zip(args.seeds, spent['asha_tpe']) if r is None]}")
-        ratio = math.inf
-    else:
-        ratio = sum(spent["asha_tpe"]) / random_total
-    print(f"trial-steps to reach (summed over seeds): random {random_total}, "
-          f"asha_tpe {sum(s for s in spent['asha_tpe'] if s is not None)}")
-    print(f"for reference, random search averaged over the orders of its trials: {sum(expected.values()):.0f} "
-          f"trial-steps ({', '.join(f'seed {k}: {v:.0f}' for k, v in expected.items())})")
-    print(f"ratio: {ratio:.3f}")
+    target = statistics.median(b["random"] for b in best.values())
+    reach = {seed: steps_to_reach(found[seed]["asha_tpe"][1], target) for seed in args.seeds}
+    wins = [seed for seed in args.seeds if best[seed]["asha_tpe"] <= best[seed]["random"] + 1e-12]
+    print(f"ASHA+TPE's best >= random search's best (val_sea_loss as low or lower) on {len(wins)}/{len(args.seeds)} "
+          f"seeds: fraction {len(wins) / len(args.seeds):.3f} (seeds {wins})")
+    median_steps = statistics.median(math.inf if r is None else r for r in reach.values())
+    expected = {seed: expected_random_steps(found[seed]["random"][0], target, args.steps) for seed in args.seeds}
+    print(f"target: the median over the seeds of random search's best, val_sea_loss {target:.4f}")
+    print("ASHA+TPE's trial-steps to reach it per seed: "
+          + ", ".join(f"{seed}: {'never' if r is None else r}" for seed, r in reach.items())
+          + f"; median {median_steps}")
+    print("for reference, random search's trial-steps to reach it, averaged over the orders of its trials: "
+          + ", ".join(f"{seed}: {v:.0f}" for seed, v in expected.items())
+          + f"; median {statistics.median(expected.values()):.0f}")
+    print(f"ratio: {median_steps / budget:.3f}")
     return 0
 
 

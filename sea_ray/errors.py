@@ -35,3 +35,7 @@ class TooManyErrors(DataError):
     def __init__(self, message: str, errors: int, rows: int):
         self.errors, self.rows = errors, rows
         super().__init__(message)
+
+
+class NotInstalled(SeaRayError):
+    """An optional package a model or job needs is not installed; the message says how to install it."""

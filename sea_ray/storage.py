@@ -358,13 +358,18 @@ def is_complete(uri: str) -> bool:
     return exists(join(uri, MARKER))
 
 
+def cache_root() -> Path:
+    """The local cache of downloads and converted models: ``$SEA_RAY_CACHE``, else ``~/.cache/sea_ray``."""
+    return Path(os.environ.get("SEA_RAY_CACHE") or Path.home() / ".cache" / "sea_ray")
+
+
 def local_copy(uri: str, cache_dir: str | None = None) -> str:
     """A local path for ``uri``: the path itself when local, else a cached download
     (a file or a whole folder), keyed by the URI so repeated calls reuse it."""
     if not is_remote(uri):
         return os.path.abspath(_strip_file_scheme(str(uri)))
-    cache_root = Path(cache_dir or os.environ.get("SEA_RAY_CACHE", Path.home() / ".cache" / "sea_ray"))
-    target = cache_root / "downloads" / hashlib.sha256(str(uri).encode()).hexdigest()[:16]
+    root = Path(cache_dir) if cache_dir else cache_root()
+    target = root / "downloads" / hashlib.sha256(str(uri).encode()).hexdigest()[:16]
     done = target / ".complete"
     fs, path = fsspec_fs(uri)
     name = path.rstrip("/").split("/")[-1]

@@ -34,7 +34,7 @@ def test_every_shipped_config_validates(path):
 
 def test_shipped_configs_exist_for_every_job():
     jobs = {yaml.safe_load(p.read_text())["job"] for p in CONFIGS}
-    assert jobs == {"labels", "align", "instruct", "tune", "eval", "pipeline", "benchmark"}
+    assert jobs == {"labels", "align", "instruct", "tune", "eval", "pipeline", "benchmark", "study"}
 
 
 def test_broken_config_lists_every_error():

@@ -309,9 +309,15 @@ def test_eval_job_end_to_end_writes_the_report(tmp_path, world_dir):
     from sea_ray.eval.job import run
 
     uri = _fake_checkpoint(tmp_path, world_dir, "instruct", perturb_llm=True)
+    own_text = tmp_path / "notes.txt"
+    own_text.write_text("a red circle\n\nthe quick brown fox jumps over the lazy dog\n")
     cfg = validate({"job": "eval", "checkpoint": str(Path(uri).parent), "world": str(world_dir),
-                    "output": str(tmp_path / "eval"), "max_samples": 3, "device": "cpu"})
+                    "output": str(tmp_path / "eval"), "max_samples": 3, "device": "cpu",
+                    "perplexity_texts": ["english", str(own_text)]})
     summary = run(cfg)
+    # language retention on text that is not the world's: the shipped English sentences and a file of one's own
+    english, notes = summary["perplexity_english_before"], summary["perplexity_notes_after"]
+    assert english > 1 and notes > 1 and summary["perplexity_english_after"] != pytest.approx(english)
     assert summary["stage"] == "instruct" and summary["checkpoint"] == uri and summary["images"] == 3
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     from sea_ray.world.generator import load_ground_truth
@@ -328,7 +334,13 @@ def test_eval_job_end_to_end_writes_the_report(tmp_path, world_dir):
     assert -1.0 <= a["tacs"] <= 1.0 and 0.0 <= a["modality_gap"] <= 2.0
     p = report["perplexity"]
     assert p["llm_changed"] and p["perplexity_before"] != pytest.approx(p["perplexity_after"])
+    from sea_ray.presets import SHIPPED_TEXTS
+
+    shipped = [line for line in Path(SHIPPED_TEXTS["english"]).read_text().splitlines() if line.strip()]
+    assert report["perplexity_texts"]["english"]["texts"] == len(shipped) >= 200
+    assert report["perplexity_texts"]["notes"]["texts"] == 2
     md = (tmp_path / "eval" / "report.md").read_text()
+    assert "| english |" in md and "| notes |" in md
     assert "nearest-word accuracy" in md and "QA accuracy" in md and (tmp_path / "eval" / "plots" /
                                                                       "qa_by_type.png").exists()
 

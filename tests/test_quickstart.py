@@ -55,37 +55,16 @@ def test_bad_settings_are_listed_per_job_before_anything_runs(tmp_path):
 
 def test_one_chain_in_process_without_ray(tmp_path, world_dir):
     """align -> instruct -> eval of the +SEA arm with oracle labels, on the session world."""
-    from sea_ray.world.oracle import write_oracle_labels
-    from sea_ray.model.vision import build_vision_tower
-    from sea_ray.checks import tower_image_size
-    from sea_ray.quickstart import build_configs, run_chain
-    from sea_ray.train.data import preprocess_kwargs, source_of
-    from sea_ray.train.feed import materialize
+    from sea_ray.quickstart import run_chain
+    from tests.chains import world_chain
 
-    plan = build_configs(validate({"job": "quickstart", "output": str(tmp_path), "seeds": [0],
-                                   "align": {"max_steps": 2, "global_batch": 4},
-                                   "instruct": {"max_steps": 2, "global_batch": 4}, "eval_max_samples": 2}))
-    chain = plan["chains"][1]
-    labels = str(tmp_path / "oracle")
-    tower = build_vision_tower(chain["align"].model.vision, chain["align"].data.image_aspect)
-    write_oracle_labels(world_dir, labels, 8, tower.transform_spec())
-    world = str(world_dir)
-    chain["align"] = chain["align"].model_copy(update={"data": chain["align"].data.model_copy(update={
-        "labels": labels, "manifest": f"{world}/train/pretrain.json", "image_root": f"{world}/images"})})
-    chain["instruct"] = chain["instruct"].model_copy(update={"data": chain["instruct"].data.model_copy(update={
-        "manifest": f"{world}/train/instruct.json", "image_root": f"{world}/images"})})
-    for key in ("eval", "eval_align"):
-        chain[key] = chain[key].model_copy(update={"world": world, "vocab": None, "audit": None})
-    (image_size, _), _ = tower_image_size(chain["align"].model.vision)
-    data = {}
-    for stage in ("align", "instruct"):  # the quickstart's ingest, in this process
-        source = source_of(chain[stage], shared=False)
-        data[stage] = materialize(source, preprocess_kwargs(chain[stage], image_size), in_process=True)
-        data[f"{stage}_rows"] = source.num_rows
+    chain, data = world_chain(world_dir, tmp_path, align={"max_steps": 2, "global_batch": 4},
+                              instruct={"max_steps": 2, "global_batch": 4}, eval_max_samples=2)
     assert data["align_rows"] == 48 == len(data["align"]["sample_id"]) and data["instruct_rows"] > 48
     assert data["align"]["image"].shape == (48, 64, 64, 3) and len(data["align"]["label_ids"][0]) == 64 * 3
     metrics = run_chain(chain, data, 1, None)
-    for key in ("nw_align", "nw_final", "tacs", "modality_gap", "qa", "ppl_before", "ppl_after"):
+    for key in ("nw_align", "nw_final", "tacs", "modality_gap", "qa", "ppl_before", "ppl_after", "ppl_english_before",
+                "ppl_english_after"):
         assert metrics[key] is not None, key
     assert 0 <= metrics["qa"] <= 1 and metrics["ppl_before"] != metrics["ppl_after"]
     report = json.loads((tmp_path / "eval" / "sea-s0" / "report.json").read_text())

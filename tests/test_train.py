@@ -5,6 +5,7 @@ instruct run."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -221,17 +222,34 @@ def test_a_published_checkpoint_gets_its_marker_last(tmp_path, monkeypatch):
     assert ckpt.latest_complete(str(tmp_path / "run")) == str(tmp_path / "run" / ckpt.step_dir_name(2))
 
 
-def test_instruct_from_the_adapter_of_an_align_run_in_a_bucket(reference, labelled_world, bucket):
+def _instruct_raw(world, storage_uri, name, **extra):
+    raw = {"job": "instruct", "model": {"preset": "tiny-openclip-llama"}, "run": {"name": name, "storage": storage_uri},
+           "data": {"manifest": f"{world}/train/instruct.json", "image_root": f"{world}/images", "max_length": 96},
+           "scaling": {"num_workers": 2}, "batch": {"global_size": 8, "per_worker": 4},
+           "optim": {"max_steps": INSTRUCT_STEPS}, "checkpoint": {"every_n_steps": 2, "num_to_keep": None},
+           "strategy": "fsdp"}
+    for key, value in extra.items():
+        raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
+    return raw
+
+
+INSTRUCT_STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def s3_instruct(reference, labelled_world, bucket):
+    """Instruct on two FSDP2 workers from the align run's adapter, its checkpoints (steps 2 and 4)
+    in the bucket, sharded (checkpoint.format auto under FSDP) and uploaded asynchronously (the
+    default): the yardstick of the resume on other world sizes."""
     world, _ = labelled_world
+    return run(validate(_instruct_raw(world, f"{bucket}/runs", "s3-instruct", init_adapter=f"{bucket}/runs/reference")))
+
+
+def test_instruct_from_the_adapter_of_an_align_run_in_a_bucket(reference, s3_instruct, bucket):
     runs = f"{bucket}/runs"
     assert ckpt.is_complete(reference["checkpoint"])
     assert reference["checkpoint"] == f"{runs}/reference/{ckpt.step_dir_name(STEPS)}"
-    instruct = run(validate({
-        "job": "instruct", "model": {"preset": "tiny-openclip-llama"}, "init_adapter": f"{runs}/reference",
-        "run": {"name": "s3-instruct", "storage": runs},
-        "data": {"manifest": f"{world}/train/instruct.json", "image_root": f"{world}/images", "max_length": 96},
-        "scaling": {"num_workers": 2}, "batch": {"global_size": 8, "per_worker": 4},
-        "optim": {"max_steps": 3}, "checkpoint": {"every_n_steps": 3}, "strategy": "fsdp"}))
+    instruct = s3_instruct
     saved = ckpt.load_checkpoint(instruct["checkpoint"])
     assert saved["meta"]["stage"] == "instruct"
     assert any(k.startswith("llm.") for k in saved["model"]) and any(k.startswith("adapter.") for k in saved["model"])
@@ -240,6 +258,88 @@ def test_instruct_from_the_adapter_of_an_align_run_in_a_bucket(reference, labell
     start = _adapter(reference["checkpoint"])
     assert any(not torch.equal(saved["model"][k], start[k]) for k in start)
     assert "loss_sea" not in instruct["metrics"] and instruct["metrics"]["loss_lm"] > 0
+
+
+def test_fsdp_checkpoints_are_sharded_every_rank_its_shard_and_one_missing_shard_makes_one_incomplete(
+        s3_instruct, labelled_world, tmp_path):
+    """Each FSDP rank wrote its own shard of the trainable tensors and of the optimizer state
+    (nothing gathered on rank 0), Ray Train merged the ranks' folders into the step folder in the
+    bucket, and meta.json lists every rank's files: without one shard the checkpoint is incomplete."""
+    from sea_ray.train.loop import build_model
+
+    uri = s3_instruct["checkpoint"]
+    assert uri.endswith(ckpt.step_dir_name(INSTRUCT_STEPS))
+    assert [s for s, _ in ckpt.list_checkpoints(s3_instruct["run"])] == [2, INSTRUCT_STEPS]
+    meta = json.loads(storage.read_text(f"{uri}/{ckpt.META_FILE}"))
+    assert meta["format"] == "sharded" and meta["world_size"] == 2
+    for part in (ckpt.MODEL_DIR, ckpt.OPTIM_DIR):
+        assert {f"{part}/.metadata", f"{part}/__0_0.distcp", f"{part}/__1_0.distcp"} <= set(meta["files"])
+    assert ckpt.MODEL_FILE not in meta["files"]
+    # trainable tensors only: the adapter and the LLM, at full size, not the frozen tower
+    saved = ckpt.sharded_keys(uri)
+    model, _ = build_model(validate(_instruct_raw(labelled_world[0], str(tmp_path), "unused")))
+    trainable = {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
+    assert {k: shape for k, (shape, _) in saved.items()} == trainable
+    # a copy of the checkpoint without rank 1's model shard
+    fs, path = storage.fsspec_fs(uri)
+    local = tmp_path / "run" / ckpt.step_dir_name(INSTRUCT_STEPS)
+    fs.get(path.rstrip("/") + "/", str(local) + "/", recursive=True)
+    assert ckpt.is_complete(str(local))
+    (local / "model" / "__1_0.distcp").unlink()
+    assert not ckpt.is_complete(str(local)) and ckpt.latest_complete(str(tmp_path / "run")) is None
+
+
+def test_a_sharded_run_resumes_on_one_worker_and_again_on_two_and_ends_where_the_uninterrupted_run_does(
+        s3_instruct, labelled_world, tmp_path):
+    """2 -> 1 -> 2 workers: the bucket run's step-2 checkpoint (2 FSDP workers) resumed on 1 worker
+    (DCP reads both shards into the unsharded model; upload sync) to step 3, that checkpoint (1
+    worker) resumed on 2 FSDP workers to the end: the final trainable tensors and the AdamW moments
+    equal the uninterrupted 2-worker run's (same global batches; only the reduction order differs)."""
+    world, _ = labelled_world
+    fs, path = storage.fsspec_fs(f"{s3_instruct['run']}/{ckpt.step_dir_name(2)}")
+    run_dir = tmp_path / "elastic"
+    fs.get(path.rstrip("/") + "/", str(run_dir / ckpt.step_dir_name(2)) + "/", recursive=True)
+    init = {"init_adapter": s3_instruct["run"].replace("s3-instruct", "reference")}
+    one = run(validate(_instruct_raw(world, str(tmp_path), "elastic", scaling={"num_workers": 1},
+                                     checkpoint={"every_n_steps": 1, "upload": "sync"}, **init)))
+    assert [s for s, _ in ckpt.list_checkpoints(one["run"])] == [2, 3, 4]
+    assert json.loads((run_dir / ckpt.step_dir_name(3) / ckpt.META_FILE).read_text())["world_size"] == 1
+    # the 1-worker run as if stopped after step 3: its step-3 checkpoint alone in a run folder
+    shutil.copytree(run_dir / ckpt.step_dir_name(3), tmp_path / "elastic-2" / ckpt.step_dir_name(3))
+    two = run(validate(_instruct_raw(world, str(tmp_path), "elastic-2", **init)))
+    assert [s for s, _ in ckpt.list_checkpoints(two["run"])] == [3, 4]
+    assert json.loads(storage.read_text(f"{two['checkpoint']}/{ckpt.META_FILE}"))["world_size"] == 2
+    got, want = ckpt.load_checkpoint(two["checkpoint"]), ckpt.load_checkpoint(s3_instruct["checkpoint"])
+    assert got["state"] == want["state"] and set(got["model"]) == set(want["model"])
+    diff = max((got["model"][k] - want["model"][k]).abs().max().item() for k in want["model"])
+    print(f"2 -> 1 -> 2 workers vs uninterrupted: max abs difference of the trainable tensors {diff:.3g}")
+    for key in want["model"]:
+        torch.testing.assert_close(got["model"][key], want["model"][key], rtol=1e-4, atol=1e-6)
+    got_adam, want_adam = got["optimizer"]["optimizer"]["state"], want["optimizer"]["optimizer"]["state"]
+    assert set(got_adam) == set(want_adam)
+    for key in want_adam:
+        torch.testing.assert_close(got_adam[key]["exp_avg"], want_adam[key]["exp_avg"], rtol=1e-4, atol=1e-7)
+        assert float(got_adam[key]["step"]) == float(want_adam[key]["step"]) == INSTRUCT_STEPS
+
+
+def test_eval_and_export_read_a_sharded_checkpoint(s3_instruct, tmp_path):
+    """The single-process readers take the sharded checkpoint in the bucket whole, without a
+    process group: eval's model loading and export's LLaVA folder hold its trained tensors."""
+    from safetensors.torch import load_file
+
+    from sea_ray.eval.loading import load_model
+    from sea_ray.export.llava import export
+
+    state = ckpt.load_model_state(s3_instruct["checkpoint"])
+    model, info = load_model(s3_instruct["run"])
+    assert info["checkpoint"] == s3_instruct["checkpoint"] and info["stage"] == "instruct"
+    own = model.state_dict()
+    assert all(torch.equal(own[k], v) for k, v in state.items())
+    export(s3_instruct["run"], str(tmp_path / "hf"))
+    exported = load_file(tmp_path / "hf" / "model.safetensors")
+    embed = [k for k in exported if k.endswith("embed_tokens.weight")]
+    trained = state["llm.model.embed_tokens.weight"]  # the export appends the image token's row
+    assert len(embed) == 1 and torch.equal(exported[embed[0]][: len(trained)], trained)
 
 
 def test_lora_instruct_under_fsdp_checkpoints_its_lora_weights_and_the_adapter(reference, labelled_world, tmp_path):
@@ -287,6 +387,18 @@ def test_scale_out_semantics_and_schedule():
         optimizer.step()
         scheduler.step()
     assert [lrs[s] for s in (0, 2, 3, 8, 13)] == [0.0, 0.667, 1.0, 0.5, 0.0]
+
+
+@pytest.mark.parametrize("warmup, steps", [(0, 1), (0, 7), (3, 13), (5, 5), (2, 1000)])
+def test_the_lr_schedule_is_transformers_cosine_with_warmup(warmup, steps):
+    from transformers.optimization import get_cosine_schedule_with_warmup
+
+    from sea_ray.train.loop import lr_factor
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    reference = get_cosine_schedule_with_warmup(opt, warmup, steps).lr_lambdas[0]
+    ours = lr_factor(warmup, steps)
+    assert [ours(s) for s in range(steps + 1)] == pytest.approx([reference(s) for s in range(steps + 1)], abs=1e-12)
 
 
 def test_tensorboard_events_reach_a_bucket_at_every_checkpoint_not_only_at_the_end(s3_bucket):

@@ -323,3 +323,24 @@ def test_trials_see_absolute_local_paths(tmp_path, monkeypatch):
 def test_shipped_tiny_tune_config_is_valid():
     cfg = load_config(Path(__file__).parents[1] / "workflows" / "configs" / "tiny_tune.yaml")
     assert cfg.job == "tune" and cfg.searcher == "optuna" and cfg.asha.enabled
+
+
+def test_the_search_benchmark_counts_compute_in_trial_steps_and_stops_at_the_budget():
+    """bench/tune.py's accounting: a report's trial-steps are the sum of every trial's last
+    reported step, the replay is cut at the report that reaches the budget, and its Tune stopper
+    ends the search (and the trial) at that same report."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_tune", Path(__file__).parents[1] / "bench" / "tune.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    history = pd.DataFrame({"trial_id": ["a", "a", "b", "a", "b", "c"], "step": [3, 6, 3, 9, 6, 3],
+                            "val_sea_loss": [2.0, 1.8, 1.9, 1.5, 1.2, 1.0], "timestamp": range(6)})
+    reports = bench.spend(history, budget=18)
+    assert [spent for spent, _, _ in reports] == [3, 6, 9, 12, 15, 18]
+    assert bench.spend(history, budget=14)[-1] == (15, "b", 1.2)  # cut at the report that reaches it
+    assert bench.steps_to_reach(reports, 1.5) == 12 and bench.steps_to_reach(reports, 0.5) is None
+    stop = bench.budget_stopper(15)
+    assert [stop(t, {"step": s}) for t, s in zip(history["trial_id"], history["step"])] == [
+        False, False, False, False, True, True]
+    assert stop.stop_all()

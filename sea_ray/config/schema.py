@@ -12,7 +12,9 @@ from __future__ import annotations
 import re
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from sea_ray.presets import SHIPPED_TEXTS
 
 ADAPTER_PATTERN = re.compile(r"^(linear|identity|mlp(\d+)x_gelu)$")
 
@@ -163,6 +165,15 @@ class BatchConfig(_Section):
 class CheckpointConfig(_Section):
     every_n_steps: int = Field(500, ge=1)
     num_to_keep: Optional[int] = Field(2, ge=1)
+    format: Literal["auto", "full", "sharded"] = Field(
+        "auto", description="auto = sharded under FSDP, else full. full: rank 0 gathers the trainable tensors and the "
+        "optimizer state and writes model.safetensors and optimizer.pt; sharded: every rank writes its own shard "
+        "(torch.distributed.checkpoint), nothing is gathered. Both resume on any number of workers and load in eval, "
+        "export and generate (docs/align.md#outputs-and-resuming)")
+    upload: Literal["async", "sync"] = Field(
+        "async", description="async: training goes on while Ray Train uploads a checkpoint to the run storage (it "
+        "waits for the upload before the stage ends; a failed upload fails the worker, which resumes from the newest "
+        "complete checkpoint); sync: every rank waits for its upload")
 
 
 ImageAspect = Literal["pad", "crop"]
@@ -186,10 +197,49 @@ def _label_grid() -> Any:
                  "scores onto the tower's grid by area (docs/labels.md); exact refuses a grid that differs")
 
 
+ManifestFormat = Literal["auto", "llava", "webdataset", "parquet"]
+
+
+def _manifest_format() -> Any:
+    """``data.format``: one definition for the labels job's data section and the stages'."""
+    return Field("auto", description="what data.manifest holds: llava (LLaVA JSON/JSONL, or Parquet with a "
+                 "conversations column, as sea-ray import-manifest writes), webdataset (.tar shards: <key>.jpg with "
+                 "<key>.txt and/or <key>.json, img2dataset's webdataset output), parquet (image-text Parquet: an "
+                 "image-bytes column, img2dataset's parquet output or a Hugging Face image struct); auto decides "
+                 "by file names and columns (docs/data.md)")
+
+
+class ShardColumnsConfig(_Section):
+    """The columns (Parquet) or member extensions (WebDataset) of image-text shards; none = detect."""
+
+    id: Optional[str] = Field(None, description="Parquet id column; none = key, else id (WebDataset: the "
+                              "member key)")
+    image: Optional[str] = Field(None, description="Parquet image column (bytes or a {bytes, path} struct) or "
+                                 "WebDataset image extension; none = the first of jpg, jpeg, png, webp, image, "
+                                 "image_bytes, img (WebDataset: jpg, jpeg, png, webp, bmp, gif, tif, tiff)")
+    caption: Optional[str] = Field(None, description="Parquet caption column or WebDataset caption extension; "
+                                   "none = caption, txt, text, TEXT (WebDataset: txt, caption, text, else the "
+                                   "caption of the .json member)")
+
+
+def _shard_columns() -> Any:
+    """``data.columns``: one definition for the labels job's data section and the stages'."""
+    return Field(ShardColumnsConfig(), description="image-text shards: which columns (members) hold the id, "
+                 "image and caption")
+
+
+def _manifest_field() -> Any:
+    """``data.manifest``: one definition for the labels job's data section and the stages'."""
+    return Field(..., json_schema_extra=INPUT_PATH,
+                 description="the samples (local or s3://): a LLaVA JSON/JSONL file, a Parquet file, a folder of "
+                 "Parquet (an imported manifest) or of image-text shards (.tar, .parquet), or a glob of shards "
+                 "(data.format)")
+
+
 class TrainDataConfig(_Section):
-    manifest: str = Field(..., json_schema_extra=INPUT_PATH,
-                          description="LLaVA JSON/JSONL or Parquet manifest (local or "
-                          "s3://)")
+    manifest: str = _manifest_field()
+    format: ManifestFormat = _manifest_format()
+    columns: ShardColumnsConfig = _shard_columns()
     image_root: Optional[str] = Field(None, json_schema_extra=INPUT_PATH, description="folder the manifest's image "
                                       "paths are relative to; none = the image root sea-ray import-manifest "
                                       "recorded for an imported manifest, else paths as given")
@@ -348,9 +398,9 @@ class LabelsComputeConfig(_Section):
 
 
 class LabelsDataConfig(_Section):
-    manifest: str = Field(..., json_schema_extra=INPUT_PATH,
-                          description="LLaVA JSON/JSONL or Parquet manifest (local or "
-                          "s3://)")
+    manifest: str = _manifest_field()
+    format: ManifestFormat = _manifest_format()
+    columns: ShardColumnsConfig = _shard_columns()
     image_root: Optional[str] = Field(None, json_schema_extra=INPUT_PATH,
                                       description="folder (local or s3://) the manifest's image paths are "
                                       "relative to; none = the image root sea-ray import-manifest recorded for "
@@ -523,6 +573,11 @@ class EvalConfig(_Section):
                                  "a vocab.json; none = the world's training captions under the labels job's "
                                  "vocabulary rules (the vocab section's defaults). World only: own data is "
                                  "decoded over its labels' vocabulary")
+    perplexity_texts: list[str] = Field([], json_schema_extra=INPUT_PATH,
+                                        description="text files (one passage per line) on which `perplexity` "
+                                        "also measures the LLM alone before vs after: language retention beyond "
+                                        "the held-out data; `english` = the ~200 generic English sentences "
+                                        "shipped with sea_ray")
     top_k: int = Field(10, ge=1, description="TACS: the best visual-token cosines averaged per image")
     template: Literal["auto", "llava_v1", "chat"] = Field("auto", description="QA prompt template; auto = the "
                                                            "instruct checkpoint's own, else resolved from the "
@@ -539,6 +594,11 @@ class EvalConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available")
     ray: RayConfig = Field(RayConfig(), description="unused: evaluation runs in this process (kept so pipeline "
                            "wiring can pass its Ray section)")
+
+    @field_validator("perplexity_texts")
+    @classmethod
+    def _shipped_texts(cls, texts: list[str]) -> list[str]:
+        return [SHIPPED_TEXTS.get(t, t) for t in texts]
 
 
 # --------------------------------------------------------------------------- quickstart
@@ -593,6 +653,48 @@ class QuickstartConfig(_Section):
                                                 "(in-process recipe, Ray Data ingest), several at once; ray_train: "
                                                 "every stage is a TorchTrainer run, one after the other")
     cpus_per_task: float = Field(1.0, gt=0, description="tasks mode: CPUs (and torch threads) per seed x arm")
+    ray: RayConfig = RayConfig()
+
+
+# --------------------------------------------------------------------------- study
+
+
+class StudyComparisonConfig(_Section):
+    """One comparison of a study: a quickstart (baseline and +SEA, every seed) with its own settings."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="its folder under output and its "
+                      "row in the report")
+    question: str = Field("", description="the question it answers; the report groups comparisons by it (e.g. "
+                          "retention, llm_size, sensitivity)")
+    set: dict[str, Any] = Field({}, description="dotted quickstart keys applied over the study's base (preset, "
+                                "seeds, sea.weight, instruct.lr, set.instruct, ...)")
+    llm_layers: Optional[int] = Field(None, ge=1, description="train a world Llama of this many decoder layers "
+                                      "on world text as the shipped 4-layer one was (sea_ray.world.backbones."
+                                      "train_world_llm; cached under <output>/llms) and use it as the LLM of "
+                                      "align and instruct")
+    baseline_from: Optional[str] = Field(None, description="another comparison whose baseline arm this one pairs "
+                                         "with (it then trains only +SEA); allowed when the two differ only in "
+                                         "SEA settings, which the baseline does not use")
+
+
+class StudyLlmTrainConfig(_Section):
+    num_images: int = Field(16000, ge=10, description="world images whose text trains the world Llamas of "
+                            "llm_layers (the shipped LLM's recipe)")
+    epochs: int = Field(4, ge=1)
+
+
+class StudyConfig(_Section):
+    """``sea-ray study``: comparisons of SEA against the baseline, each a quickstart over several
+    seeds, and one report of the paired differences (see docs/study.md)."""
+
+    job: Literal["study"] = "study"
+    output: str = Field("./out/study", json_schema_extra=OUTPUT_PATH, description="root of every output (local "
+                        "dir): a folder per comparison, study.md, study.json, plots/")
+    base: dict[str, Any] = Field({}, description="dotted quickstart keys for every comparison (world size, steps, "
+                                 "seeds, ...)")
+    comparisons: list[StudyComparisonConfig] = Field(..., min_length=1)
+    llm_train: StudyLlmTrainConfig = StudyLlmTrainConfig()
+    confidence: float = Field(0.95, gt=0, lt=1, description="level of the differences' confidence intervals")
     ray: RayConfig = RayConfig()
 
 
@@ -734,6 +836,7 @@ JOBS: dict[str, type[_Section]] = {
     "tune": TuneConfig,
     "eval": EvalConfig,
     "quickstart": QuickstartConfig,
+    "study": StudyConfig,
     "pipeline": PipelineConfig,
     "benchmark": BenchmarkConfig,
 }

@@ -1,9 +1,17 @@
-"""``sea-ray import-manifest``: LLaVA JSON/JSONL (or Parquet) -> validated Parquet shards.
+"""``sea-ray import-manifest``: LLaVA JSON/JSONL (or Parquet), or image-text shards -> validated Parquet shards.
 
 Usage::
 
     sea-ray import-manifest --input blip_laion_cc_sbu_558k.json --output s3://bucket/manifests/lcs558k \\
         [--image-root s3://bucket/images] [--embed-images] [--rows-per-shard N] [--require-image]
+    sea-ray import-manifest --input s3://bucket/laion-wds/ --output s3://bucket/manifests/laion \\
+        [--format webdataset|parquet] [--id-column C] [--image-column C] [--caption-column C]
+
+Image-text shards (WebDataset tars, img2dataset's or any image Parquet; :mod:`sea_ray.data.shards`)
+are imported with their images embedded: each caption becomes a one-turn conversation
+(:func:`sea_ray.data.manifest.caption_conversation`), each image is read from its shard and
+decoded, and a bad sample (no caption, an image without its text member, an img2dataset status
+other than success, an image that does not decode) is an error row like any other.
 
 Output folder (local or ``s3://``)::
 
@@ -41,7 +49,8 @@ import pyarrow.parquet as pq
 
 from sea_ray import paths, storage
 from sea_ray.config.schema import MAX_ERROR_FRACTION
-from sea_ray.data import budget
+from sea_ray.data import budget, shards
+from sea_ray.data.shards import read_members
 from sea_ray.data.manifest import manifest_error, read_manifest, rows_to_table
 from sea_ray.errors import DataError, TooManyErrors
 from sea_ray.labels.schema import ERRORS_SCHEMA
@@ -58,13 +67,17 @@ IO_THREADS = 16
 def _check_images(rows: list[dict], image_root: Optional[str], max_pixels: Optional[int],
                   pool: ThreadPoolExecutor) -> list[tuple[Optional[bytes], Optional[str]]]:
     """(bytes, None) or (None, reason) per row: each image read where
-    :func:`~sea_ray.storage.resolve_image` says (the labels job's rule) and decoded by the labels
+    :func:`~sea_ray.storage.resolve_image` says (the labels job's rule), or from its shard (a
+    ``member``, :func:`sea_ray.data.shards.read_members`), and decoded by the labels
     job's :func:`~sea_ray.data.images.decode_image` (same bomb limit, truncation and format checks),
     so an image embedded here is one the labels job can label."""
     from sea_ray.data.images import decode_image
 
-    uris = [storage.resolve_image(r["image"], image_root) for r in rows]
+    uris = [None if r.get("member") else storage.resolve_image(r["image"], image_root) for r in rows]
     fetched = storage.read_many(uris, threads=IO_THREADS)
+    members = [i for i, r in enumerate(rows) if r.get("member")]  # shard rows: their members' bytes
+    for i, got in zip(members, read_members([rows[i]["member"] for i in members], cache={})):
+        fetched[i] = got
 
     def check(item):
         data, reason = item
@@ -125,7 +138,7 @@ def _refuse(input: str, output: str, errors: list[dict], judged: list[dict], row
 def import_manifest(input: str, output: str, image_root: Optional[str] = None, embed_images: bool = False,
                     rows_per_shard: Optional[int] = None, require_image: bool = False,
                     max_image_pixels: Optional[int] = None,
-                    max_error_fraction: float = MAX_ERROR_FRACTION) -> dict:
+                    max_error_fraction: float = MAX_ERROR_FRACTION, fmt: str = "auto", columns=None) -> dict:
     """Convert the manifest at ``input`` into Parquet shards under ``output``; return a summary.
 
     Bad rows are skipped, counted and written to ``output/_errors.parquet``; ``_SUCCESS`` is
@@ -133,7 +146,14 @@ def import_manifest(input: str, output: str, image_root: Optional[str] = None, e
     the same folder replaces an earlier import. ``max_image_pixels``: the decompression-bomb limit
     of ``embed_images`` (the labels job's ``data.max_image_pixels``; default PIL's
     ``Image.MAX_IMAGE_PIXELS``). More bad rows than ``max_error_fraction`` of the rows read (see
-    the module docstring) raise :class:`~sea_ray.errors.TooManyErrors`, without ``_SUCCESS``."""
+    the module docstring) raise :class:`~sea_ray.errors.TooManyErrors`, without ``_SUCCESS``.
+    ``fmt`` and ``columns``: what ``input`` holds (``data.format``, ``data.columns``); the images
+    of image-text shards (WebDataset, image Parquet) are always embedded, as with ``embed_images``."""
+    try:
+        source = shards.resolve(input, fmt)
+    except (ValueError, FileNotFoundError) as exc:
+        raise DataError(f"cannot read the manifest {input}: {exc}") from exc
+    embed_images = embed_images or source.is_shards  # a shard's image has no path to keep
     if rows_per_shard is None:
         rows_per_shard = DEFAULT_ROWS_PER_SHARD_EMBEDDED if embed_images else DEFAULT_ROWS_PER_SHARD
     if rows_per_shard < 1:
@@ -143,7 +163,7 @@ def import_manifest(input: str, output: str, image_root: Optional[str] = None, e
     image_root = paths.absolute(image_root) or None
     started = time.time()
     try:
-        manifest = read_manifest(input, require_image=require_image)
+        manifest = read_manifest(input, require_image=require_image, fmt=fmt, columns=columns)
     except (ValueError, FileNotFoundError) as exc:
         raise DataError(f"cannot read the manifest {input}: {exc}") from exc
     errors = list(manifest.errors)
@@ -160,7 +180,7 @@ def import_manifest(input: str, output: str, image_root: Optional[str] = None, e
         for start in range(0, len(manifest.rows), rows_per_shard):
             chunk = manifest.rows[start:start + rows_per_shard]
             if embed_images:
-                todo = [r for r in chunk if r["image"] and not r["image_bytes"]]
+                todo = [r for r in chunk if (r["image"] or r["member"]) and not r["image_bytes"]]
                 loaded = _check_images(todo, image_root, max_image_pixels, pool)
                 bad = set()
                 for row, (data, reason) in zip(todo, loaded):
@@ -194,7 +214,8 @@ def import_manifest(input: str, output: str, image_root: Optional[str] = None, e
     errors.sort(key=lambda e: e["row"])
     _write_table(pa.Table.from_pylist(errors, schema=ERRORS_SCHEMA), output, ERRORS_FILE)
     summary = {
-        "input": str(input), "output": str(output), "image_root": image_root, "embed_images": bool(embed_images),
+        "input": str(input), "format": source.format, "output": str(output), "image_root": image_root,
+        "embed_images": bool(embed_images),
         "require_image": bool(require_image), "rows_read": manifest.num_read, "rows_written": num_rows,
         "rows_skipped": len(errors), "text_only_rows": num_text_only, "images_embedded": num_embedded,
         "shards": num_shards, "rows_per_shard": rows_per_shard, "errors": storage.join(output, ERRORS_FILE),

@@ -1,4 +1,5 @@
-"""Manifests: LLaVA JSON (a list), JSON Lines, or Parquet; local or ``s3://``.
+"""Manifests: LLaVA JSON (a list), JSON Lines, or Parquet; or image-text shards (WebDataset
+tars, image Parquet: :mod:`sea_ray.data.shards`); local or ``s3://``.
 
 Every job reads its samples through :func:`read_manifest`, which validates each row and never
 raises for a bad one: a malformed row is skipped and reported (row number, id, reason) in the
@@ -11,6 +12,10 @@ A valid row, as returned::
     {"row": 12, "id": "004539375", "image": "00453/004539375.jpg" or None,
      "image_bytes": b"..." or None, "conversations": [{"from": "human", "value": "<image>\\n..."},
                                                       {"from": "gpt", "value": "..."}]}
+
+A row of image-text shards also has ``member``, its image's place in a shard (``image`` and
+``image_bytes`` None: the image is read where the row is processed), and a caption-only
+conversation (:func:`caption_conversation`). Rows of other manifests have ``member`` None.
 
 The Parquet layout (what ``sea-ray import-manifest`` writes) has the same columns:
 ``id`` string, ``image`` string (nullable), ``image_bytes`` binary (nullable),
@@ -33,7 +38,9 @@ import pyarrow as pa
 
 from sea_ray import storage
 from sea_ray.constants import IMAGE_PLACEHOLDER
+from sea_ray.data import shards
 from sea_ray.data.budget import NO_IMAGE
+from sea_ray.data.shards import caption_conversation  # noqa: F401 - the caption rule, public here too
 
 log = logging.getLogger(__name__)
 ROLES = ("human", "gpt")
@@ -60,7 +67,7 @@ def manifest_error(row: int, item: Any, reason: str, stage: str = "manifest") ->
     """One errors-table entry (the columns of ``sea_ray.labels.schema.ERRORS_SCHEMA``)."""
     item = item if isinstance(item, dict) else {}
     ident = item.get("id")
-    image = item.get("image")
+    image = item.get("image") or (item["member"][-1] if item.get("member") else None)  # a shard's: its name
     return {"row": row, "image_id": str(ident) if ident is not None else None,
             "image": image if isinstance(image, str) else None, "stage": stage, "reason": reason}
 
@@ -79,7 +86,8 @@ def validate_row(row: int, item: Any, require_image: bool) -> tuple[Optional[dic
         return None, f"image is a {type(image).__name__}, not a path"
     if image_bytes is not None and not isinstance(image_bytes, (bytes, bytearray)):
         return None, "image_bytes is not bytes"
-    has_image = bool(image) or bool(image_bytes)
+    member = item.get("member")  # a shard's image (sea_ray.data.shards): read where the row is processed
+    has_image = bool(image) or bool(image_bytes) or member is not None
     if require_image and not has_image:
         return None, NO_IMAGE
     turns = item.get("conversations")
@@ -104,7 +112,7 @@ def validate_row(row: int, item: Any, require_image: bool) -> tuple[Optional[dic
     if not has_image and n_placeholders:
         return None, f"{IMAGE_PLACEHOLDER} placeholder without an image"
     return {"row": row, "id": str(ident), "image": image or None, "image_bytes": bytes(image_bytes) if image_bytes
-            else None, "conversations": clean}, None
+            else None, "conversations": clean, "member": member}, None
 
 
 def _json_error(uri: str, exc: Exception, after_row: Optional[int] = None) -> ValueError:
@@ -188,18 +196,40 @@ def _collector_paused():
             gc.enable()
 
 
-def read_manifest(uri: str, require_image: bool = False, limit: Optional[int] = None) -> ManifestResult:
-    """Read and validate a manifest. Duplicate ids keep the first row; later ones are errors."""
+def _iter_shard_items(source, columns) -> Iterator[tuple[int, Any]]:
+    """(row, item) of every sample of ``source``'s shard files in order; a sample the shard
+    reader refused is a ``(reason, item)`` pair instead of an item."""
+    row = 0
+    for uri in source.files:
+        for item, reason in shards.index_file(uri, source.format, columns):
+            yield row, (reason, item) if reason else item
+            row += 1
+
+
+def read_manifest(uri: str, require_image: bool = False, limit: Optional[int] = None, fmt: str = "auto",
+                  columns=None) -> ManifestResult:
+    """Read and validate a manifest. Duplicate ids keep the first row; later ones are errors.
+
+    ``fmt`` (``data.format``) and ``columns`` (``data.columns``): LLaVA JSON/JSONL/Parquet or
+    image-text shards (WebDataset tars, image Parquet; :mod:`sea_ray.data.shards`), whose rows
+    name their image as a ``member`` of a shard instead of a path. A missing manifest raises
+    ``FileNotFoundError``; one of no known format ``ValueError``."""
+    source = shards.resolve(uri, fmt)
+    items = _iter_shard_items(source, columns) if source.is_shards else _iter_items(uri)
     with _collector_paused():
-        return _read_manifest(uri, require_image, limit)
+        return _read_manifest(items, require_image, limit)
 
 
-def _read_manifest(uri: str, require_image: bool, limit: Optional[int]) -> ManifestResult:
+def _read_manifest(items: Iterator[tuple[int, Any]], require_image: bool, limit: Optional[int]) -> ManifestResult:
     result = ManifestResult()
     seen: set[str] = set()
-    for row, item in _iter_items(uri):
+    for row, item in items:
         if limit is not None and len(result.rows) >= limit:
             break
+        if isinstance(item, tuple):  # refused by the shard reader: (reason, item)
+            reason, item = item
+            result.errors.append(manifest_error(row, {"id": item.get("id"), "image": item.get("_name")}, reason))
+            continue
         if isinstance(item, Exception):
             result.errors.append(manifest_error(row, None, f"malformed JSON line: {item}"))
             continue
@@ -215,7 +245,8 @@ def _read_manifest(uri: str, require_image: bool, limit: Optional[int]) -> Manif
 
 
 def _is_file(uri: str) -> bool:
-    return str(uri).lower().rstrip("/").endswith((".json", ".jsonl", ".parquet"))
+    return str(uri).lower().rstrip("/").endswith((".json", ".jsonl", ".parquet", ".tar")) or any(
+        c in str(uri) for c in "*?[")
 
 
 def import_record(uri: str) -> Optional[dict]:

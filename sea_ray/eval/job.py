@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import time
 from typing import Callable, Iterable, Optional
 
@@ -328,6 +329,20 @@ def split_texts(world: str, split: str, records: list[dict], eos: str) -> list[s
     return training_texts([r["caption"] for r in records], [row["conversations"] for row in rows], eos)
 
 
+def text_perplexities(model, files: list[str], base_llm_state: Optional[dict], batch_size: int = 32) -> dict:
+    """``{name: perplexity_metrics}`` of each text file (one passage per non-empty line; named by
+    its file name without the extension): the LLM alone before vs after, on text that is not the
+    training data's (``perplexity_texts``)."""
+    out = {}
+    for uri in files:
+        texts = [line.strip() for line in storage.read_text(uri).splitlines() if line.strip()]
+        if not texts:
+            raise DataError(f"perplexity_texts: {uri} holds no text")
+        name = os.path.splitext(uri.rstrip("/").rsplit("/", 1)[-1])[0]
+        out[name] = dict(perplexity_metrics(model, texts, base_llm_state, batch_size), file=uri)
+    return out
+
+
 def perplexity_metrics(model, texts: list[str], base_llm_state: Optional[dict], batch_size: int = 32) -> dict:
     """Perplexity of the checkpoint's LLM on ``texts``, and of the base LLM (its state before the
     checkpoint was loaded) when the checkpoint changed the LLM."""
@@ -575,6 +590,12 @@ def evaluate(cfg: EvalConfig, log_fn: Optional[Callable[[str], None]] = None) ->
         _evaluate_world(cfg, model, info, metrics, template, report, say)
     else:
         _evaluate_data(cfg, model, info, metrics, template, report, say)
+    if "perplexity" in metrics and cfg.perplexity_texts:
+        report["perplexity_texts"] = text_perplexities(model, cfg.perplexity_texts, info["base_llm_state"],
+                                                       cfg.batch_size)
+        for name, p in report["perplexity_texts"].items():
+            say(f"eval: perplexity on {name} {p['perplexity_before']:.3f} (base LLM) -> {p['perplexity_after']:.3f} "
+                f"(checkpoint)")
     report["seconds"] = round(time.time() - started, 2)
     return report
 
@@ -597,6 +618,9 @@ def run(cfg: EvalConfig) -> dict:
     if "perplexity" in report:
         summary["perplexity_before"] = report["perplexity"]["perplexity_before"]
         summary["perplexity_after"] = report["perplexity"]["perplexity_after"]
+    for name, p in report.get("perplexity_texts", {}).items():
+        summary[f"perplexity_{name}_before"], summary[f"perplexity_{name}_after"] = (p["perplexity_before"],
+                                                                                     p["perplexity_after"])
     if "lm_loss" in report:
         summary["lm_loss"] = {name: dict(s["after"], before=s["before"])
                               for name, s in report["lm_loss"]["sets"].items()}

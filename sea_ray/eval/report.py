@@ -234,11 +234,12 @@ def to_markdown(report: dict, plots: dict[str, str]) -> str:
         lines.append("")
     p = report.get("perplexity")
     if p:
-        lines += ["## Language retention (the LLM alone on held-out text)", "",
-                  "| LLM | perplexity |", "|---|---|",
-                  f"| base (before) | {_fmt(p['perplexity_before'], 3)} |",
-                  f"| checkpoint (after) | {_fmt(p['perplexity_after'], 3)} |", "",
-                  f"{p['tokens']} tokens in {p['texts']} texts"
+        sets = {"held-out text": p, **report.get("perplexity_texts", {})}
+        lines += ["## Language retention (the LLM alone)", "",
+                  "| text | base (before) | checkpoint (after) | tokens | texts |", "|---|---|---|---|---|"]
+        lines += [f"| {name} | {_fmt(s['perplexity_before'], 3)} | {_fmt(s['perplexity_after'], 3)} | {s['tokens']} "
+                  f"| {s['texts']} |" for name, s in sets.items()]
+        lines += ["", "Perplexity of the LLM without images: the base LLM's, and the checkpoint's"
                   + ("" if p["llm_changed"] else " (this checkpoint does not change the LLM)") + ".", ""]
     if plots:
         lines += ["## Plots", ""] + [f"![{name}]({path})" for name, path in plots.items()] + [""]

@@ -17,7 +17,10 @@ Recipe (top to bottom in :func:`run`):
 2. **skip** every shard whose completion marker exists (unless the error rows recorded so far
    exceed the error budget: then the shards holding errors are redone, a re-run after fixing the
    data); if none is pending, only refresh ``_meta.json`` and ``_SUCCESS``.
-3. **pipeline** over the pending rows: ``from_arrow`` -> ``map_batches(decode_batch)`` (CPU tasks:
+3. **pipeline** over the pending rows: ``from_arrow`` (or, for image-text shards, Ray Data's
+   ``read_webdataset`` / ``read_parquet`` of the shard files in Ray tasks, each sample placed by
+   its file and id: :func:`sea_ray.data.shards.image_dataset`; the driver reads no image) ->
+   ``map_batches(decode_batch)`` (CPU tasks:
    read, decode, the tower's geometry: resize + crop, or pad + resize) ->
    ``map_batches(LabelActor, compute=ActorPoolStrategy)`` (the labeler; ``num_gpus`` per actor,
    or CPUs) -> ``map_batches(write_parts)`` (tasks: each run of one shard's rows written straight
@@ -48,7 +51,7 @@ from typing import Optional
 from sea_ray import storage
 from sea_ray.config.loading import to_dict
 from sea_ray.config.schema import LabelsConfig
-from sea_ray.data import budget
+from sea_ray.data import budget, shards
 from sea_ray.data.manifest import image_root_for, read_manifest
 from sea_ray.errors import ConfigError, DataError, SeaRayError, TooManyErrors
 from sea_ray.labels import dataset as D
@@ -84,6 +87,7 @@ class Plan:
     grid: tuple[int, int]
     embed_dim: int
     image_root: Optional[str] = None  # data.image_root, else the one the importer recorded
+    source: Optional[shards.Source] = None  # what data.manifest holds (image-text shards: read by Ray Data)
     shards: list[list[dict]] = field(default_factory=list)
 
     @property
@@ -127,7 +131,9 @@ def _probe_tower(cfg: LabelsConfig):
 def plan(cfg: LabelsConfig) -> Plan:
     """Step 1 of the recipe (no Ray)."""
     try:
-        manifest = read_manifest(cfg.data.manifest, require_image=True)
+        source = shards.resolve(cfg.data.manifest, cfg.data.format)
+        manifest = read_manifest(cfg.data.manifest, require_image=True, fmt=cfg.data.format,
+                                 columns=cfg.data.columns)
     except FileNotFoundError as exc:
         raise DataError(f"manifest not found: {cfg.data.manifest} ({exc})") from None
     except ValueError as exc:
@@ -139,7 +145,7 @@ def plan(cfg: LabelsConfig) -> Plan:
     transform, spec, grid, embed_dim = _probe_tower(cfg)
     p = Plan(cfg=cfg, rows=manifest.rows, manifest_errors=manifest.errors, manifest_rows=manifest.num_read,
              vocab=vocab, transform=transform, transform_spec=spec, grid=grid, embed_dim=embed_dim,
-             image_root=image_root_for(cfg.data.manifest, cfg.data.image_root))
+             image_root=image_root_for(cfg.data.manifest, cfg.data.image_root), source=source)
     size = cfg.compute.rows_per_shard
     p.shards = [p.rows[i:i + size] for i in range(0, len(p.rows), size)]
     return p
@@ -192,12 +198,29 @@ def _meta(p: Plan, markers: dict[int, dict]) -> dict:
     return meta
 
 
+def _pending(p: Plan, pending: list[int]) -> tuple[list[tuple[int, dict]], list[int]]:
+    """The ``(shard, row)`` pairs of the pending shards and each row's ``seq``, its position among
+    the valid rows."""
+    rows = [(k, r) for k in pending for r in p.shards[k]]
+    size = len(p.shards[0]) if p.shards else 0  # every shard but the last is full
+    return rows, [k * size + j for k in pending for j in range(len(p.shards[k]))]
+
+
+def _shard_images(p: Plan, pending: list[int]):
+    """The pipeline's input for image-text shards: the pending rows' images read by Ray Data's
+    readers in Ray tasks (:func:`sea_ray.data.shards.image_dataset`), placed by a lookup shared once
+    through the object store; the driver holds no image byte."""
+    import ray
+
+    rows, seq = _pending(p, pending)
+    lookup = shards.lookup_of([r for _, r in rows], [(r["row"], s, k) for (k, r), s in zip(rows, seq)])
+    return shards.image_dataset(p.source, [r for _, r in rows], ray.put(lookup), p.cfg.data.columns)
+
+
 def _input_blocks(p: Plan, pending: list[int], block_rows: int):
     import pyarrow as pa
 
-    rows = [(k, r) for k in pending for r in p.shards[k]]
-    size = len(p.shards[0]) if p.shards else 0  # every shard but the last is full
-    seq = [k * size + j for k in pending for j in range(len(p.shards[k]))]  # position among the valid rows
+    rows, seq = _pending(p, pending)
     block_rows = max(block_rows, math.ceil(len(rows) / _MAX_BLOCKS))
     blocks = []
     for i in range(0, len(rows), block_rows):
@@ -243,7 +266,8 @@ class _ShardWriter:
         self.out, self.p = out, p
         self.prior_errors = prior_errors  # manifest errors + those of the shards kept from earlier runs
         self.expected = {k: len(p.shards[k]) for k in pending}
-        self.image_of = {r["row"]: r.get("image") for k in pending for r in p.shards[k]}
+        self.image_of = {r["row"]: r.get("image") or shards.member_name(r.get("member"))
+                         for k in pending for r in p.shards[k]}
         self.got: dict[int, list[dict]] = {k: [] for k in pending}
         self.rows: dict[int, int] = {k: 0 for k in pending}
         self.written = 0
@@ -335,7 +359,7 @@ def _dataset(p: Plan, pending: list[int], out: D.LabelsDir, gpus: float, device:
     pil_part, tensor_part = split_transform(p.transform)
     decode_bs = comp.decode_batch_size or cfg.labeler.batch_size
     threads = comp.torch_threads or max(1, round(comp.cpus_per_actor))
-    ds = ray.data.from_arrow(_input_blocks(p, pending, decode_bs))
+    ds = _shard_images(p, pending) if p.source.is_shards else ray.data.from_arrow(_input_blocks(p, pending, decode_bs))
     ds = ds.map_batches(decode_batch, batch_size=decode_bs, batch_format="pyarrow",
                         num_cpus=comp.cpus_per_decode_task,
                         # max_calls=0 is Ray's default (unlimited) for tasks; stating it makes the

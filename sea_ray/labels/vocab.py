@@ -129,7 +129,8 @@ def vocab_from_config(cfg, rows: Optional[list[dict]] = None) -> Vocab:
     if rows is None:
         from sea_ray.data.manifest import read_manifest
 
-        rows = read_manifest(cfg.data.manifest, require_image=True).rows
+        rows = read_manifest(cfg.data.manifest, require_image=True, fmt=cfg.data.format,
+                             columns=cfg.data.columns).rows
     return build_vocab(captions_of(rows), cfg.vocab)
 
 

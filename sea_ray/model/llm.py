@@ -2,7 +2,8 @@
 
 Weights come from a local dir, an ``s3://`` URI (downloaded once into the cache) or a hub id
 (online only). ``config:`` builds a random-init model of a real architecture (tests, the
-synthetic world). The tokenizer spec ``world`` is the synthetic world's byte-level BPE, shipped
+synthetic world); the folder of the preset ``world-clip-smollm2`` is converted on first use
+(:mod:`sea_ray.model.smollm2`). The tokenizer spec ``world`` is the synthetic world's byte-level BPE, shipped
 with the world LLM (``sea_ray/assets/world/llm``, made by :func:`sea_ray.world.backbones.world_tokenizer`),
 so tiny models run offline with a real tokenizer that keeps every world word whole.
 
@@ -23,6 +24,7 @@ from typing import Optional
 import torch
 
 from sea_ray import storage
+from sea_ray.model.smollm2 import prepared
 from sea_ray.presets import WORLD_ASSETS
 
 log = logging.getLogger(__name__)
@@ -52,7 +54,7 @@ def load_tokenizer(spec: str):
     if spec == "world":
         spec = os.path.join(WORLD_ASSETS, "llm")
 
-    local = storage.local_copy(spec) if storage.is_remote(spec) else spec
+    local = storage.local_copy(spec) if storage.is_remote(spec) else prepared(spec)
     tok = AutoTokenizer.from_pretrained(local)
     if tok.pad_token is None:
         tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
@@ -97,7 +99,8 @@ def build_llm(cfg, quantized_on: Optional[torch.device] = None):
     if cfg.config is not None:
         model = AutoModelForCausalLM.from_config(_random_init_config(cfg, tokenizer), dtype=DTYPES[cfg.dtype])
     else:
-        local = storage.local_copy(cfg.name_or_path) if storage.is_remote(cfg.name_or_path) else cfg.name_or_path
+        path = cfg.name_or_path
+        local = storage.local_copy(path) if storage.is_remote(path) else prepared(path)
         extra = {"quantization_config": _quantization(), "device_map": {"": quantized_on}} if quantize else {}
         model = AutoModelForCausalLM.from_pretrained(local, dtype=DTYPES[cfg.dtype],
                                                      attn_implementation=cfg.attn_implementation, **extra)

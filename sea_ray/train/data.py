@@ -2,7 +2,10 @@
 
 Stage 1 (align) reads image-caption pairs joined with their SEA labels (:class:`LabelsSource`:
 the labels rows, each with its image and caption from the manifest); stage 2 (instruct) reads
-LLaVA conversations, text-only ones included (:class:`ManifestSource`). Which rows a worker gets
+LLaVA conversations, text-only ones included (:class:`ManifestSource`). A manifest of image-text
+shards (``data.format``: WebDataset tars, image Parquet; :mod:`sea_ray.data.shards`) is used as it
+is, without an import: the driver reads ids and captions only, and each preprocessing actor reads
+the images of its rows from the shards (:func:`_with_images`). Which rows a worker gets
 and in what order is :mod:`sea_ray.train.feed`'s; :class:`Preprocess` turns them into samples.
 
 Images leave the CPU tasks as uint8 ``[H, W, 3]`` after the tower's geometry (``data.image_aspect``:
@@ -21,6 +24,7 @@ import numpy as np
 from sea_ray import storage
 from sea_ray.constants import IGNORE_INDEX
 from sea_ray.data.images import decode_image, image_geometry, pil_to_uint8, pixel_limit
+from sea_ray.data.shards import read_members
 from sea_ray.data.templates import encode_conversation, encode_plain, resolve_template
 from sea_ray.errors import DataError
 from sea_ray.labels.regrid import resample
@@ -69,16 +73,36 @@ def _fetched(value):
     return ray.get(value) if isinstance(value, ray.ObjectRef) else value
 
 
+def _with_images(items: list[tuple], cache: dict) -> list[tuple]:
+    """``(sample id, image ref, image bytes, conversations, labels)`` from items that may name
+    their image as a member of an image-text shard (``(..., member)``, :mod:`sea_ray.data.shards`):
+    those members are read here, in the preprocessing actor, together (a tar's byte ranges, a
+    Parquet row group once: ``cache``); a member that cannot be read leaves its row without bytes,
+    so the row is dropped with its reason."""
+    todo = [i for i, item in enumerate(items) if item[5] is not None and not item[2]]
+    out = [item[:5] for item in items]
+    for i, (data, reason) in zip(todo, read_members([items[i][5] for i in todo], cache)):
+        sid, _, _, conversations, labels = out[i]
+        if data is None:
+            log.warning("sample %s skipped: image %s", sid, reason)
+            out[i] = (sid, None, None, None, None)
+        else:
+            out[i] = (sid, None, data, conversations, labels)
+    return out
+
+
 class LabelsSource:
     """Align rows: the labels dataset's rows in shard order (``index``: which stored rows, when a
     search holds some out), each joined by image id with its manifest row (``manifest``: an object
-    ref of ``{id: (image, image_bytes, conversations)}``)."""
+    ref of ``{id: (image, image_bytes, conversations, member)}``; ``member``: the image's place in
+    an image-text shard, or None)."""
 
     kind = "labels"
 
     def __init__(self, shards: list[tuple[str, int]], manifest, index: Optional[np.ndarray] = None):
         self.shards, self.manifest, self.index = shards, manifest, index
         self.num_rows = len(index) if index is not None else sum(n for _, n in shards)
+        self._cache: dict = {}
 
     def open(self):
         """This source in a worker: the manifest fetched (once per actor)."""
@@ -94,26 +118,27 @@ class LabelsSource:
             row = self.manifest.get(str(sid))
             if row is None:
                 log.warning("labels row %s has no manifest row: skipped", sid)
-                out.append((str(sid), None, None, None, None))
+                out.append((str(sid), None, None, None, None, None))
                 continue
-            out.append((str(sid), row[0], row[1], row[2], {k: v[i] for k, v in columns.items()}))
-        return out
+            out.append((str(sid), row[0], row[1], row[2], {k: v[i] for k, v in columns.items()}, row[3]))
+        return _with_images(out, self._cache)
 
 
 class ManifestSource:
     """Instruct rows: the manifest's rows (``items``: an object ref of the list of
-    ``(id, image, image_bytes, conversations)``)."""
+    ``(id, image, image_bytes, conversations, member)``, :func:`manifest_items`)."""
 
     kind = "manifest"
 
     def __init__(self, items, num_rows: int):
         self.items, self.num_rows = items, num_rows
+        self._cache: dict = {}
 
     def open(self):
         return ManifestSource(_fetched(self.items), self.num_rows)
 
     def read(self, rows: np.ndarray) -> list[tuple]:
-        return [(*self.items[int(r)], None) for r in rows]
+        return _with_images([(*self.items[int(r)][:4], None, self.items[int(r)][4]) for r in rows], self._cache)
 
 
 class Preprocess:
@@ -188,10 +213,11 @@ class Preprocess:
                 yield stack(samples)
 
 
-def manifest_rows(uri: str, require_image: bool):
+def manifest_rows(uri: str, require_image: bool, fmt: str = "auto", columns=None):
+    """The valid rows of a stage's manifest (``fmt``, ``columns``: ``data.format``, ``data.columns``)."""
     from sea_ray.data.manifest import read_manifest
 
-    result = read_manifest(uri, require_image=require_image)
+    result = read_manifest(uri, require_image=require_image, fmt=fmt, columns=columns)
     if result.errors:
         log.warning("%s: %d bad manifest rows skipped (first: row %s, %s)", uri, len(result.errors),
                     result.errors[0]["row"], result.errors[0]["reason"])
@@ -260,11 +286,12 @@ def source_of(cfg, exclude_ids=(), shared: bool = True):
     import ray
 
     share = ray.put if shared else (lambda value: value)
-    manifest = manifest_rows(cfg.data.manifest, require_image=cfg.job == "align")
+    manifest = manifest_rows(cfg.data.manifest, require_image=cfg.job == "align", fmt=cfg.data.format,
+                             columns=cfg.data.columns)
     excluded = {str(i) for i in exclude_ids}
     if cfg.job == "align" and cfg.data.labels:
         shards = label_shards(cfg.data.labels)
-        by_id = {r["id"]: (r["image"], r["image_bytes"], r["conversations"]) for r in manifest.rows}
+        by_id = {r["id"]: (r["image"], r["image_bytes"], r["conversations"], r["member"]) for r in manifest.rows}
         index = None
         if excluded:
             ids = read_label_ids(shards)
@@ -278,7 +305,7 @@ def source_of(cfg, exclude_ids=(), shared: bool = True):
 
 def manifest_items(rows: list[dict]) -> list[tuple]:
     """The items of a :class:`ManifestSource` from manifest rows (:func:`sea_ray.data.manifest.read_manifest`'s)."""
-    return [(r["id"], r["image"] or "", r["image_bytes"] or b"", r["conversations"]) for r in rows]
+    return [(r["id"], r["image"] or "", r["image_bytes"] or b"", r["conversations"], r.get("member")) for r in rows]
 
 
 def read_label_ids(shards: list[tuple[str, int]]) -> np.ndarray:
@@ -298,42 +325,47 @@ def preprocess_kwargs(cfg, image_size: int) -> dict:
     is ``data.image_root``, else the one ``sea-ray import-manifest`` recorded for the manifest."""
     from sea_ray.data.manifest import image_root_for
 
+    tower = _TowerFacts(cfg)
     return dict(stage=cfg.job, tokenizer_spec=cfg.model.llm.tokenizer or cfg.model.llm.name_or_path,
-                image_size=image_size, image_aspect=cfg.data.image_aspect, image_mean=_pad_mean(cfg),
+                image_size=image_size, image_aspect=cfg.data.image_aspect, image_mean=tower.pad_mean(),
                 image_root=image_root_for(cfg.data.manifest, cfg.data.image_root), max_length=cfg.data.max_length,
-                template=getattr(cfg, "template", "plain"), label_grid=_label_grid(cfg))
+                template=getattr(cfg, "template", "plain"), label_grid=tower.label_grid())
 
 
-def _label_grid(cfg) -> Optional[tuple]:
-    """The tower's patch grid when align resamples its labels onto it (``data.label_grid``), else None."""
-    if cfg.job != "align" or cfg.data.label_grid != "resample":
-        return None
-    from sea_ray.checks import tower_grid
+class _TowerFacts:
+    """What preprocessing needs to know of a config's vision tower, the tower built at most once
+    (with a forked random state: a random-init tower must not move the caller's)."""
 
-    grid, _ = tower_grid(cfg.model.vision)
-    if grid is None:  # only the weights know (a tower not described on this machine): build it once
-        import torch
+    def __init__(self, cfg):
+        self.cfg, self._tower = cfg, None
 
-        from sea_ray.model.vision import build_vision_tower
+    def _built(self):
+        if self._tower is None:
+            import torch
 
-        with torch.random.fork_rng(devices=[]):
-            grid = tuple(build_vision_tower(cfg.model.vision, cfg.data.image_aspect).grid)
-    return tuple(int(x) for x in grid)
+            from sea_ray.model.vision import build_vision_tower
 
+            with torch.random.fork_rng(devices=[]):
+                self._tower = build_vision_tower(self.cfg.model.vision, self.cfg.data.image_aspect)
+        return self._tower
 
-def _pad_mean(cfg) -> Optional[tuple]:
-    """The tower's mean colour, which ``image_aspect=pad`` fills with (None with ``crop``, which
-    needs none). Only the built tower knows it for sure (open_clip's preprocessing config, a
-    Hugging Face dir's image processor), so with ``pad`` the tower is built once here, as the
-    labels job does on its driver."""
-    if cfg.data.image_aspect != "pad":
-        return None
-    import torch
+    def label_grid(self) -> Optional[tuple]:
+        """The tower's patch grid when align resamples its labels onto it (``data.label_grid``),
+        else None; from the config when the tower is described on this machine, else built."""
+        cfg = self.cfg
+        if cfg.job != "align" or cfg.data.label_grid != "resample":
+            return None
+        from sea_ray.checks import tower_grid
 
-    from sea_ray.model.vision import build_vision_tower
+        grid, _ = tower_grid(cfg.model.vision)
+        if grid is None:  # only the weights know (a tower not described on this machine)
+            grid = self._built().grid
+        return tuple(int(x) for x in grid)
 
-    with torch.random.fork_rng(devices=[]):  # a random-init tower must not move the caller's random state
-        tower = build_vision_tower(cfg.model.vision, cfg.data.image_aspect)
-    mean = tuple(float(m) for m in tower.mean)
-    del tower
-    return mean
+    def pad_mean(self) -> Optional[tuple]:
+        """The tower's mean colour, which ``image_aspect=pad`` fills with (None with ``crop``,
+        which needs none). Only the built tower knows it for sure (open_clip's preprocessing
+        config, a Hugging Face dir's image processor), as the labels job does on its driver."""
+        if self.cfg.data.image_aspect != "pad":
+            return None
+        return tuple(float(m) for m in self._built().mean)

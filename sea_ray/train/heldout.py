@@ -49,7 +49,8 @@ def heldout_rows(cfg, image_size: int, manifest: Optional[list[dict]] = None,
     nothing left to supervise) are absent; a manifest with no usable row is a DataError."""
     if manifest is None:
         uri = cfg.data.val_manifest or cfg.data.manifest
-        manifest = manifest_rows(uri, require_image=cfg.job == "align").rows
+        manifest = manifest_rows(uri, require_image=cfg.job == "align", fmt=cfg.data.format,
+                                 columns=cfg.data.columns).rows
     items = manifest_items(list(manifest)[:max_rows] if max_rows else list(manifest))
     if not items:
         raise DataError("no held-out rows to evaluate")

@@ -21,15 +21,15 @@ from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
 import torch
-from transformers import get_cosine_schedule_with_warmup
 
 from sea_ray import storage
+from sea_ray.config.schema import AlignConfig, InstructConfig
 from sea_ray.constants import IGNORE_INDEX
 from sea_ray.data.images import split_transform, to_model_input
 from sea_ray.errors import DataError
 from sea_ray.runtime import quiet_ray_logs
 from sea_ray.model.vlm import build_vlm
-from sea_ray.sea import SeaLoss, average_gradients, lambda_at, pair_loss, select_pairs, word_targets
+from sea_ray.sea import SCHEDULES, SeaLoss, average_gradients, lambda_at, pair_loss, select_pairs, word_targets
 from sea_ray.train import checkpoint as ckpt
 from sea_ray.train import placement, tracking
 from sea_ray.train.feed import memory_micro_batches, order_of, ray_micro_batches
@@ -42,8 +42,6 @@ log = logging.getLogger(__name__)
 
 
 def parse_config(raw: dict):
-    from sea_ray.config.schema import AlignConfig, InstructConfig
-
     return (AlignConfig if raw.get("job") == "align" else InstructConfig).model_validate(raw)
 
 
@@ -65,9 +63,19 @@ def build_optimizer(model, cfg, steps: int):
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.optim.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
     opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
-    warmup = int(round(cfg.optim.warmup_ratio * steps))
-    # linear warm-up, then cosine decay to zero: the schedule LLaVA trains with (HF Trainer's)
-    return opt, get_cosine_schedule_with_warmup(opt, warmup, steps)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(int(round(cfg.optim.warmup_ratio * steps)), steps))
+
+
+def lr_factor(warmup: int, steps: int) -> Callable[[int], float]:
+    """The learning rate's factor at each optimizer step: linear warm-up from 0 over ``warmup``
+    steps, then cosine decay to 0 at ``steps``: the schedule LLaVA trains with, the same numbers as
+    transformers' ``get_cosine_schedule_with_warmup`` (tests/test_train.py compares them), whose
+    module imports transformers' Trainer utilities and with them peft: ~5 s in every process."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        return max(0.0, SCHEDULES["cosine"](min((step - warmup) / max(1, steps - warmup), 1.0)))
+    return factor
 
 
 def sea_setup(model, cfg, device):
@@ -168,6 +176,16 @@ def shard_fsdp(model) -> None:
     fully_shard(model, ignored_params=scalars or None)
 
 
+def checkpoint_format(cfg, strategy: str) -> str:
+    """The format a stage's checkpoints take (``checkpoint.format``): ``auto`` is ``sharded``
+    under FSDP (each rank writes its own shard, nothing is gathered) and ``full`` otherwise (rank 0
+    writes ``model.safetensors``). Either format resumes on any world size and loads everywhere."""
+    choice = cfg.checkpoint.format
+    if choice == "auto":
+        return "sharded" if strategy == "fsdp" else "full"
+    return choice
+
+
 def full_state(model, optimizer) -> tuple[dict, dict]:
     """Full (unsharded) model and optimizer state, keyed by parameter names, on CPU. A collective
     under FSDP; plain state dicts otherwise."""
@@ -176,6 +194,32 @@ def full_state(model, optimizer) -> tuple[dict, dict]:
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def sharded_state(model, optimizer, keys: set) -> tuple[dict, dict]:
+    """This rank's model tensors of ``keys`` and its optimizer state, keyed by parameter names,
+    where they live: FSDP2's DTensor shards, or the plain tensors of an unsharded model. Nothing
+    is gathered or copied (the tensors share the parameters' and moments' storage)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    model_state = {k: v for k, v in get_model_state_dict(model).items() if k in keys}
+    return model_state, get_optimizer_state_dict(model, optimizer)
+
+
+def restore_sharded(uri: str, model, optimizer, keys: set) -> dict:
+    """Load a sharded checkpoint into the live (wrapped) model and its optimizer, on any world
+    size: DCP reads each rank's part of the saved shards into this rank's tensors, then the
+    states are set through the FSDP-aware state-dict API (the saved parameter groups with them).
+    Returns the checkpoint's scheduler state and data position (:func:`ckpt.load_sharded`)."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    model_state, optim_state = sharded_state(model, optimizer, keys)  # the optimizer's state initialised
+    info = ckpt.load_sharded(uri, model_state, ckpt.flat_optimizer_state(optim_state["state"]))
+    set_model_state_dict(model, model_state, options=StateDictOptions(strict=False))
+    optim_state["param_groups"] = info["optimizer"]["optimizer"]["param_groups"]
+    set_optimizer_state_dict(model, optimizer, optim_state)
+    return info
 
 
 def load_optimizer_state(model, optimizer, state: dict) -> None:
@@ -232,6 +276,7 @@ class Stage:
     row_of: Optional[torch.Tensor] = None
     grid: tuple = ()
     tracker: Optional[tracking.Tracker] = None  # the experiment trackers (none on ranks other than 0)
+    checkpoint_format: str = "full"  # checkpoint_format(cfg, strategy)
 
 
 def build_model(cfg, device: Optional[torch.device] = None):
@@ -270,7 +315,9 @@ def setup(cfg, io) -> Stage:
     trainable_keys = {n for n, p in trained.named_parameters() if p.requires_grad}
     steps = total_steps(cfg, io.num_rows)
     latest = ckpt.latest_complete(io.run_uri)
-    saved = ckpt.load_checkpoint(latest) if latest is not None else None
+    # a full checkpoint loads whole before wrapping; a sharded one into the wrapped model's shards
+    sharded = latest is not None and ckpt.checkpoint_format_of(latest) == "sharded"
+    saved = ckpt.load_checkpoint(latest) if latest is not None and not sharded else None
     if saved is not None:
         missing = trainable_keys - set(saved["model"])
         if missing:
@@ -282,13 +329,17 @@ def setup(cfg, io) -> Stage:
     state = {"step": 0, "samples": 0}
     if saved is not None:
         load_optimizer_state(trained, optimizer, saved["optimizer"]["optimizer"])
+    elif sharded:
+        saved = restore_sharded(latest, trained, optimizer, trainable_keys)
+    if saved is not None:
         scheduler.load_state_dict(saved["optimizer"]["scheduler"])
         state = {"step": saved["state"]["step"], "samples": saved["state"]["samples"]}
         log.info("resumed from %s (step %d)", latest, state["step"])
     return Stage(cfg, io, model, sea_loss, trained, wrapped, strategy, optimizer, scheduler,
                  normalize=lambda images: to_model_input(images, tensor_part), steps=steps,
                  accum=accumulation_steps(cfg, io.world_size), state=state, trainable_keys=trainable_keys,
-                 tracker=tracking.start(cfg, io.run_uri, io.world_rank), **extra)
+                 tracker=tracking.start(cfg, io.run_uri, io.world_rank),
+                 checkpoint_format=checkpoint_format(cfg, strategy), **extra)
 
 
 def autocast_for(cfg, device):
@@ -379,17 +430,41 @@ def report(st: Stage, window: Window, evaluate: Optional[Callable]) -> dict:
 
 def save(st: Stage, metrics: dict) -> None:
     """A checkpoint of the trainable tensors, optimizer, schedule and position. Every rank takes
-    part: under FSDP gathering the full state is a collective."""
+    part: under FSDP gathering the full state is a collective, and in the sharded format every
+    rank writes its own shard. The local folder goes to ``io.report``, which owns it from then on
+    (Ray Train uploads it, synchronously or not, and deletes it)."""
+    step = st.state["step"]
+    folder = _write_local(st)
+    st.io.report(dict(metrics, step=step), folder, ckpt.step_dir_name(step))
+
+
+def _write_local(st: Stage) -> Optional[str]:
+    """This rank's part of the checkpoint in a new local folder (None: this rank has none)."""
+    import shutil
+
     from sea_ray.config.loading import to_dict
 
     step, rank = st.state["step"], st.io.world_rank
-    model_state, optim_state = full_state(st.trained, st.optimizer)
-    with tempfile.TemporaryDirectory() as tmp:
-        if rank == 0:
-            ckpt.write_checkpoint(tmp, {k: v for k, v in model_state.items() if k in st.trainable_keys},
+    sharded = st.checkpoint_format == "sharded"
+    if sharded:
+        model_state, optim_state = sharded_state(st.trained, st.optimizer, st.trainable_keys)
+    else:
+        model_state, optim_state = full_state(st.trained, st.optimizer)
+        if rank != 0:
+            return None
+    folder = tempfile.mkdtemp(prefix=f"sea-ray-{ckpt.step_dir_name(step)}-rank{rank}-")
+    try:
+        if sharded:
+            ckpt.write_sharded(folder, model_state, optim_state, st.scheduler.state_dict(), dict(st.state),
+                               to_dict(st.cfg), st.cfg.job)
+        else:
+            ckpt.write_checkpoint(folder, {k: v for k, v in model_state.items() if k in st.trainable_keys},
                                   {"optimizer": optim_state, "scheduler": st.scheduler.state_dict()},
                                   dict(st.state), to_dict(st.cfg), st.cfg.job)
-        st.io.report(dict(metrics, step=step), tmp if rank == 0 else None, ckpt.step_dir_name(step))
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return folder
 
 
 def _log_validations(st: Stage, wait: bool) -> None:
@@ -443,9 +518,11 @@ def run_stage(cfg, io, evaluate: Optional[Callable[[object, int], dict]] = None)
                     if not checkpoint:
                         io.report(dict(metrics, step=step), None, None)
                 if checkpoint:
+                    # the validations of the earlier checkpoints first: asking for them waits until
+                    # the newest reported one is uploaded, which would undo an asynchronous upload
+                    _log_validations(st, wait=False)
                     waiting["what"] = "the checkpoint save"
                     save(st, metrics)
-                    _log_validations(st, wait=False)
                     st.tracker.flush()
                 dog.beat()
             waiting["what"] = "the validation of the last checkpoints (Ray's validation tasks)"
@@ -462,7 +539,7 @@ class RayTrainIO:
     """Inside a Ray Train worker: its micro-batches preprocessed on Ray Data as they go."""
 
     def __init__(self, run_uri: str, source, preprocess: dict, actors: int = 1, actor_cpus: float = 0.5,
-                 validate: bool = False):
+                 validate: bool = False, upload: str = "async"):
         import ray.train
         import ray.train.torch
 
@@ -472,6 +549,7 @@ class RayTrainIO:
         self.run_uri, self.num_rows, self.source, self.preprocess = run_uri, source.num_rows, source, preprocess
         self.actors, self.actor_cpus = actors, actor_cpus
         self.validate = validate  # every checkpoint goes to Ray's validation task (sea_ray.train.validation)
+        self.upload = upload  # checkpoint.upload: async = training goes on while Ray Train uploads
         self._validated: set = set()
 
     def record_start(self, step: int) -> None:
@@ -503,10 +581,17 @@ class RayTrainIO:
                                              parallel_strategy_kwargs={"find_unused_parameters": False})
 
     def report(self, metrics: dict, checkpoint_dir: Optional[str], name: Optional[str]):
+        """Report to Ray Train; ``checkpoint_dir`` (this rank's local folder, or None) is uploaded
+        into the run's ``name`` folder beside the other ranks' and deleted after its upload. With
+        ``checkpoint.upload: async`` the upload runs in Ray's background thread and training goes
+        on; Ray Train waits for it before the worker ends, and a failed upload fails the worker."""
         import ray.train
+        from ray.train import CheckpointUploadMode
 
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        mode = CheckpointUploadMode.ASYNC if self.upload == "async" else CheckpointUploadMode.SYNC
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name if checkpoint else None,
+                         checkpoint_upload_mode=mode, delete_local_checkpoint_after_upload=bool(checkpoint),
                          validation=bool(checkpoint) and self.validate)
 
     def validations(self, wait: bool) -> list[tuple[int, dict]]:
@@ -551,7 +636,12 @@ class LocalIO:
 
     def report(self, metrics: dict, checkpoint_dir: Optional[str], name: Optional[str]):
         if checkpoint_dir and name:
-            ckpt.publish(checkpoint_dir, storage.join(self.run_uri, name))
+            import shutil
+
+            try:
+                ckpt.publish(checkpoint_dir, storage.join(self.run_uri, name))
+            finally:
+                shutil.rmtree(checkpoint_dir, ignore_errors=True)
         if self._on_report:
             self._on_report(metrics)
 
@@ -571,4 +661,5 @@ def train_loop(loop_config: dict) -> None:
 def io_of(cfg, loop_config: dict) -> RayTrainIO:
     """The worker I/O of a driver's ``loop_config`` (run folder, source, preprocessing arguments)."""
     return RayTrainIO(loop_config["run_uri"], loop_config["source"], loop_config["preprocess"],
-                      cfg.data.preprocess_actors, cfg.data.preprocess_cpus, validate=loop_config.get("validate", False))
+                      cfg.data.preprocess_actors, cfg.data.preprocess_cpus, validate=loop_config.get("validate", False),
+                      upload=cfg.checkpoint.upload)

@@ -229,8 +229,9 @@ def _trial_dirname(trial) -> str:
     return trial.trial_id
 
 
-def run(cfg: TuneConfig) -> dict:
-    """Run (or resume) the search; write the outputs; return the summary."""
+def run(cfg: TuneConfig, stop=None) -> dict:
+    """Run (or resume) the search; write the outputs; return the summary. ``stop``: a Tune stopper
+    (``ray.tune.Stopper``) for a new search, such as bench/tune.py's compute budget."""
     from ray import tune
 
     from sea_ray.train.loop import total_steps
@@ -275,7 +276,7 @@ def run(cfg: TuneConfig) -> dict:
                                         reuse_actors=mode == "in_process"),  # no re-import per trial
             run_config=tune.RunConfig(name=cfg.base.run.name, storage_path=path, storage_filesystem=fs,
                                       failure_config=tune.FailureConfig(max_failures=cfg.max_trial_failures),
-                                      verbose=1),
+                                      stop=stop, verbose=1),
         )
     results = tuner.fit()
     summary = write_outputs(cfg, exp_uri, results, trials_root, steps)

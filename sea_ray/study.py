@@ -1,0 +1,365 @@
+"""``sea-ray study``: the paper's questions in miniature, answered with paired measurements.
+
+Run it::
+
+    sea-ray study --config workflows/configs/study.yaml [dotted.key=value ...]
+
+A study is a list of comparisons (``StudyConfig.comparisons``). Each comparison is one quickstart
+(:mod:`sea_ray.quickstart`: world -> labels -> align -> instruct -> eval, a baseline arm and a
++SEA arm identical but for SEA, for every seed, each seed x arm chain a Ray task) with its own
+settings: the study's ``base`` and then the comparison's ``set`` (dotted quickstart keys), run
+into ``<output>/<name>/``. Comparisons that make the same world and labels share them
+(``<output>/shared/``); ``llm_layers`` trains a world Llama of that depth once (cached under
+``<output>/llms/``) and makes it the LLM of align and instruct; ``baseline_from`` pairs a
+comparison with another one's baseline arm (the sensitivity to SEA's own settings needs no new
+baseline: the baseline does not use them). A re-run reuses every finished chain.
+
+The report (``study.md``, ``study.json``, ``plots/``): per comparison and metric, the per-seed
+paired differences +SEA - baseline (same seed: same world, initialisation and data order):
+their mean, standard deviation, ``confidence`` interval (Student t), the paired t-test's p and
+the exact sign-flip (permutation) test's p, how many seeds SEA won, and the mean relative gain;
+grouped by the comparisons' ``question``. Nothing is asserted about the outcome: a gain that is
+not there is reported as measured.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import math
+import os
+import re
+import time
+from typing import Optional
+
+import numpy as np
+
+from sea_ray import quickstart
+from sea_ray.config.loading import flatten_dotted, set_dotted, to_dict, validate
+from sea_ray.config.schema import QuickstartConfig, StudyConfig
+from sea_ray.errors import ConfigError
+from sea_ray.eval.report import plot_bars
+from sea_ray.presets import WORLD_LLM_CONFIG
+from sea_ray.world.backbones import train_world_llm
+
+log = logging.getLogger(__name__)
+
+# (key, name, higher is better) of every metric the report compares; QA per type follows QA
+METRICS = (("qa", "QA accuracy", True),
+           *((f"qa_{t}", f"QA accuracy, {t}", True) for t in quickstart.QA_TYPES),
+           ("nw_align", "nearest-word accuracy (align)", True),
+           ("nw_final", "nearest-word accuracy (final)", True),
+           ("tacs", "TACS", True),
+           ("modality_gap", "modality gap", False),
+           ("ppl_after", "world-text perplexity after instruct", False),
+           ("ppl_english_after", "English perplexity after instruct", False))
+HEADLINE = ("qa", "nw_align", "ppl_english_after")  # the summary table's columns
+# quickstart keys that only the +SEA arm uses: a comparison that changes nothing else may borrow a baseline
+SEA_ONLY_KEYS = ("sea", "labels", "labels_top_n", "labeler_features", "arms", "output")
+LLM_DONE = "sea_ray_recipe.json"  # train_world_llm writes it last
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+def _quickstart_raw(cfg: StudyConfig, comparison) -> dict:
+    raw: dict = {"job": "quickstart", "output": os.path.join(os.path.abspath(cfg.output), comparison.name)}
+    for values in (cfg.base, comparison.set):
+        for key, value in flatten_dotted(values).items():
+            set_dotted(raw, key, value)
+    if comparison.llm_layers:
+        llm = {"model.llm.name_or_path": llm_dir(cfg, comparison.llm_layers)}
+        for job in ("align", "instruct"):
+            for key, value in llm.items():
+                set_dotted(raw, f"set.{job}.{key}", value)
+    if comparison.baseline_from:
+        raw["arms"] = ["+SEA"]
+    return raw
+
+
+def llm_dir(cfg: StudyConfig, layers: int) -> str:
+    return os.path.join(os.path.abspath(cfg.output), "llms", f"world-llama-{layers}l")
+
+
+def plan(cfg: StudyConfig) -> dict[str, QuickstartConfig]:
+    """Every comparison's quickstart config, validated with every job config it runs (no Ray, no
+    writes); one ConfigError lists every problem."""
+    problems: list[str] = []
+    names = [c.name for c in cfg.comparisons]
+    for name in sorted({n for n in names if names.count(n) > 1}):
+        problems.append(f"comparisons: {name!r} is named twice")
+    out: dict[str, QuickstartConfig] = {}
+    for i, comparison in enumerate(cfg.comparisons):
+        where = f"comparisons.{i} ({comparison.name})"
+        try:
+            qs = validate(_quickstart_raw(cfg, comparison), job="quickstart")
+            quickstart.build_configs(qs)
+        except ConfigError as exc:
+            problems += [f"{where}: {p}" for p in exc.problems]
+            continue
+        out[comparison.name] = qs
+    for comparison in cfg.comparisons:
+        other = comparison.baseline_from
+        if other is None or comparison.name not in out:
+            continue
+        if other not in out:
+            problems.append(f"comparisons ({comparison.name}): baseline_from names no valid comparison: {other!r}")
+            continue
+        if "baseline" not in out[other].arms:
+            problems.append(f"comparisons ({comparison.name}): baseline_from {other!r} trains no baseline arm")
+        mine, theirs = to_dict(out[comparison.name]), to_dict(out[other])
+        differ = sorted(k for k in set(mine) | set(theirs)
+                        if k not in SEA_ONLY_KEYS + ("seeds",) and mine.get(k) != theirs.get(k))
+        if differ:
+            problems.append(f"comparisons ({comparison.name}): baseline_from {other!r} differs in "
+                            f"{', '.join(differ)}, which the baseline arm uses: pair it with a baseline of its own")
+        missing = sorted(set(out[comparison.name].seeds) - set(out[other].seeds))
+        if missing:
+            problems.append(f"comparisons ({comparison.name}): baseline_from {other!r} has no seeds {missing}")
+    if problems:  # one line per problem, not one per seed x arm chain that has it
+        raise ConfigError(list(dict.fromkeys(re.sub(r"\[(baseline|sea)-s\d+\]", "[*]", p) for p in problems)))
+    return out
+
+
+def _share_key(qs: QuickstartConfig) -> str:
+    """What a quickstart's world and labels depend on: comparisons with the same key share them."""
+    d = to_dict(qs)
+    keyed = {k: d[k] for k in ("world", "preset", "labels", "labels_top_n", "labeler_features")}
+    keyed["set.labels"] = d["set"].get("labels", {})
+    return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _link_shared(cfg: StudyConfig, qs: QuickstartConfig) -> None:
+    """Point the comparison's world and labels folders at the shared ones for its key (made by
+    the first comparison that needs them; the quickstart reuses what is complete)."""
+    shared = os.path.join(os.path.abspath(cfg.output), "shared", _share_key(qs))
+    out = os.path.abspath(qs.output)
+    os.makedirs(out, exist_ok=True)
+    for part in ("world", "labels"):
+        target, link = os.path.join(shared, part), os.path.join(out, part)
+        os.makedirs(target, exist_ok=True)
+        if os.path.islink(link) and os.path.realpath(link) == os.path.realpath(target):
+            continue
+        if os.path.lexists(link):
+            raise ConfigError([f"{link} exists and is not the study's shared {part}: delete it or use another output"])
+        os.symlink(target, link)
+
+
+def _train_llms(cfg: StudyConfig) -> None:
+    """The world Llamas of every ``llm_layers``, trained once (the shipped LLM's recipe, another depth)."""
+    for layers in sorted({c.llm_layers for c in cfg.comparisons if c.llm_layers}):
+        out = llm_dir(cfg, layers)
+        if os.path.exists(os.path.join(out, LLM_DONE)):
+            continue
+        t = time.time()
+        _say(f"study: training a {layers}-layer world Llama on world text -> {out}")
+        train_world_llm(out, num_images=cfg.llm_train.num_images, epochs=cfg.llm_train.epochs,
+                        config=dict(WORLD_LLM_CONFIG, num_hidden_layers=layers), log_fn=_say)
+        _say(f"study: {layers}-layer world Llama trained ({time.time() - t:.0f}s)")
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def paired(baseline: list[float], sea: list[float], confidence: float = 0.95) -> dict:
+    """The paired comparison of per-seed values (the same seeds, in the same order): mean and
+    std of the differences sea - baseline, their Student-t ``confidence`` interval, the paired
+    t-test's two-sided p and the exact sign-flip test's (every +/- assignment of the
+    differences; with n seeds the smallest p it can give is 2 / 2^n), seeds won, relative gain."""
+    from scipy import stats
+
+    b, s = np.asarray(baseline, dtype=float), np.asarray(sea, dtype=float)
+    if b.shape != s.shape or b.size == 0:
+        raise ValueError(f"paired values need the same seeds: {b.size} baseline vs {s.size} +SEA")
+    d = s - b
+    n = int(d.size)
+    out = {"n": n, "baseline_mean": float(b.mean()), "sea_mean": float(s.mean()), "diff_mean": float(d.mean()),
+           "diff_std": float(d.std(ddof=1)) if n > 1 else None, "ci_low": None, "ci_high": None, "p_t": None,
+           "p_sign_flip": None, "sea_wins": int((d > 0).sum()), "ties": int((d == 0).sum()),
+           "relative_gain": float(d.mean() / b.mean()) if b.mean() != 0 else None}
+    if n > 1 and out["diff_std"] > 1e-12 * max(1.0, abs(out["diff_mean"])):  # else: float noise of equal gains
+        test = stats.ttest_rel(s, b)
+        ci = test.confidence_interval(confidence)
+        out.update(p_t=float(test.pvalue), ci_low=float(ci.low), ci_high=float(ci.high))
+    elif n > 1:  # every seed moved by the same amount
+        out.update(ci_low=out["diff_mean"], ci_high=out["diff_mean"], p_t=0.0 if out["diff_mean"] != 0 else 1.0)
+    if n > 1:
+        observed = abs(d.mean())
+        signs = np.array(list(itertools.product((1.0, -1.0), repeat=n)))
+        flipped = np.abs((signs * d).mean(axis=1))
+        out["p_sign_flip"] = float(np.mean(flipped >= observed - 1e-12))
+    return out
+
+
+# --------------------------------------------------------------------------- the run and its report
+
+
+def _rows(qs_out: str) -> dict[str, dict[int, dict]]:
+    with open(os.path.join(qs_out, "results.json")) as f:
+        results = json.load(f)["results"]
+    rows: dict[str, dict[int, dict]] = {}
+    for r in results:
+        rows.setdefault(r["arm"], {})[int(r["seed"])] = r
+    return rows
+
+
+def _llm_params(qs: QuickstartConfig) -> Optional[int]:
+    """Parameters of the comparison's LLM (from its config, on the meta device)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    plan_ = quickstart.build_configs(qs)
+    llm = plan_["chains"][0]["align"].model.llm
+    if not llm.name_or_path:
+        return None
+    try:
+        config = AutoConfig.from_pretrained(llm.name_or_path)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        return int(sum(p.numel() for p in model.parameters()))
+    except (OSError, ValueError) as exc:
+        log.warning("no parameter count for %s: %s", llm.name_or_path, exc)
+        return None
+
+
+def compare(cfg: StudyConfig, plans: dict[str, QuickstartConfig]) -> list[dict]:
+    """Per comparison: its settings, per-seed rows of both arms, and the paired statistics per metric."""
+    rows_of = {name: _rows(os.path.abspath(qs.output)) for name, qs in plans.items()}
+    out = []
+    for c in cfg.comparisons:
+        qs = plans[c.name]
+        sea = rows_of[c.name]["+SEA"]
+        base = rows_of[c.baseline_from or c.name]["baseline"]
+        seeds = [s for s in qs.seeds if s in sea and s in base]
+        stats_ = {}
+        for key, _, _ in METRICS:
+            pairs = [(base[s].get(key), sea[s].get(key)) for s in seeds]
+            pairs = [(b, v) for b, v in pairs if b is not None and v is not None]
+            stats_[key] = paired([b for b, _ in pairs], [v for _, v in pairs], cfg.confidence) if pairs else None
+        out.append({"name": c.name, "question": c.question, "set": c.set, "llm_layers": c.llm_layers,
+                    "baseline_from": c.baseline_from, "preset": qs.preset, "seeds": seeds,
+                    "llm_parameters": _llm_params(qs), "stats": stats_,
+                    "per_seed": {str(s): {"baseline": base[s], "+SEA": sea[s]} for s in seeds}})
+    return out
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.{digits}f}"
+
+
+def _digits(key: str) -> int:
+    return 1 if key.startswith("ppl") else 3
+
+
+def render(cfg: StudyConfig, comparisons: list[dict], timings: dict) -> str:
+    level = int(round(cfg.confidence * 100))
+    lines = ["# sea-ray study: SEA against the baseline, paired over seeds", "",
+             f"Each comparison trains a baseline and a +SEA model per seed, identical but for SEA; every number "
+             f"below is over the seeds' paired differences +SEA - baseline: mean, {level}% confidence interval "
+             "(Student t), the paired t-test's p and the exact sign-flip test's p (with n seeds its smallest "
+             "possible value is 2/2^n), and the seeds SEA won. Perplexities: lower is better.", "",
+             "## Summary", "",
+             "| comparison | question | seeds | LLM parameters | "
+             + " | ".join(f"{dict((k, n) for k, n, _ in METRICS)[k]}: diff [{level}% CI] (p sign-flip)" for k in HEADLINE)
+             + " |", "|" + "---|" * (4 + len(HEADLINE))]
+    for c in comparisons:
+        cells = []
+        for key in HEADLINE:
+            s = c["stats"].get(key)
+            d = _digits(key)
+            cells.append("-" if s is None else f"{s['diff_mean']:+.{d}f} [{_fmt(s['ci_low'], d)}, "
+                         f"{_fmt(s['ci_high'], d)}] ({_fmt(s['p_sign_flip'], 3)})")
+        params = f"{c['llm_parameters']:,}" if c["llm_parameters"] else "-"
+        lines.append(f"| {c['name']} | {c['question'] or '-'} | {len(c['seeds'])} | {params} | " + " | ".join(cells)
+                     + " |")
+    lines.append("")
+    for question in dict.fromkeys(c["question"] for c in comparisons):
+        lines += [f"## {question or 'comparisons'}", ""]
+        for c in (c for c in comparisons if c["question"] == question):
+            settings = json.dumps(c["set"], sort_keys=True) if c["set"] else "the base settings"
+            lines += [f"### {c['name']}", "",
+                      f"Preset `{c['preset']}`" + (f", a {c['llm_layers']}-layer world Llama" if c["llm_layers"] else "")
+                      + f"; settings {settings}; seeds {c['seeds']}"
+                      + (f"; baseline arm from `{c['baseline_from']}`" if c["baseline_from"] else "") + ".", "",
+                      f"| metric | baseline | +SEA | diff | {level}% CI | relative | p (t) | p (sign-flip) | SEA won |",
+                      "|---|---|---|---|---|---|---|---|---|"]
+            for key, name, _ in METRICS:
+                s = c["stats"].get(key)
+                if s is None:
+                    continue
+                d = _digits(key)
+                rel = "-" if s["relative_gain"] is None else f"{100 * s['relative_gain']:+.1f}%"
+                lines.append(f"| {name} | {_fmt(s['baseline_mean'], d)} | {_fmt(s['sea_mean'], d)} | "
+                             f"{s['diff_mean']:+.{d}f} | [{_fmt(s['ci_low'], d)}, {_fmt(s['ci_high'], d)}] | {rel} | "
+                             f"{_fmt(s['p_t'])} | {_fmt(s['p_sign_flip'])} | {s['sea_wins']}/{s['n']} |")
+            lines.append("")
+    lines += ["## Plots", "", "![QA gain](plots/qa_gain.png)", "", "![nearest-word gain](plots/nw_gain.png)", "",
+              "## Wall time (s)", "", "| " + " | ".join(timings) + " |", "|" + "---|" * len(timings),
+              "| " + " | ".join(f"{v:.0f}" for v in timings.values()) + " |", "",
+              "Per comparison: `<name>/report.md` (its quickstart table), `<name>/results.json` (every seed).", ""]
+    return "\n".join(lines)
+
+
+def _gain_plot(comparisons: list[dict], key: str, title: str) -> Optional[bytes]:
+    means, errors = {"+SEA - baseline": {}}, {"+SEA - baseline": {}}
+    for c in comparisons:
+        s = c["stats"].get(key)
+        if s is None:
+            continue
+        means["+SEA - baseline"][c["name"]] = s["diff_mean"]
+        half = (s["ci_high"] - s["ci_low"]) / 2 if s["ci_low"] is not None else 0.0
+        errors["+SEA - baseline"][c["name"]] = half
+    if not means["+SEA - baseline"]:
+        return None
+    return plot_bars(means, title, "difference", errors, ("no difference", 0.0))
+
+
+def run(cfg: StudyConfig) -> dict:
+    """The study (module docstring); returns the summary written to ``study.json``."""
+    t0 = time.time()
+    plans = plan(cfg)  # every comparison and job config validated before anything runs
+    out = os.path.abspath(cfg.output)
+    os.makedirs(out, exist_ok=True)
+    _say(f"sea-ray study -> {out}: {len(plans)} comparisons "
+         f"({sum(len(qs.seeds) * len(qs.arms) for qs in plans.values())} seed x arm chains)")
+    timings: dict[str, float] = {}
+    t = time.time()
+    _train_llms(cfg)
+    timings["llms"] = time.time() - t
+    # baselines first: a comparison that borrows one runs after its lender
+    order = sorted(cfg.comparisons, key=lambda c: c.baseline_from is not None)
+    for i, c in enumerate(order):
+        qs = plans[c.name]
+        _say(f"\nstudy [{i + 1}/{len(order)}] {c.name}" + (f" ({c.question})" if c.question else ""))
+        _link_shared(cfg, qs)
+        t = time.time()
+        quickstart.run(qs)
+        timings[c.name] = time.time() - t
+    comparisons = compare(cfg, plans)
+    timings["total"] = time.time() - t0
+    plots = os.path.join(out, "plots")
+    os.makedirs(plots, exist_ok=True)
+    for name, key, title in (("qa_gain.png", "qa", "QA accuracy: +SEA - baseline"),
+                             ("nw_gain.png", "nw_align", "nearest-word accuracy (align): +SEA - baseline")):
+        png = _gain_plot(comparisons, key, f"{title} (mean, {int(round(cfg.confidence * 100))}% CI)")
+        if png:
+            with open(os.path.join(plots, name), "wb") as f:
+                f.write(png)
+    report = {"config": to_dict(cfg), "comparisons": comparisons, "timings_s": {k: round(v, 1) for k, v in
+                                                                              timings.items()}}
+    with open(os.path.join(out, "study.json"), "w") as f:
+        json.dump(report, f, indent=1, default=str)
+    md = render(cfg, comparisons, timings)
+    with open(os.path.join(out, "study.md"), "w") as f:
+        f.write(md)
+    _say("\n" + md.split("## Summary", 1)[1].split("\n## ", 1)[0].strip())
+    _say(f"\nreport: {os.path.join(out, 'study.md')}   wall time {timings['total']:.0f}s")
+    return {"output": out, "report": os.path.join(out, "study.md"), "timings_s": report["timings_s"]}
