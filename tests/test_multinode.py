@@ -18,7 +18,6 @@ printed as ``multinode:`` lines (``-s`` shows them)."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
