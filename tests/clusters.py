@@ -1,8 +1,11 @@
 """Test helper: a private Ray cluster on this machine (`ray start --head` on loopback, its own
-temp dir, free ports and process session), and the environment clients use to reach it.
+temp dir, free ports and process session), worker nodes joined to it (:mod:`tests.ray_node`, each
+with its own resources, temp dir, ports and process session), and the environment clients use to
+reach it.
 
 Teardown kills exactly that session's processes (never `ray stop`, which stops every Ray of the
-user on the machine, other test runs' included)."""
+user on the machine, other test runs' included); :meth:`WorkerNode.kill` is a node lost at once:
+its raylet and everything under it (workers, actors, agents), by the pids of its session."""
 
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from tests.faults import session_pids
+from tests.faults import cpu_seconds, session_pids
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -47,17 +50,93 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def _kill_session(sid: int) -> None:
+    """SIGTERM, then SIGKILL, every process of session ``sid``; returns once none is left (or 10 s)."""
+    for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+        for pid in session_pids(sid):
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+        deadline = time.time() + wait
+        while session_pids(sid) and time.time() < deadline:
+            time.sleep(0.1)
+
+
+def _start_in_session(cmd: list[str], env: dict) -> tuple[int, str]:
+    """Run ``cmd`` (a command that starts Ray processes and exits) in a new process session;
+    returns (the session id, which every process it started lives in, and its output). Raises
+    with the output when it fails."""
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        _kill_session(proc.pid)
+        raise
+    if proc.returncode != 0:
+        _kill_session(proc.pid)
+        raise RuntimeError(f"{' '.join(cmd[:3])} failed:\n{out[-4000:]}")
+    return proc.pid, out
+
+
+NODE_START_ATTEMPTS = 3
+
+
+class WorkerNode:
+    """A worker node of a :class:`LocalCluster`: its own raylet, object store, agents and temp dir,
+    in a process session of its own; ``tag`` is a custom resource only this node has (1 unit)."""
+
+    def __init__(self, cluster: "LocalCluster", tag: str, sid: int, temp_dir: str, node_id: str):
+        self.cluster, self.tag, self.sid, self.temp_dir, self.node_id = cluster, tag, sid, temp_dir, node_id
+        self.cpu_at_end = 0.0  # CPU seconds its processes had used when it was killed or stopped
+
+    def cpu_seconds(self) -> float:
+        return cpu_seconds(self.pids()) if self.sid is not None else self.cpu_at_end
+
+    def pids(self) -> list[int]:
+        return session_pids(self.sid) if self.sid is not None else []
+
+    def kill(self) -> list[int]:
+        """The node lost at once: SIGKILL to every process of its session (raylet, its workers and
+        actors, agents), nothing else on the machine; returns the pids killed."""
+        pids = self.pids()
+        self.cpu_at_end = cpu_seconds(pids)
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        self.sid = None
+        return pids
+
+    def stop(self) -> None:
+        if self.sid is not None:
+            self.cpu_at_end = cpu_seconds(self.pids())
+            _kill_session(self.sid)
+            self.sid = None
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
 class LocalCluster:
-    """`ray start --head` on 127.0.0.1 in a temp dir and a process session of its own."""
+    """`ray start --head` on 127.0.0.1 in a temp dir and a process session of its own; worker
+    nodes join it with :meth:`add_node`. ``system_env``: Ray settings every node of the cluster
+    starts with (``RAY_health_check_period_ms``, ...); ``object_store_mb``: each node's object store."""
 
     def __init__(self, auth: str = "disabled", token: str | None = None, num_cpus: int = 4,
-                 secret: str | None = None):
+                 secret: str | None = None, system_env: dict[str, str] | None = None,
+                 object_store_mb: int | None = None):
         self.auth, self.token, self.num_cpus, self.secret = auth, token, num_cpus, secret
+        self.system_env = dict(system_env or {})
+        self.object_store_mb = object_store_mb
         self.temp_dir = tempfile.mkdtemp(prefix="sea-rc-", dir="/tmp")  # short: Ray's socket paths
         self.sid: int | None = None
         self.address = ""
+        self.gcs_address = ""
+        self.nodes: list[WorkerNode] = []
 
-    def env(self) -> dict[str, str]:
+    def env(self, **extra: str) -> dict[str, str]:
+        """The environment of the cluster's processes and of its clients (``extra`` on top)."""
         env = clean_env(RAY_AUTH_MODE=self.auth, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
                         RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                         SEA_RAY_CACHE=os.path.join(self.temp_dir, "cache"),
@@ -69,29 +148,24 @@ class LocalCluster:
             env["AWS_SECRET_ACCESS_KEY"] = self.secret
         if self.token:
             env["RAY_AUTH_TOKEN"] = self.token
+        env.update(self.system_env)
+        env.update(extra)
         return env
 
     def start(self) -> "LocalCluster":
         (gcs, dashboard, client, agent_http, agent_grpc, runtime_env, metrics, node_manager,
          object_manager) = _free_ports(9)
-        cmd = [str(BIN / "ray"), "start", "--head", f"--num-cpus={self.num_cpus}", "--num-gpus=0",
-               "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", "--disable-usage-stats",
-               f"--temp-dir={self.temp_dir}", f"--port={gcs}", f"--dashboard-port={dashboard}",
-               f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent_http}",
-               f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={runtime_env}",
-               f"--metrics-export-port={metrics}", f"--node-manager-port={node_manager}",
-               f"--object-manager-port={object_manager}"]
-        proc = subprocess.Popen(cmd, env=self.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
-        self.sid = proc.pid  # the session every process of this cluster lives in
-        try:
-            out, _ = proc.communicate(timeout=240)
-        except subprocess.TimeoutExpired:
-            self.stop()
-            raise
-        if proc.returncode != 0:
-            self.stop()
-            raise RuntimeError(f"ray start failed:\n{out[-4000:]}")
+        self.sid, _ = _start_in_session(
+            [str(BIN / "ray"), "start", "--head", "--disable-usage-stats", "--node-ip-address=127.0.0.1",
+             f"--temp-dir={self.temp_dir}", f"--num-cpus={self.num_cpus}", "--num-gpus=0",
+             "--dashboard-host=127.0.0.1", f"--port={gcs}", f"--dashboard-port={dashboard}",
+             f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent_http}",
+             f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={runtime_env}",
+             f"--metrics-export-port={metrics}", f"--node-manager-port={node_manager}",
+             f"--object-manager-port={object_manager}",
+             *([f"--object-store-memory={self.object_store_mb * 2**20}"] if self.object_store_mb else [])],
+            self.env())
+        self.gcs_address = f"127.0.0.1:{gcs}"
         self.address = f"http://127.0.0.1:{dashboard}"
         deadline = time.time() + 180
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
@@ -108,18 +182,93 @@ class LocalCluster:
                 time.sleep(0.5)
         return self
 
+    def add_node(self, num_cpus: int, tag: str, resources: dict[str, float] | None = None) -> WorkerNode:
+        """A worker node joined to this cluster (:mod:`tests.ray_node`) with ``num_cpus`` logical
+        CPUs, the custom resource ``tag`` (1) plus ``resources``, its own ports, temp dir and
+        process session."""
+        agent_http, agent_grpc, runtime_env, metrics, node_manager, object_manager = _free_ports(6)
+        temp_dir = tempfile.mkdtemp(prefix=f"sea-rn-{tag[-6:]}-", dir="/tmp")
+        params = {"gcs_address": self.gcs_address, "num_cpus": num_cpus, "resources": {tag: 1, **(resources or {})},
+                  "temp_dir": temp_dir, "dashboard_agent_listen_port": agent_http, "metrics_agent_port": agent_grpc,
+                  "runtime_env_agent_port": runtime_env, "metrics_export_port": metrics,
+                  "node_manager_port": node_manager, "object_manager_port": object_manager}
+        if self.object_store_mb:
+            params["object_store_memory"] = self.object_store_mb * 2**20
+        for attempt in range(1, NODE_START_ATTEMPTS + 1):
+            try:
+                sid, out = _start_in_session([sys.executable, "-m", "tests.ray_node", json.dumps(params)], self.env())
+                node_id = json.loads(out.strip().splitlines()[-1])["node_id"]
+                break
+            except RuntimeError as exc:  # Ray gives a raylet 30 s to register: a loaded machine can miss it
+                if "timed out during startup" not in str(exc) or attempt == NODE_START_ATTEMPTS:
+                    shutil.rmtree(temp_dir, ignore_errors=True)
+                    raise
+            except BaseException:
+                shutil.rmtree(temp_dir, ignore_errors=True)
+                raise
+        node = WorkerNode(self, tag, sid, temp_dir, node_id)
+        try:
+            self.wait_for_node(node_id)
+        except BaseException:
+            node.stop()
+            raise
+        self.nodes.append(node)
+        return node
+
+    def node_state(self, node_id: str) -> str | None:
+        """``ALIVE`` or ``DEAD`` (None: unknown) of a node, in Ray's node table."""
+        from ray.util.state import list_nodes
+
+        for n in list_nodes(address=self.address, timeout=30):
+            n = n if isinstance(n, dict) else vars(n)
+            if n["node_id"] == node_id:
+                return n["state"]
+        return None
+
+    def actors(self, class_name: str) -> list[dict]:
+        """Ray's table of the cluster's actors of ``class_name``, alive or dead (the state API)."""
+        from ray.util.state import list_actors
+
+        found = [a if isinstance(a, dict) else vars(a) for a in list_actors(address=self.address, limit=10_000,
+                                                                             timeout=30)]
+        return [a for a in found if a["class_name"] == class_name]
+
+    def wait_for_node(self, node_id: str, timeout: float = 120) -> None:
+        """Return once Ray lists the node alive."""
+        deadline = time.time() + timeout
+        while True:
+            try:
+                if self.node_state(node_id) == "ALIVE":
+                    return
+            except Exception:  # noqa: BLE001 - the state API is not answering yet
+                if time.time() > deadline:
+                    raise
+            if time.time() > deadline:
+                raise TimeoutError(f"node {node_id} did not join the cluster within {timeout:.0f} s")
+            time.sleep(0.5)
+
+    def wait_for_death(self, node_id: str, timeout: float = 120) -> float:
+        """Seconds until Ray marks the node dead."""
+        start = time.time()
+        while self.node_state(node_id) != "DEAD":
+            if time.time() - start > timeout:
+                raise TimeoutError(f"node {node_id} was not marked dead within {timeout:.0f} s")
+            time.sleep(0.2)
+        return time.time() - start
+
+    def cpu_seconds(self) -> float:
+        """CPU seconds used so far by every process of the cluster, its lost nodes' included (up to
+        their loss); a worker process that ended without being reaped by its raylet is not counted."""
+        head = cpu_seconds(session_pids(self.sid)) if self.sid is not None else 0.0
+        return head + sum(node.cpu_seconds() for node in self.nodes)
+
     def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+        self.nodes = []
         if self.sid is None:
             return
-        for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
-            for pid in session_pids(self.sid):
-                try:
-                    os.kill(pid, sig)
-                except OSError:
-                    pass
-            deadline = time.time() + wait
-            while session_pids(self.sid) and time.time() < deadline:
-                time.sleep(0.1)
+        _kill_session(self.sid)
         self.sid = None
 
     def files_containing(self, needle: str) -> list[str]:

@@ -25,9 +25,22 @@ LONGEST_FIRST = ("test_docs.py", "test_submit_cluster.py", "test_train.py", "tes
                  "test_feed.py", "test_bad_data.py")
 
 
-def pytest_collection_modifyitems(items):
+def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file keeps its order
+    # Opt-in markers: their tests run only when the -m expression names them (`-m multinode`).
+    expression = config.getoption("markexpr") or ""
+    for marker, why in OPT_IN.items():
+        if marker not in expression:
+            skip = pytest.mark.skip(reason=f"{why}; opt in with -m {marker}")
+            for item in items:
+                if marker in item.keywords:
+                    item.add_marker(skip)
+
+
+# Markers whose tests are too heavy for the default suite (what each costs).
+OPT_IN = {"multinode": "starts a private Ray cluster of a head and two worker nodes and runs jobs on it "
+                       "(minutes on 2 cores)"}
 
 
 @pytest.fixture(scope="session")

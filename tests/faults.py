@@ -1,4 +1,5 @@
-"""Test helper: SIGKILL a process once the run under test has reached a given point."""
+"""Test helpers: act once the run under test has reached a given point (SIGKILL a process, lose a
+node); the processes of a test's own Ray session, their CPU time and listening sockets."""
 
 from __future__ import annotations
 
@@ -37,6 +38,29 @@ def kill_when(ready: Callable[[], bool], cmdline_has: str, timeout: float = 240.
     return thread, killed
 
 
+def act_when(ready: Callable[[], bool], action: Callable[[], object], timeout: float = 600.0,
+             poll_s: float = 0.05) -> tuple[threading.Thread, list]:
+    """Start a thread that waits until ``ready()`` and then calls ``action()`` once; returns the
+    thread and a list that holds ``action()``'s result once it ran (empty: ``ready()`` never came
+    within ``timeout``). An exception in ``ready()`` counts as not ready yet."""
+    done: list = []
+
+    def waiter():
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                if ready():
+                    done.append(action())
+                    return
+            except Exception:  # noqa: BLE001 - e.g. a file being written: not ready yet
+                pass
+            time.sleep(poll_s)
+
+    thread = threading.Thread(target=waiter, daemon=True)
+    thread.start()
+    return thread, done
+
+
 def session_pids(sid: int) -> list[int]:
     """Every process of the process session ``sid`` (a test's private Ray lives in its own)."""
     import os
@@ -50,6 +74,23 @@ def session_pids(sid: int) -> list[int]:
             except OSError:
                 pass
     return pids
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds of the processes (and of their children that they reaped), read
+    from /proc; a process that ended meanwhile counts 0."""
+    import os
+
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += sum(int(x) for x in fields[11:15])  # utime, stime, cutime, cstime
+        except (OSError, IndexError, ValueError):
+            pass
+    return total / tick
 
 
 def listening_addresses(pids: list[int]) -> list[tuple[str, str, int]]:

@@ -113,6 +113,12 @@ def test_local_run_writes_the_documented_dataset(reference, world300):
     assert meta["counts"] == {"manifest_rows": N_IMAGES, "valid_rows": N_IMAGES, "labelled": N_IMAGES, "errors": 0,
                               "errors_by_stage": {"manifest": 0}, "shards": 5}
     assert (out / "_SUCCESS").exists() and D.read_errors(str(out)).num_rows == 0
+    # where the work ran: the session's one Ray node, named by the summary and by every marker
+    import ray
+
+    here = ray.get_runtime_context().get_node_id()
+    assert summary["nodes"] == {"decode": [here], "label": [here], "write": [here]}
+    assert all(m["nodes"] == summary["nodes"] for m in markers.values())
     assert D.read_errors(str(out)).schema.equals(ERRORS_SCHEMA)
     # the training-side grid check reads this metadata
     from sea_ray.checks import read_labels_meta

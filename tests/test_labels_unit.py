@@ -340,7 +340,8 @@ def test_decode_and_label_stages_called_directly(tmp_path):
 def test_the_write_stage_writes_runs_of_one_shard_and_returns_no_labels(tmp_path):
     """A batch as Ray Data may bundle it: two shards, blocks out of order, an error row. Each run of
     consecutive rows of one shard becomes one part (named by its first row and rows, its rows in
-    order); the records hold counts and error rows, no label."""
+    order); the records hold counts and error rows, no label, and the nodes that decoded and
+    labelled the run's rows (none wrote it: outside Ray)."""
     from sea_ray.labels import dataset as D
     from sea_ray.labels.pipeline import RECORD_SCHEMA, write_parts
 
@@ -353,16 +354,21 @@ def test_the_write_stage_writes_runs_of_one_shard_and_returns_no_labels(tmp_path
              "stage": np.array(["", "", "", "", "read", "", ""], dtype=object),
              "reason": np.array(["", "", "", "", "missing file", "", ""], dtype=object),
              "label_ids": np.repeat(seq[:, None], 12, axis=1).astype(np.int32),
-             "label_scores": np.full((7, 12), 0.5, np.float16)}
+             "label_scores": np.full((7, 12), 0.5, np.float16),
+             "decode_node": np.array(["d1", "d1", "d1", "d2", "d2", "d1", "d2"], dtype=object),
+             "label_node": np.array(["a1", "a2", "a2", "a2", "a1", "a2", "a1"], dtype=object)}
     records = write_parts(batch, str(tmp_path), grid, top_n)
     assert records.schema.equals(RECORD_SCHEMA)
     assert records.to_pylist() == [
         {"shard": 0, "first_row": 10, "rows": 4, "part": D.part_name(10, 3), "labelled": 3, "error_row": [12],
-         "error_id": ["i2"], "error_stage": ["read"], "error_reason": ["missing file"]},
+         "error_id": ["i2"], "error_stage": ["read"], "error_reason": ["missing file"],
+         "decode_nodes": ["d1", "d2"], "label_nodes": ["a2"], "write_node": None},  # row 12 (a1) was not labelled
         {"shard": 1, "first_row": 14, "rows": 2, "part": D.part_name(14, 2), "labelled": 2, "error_row": [],
-         "error_id": [], "error_stage": [], "error_reason": []},
+         "error_id": [], "error_stage": [], "error_reason": [], "decode_nodes": ["d1"], "label_nodes": ["a1", "a2"],
+         "write_node": None},
         {"shard": 1, "first_row": 17, "rows": 1, "part": D.part_name(17, 1), "labelled": 1, "error_row": [],
-         "error_id": [], "error_stage": [], "error_reason": []}]
+         "error_id": [], "error_stage": [], "error_reason": [], "decode_nodes": ["d2"], "label_nodes": ["a1"],
+         "write_node": None}]
     ldir = D.LabelsDir(str(tmp_path))
     assert ldir.list_tree(D.SHARDS) == ["shards/shard-00000/" + D.part_name(10, 3),
                                         "shards/shard-00001/" + D.part_name(14, 2),

@@ -91,7 +91,7 @@ def reference(ray_local, labelled_world, val_labels, bucket):
                           validation={"max_rows": 8}))
 
 
-def test_align_run_writes_complete_checkpoints_and_metrics(reference, bucket):
+def test_align_run_writes_complete_checkpoints_and_metrics(reference, bucket, ray_local):
     run_dir = reference["run"]
     assert run_dir == f"{bucket}/runs/reference"
     steps = [s for s, _ in ckpt.list_checkpoints(run_dir)]
@@ -108,6 +108,11 @@ def test_align_run_writes_complete_checkpoints_and_metrics(reference, bucket):
     fs, path = storage.fsspec_fs(f"{run_dir}/tensorboard")
     assert any("events.out.tfevents." in p for p in fs.find(path))
     assert json.loads(storage.read_text(f"{run_dir}/config.json"))["run"]["name"] == "reference"
+    # where the worker group ran (sea_ray.train.placement): one start, both ranks on the session's node
+    (start,) = reference["workers"]
+    assert start["step"] == 0 and start["world_size"] == 2 and [w["rank"] for w in start["workers"]] == [0, 1]
+    assert {w["node_id"] for w in start["workers"]} == {ray_local.get_runtime_context().get_node_id()}
+    assert len({w["pid"] for w in start["workers"]}) == 2
 
 
 def test_every_checkpoint_is_validated_beside_training_and_logged(reference, bucket, tmp_path):
@@ -147,6 +152,8 @@ def test_killed_worker_resumes_and_matches_uninterrupted_run(reference, labelled
     thread.join(timeout=1)
     assert killed, "no Train worker was killed: the run ended before its first checkpoint was seen"
     assert summary["checkpoint"].endswith(ckpt.step_dir_name(STEPS))
+    assert [s["step"] for s in summary["workers"]] == [0, EVERY]  # restarted once, from that checkpoint
+    assert killed[0] not in {w["pid"] for w in summary["workers"][1]["workers"]}
     got, want = _adapter(summary["run"]), _adapter(reference["run"])
     for key in want:
         torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-6)
@@ -410,3 +417,27 @@ def test_tensorboard_events_reach_a_bucket_at_every_checkpoint_not_only_at_the_e
     end = {p: fs.size(p) for p in fs.find(path)}
     assert set(end) == set(mid) and sum(end.values()) > sum(mid.values())  # the same files, grown
     assert board._local is None
+
+
+def test_the_placement_strategy_reaches_ray_train(tmp_path):
+    from sea_ray.train.driver import make_trainer
+
+    for strategy in ("PACK", "SPREAD"):
+        cfg = validate({"job": "align", "data": {"manifest": str(tmp_path / "unused.json")}, "sea": {"enabled": False},
+                        "model": {"preset": "tiny-openclip-llama"}, "run": {"storage": str(tmp_path)},
+                        "scaling": {"num_workers": 2, "placement_strategy": strategy}})
+        trainer = make_trainer(cfg, lambda config: None, {"validate": False}, [])
+        assert trainer.scaling_config.placement_strategy == strategy
+
+
+def test_worker_group_starts_are_recorded_and_read_back_oldest_first(tmp_path):
+    from sea_ray.train import placement
+
+    run_dir = str(tmp_path / "run")
+    assert placement.starts(run_dir) == []
+    placement.record(run_dir, 0, [{"rank": 1, "node_id": "b"}, {"rank": 0, "node_id": "a"}])
+    placement.record(run_dir, 3, [{"rank": 0, "node_id": "a"}, {"rank": 1, "node_id": "a"}])
+    (tmp_path / "run" / placement.FOLDER / "notes.txt").write_text("not a start")
+    starts = placement.starts(run_dir)
+    assert [(s["step"], s["world_size"]) for s in starts] == [(0, 2), (3, 2)]
+    assert [w["node_id"] for w in starts[0]["workers"]] == ["a", "b"]  # by rank

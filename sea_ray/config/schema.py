@@ -122,6 +122,10 @@ class ScalingConfig(_Section):
     use_gpu: bool = False
     cpus_per_worker: float = Field(0.5, gt=0, description="fractional CPUs leave room for data tasks")
     gpus_per_worker: float = Field(1.0, gt=0)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="where the workers' placement group puts them (Ray's strategies): PACK fills a node "
+        "first (GPU jobs: one 8-GPU node), SPREAD puts them on distinct nodes where it can; the STRICT_ forms wait "
+        "until they can, also after a node is lost (docs/clusters.md#nodes-lost)")
 
 
 class RunConfig(_Section):

@@ -276,6 +276,7 @@ class _ShardWriter:
         self.errors = 0
         self.received_bytes = 0  # what the driver got from the pipeline
         self.first_batch_s: Optional[float] = None  # pipeline start-up: until the first labelled batch
+        self.nodes: dict[str, set] = {}  # stage -> the Ray nodes that ran it, over the shards written
 
     def add(self, batch) -> int:
         """One batch of part records (a pyarrow table of ``RECORD_SCHEMA``); returns its rows."""
@@ -311,8 +312,11 @@ class _ShardWriter:
             "errors_by_stage": dict(Counter(s for _, _, s, _ in bad)), "parts": parts,
             "first_row": self.p.shards[k][0]["row"] if shard_ids else None,
             "last_row": self.p.shards[k][-1]["row"] if shard_ids else None,
-            "ids_sha256": hashlib.sha256("\n".join(shard_ids).encode("utf-8")).hexdigest()})
+            "ids_sha256": hashlib.sha256("\n".join(shard_ids).encode("utf-8")).hexdigest(),
+            "nodes": _shard_nodes(records)})
         self.written += 1
+        for stage, ids in _shard_nodes(records).items():
+            self.nodes.setdefault(stage, set()).update(ids)
         self.labelled += labelled
         self.errors += len(bad)
         log.info("shard %s written: %d labelled in %d part(s), %d error(s)", D.shard_name(k), labelled, len(parts),
@@ -324,6 +328,13 @@ class _ShardWriter:
     @property
     def incomplete(self) -> list[int]:
         return sorted(self.got)
+
+
+def _shard_nodes(records: list[dict]) -> dict[str, list[str]]:
+    """The Ray nodes that decoded, labelled and wrote a shard's rows (its part records)."""
+    return {"decode": sorted({n for rec in records for n in rec["decode_nodes"] or []}),
+            "label": sorted({n for rec in records for n in rec["label_nodes"] or []}),
+            "write": sorted({rec["write_node"] for rec in records if rec["write_node"]})}
 
 
 def _progress(total: int):
@@ -507,4 +518,5 @@ def run(cfg: LabelsConfig, *, stop_after_shards: Optional[int] = None) -> dict:
             "shards_written": writer.written if writer else 0, "images_processed": processed,
             "seconds": round(seconds, 2), "img_per_s": round(processed / seconds, 2) if processed else None,
             "first_batch_s": round(writer.first_batch_s, 2) if writer and writer.first_batch_s else None,
-            "driver_received_bytes": writer.received_bytes if writer else 0}
+            "driver_received_bytes": writer.received_bytes if writer else 0,
+            "nodes": {stage: sorted(ids) for stage, ids in sorted(writer.nodes.items())} if writer else {}}

@@ -20,6 +20,10 @@ All are plain callables, usable without Ray (the tests call them directly):
   per part (:data:`RECORD_SCHEMA`: shard, rows, the part's file name, counts, the error rows):
   the label arrays never leave the workers, the driver marks each shard once all its rows are in.
 
+Each row also carries the Ray node that decoded it and the one that labelled it (``decode_node``,
+``label_node``; None when a stage runs outside Ray); each record names the nodes of its rows and
+the node that wrote the part, and the driver keeps them in the shard's marker (``nodes``).
+
 Each row carries ``seq``, its position among the manifest's valid rows, through the stages: a
 batch may hold rows of several shards, in any order (Ray Data bundles blocks as they come), and
 the write stage cuts it into runs of consecutive ``seq``, so the parts of a shard, in the order of
@@ -29,6 +33,7 @@ their first rows, hold its rows in manifest order.
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Optional
 
 import numpy as np
@@ -39,7 +44,7 @@ from sea_ray.labels.dataset import LabelsDir, labels_table
 
 log = logging.getLogger(__name__)
 
-PASS_THROUGH = ("row", "seq", "shard", "image_id")
+PASS_THROUGH = ("row", "seq", "shard", "image_id", "decode_node")
 
 # What the write stage returns to the driver: one row per part (a run of one shard's rows).
 RECORD_SCHEMA = pa.schema([
@@ -52,7 +57,22 @@ RECORD_SCHEMA = pa.schema([
     pa.field("error_id", pa.list_(pa.string())),
     pa.field("error_stage", pa.list_(pa.string())),
     pa.field("error_reason", pa.list_(pa.string())),
+    pa.field("decode_nodes", pa.list_(pa.string())),  # the Ray nodes that decoded, labelled, wrote the run
+    pa.field("label_nodes", pa.list_(pa.string())),
+    pa.field("write_node", pa.string()),
 ])
+
+
+def node_id() -> Optional[str]:
+    """The id of the Ray node this process runs on; None outside Ray (a stage called directly)."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return None
+    return ray.get_runtime_context().get_node_id()
+
+
+def _nodes(column) -> list[str]:
+    return sorted({str(n) for n in column if n is not None})
 
 
 def decode_batch(batch, pil_part, tensor_part, image_size: int, ship: str = "uint8",
@@ -98,7 +118,8 @@ def decode_batch(batch, pil_part, tensor_part, image_size: int, ship: str = "uin
         except Exception as exc:  # noqa: BLE001 - a transform failure skips this image only
             stage[i], reason[i] = "decode", f"transform failed ({type(exc).__name__}: {exc})"
     out = {"row": np.asarray(cols["row"], dtype=np.int64), "shard": np.asarray(cols["shard"], dtype=np.int32),
-           "image_id": np.asarray(cols["image_id"], dtype=object), "ok": ok, "stage": stage, "reason": reason}
+           "image_id": np.asarray(cols["image_id"], dtype=object), "ok": ok, "stage": stage, "reason": reason,
+           "decode_node": np.full(n, node_id(), dtype=object)}
     if "seq" in cols:
         out["seq"] = np.asarray(cols["seq"], dtype=np.int64)
     if ship == "uint8":
@@ -136,6 +157,7 @@ class LabelActor:
         self.tensor_part = tensor_part
         self.labeler = PatchLabeler.from_config(tower, words, labeler_cfg)
         self.width = tower.num_patches * labeler_cfg.top_n
+        self.node = node_id()
         log.info("labeler ready on %s in %.1fs (%d words, %d torch threads)", device, time.time() - start,
                  len(words), torch.get_num_threads())
 
@@ -175,7 +197,8 @@ class LabelActor:
                     except Exception as one:  # noqa: BLE001
                         ok[i], stage[i], reason[i] = False, "label", f"labeling failed ({type(one).__name__}: {one})"
         out = {k: batch[k] for k in PASS_THROUGH if k in batch}
-        out.update(ok=ok, stage=stage, reason=reason, label_ids=ids, label_scores=scores)
+        out.update(ok=ok, stage=stage, reason=reason, label_ids=ids, label_scores=scores,
+                   label_node=np.full(n, self.node, dtype=object))
         return out
 
 
@@ -191,6 +214,9 @@ def write_parts(batch: dict, output: str, grid: tuple[int, int], top_n: int) -> 
     cuts = np.flatnonzero((np.diff(shard[order]) != 0) | (np.diff(seq[order]) != 1)) + 1
     ok = np.asarray(batch["ok"], dtype=bool)
     rows, ids = np.asarray(batch["row"], dtype=np.int64), np.asarray(batch["image_id"], dtype=object)
+    none = np.full(len(rows), None, dtype=object)
+    decoded_on, labelled_on = (np.asarray(batch.get(k, none), dtype=object) for k in ("decode_node", "label_node"))
+    here = node_id()
     records = {name: [] for name in RECORD_SCHEMA.names}
     for run in np.split(order, cuts):
         good, bad = run[ok[run]], run[~ok[run]]
@@ -203,6 +229,8 @@ def write_parts(batch: dict, output: str, grid: tuple[int, int], top_n: int) -> 
                             ("part", part), ("labelled", len(good)), ("error_row", rows[bad].tolist()),
                             ("error_id", [str(i) for i in ids[bad]]),
                             ("error_stage", [str(s) or "label" for s in np.asarray(batch["stage"])[bad]]),
-                            ("error_reason", [str(r) for r in np.asarray(batch["reason"])[bad]])):
+                            ("error_reason", [str(r) for r in np.asarray(batch["reason"])[bad]]),
+                            ("decode_nodes", _nodes(decoded_on[run])), ("label_nodes", _nodes(labelled_on[good])),
+                            ("write_node", here)):
             records[name].append(value)
     return pa.table(records, schema=RECORD_SCHEMA)

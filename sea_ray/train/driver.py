@@ -17,6 +17,7 @@ from sea_ray.config.loading import to_dict
 from sea_ray.errors import SeaRayError, TrainingFailed
 from sea_ray.paths import absolute_paths
 from sea_ray.runtime import init_ray, ray_logs_quiet
+from sea_ray.train import placement
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,8 @@ def make_trainer(cfg, worker_fn, loop_config: dict, callbacks: list,
         worker_fn,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-                                     resources_per_worker=resources),
+                                     resources_per_worker=resources,
+                                     placement_strategy=cfg.scaling.placement_strategy),
         run_config=RunConfig(name=cfg.run.name, storage_path=path, storage_filesystem=fs,
                              failure_config=FailureConfig(**failure),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
@@ -172,7 +174,7 @@ def run(cfg) -> dict:
     trainer = make_trainer(cfg, train_loop, config, callbacks=[_progress_callback(steps, cfg.job, sys.stdout.isatty())])
     result = fit(trainer, f"{cfg.job} ({uri})")
     summary = {"job": cfg.job, "run": uri, "steps": steps, "checkpoint": latest_complete(uri),
-               "metrics": result.metrics or {}}
+               "metrics": result.metrics or {}, "workers": placement.starts(uri)}
     validated = {int(m["val_step"]): {k: v for k, v in m.items() if k.startswith("val_") and k != "val_step"}
                  for _, m in (result.best_checkpoints or []) if "val_step" in m}
     if validated:  # Ray's validation tasks attached these to their checkpoints

@@ -31,7 +31,7 @@ from sea_ray.runtime import quiet_ray_logs
 from sea_ray.model.vlm import build_vlm
 from sea_ray.sea import SCHEDULES, SeaLoss, average_gradients, lambda_at, pair_loss, select_pairs, word_targets
 from sea_ray.train import checkpoint as ckpt
-from sea_ray.train import tracking
+from sea_ray.train import placement, tracking
 from sea_ray.train.feed import memory_micro_batches, order_of, ray_micro_batches
 from sea_ray.train.watchdog import StallError, Watchdog
 
@@ -482,6 +482,7 @@ def run_stage(cfg, io, evaluate: Optional[Callable[[object, int], dict]] = None)
     every logging step and its metrics join the report (validation metrics for Tune). A stage
     that makes no optimizer step for ``cfg.stall_timeout_s`` fails (:mod:`sea_ray.train.watchdog`)."""
     st = setup(cfg, io)
+    io.record_start(st.state["step"])
     batches = io.micro_batches(order_of(cfg, io.num_rows), st.state["step"], st.steps)
     window, metrics, last = Window(), {}, None
     waiting = {"what": "the first micro-batch"}
@@ -551,6 +552,19 @@ class RayTrainIO:
         self.upload = upload  # checkpoint.upload: async = training goes on while Ray Train uploads
         self._validated: set = set()
 
+    def record_start(self, step: int) -> None:
+        """Where this start of the worker group runs (:mod:`sea_ray.train.placement`): every rank
+        tells rank 0 its node (a collective), rank 0 writes the record."""
+        import torch.distributed as dist
+
+        me = placement.this_worker(self.world_rank)
+        workers = [me]
+        if self.world_size > 1 and dist.is_available() and dist.is_initialized():
+            workers = [None] * self.world_size
+            dist.all_gather_object(workers, me)
+        if self.world_rank == 0:
+            placement.record(self.run_uri, step, workers)
+
     def micro_batches(self, order, start_step: int, steps: int) -> Iterable[Optional[dict]]:
         return ray_micro_batches(self.source, self.preprocess, order, self.world_size, self.world_rank, start_step,
                                  steps, self.actors, self.actor_cpus)
@@ -607,6 +621,9 @@ class LocalIO:
         self.world_rank, self.world_size = 0, 1
         self.device = torch.device(device)
         self.run_uri, self.rows, self.num_rows, self._on_report = run_uri, rows, num_rows, on_report
+
+    def record_start(self, step: int) -> None:
+        """One process on this machine: nothing to record (:mod:`sea_ray.train.placement` is Ray's)."""
 
     def micro_batches(self, order, start_step: int, steps: int) -> Iterable[Optional[dict]]:
         return memory_micro_batches(self.rows, order, 1, 0, start_step, steps)
