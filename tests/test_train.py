@@ -19,7 +19,7 @@ from sea_ray.config.loading import validate
 from sea_ray.train import checkpoint as ckpt
 from sea_ray.train.driver import run
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+pytestmark = [pytest.mark.ray]  # in the default run: the Ray Train path itself (minutes, the core of the suite)
 
 STEPS, EVERY = 6, 3  # 6 x 8 samples = one epoch of the 48-image train split
 
