@@ -343,9 +343,10 @@ def test_the_write_stage_writes_runs_of_one_shard_and_returns_no_labels(tmp_path
     order); the records hold counts and error rows, no label, and the nodes that decoded and
     labelled the run's rows (none wrote it: outside Ray)."""
     from sea_ray.labels import dataset as D
-    from sea_ray.labels.pipeline import RECORD_SCHEMA, write_parts
+    from sea_ray.labels.pipeline import RECORD_SCHEMA, node_id, write_parts
 
     grid, top_n = (2, 2), 3
+    here = node_id()  # None unless this test process has joined a Ray session (another test's)
     # seq 4..5 (shard 1), then 0..3 (shard 0: rows 0-3, row 2 an error), then 7 (shard 1, after a gap)
     seq = np.array([4, 5, 0, 1, 2, 3, 7])
     batch = {"seq": seq, "row": seq + 10, "shard": np.array([1, 1, 0, 0, 0, 0, 1], np.int32),
@@ -362,13 +363,13 @@ def test_the_write_stage_writes_runs_of_one_shard_and_returns_no_labels(tmp_path
     assert records.to_pylist() == [
         {"shard": 0, "first_row": 10, "rows": 4, "part": D.part_name(10, 3), "labelled": 3, "error_row": [12],
          "error_id": ["i2"], "error_stage": ["read"], "error_reason": ["missing file"],
-         "decode_nodes": ["d1", "d2"], "label_nodes": ["a2"], "write_node": None},  # row 12 (a1) was not labelled
+         "decode_nodes": ["d1", "d2"], "label_nodes": ["a2"], "write_node": here},  # row 12 (a1) was not labelled
         {"shard": 1, "first_row": 14, "rows": 2, "part": D.part_name(14, 2), "labelled": 2, "error_row": [],
          "error_id": [], "error_stage": [], "error_reason": [], "decode_nodes": ["d1"], "label_nodes": ["a1", "a2"],
-         "write_node": None},
+         "write_node": here},
         {"shard": 1, "first_row": 17, "rows": 1, "part": D.part_name(17, 1), "labelled": 1, "error_row": [],
          "error_id": [], "error_stage": [], "error_reason": [], "decode_nodes": ["d2"], "label_nodes": ["a1"],
-         "write_node": None}]
+         "write_node": here}]
     ldir = D.LabelsDir(str(tmp_path))
     assert ldir.list_tree(D.SHARDS) == ["shards/shard-00000/" + D.part_name(10, 3),
                                         "shards/shard-00001/" + D.part_name(14, 2),
