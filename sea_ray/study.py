@@ -32,7 +32,7 @@ import math
 import os
 import re
 import time
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 
@@ -56,8 +56,10 @@ METRICS = (("qa", "QA accuracy", True),
            ("ppl_after", "world-text perplexity after instruct", False),
            ("ppl_english_after", "English perplexity after instruct", False))
 HEADLINE = ("qa", "nw_align", "ppl_english_after")  # the summary table's columns
-# quickstart keys that only the +SEA arm uses: a comparison that changes nothing else may borrow a baseline
-SEA_ONLY_KEYS = ("sea", "labels", "labels_top_n", "labeler_features", "arms", "output")
+# quickstart keys the baseline arm does not use: a comparison that changes nothing else may borrow a baseline
+SEA_ONLY_KEYS = ("sea", "labels", "labels_top_n", "labeler_features")
+# ...and the keys that name a comparison's own run rather than its models (its folder, its arms, its seeds)
+OWN_RUN_KEYS = ("output", "arms", "seeds")
 LLM_DONE = "sea_ray_recipe.json"  # train_world_llm writes it last
 
 
@@ -87,7 +89,12 @@ def llm_dir(cfg: StudyConfig, layers: int) -> str:
     return os.path.join(os.path.abspath(cfg.output), "llms", f"world-llama-{layers}l")
 
 
-def plan(cfg: StudyConfig) -> dict[str, QuickstartConfig]:
+class Planned(NamedTuple):
+    quickstart: QuickstartConfig
+    llm: Optional[str]  # the LLM its align and instruct start from (name or path); None: the preset's default
+
+
+def plan(cfg: StudyConfig) -> dict[str, Planned]:
     """Every comparison's quickstart config, validated with every job config it runs (no Ray, no
     writes); one ConfigError lists every problem."""
     problems: list[str] = []
@@ -99,11 +106,11 @@ def plan(cfg: StudyConfig) -> dict[str, QuickstartConfig]:
         where = f"comparisons.{i} ({comparison.name})"
         try:
             qs = validate(_quickstart_raw(cfg, comparison), job="quickstart")
-            quickstart.build_configs(qs)
+            chains = quickstart.build_configs(qs)["chains"]
         except ConfigError as exc:
             problems += [f"{where}: {p}" for p in exc.problems]
             continue
-        out[comparison.name] = qs
+        out[comparison.name] = Planned(qs, chains[0]["align"].model.llm.name_or_path or None)
     for comparison in cfg.comparisons:
         other = comparison.baseline_from
         if other is None or comparison.name not in out:
@@ -111,15 +118,15 @@ def plan(cfg: StudyConfig) -> dict[str, QuickstartConfig]:
         if other not in out:
             problems.append(f"comparisons ({comparison.name}): baseline_from names no valid comparison: {other!r}")
             continue
-        if "baseline" not in out[other].arms:
+        if "baseline" not in out[other].quickstart.arms:
             problems.append(f"comparisons ({comparison.name}): baseline_from {other!r} trains no baseline arm")
-        mine, theirs = to_dict(out[comparison.name]), to_dict(out[other])
+        mine, theirs = to_dict(out[comparison.name].quickstart), to_dict(out[other].quickstart)
         differ = sorted(k for k in set(mine) | set(theirs)
-                        if k not in SEA_ONLY_KEYS + ("seeds",) and mine.get(k) != theirs.get(k))
+                        if k not in SEA_ONLY_KEYS + OWN_RUN_KEYS and mine.get(k) != theirs.get(k))
         if differ:
             problems.append(f"comparisons ({comparison.name}): baseline_from {other!r} differs in "
                             f"{', '.join(differ)}, which the baseline arm uses: pair it with a baseline of its own")
-        missing = sorted(set(out[comparison.name].seeds) - set(out[other].seeds))
+        missing = sorted(set(out[comparison.name].quickstart.seeds) - set(out[other].quickstart.seeds))
         if missing:
             problems.append(f"comparisons ({comparison.name}): baseline_from {other!r} has no seeds {missing}")
     if problems:  # one line per problem, not one per seed x arm chain that has it
@@ -209,31 +216,29 @@ def _rows(qs_out: str) -> dict[str, dict[int, dict]]:
     return rows
 
 
-def _llm_params(qs: QuickstartConfig) -> Optional[int]:
-    """Parameters of the comparison's LLM (from its config, on the meta device)."""
+def _llm_params(llm: Optional[str]) -> Optional[int]:
+    """Parameters of an LLM (from its config, on the meta device)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    plan_ = quickstart.build_configs(qs)
-    llm = plan_["chains"][0]["align"].model.llm
-    if not llm.name_or_path:
+    if not llm:
         return None
     try:
-        config = AutoConfig.from_pretrained(llm.name_or_path)
+        config = AutoConfig.from_pretrained(llm)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
         return int(sum(p.numel() for p in model.parameters()))
     except (OSError, ValueError) as exc:
-        log.warning("no parameter count for %s: %s", llm.name_or_path, exc)
+        log.warning("no parameter count for %s: %s", llm, exc)
         return None
 
 
-def compare(cfg: StudyConfig, plans: dict[str, QuickstartConfig]) -> list[dict]:
+def compare(cfg: StudyConfig, plans: dict[str, Planned]) -> list[dict]:
     """Per comparison: its settings, per-seed rows of both arms, and the paired statistics per metric."""
-    rows_of = {name: _rows(os.path.abspath(qs.output)) for name, qs in plans.items()}
+    rows_of = {name: _rows(os.path.abspath(p.quickstart.output)) for name, p in plans.items()}
     out = []
     for c in cfg.comparisons:
-        qs = plans[c.name]
+        qs = plans[c.name].quickstart
         sea = rows_of[c.name]["+SEA"]
         base = rows_of[c.baseline_from or c.name]["baseline"]
         seeds = [s for s in qs.seeds if s in sea and s in base]
@@ -244,7 +249,7 @@ def compare(cfg: StudyConfig, plans: dict[str, QuickstartConfig]) -> list[dict]:
             stats_[key] = paired([b for b, _ in pairs], [v for _, v in pairs], cfg.confidence) if pairs else None
         out.append({"name": c.name, "question": c.question, "set": c.set, "llm_layers": c.llm_layers,
                     "baseline_from": c.baseline_from, "preset": qs.preset, "seeds": seeds,
-                    "llm_parameters": _llm_params(qs), "stats": stats_,
+                    "llm_parameters": _llm_params(plans[c.name].llm), "stats": stats_,
                     "per_seed": {str(s): {"baseline": base[s], "+SEA": sea[s]} for s in seeds}})
     return out
 
@@ -322,6 +327,20 @@ def _gain_plot(comparisons: list[dict], key: str, title: str) -> Optional[bytes]
     return plot_bars(means, title, "difference", errors, ("no difference", 0.0))
 
 
+def run_order(cfg: StudyConfig) -> list:
+    """The comparisons in the config's order, but each one that borrows a baseline right after its
+    lender if the lender comes later (so the config's order says what is measured first)."""
+    done: set[str] = set()
+    order: list = []
+    waiting = list(cfg.comparisons)
+    while waiting:
+        c = next(c for c in waiting if c.baseline_from is None or c.baseline_from in done)
+        waiting.remove(c)
+        order.append(c)
+        done.add(c.name)
+    return order
+
+
 def run(cfg: StudyConfig) -> dict:
     """The study (module docstring); returns the summary written to ``study.json``."""
     t0 = time.time()
@@ -329,15 +348,14 @@ def run(cfg: StudyConfig) -> dict:
     out = os.path.abspath(cfg.output)
     os.makedirs(out, exist_ok=True)
     _say(f"sea-ray study -> {out}: {len(plans)} comparisons "
-         f"({sum(len(qs.seeds) * len(qs.arms) for qs in plans.values())} seed x arm chains)")
+         f"({sum(len(p.quickstart.seeds) * len(p.quickstart.arms) for p in plans.values())} seed x arm chains)")
     timings: dict[str, float] = {}
     t = time.time()
     _train_llms(cfg)
     timings["llms"] = time.time() - t
-    # baselines first: a comparison that borrows one runs after its lender
-    order = sorted(cfg.comparisons, key=lambda c: c.baseline_from is not None)
+    order = run_order(cfg)
     for i, c in enumerate(order):
-        qs = plans[c.name]
+        qs = plans[c.name].quickstart
         _say(f"\nstudy [{i + 1}/{len(order)}] {c.name}" + (f" ({c.question})" if c.question else ""))
         _link_shared(cfg, qs)
         t = time.time()

@@ -11,7 +11,7 @@ import pytest
 
 from sea_ray.config.loading import validate
 from sea_ray.errors import ConfigError
-from sea_ray.study import llm_dir, paired, plan
+from sea_ray.study import llm_dir, paired, plan, run_order
 
 TINY = {"world.num_images": 40, "align.max_steps": 2, "align.global_batch": 4, "instruct.max_steps": 2,
         "instruct.global_batch": 4, "eval_max_samples": 3, "seeds": [0, 1]}
@@ -69,15 +69,25 @@ def test_the_plan_checks_every_comparison_before_anything_runs(tmp_path):
     plans = plan(_study(tmp_path, [{"name": "main"},
                                    {"name": "w3", "set": {"sea.weight": 3.0, "labels_top_n": 3, "seeds": [1]},
                                     "baseline_from": "main"}]))
-    assert plans["w3"].arms == ["+SEA"] and plans["w3"].sea.weight == 3.0 and plans["main"].arms == ["baseline", "+SEA"]
+    w3, main = plans["w3"].quickstart, plans["main"].quickstart
+    assert w3.arms == ["+SEA"] and w3.sea.weight == 3.0 and main.arms == ["baseline", "+SEA"]
+
+
+def test_the_config_order_is_the_run_order_but_a_lender_runs_before_its_borrowers(tmp_path):
+    cfg = _study(tmp_path, [{"name": "w3", "set": {"sea.weight": 3.0}, "baseline_from": "main"},
+                            {"name": "other", "set": {"instruct.lr": 1.0e-4}},
+                            {"name": "main"}, {"name": "last"}])
+    assert [c.name for c in run_order(cfg)] == ["other", "main", "w3", "last"]
 
 
 def test_llm_layers_make_the_llm_of_align_and_instruct(tmp_path):
     from sea_ray.quickstart import build_configs
 
     cfg = _study(tmp_path, [{"name": "deep", "llm_layers": 6}])
-    chain = build_configs(plan(cfg)["deep"])["chains"][0]
+    planned = plan(cfg)["deep"]
+    chain = build_configs(planned.quickstart)["chains"][0]
     assert chain["align"].model.llm.name_or_path == chain["instruct"].model.llm.name_or_path == llm_dir(cfg, 6)
+    assert planned.llm == llm_dir(cfg, 6)
 
 
 @pytest.mark.slow
