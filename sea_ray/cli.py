@@ -16,7 +16,7 @@ from typing import Callable
 
 import yaml
 
-from sea_ray import jobs, preflight, quickstart, storage, study
+from sea_ray import jobs, preemption, preflight, quickstart, storage, study
 from sea_ray import pipeline as pipelines
 from sea_ray import submit as remote
 from sea_ray.config.loading import apply_overrides, load_config, to_dict, validate
@@ -413,11 +413,32 @@ def _export_args(p):
     p.add_argument("--overwrite", action="store_true", help="replace a model already exported to --out")
 
 
+def cmd_node_guard(args) -> int:
+    """Run a Ray node's command; on SIGTERM drain the node for preemption, stop it at the deadline."""
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if command:
+        return preemption.guard(command, args.grace_s)
+    return preemption.drain_here(args.grace_s, args.node_id)
+
+
+def _node_guard_args(p):
+    p.add_argument("--grace-s", type=float, default=25.0,
+                   help="seconds from the notice to the node's end (the drain's deadline; below the platform's own "
+                        "grace: Kubernetes terminationGracePeriodSeconds, 30 s on GCP spot)")
+    p.add_argument("--node-id", help="without a command: the node to drain (default: the one raylet running here)")
+    p.add_argument("command", nargs=argparse.REMAINDER,
+                   help="-- and the node's command, e.g. -- ray start --address=HEAD:6379 --block; none: drain now "
+                        "and wait (a Kubernetes preStop hook)")
+
+
 VERBS["quickstart"] = ("the embedded default end to end: the paper's table in miniature (local Ray, offline)",
                        _quickstart_args, cmd_quickstart)
 VERBS["study"] = ("SEA against the baseline over seeds: LLM sizes, language retention, sensitivity; one report "
                   "with confidence intervals and paired tests", _study_args, cmd_study)
 VERBS["generate"] = ("answer a prompt about an image with a trained checkpoint", _generate_args, cmd_generate)
+VERBS["node-guard"] = ("run a Ray worker node so that SIGTERM (a spot reclaim, a pod eviction) drains it for "
+                       "preemption first: training checkpoints before the node goes (docs/clusters.md#preemption)",
+                       _node_guard_args, cmd_node_guard)
 VERBS["export"] = ("write a checkpoint as a Hugging Face LLaVA folder (transformers, vLLM, lmms-eval)",
                    _export_args, cmd_export)
 

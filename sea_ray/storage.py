@@ -349,6 +349,14 @@ def makedirs(uri: str) -> None:
         fs.makedirs(path, exist_ok=True)
 
 
+@_naming_uri
+def remove_tree(uri: str) -> None:
+    """Delete a folder and everything under it (nothing when it is not there)."""
+    fs, path = fsspec_fs(uri)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
 def mark_complete(uri: str, content: str = "") -> None:
     """Write the completion marker of a folder; write it last."""
     write_text(join(uri, MARKER), content)

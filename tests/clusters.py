@@ -22,7 +22,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from tests.faults import cpu_seconds, session_pids
+from sea_ray.preemption import session_pids, stop_session
+from tests.faults import cpu_seconds
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -51,16 +52,8 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 def _kill_session(sid: int) -> None:
-    """SIGTERM, then SIGKILL, every process of session ``sid``; returns once none is left (or 10 s)."""
-    for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
-        for pid in session_pids(sid):
-            try:
-                os.kill(pid, sig)
-            except OSError:
-                pass
-        deadline = time.time() + wait
-        while session_pids(sid) and time.time() < deadline:
-            time.sleep(0.1)
+    """Every process of session ``sid`` stopped (SIGTERM, then SIGKILL; 5 s each at most)."""
+    stop_session(sid, 5.0)
 
 
 def _start_in_session(cmd: list[str], env: dict) -> tuple[int, str]:
@@ -87,9 +80,17 @@ class WorkerNode:
     """A worker node of a :class:`LocalCluster`: its own raylet, object store, agents and temp dir,
     in a process session of its own; ``tag`` is a custom resource only this node has (1 unit)."""
 
-    def __init__(self, cluster: "LocalCluster", tag: str, sid: int, temp_dir: str, node_id: str):
+    def __init__(self, cluster: "LocalCluster", tag: str, sid: int, temp_dir: str, node_id: str,
+                 guard: subprocess.Popen | None = None):
         self.cluster, self.tag, self.sid, self.temp_dir, self.node_id = cluster, tag, sid, temp_dir, node_id
+        self.guard = guard  # `sea-ray node-guard` running the node (its own session), or None
         self.cpu_at_end = 0.0  # CPU seconds its processes had used when it was killed or stopped
+
+    def preempt(self) -> None:
+        """SIGTERM to the node, as a cloud reclaiming a spot VM or Kubernetes evicting a pod sends
+        it: to its ``sea-ray node-guard``, which drains it and stops it at the deadline."""
+        assert self.guard is not None, "a node without sea-ray node-guard only dies on SIGTERM"
+        self.guard.send_signal(signal.SIGTERM)
 
     def cpu_seconds(self) -> float:
         return cpu_seconds(self.pids()) if self.sid is not None else self.cpu_at_end
@@ -108,13 +109,25 @@ class WorkerNode:
             except OSError:
                 pass
         self.sid = None
+        self._end_guard()
         return pids
+
+    def gone(self) -> bool:
+        """Every process of the node has ended (a preempted node, once its guard stopped it)."""
+        return self.sid is None or not session_pids(self.sid)
+
+    def _end_guard(self) -> None:
+        if self.guard is not None and self.guard.poll() is None:
+            _kill_session(self.guard.pid)
+        if self.guard is not None:
+            self.guard.wait(timeout=30)
 
     def stop(self) -> None:
         if self.sid is not None:
             self.cpu_at_end = cpu_seconds(self.pids())
             _kill_session(self.sid)
             self.sid = None
+        self._end_guard()
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
@@ -182,10 +195,12 @@ class LocalCluster:
                 time.sleep(0.5)
         return self
 
-    def add_node(self, num_cpus: int, tag: str, resources: dict[str, float] | None = None) -> WorkerNode:
+    def add_node(self, num_cpus: int, tag: str, resources: dict[str, float] | None = None,
+                 guard_grace_s: float | None = None) -> WorkerNode:
         """A worker node joined to this cluster (:mod:`tests.ray_node`) with ``num_cpus`` logical
         CPUs, the custom resource ``tag`` (1) plus ``resources``, its own ports, temp dir and
-        process session."""
+        process session. ``guard_grace_s``: run it under ``sea-ray node-guard --grace-s`` (so that
+        :meth:`WorkerNode.preempt` drains it), as a spot node's container would be."""
         agent_http, agent_grpc, runtime_env, metrics, node_manager, object_manager = _free_ports(6)
         temp_dir = tempfile.mkdtemp(prefix=f"sea-rn-{tag[-6:]}-", dir="/tmp")
         params = {"gcs_address": self.gcs_address, "num_cpus": num_cpus, "resources": {tag: 1, **(resources or {})},
@@ -194,6 +209,8 @@ class LocalCluster:
                   "node_manager_port": node_manager, "object_manager_port": object_manager}
         if self.object_store_mb:
             params["object_store_memory"] = self.object_store_mb * 2**20
+        if guard_grace_s is not None:
+            return self._add_guarded(tag, temp_dir, params, guard_grace_s)
         for attempt in range(1, NODE_START_ATTEMPTS + 1):
             try:
                 sid, out = _start_in_session([sys.executable, "-m", "tests.ray_node", json.dumps(params)], self.env())
@@ -209,6 +226,35 @@ class LocalCluster:
         node = WorkerNode(self, tag, sid, temp_dir, node_id)
         try:
             self.wait_for_node(node_id)
+        except BaseException:
+            node.stop()
+            raise
+        self.nodes.append(node)
+        return node
+
+    def _add_guarded(self, tag: str, temp_dir: str, params: dict, grace_s: float) -> WorkerNode:
+        cmd = [str(BIN / "sea-ray"), "node-guard", "--grace-s", str(grace_s), "--",
+               sys.executable, "-m", "tests.ray_node", json.dumps({**params, "block": True})]
+        for attempt in range(1, NODE_START_ATTEMPTS + 1):
+            log_path = os.path.join(temp_dir, f"node-guard-{attempt}.log")
+            with open(log_path, "w") as log:
+                guard = subprocess.Popen(cmd, env=self.env(), cwd=REPO, stdout=subprocess.PIPE, stderr=log,
+                                         text=True, start_new_session=True)
+            line = guard.stdout.readline()  # the node's {"node_id", "sid"}, once it has started
+            try:
+                started = json.loads(line)
+                break
+            except ValueError:
+                _kill_session(guard.pid)
+                guard.wait(timeout=30)
+                with open(log_path) as f:
+                    out = f.read()
+                # Ray gives a raylet 30 s to register: a loaded machine can miss it
+                if "timed out during startup" not in out or attempt == NODE_START_ATTEMPTS:
+                    raise RuntimeError(f"node-guard did not start a node: {line!r}:\n{out[-3000:]}") from None
+        node = WorkerNode(self, tag, started["sid"], temp_dir, started["node_id"], guard)
+        try:
+            self.wait_for_node(node.node_id)
         except BaseException:
             node.stop()
             raise
@@ -282,8 +328,11 @@ class LocalCluster:
         return found
 
     def cleanup(self) -> None:
+        """Stop the cluster and delete its temp dir (kept, with Ray's logs, when
+        ``SEA_RAY_KEEP_CLUSTER_DIR`` is set: debugging a failed test)."""
         self.stop()
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        if not os.environ.get("SEA_RAY_KEEP_CLUSTER_DIR"):
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
 def sea_ray(*args: str, env: dict, timeout: float = 900) -> subprocess.CompletedProcess:

@@ -1,5 +1,6 @@
 """Test helpers: act once the run under test has reached a given point (SIGKILL a process, lose a
-node); the processes of a test's own Ray session, their CPU time and listening sockets."""
+node); the CPU time and listening sockets of a test's own processes (found by their process
+session: ``sea_ray.preemption.session_pids``)."""
 
 from __future__ import annotations
 
@@ -59,21 +60,6 @@ def act_when(ready: Callable[[], bool], action: Callable[[], object], timeout: f
     thread = threading.Thread(target=waiter, daemon=True)
     thread.start()
     return thread, done
-
-
-def session_pids(sid: int) -> list[int]:
-    """Every process of the process session ``sid`` (a test's private Ray lives in its own)."""
-    import os
-
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if os.getsid(int(entry)) == sid:
-                    pids.append(int(entry))
-            except OSError:
-                pass
-    return pids
 
 
 def cpu_seconds(pids: list[int]) -> float:

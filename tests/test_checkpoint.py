@@ -130,3 +130,72 @@ def test_a_sharded_checkpoint_reads_from_a_bucket(tmp_path, s3_bucket):
     fresh, fresh_optimizer = _trained(seed=3)
     restore_sharded(uri, fresh, fresh_optimizer, keys)
     assert all(torch.equal(fresh.state_dict()[k], model.state_dict()[k]) for k in keys)
+
+
+# --------------------------------------------------------------------------- which checkpoint a run resumes from
+
+
+def _full(run_dir, step, complete=True):
+    folder = run_dir / ckpt.step_dir_name(step)
+    ckpt.write_checkpoint(str(folder), {"adapter.w": torch.full((2,), float(step))}, None, {"step": step}, {}, "align")
+    if not complete:
+        (folder / ckpt.COMPLETE).unlink()
+    return str(folder)
+
+
+def _steps(run_dir):
+    return [s for s, _ in ckpt.list_checkpoints(str(run_dir))]
+
+
+def test_a_resume_point_is_the_newest_complete_checkpoint_and_the_incomplete_ones_after_it_go(tmp_path):
+    run_dir = tmp_path / "run"
+    assert ckpt.resume_point(str(run_dir)) is None  # no run folder yet: from the start
+    _full(run_dir, 2, complete=False)  # older and incomplete: kept (prune's business, after the run)
+    four = _full(run_dir, 4)
+    _full(run_dir, 6, complete=False)
+    _full(run_dir, 8, complete=False)
+    assert ckpt.resume_point(str(run_dir)) == four
+    assert _steps(run_dir) == [2, 4]
+
+
+def test_prune_keeps_the_newest_complete_checkpoints_and_deletes_what_an_interrupted_run_left(tmp_path):
+    run_dir = tmp_path / "run"
+    for step, complete in ((1, True), (2, False), (3, True), (4, True), (5, False)):
+        _full(run_dir, step, complete)
+    assert ckpt.prune(str(run_dir), None) == [] and _steps(run_dir) == [1, 2, 3, 4, 5]
+    deleted = ckpt.prune(str(run_dir), 2)
+    assert [ckpt.step_of(uri) for uri in deleted] == [1, 2, 5] and _steps(run_dir) == [3, 4]
+
+
+def _resume_rank(rank: int, run_uri: str, init: str, out) -> None:
+    """One rank of a 2-process gloo group; only rank 0 is given the run's folder."""
+    import torch.distributed as dist
+
+    from sea_ray.train.loop import RayTrainIO
+
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2)
+    try:
+        io = object.__new__(RayTrainIO)
+        io.run_uri, io.world_rank, io.world_size = (run_uri if rank == 0 else "/nowhere"), rank, 2
+        out.put((rank, io.resume_from()))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_only_rank_0_chooses_the_resume_point_and_every_rank_gets_its_choice(tmp_path):
+    """Two ranks in one process group: rank 1 looks at no storage, and both get rank 0's choice,
+    the newest complete checkpoint."""
+    import multiprocessing as mp
+
+    run_dir = tmp_path / "run"
+    _full(run_dir, 3)
+    six = _full(run_dir, 6)
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_resume_rank, args=(r, str(run_dir), str(tmp_path / "pg"), out)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    got = dict(out.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=30)
+    assert got == {0: six, 1: six}

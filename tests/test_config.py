@@ -305,3 +305,18 @@ def test_qlora_on_a_cpu_is_a_config_error_naming_the_field_before_ray_starts(tmp
         "model.llm.lora.qlora: needs model.llm.name_or_path")  # a random-init LLM has no weights to quantize
     assert any(p.startswith("model.llm.lora.qlora: QLoRA trains LoRA weights")
                for p in _problems(_instruct({"enabled": False, "qlora": True}, preset="world-clip-llama")))
+
+
+def test_an_elastic_worker_range_needs_a_global_batch_that_divides_at_every_size():
+    cfg = validate(_align(**{"scaling.num_workers": [1, 2], "batch.global_size": 8, "batch.per_worker": 4}))
+    assert cfg.scaling.elastic and list(cfg.scaling.world_sizes) == [1, 2]
+    assert not validate(_align(**{"scaling.num_workers": 2})).scaling.elastic
+    with pytest.raises(ConfigError) as info:
+        validate(_align(**{"scaling.num_workers": [2, 3], "batch.global_size": 8, "batch.per_worker": 4}))
+    assert info.value.problems == ["batch.global_size: 8 is not divisible by batch.per_worker x scaling.num_workers "
+                                   "= 4 x 3 (of the range [2, 3]) = 12"]
+    for bad in ([2, 1], [0, 2], 0, [1, 2, 3]):
+        with pytest.raises(ConfigError, match="scaling.num_workers"):
+            validate(_align(**{"scaling.num_workers": bad}))
+    with pytest.raises(ConfigError, match="scaling.resources_per_worker: .*custom resources"):
+        validate(_align(**{"scaling.resources_per_worker": {"CPU": 1}}))

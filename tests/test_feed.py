@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from sea_ray.config.loading import validate
-from sea_ray.train.feed import Order, materialize, memory_micro_batches
+from sea_ray.train.feed import Order, chunk_of, materialize, memory_micro_batches
 
 
 def _step_batches(order, world_size, steps):
@@ -53,6 +53,21 @@ def test_the_same_global_batches_on_one_two_or_four_workers():
     assert list(order.chunks(2, 1, 0, 2)) == [1, 3, 5, 7, 9, 11, 13, 15]
     with pytest.raises(ValueError, match="divisible"):
         list(order.chunks(3, 0, 0, 1))
+
+
+def test_a_micro_batchs_place_in_the_global_batch_is_the_same_on_any_number_of_workers():
+    """``chunk_of`` (what keys a micro-batch's SEA sampling and dropout) names the chunk the feed
+    gives worker r at accumulation step m: the same rows get the same key at any world size."""
+    order = Order(num_rows=50, global_size=16, per_worker=2, seed=1, window=64)
+    per_step = 8
+    for workers in (1, 2, 4, 8):
+        accum = per_step // workers
+        keys = [chunk_of(rank, micro, workers) for rank in range(workers) for micro in range(accum)]
+        assert sorted(keys) == list(range(per_step))  # one key per chunk of the step, at every size
+        for rank in range(workers):
+            got = list(order.chunks(workers, rank, 3, 4))  # step 3's chunks of this worker, in order
+            assert got == [3 * per_step + chunk_of(rank, micro, workers) for micro in range(accum)]
+    assert [chunk_of(1, m, 2) for m in range(4)] == [1, 3, 5, 7]  # worker r: chunks r, r + W, ...
 
 
 def test_a_global_batch_larger_than_the_data_still_steps():

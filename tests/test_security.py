@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 
 from sea_ray import cli, paths, storage, submit
-from tests.faults import listening_addresses, session_pids
+from sea_ray.preemption import session_pids
+from tests.faults import listening_addresses
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

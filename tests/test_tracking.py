@@ -113,7 +113,7 @@ def test_a_failed_stage_ends_its_mlflow_run_as_failed(manifest, world_dir, rows,
     store = f"file://{tmp_path}/mlruns"
     cfg = _cfg(manifest, world_dir, tmp_path / "runs", ["mlflow"], mlflow={"tracking_uri": store})
 
-    def broken(st, metrics):
+    def broken(st, metrics, sync=False):
         raise RuntimeError("disk full")
 
     monkeypatch.setattr(loop, "save", broken)

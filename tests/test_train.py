@@ -160,28 +160,36 @@ def test_killed_worker_resumes_and_matches_uninterrupted_run(reference, labelled
 
 
 def test_stopped_driver_resumes_in_place(reference, labelled_world, tmp_path, ray_local):
-    """Kill the driver process after its first checkpoint, run the same config again: it resumes
-    from the newest complete checkpoint and ends where the uninterrupted run ends."""
+    """Kill the driver process after its first checkpoint, plant what an interrupted run can leave
+    (an older complete step folder Ray Train never recorded, a newer incomplete one), run the same
+    config again: it resumes from the newest complete checkpoint, which the driver chose once,
+    ends where the uninterrupted run ends, and keeps only ``num_to_keep`` checkpoints."""
     import yaml
 
     world, labels = labelled_world
-    raw = _align_raw(world, labels, str(tmp_path), name="stopped")
+    raw = _align_raw(world, labels, str(tmp_path), name="stopped", checkpoint={"num_to_keep": 1})
     path = tmp_path / "align.yaml"
     path.write_text(yaml.safe_dump(raw))
     env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address,
                PYTHONPATH=str(Path(__file__).parents[1]))
     proc = subprocess.Popen([sys.executable, "-m", "sea_ray.cli", "align", "--config", str(path)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    first = Path(tmp_path, "stopped", ckpt.step_dir_name(EVERY))
+    run_dir = Path(tmp_path, "stopped")
+    first = run_dir / ckpt.step_dir_name(EVERY)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None and not ckpt.is_complete(str(first)):
         time.sleep(0.02)
     assert proc.poll() is None, "the driver finished before it could be stopped"
     proc.kill()
     proc.wait()
-    assert not ckpt.is_complete(str(Path(tmp_path, "stopped", ckpt.step_dir_name(STEPS))))
+    assert not ckpt.is_complete(str(run_dir / ckpt.step_dir_name(STEPS)))
     time.sleep(1.0)  # let Ray reap the dead driver's controller
+    shutil.copytree(first, run_dir / ckpt.step_dir_name(1))  # complete, and unknown to Ray Train
+    shutil.copytree(first, run_dir / ckpt.step_dir_name(EVERY + 1))
+    (run_dir / ckpt.step_dir_name(EVERY + 1) / ckpt.COMPLETE).unlink()  # an upload cut short
     summary = run(validate(raw))
+    assert [s["step"] for s in summary["workers"]] == [0, EVERY]  # the re-run started from step 3
+    assert [s for s, _ in ckpt.list_checkpoints(summary["run"])] == [STEPS]
     got, want = _adapter(summary["run"]), _adapter(reference["run"])
     for key in want:
         torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-6)
@@ -419,7 +427,7 @@ def test_tensorboard_events_reach_a_bucket_at_every_checkpoint_not_only_at_the_e
     assert board._local is None
 
 
-def test_the_placement_strategy_reaches_ray_train(tmp_path):
+def test_the_placement_strategy_and_an_elastic_range_reach_ray_train(tmp_path):
     from sea_ray.train.driver import make_trainer
 
     for strategy in ("PACK", "SPREAD"):
@@ -428,6 +436,12 @@ def test_the_placement_strategy_reaches_ray_train(tmp_path):
                         "scaling": {"num_workers": 2, "placement_strategy": strategy}})
         trainer = make_trainer(cfg, lambda config: None, {"validate": False}, [])
         assert trainer.scaling_config.placement_strategy == strategy
+    cfg = validate({"job": "align", "data": {"manifest": str(tmp_path / "unused.json")}, "sea": {"enabled": False},
+                    "model": {"preset": "tiny-openclip-llama"}, "run": {"storage": str(tmp_path)},
+                    "scaling": {"num_workers": [1, 2], "resources_per_worker": {"slot": 1}, "resize_interval_s": 3}})
+    scaling = make_trainer(cfg, lambda config: None, {"validate": False}, []).scaling_config
+    assert scaling.num_workers == (1, 2) and scaling.elastic_resize_monitor_interval_s == 3
+    assert scaling.resources_per_worker == {"CPU": 0.5, "slot": 1}
 
 
 def test_worker_group_starts_are_recorded_and_read_back_oldest_first(tmp_path):

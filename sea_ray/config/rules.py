@@ -97,10 +97,12 @@ def _lora_problems(cfg: TrainConfig) -> list[str]:
 
 def _train_problems(cfg: TrainConfig) -> list[str]:
     problems = _model_problems(cfg.model, "model") + _lora_problems(cfg)
-    per_step = cfg.batch.per_worker * cfg.scaling.num_workers
-    if cfg.batch.global_size % per_step:
-        problems.append(f"batch.global_size: {cfg.batch.global_size} is not divisible by batch.per_worker x "
-                        f"scaling.num_workers = {cfg.batch.per_worker} x {cfg.scaling.num_workers} = {per_step}")
+    for workers in cfg.scaling.world_sizes:  # an elastic group: every size it may run with
+        per_step = cfg.batch.per_worker * workers
+        if cfg.batch.global_size % per_step:
+            size = f"{workers} (of the range {list(cfg.scaling.num_workers)})" if cfg.scaling.elastic else workers
+            problems.append(f"batch.global_size: {cfg.batch.global_size} is not divisible by batch.per_worker x "
+                            f"scaling.num_workers = {cfg.batch.per_worker} x {size} = {per_step}")
     if cfg.scaling.use_gpu and cfg.precision == "fp32":
         pass  # allowed: fp32 on GPU is slow but valid
     if not cfg.scaling.use_gpu and cfg.precision == "bf16":

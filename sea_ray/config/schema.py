@@ -118,7 +118,16 @@ class RayConfig(_Section):
 
 
 class ScalingConfig(_Section):
-    num_workers: int = Field(1, ge=1, description="Ray Train workers")
+    num_workers: Union[int, tuple[int, int]] = Field(
+        1, description="Ray Train workers: a number, or [min, max] for an elastic group that Ray Train shrinks when "
+        "nodes are lost and grows back when room returns, each resize a restart from the newest checkpoint; the "
+        "global batch stays fixed (gradient accumulation follows the live number of workers: docs/clusters.md#elastic)")
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=dict, description="custom Ray resources each worker needs besides its CPUs/GPUs (a node "
+        "label such as {trainer_slot: 1}: with one slot per node, one worker per node; an elastic group counts "
+        "its room in these)")
+    resize_interval_s: float = Field(60.0, gt=0, description="an elastic group: how often Ray Train looks for "
+                                     "room to grow while training runs")
     use_gpu: bool = False
     cpus_per_worker: float = Field(0.5, gt=0, description="fractional CPUs leave room for data tasks")
     gpus_per_worker: float = Field(1.0, gt=0)
@@ -126,6 +135,31 @@ class ScalingConfig(_Section):
         "PACK", description="where the workers' placement group puts them (Ray's strategies): PACK fills a node "
         "first (GPU jobs: one 8-GPU node), SPREAD puts them on distinct nodes where it can; the STRICT_ forms wait "
         "until they can, also after a node is lost (docs/clusters.md#nodes-lost)")
+
+    @field_validator("num_workers")
+    @classmethod
+    def _worker_range(cls, value):
+        low, high = (value, value) if isinstance(value, int) else value
+        if low < 1 or high < low:
+            raise ValueError("needs a number >= 1 or [min, max] with 1 <= min <= max")
+        return value
+
+    @field_validator("resources_per_worker")
+    @classmethod
+    def _custom_only(cls, value):
+        if {"CPU", "GPU"} & set(value):
+            raise ValueError("CPUs and GPUs are cpus_per_worker and gpus_per_worker; this holds custom resources")
+        return value
+
+    @property
+    def elastic(self) -> bool:
+        return isinstance(self.num_workers, tuple)
+
+    @property
+    def world_sizes(self) -> range:
+        """Every number of workers the group may run with."""
+        low, high = (self.num_workers, self.num_workers) if isinstance(self.num_workers, int) else self.num_workers
+        return range(low, high + 1)
 
 
 class RunConfig(_Section):
@@ -164,7 +198,9 @@ class BatchConfig(_Section):
 
 class CheckpointConfig(_Section):
     every_n_steps: int = Field(500, ge=1)
-    num_to_keep: Optional[int] = Field(2, ge=1)
+    num_to_keep: Optional[int] = Field(2, ge=1, description="checkpoints a run keeps, the newest complete ones "
+                                       "(none: all); after the run, older and incomplete step folders an "
+                                       "interrupted run left are deleted too")
     format: Literal["auto", "full", "sharded"] = Field(
         "auto", description="auto = sharded under FSDP, else full. full: rank 0 gathers the trainable tensors and the "
         "optimizer state and writes model.safetensors and optimizer.pt; sharded: every rank writes its own shard "
@@ -174,6 +210,11 @@ class CheckpointConfig(_Section):
         "async", description="async: training goes on while Ray Train uploads a checkpoint to the run storage (it "
         "waits for the upload before the stage ends; a failed upload fails the worker, which resumes from the newest "
         "complete checkpoint); sync: every rank waits for its upload")
+    on_preemption: bool = Field(
+        True, description="a just-in-time checkpoint (uploaded before training goes on) as soon as Ray Train "
+        "reports that a node of the group is being preempted, i.e. drained with a deadline (docs/clusters.md#preemption)")
+    preemption_check_every_n_steps: int = Field(
+        1, ge=1, description="how often the workers ask Ray Train for a preemption notice (a small collective)")
 
 
 ImageAspect = Literal["pad", "crop"]
@@ -314,6 +355,8 @@ class TrainConfig(_Section):
     checkpoint: CheckpointConfig = CheckpointConfig()
     tracking: TrackingConfig = TrackingConfig()
     max_failures: int = Field(0, ge=-1, description="worker-group restarts (FailureConfig); -1 = unlimited")
+    max_preemptions: int = Field(-1, ge=-1, description="worker-group restarts after a node preemption, counted "
+                                 "apart from max_failures (FailureConfig.max_preemption_failures); -1 = unlimited")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 autocast on GPU, fp32 on CPU")
     grad_checkpointing: bool = False
     log_every_n_steps: int = Field(10, ge=1)

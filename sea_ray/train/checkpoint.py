@@ -73,6 +73,14 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def step_of(uri: str) -> int:
+    """The step of a checkpoint folder, from its name."""
+    match = STEP_DIR.match(uri.rstrip("/").rsplit("/", 1)[-1])
+    if match is None:
+        raise ValueError(f"{uri} is not a checkpoint folder (step_NNNNNNNN)")
+    return int(match.group(1))
+
+
 def write_checkpoint(directory: str, model_state: dict[str, torch.Tensor], optim_state: Optional[dict],
                      train_state: dict, config: dict, stage: str) -> None:
     """Write a full checkpoint into a local ``directory`` (Ray Train persists it to the run storage).
@@ -228,6 +236,32 @@ def latest_complete(run_uri: str) -> Optional[str]:
             return uri
         log.warning("checkpoint %s (step %d) is incomplete: skipped", uri, step)
     return None
+
+
+def resume_point(run_uri: str) -> Optional[str]:
+    """Where a (re-)started run resumes: its newest complete checkpoint (None: from the start).
+    Step folders newer than it are incomplete (an upload or a write that was cut short) and are
+    deleted, so the resumed run writes those steps afresh rather than into their remains."""
+    for step, uri in reversed(list_checkpoints(run_uri)):
+        if is_complete(uri):
+            return uri
+        log.warning("deleting incomplete checkpoint %s (step %d): the run resumes before it", uri, step)
+        storage.remove_tree(uri)
+    return None
+
+
+def prune(run_uri: str, keep: Optional[int]) -> list[str]:
+    """Keep a run's ``keep`` newest complete checkpoints (``checkpoint.num_to_keep``; None: all)
+    and delete its other step folders, older or incomplete ones left by an interrupted run among
+    them; returns the deleted URIs."""
+    if keep is None:
+        return []
+    found = list_checkpoints(run_uri)
+    kept = set([uri for _, uri in found if is_complete(uri)][-keep:])
+    deleted = [uri for _, uri in found if uri not in kept]
+    for uri in deleted:
+        storage.remove_tree(uri)
+    return deleted
 
 
 def resolve(uri: str) -> str:

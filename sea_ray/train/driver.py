@@ -27,13 +27,16 @@ def run_uri(cfg) -> str:
 
 
 def step_line(step: int, total: int, metrics: dict) -> str:
-    """One compact progress line: ``step 10/50 loss_lm 1.234 loss_sea 0.567 lr 1.0e-03 samples/s 12.3``."""
+    """One compact progress line: ``step 10/50 loss_lm 1.234 loss_sea 0.567 lr 1.0e-03 samples/s 12.3
+    samples/step 64 workers 2``."""
     parts = [f"step {step}/{total}"]
     parts += [f"{k} {metrics[k]:.4f}" for k in ("loss_lm", "loss_sea", "temperature") if k in metrics]
     if "lr" in metrics:
         parts.append(f"lr {metrics['lr']:.2e}")
     if "samples_per_s" in metrics:
         parts.append(f"samples/s {metrics['samples_per_s']:.1f}")
+    if "samples_per_step" in metrics:  # fixed however many workers run (an elastic group)
+        parts.append(f"samples/step {metrics['samples_per_step']:g} workers {metrics['world_size']}")
     return " ".join(parts)
 
 
@@ -72,11 +75,11 @@ def make_trainer(cfg, worker_fn, loop_config: dict, callbacks: list,
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    resources = {"CPU": cfg.scaling.cpus_per_worker}
+    resources = {"CPU": cfg.scaling.cpus_per_worker, **cfg.scaling.resources_per_worker}
     if cfg.scaling.use_gpu:
         resources["GPU"] = cfg.scaling.gpus_per_worker
     fs, path = storage.pyarrow_fs(cfg.run.storage)
-    failure = {"max_failures": cfg.max_failures}
+    failure = {"max_failures": cfg.max_failures, "max_preemption_failures": cfg.max_preemptions}
     if controller_failure_limit is not None:
         failure["controller_failure_limit"] = controller_failure_limit
     validation = None
@@ -93,7 +96,8 @@ def make_trainer(cfg, worker_fn, loop_config: dict, callbacks: list,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                      resources_per_worker=resources,
-                                     placement_strategy=cfg.scaling.placement_strategy),
+                                     placement_strategy=cfg.scaling.placement_strategy,
+                                     elastic_resize_monitor_interval_s=cfg.scaling.resize_interval_s),
         run_config=RunConfig(name=cfg.run.name, storage_path=path, storage_filesystem=fs,
                              failure_config=FailureConfig(**failure),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
@@ -157,7 +161,7 @@ def _last_line(error: BaseException) -> str:
 
 def run(cfg) -> dict:
     """Train ``cfg`` (an AlignConfig or InstructConfig) on Ray Train; returns a summary."""
-    from sea_ray.train.checkpoint import latest_complete
+    from sea_ray.train.checkpoint import latest_complete, prune
     from sea_ray.train.loop import accumulation_steps, total_steps, train_loop
 
     cfg = absolute_paths(cfg)
@@ -166,13 +170,15 @@ def run(cfg) -> dict:
     config = loop_config(cfg, uri)
     num_rows = config["source"].num_rows
     steps = total_steps(cfg, num_rows)
-    accum = accumulation_steps(cfg, cfg.scaling.num_workers)
-    log.info("%s: %d samples, %d steps of %d (%d workers x %d x %d accumulation) -> %s", cfg.job, num_rows, steps,
-             cfg.batch.global_size, cfg.scaling.num_workers, cfg.batch.per_worker, accum, uri)
+    shapes = ", ".join(f"{w} workers x {cfg.batch.per_worker} x {accumulation_steps(cfg, w)} accumulation"
+                       for w in cfg.scaling.world_sizes)
+    log.info("%s: %d samples, %d steps of %d (%s) -> %s", cfg.job, num_rows, steps, cfg.batch.global_size, shapes, uri)
     storage.makedirs(uri)
     storage.write_text(storage.join(uri, "config.json"), json.dumps(to_dict(cfg), indent=2, sort_keys=True))
     trainer = make_trainer(cfg, train_loop, config, callbacks=[_progress_callback(steps, cfg.job, sys.stdout.isatty())])
     result = fit(trainer, f"{cfg.job} ({uri})")
+    for deleted in prune(uri, cfg.checkpoint.num_to_keep):  # what an interrupted run left behind
+        log.info("deleted %s (checkpoint.num_to_keep %d)", deleted, cfg.checkpoint.num_to_keep)
     summary = {"job": cfg.job, "run": uri, "steps": steps, "checkpoint": latest_complete(uri),
                "metrics": result.metrics or {}, "workers": placement.starts(uri)}
     validated = {int(m["val_step"]): {k: v for k, v in m.items() if k.startswith("val_") and k != "val_step"}

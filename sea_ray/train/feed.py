@@ -45,6 +45,14 @@ from sea_ray.train.data import Preprocess, stack
 
 log = logging.getLogger(__name__)
 
+
+def chunk_of(rank: int, micro: int, world_size: int) -> int:
+    """Which micro-batch of its step's global batch (0 .. global / per_worker - 1) worker ``rank``
+    reads at accumulation step ``micro``: the rows, whatever the number of workers, so that the
+    per-micro-batch randomness keyed by it is the same on any number of workers."""
+    return rank + micro * world_size
+
+
 @dataclass(frozen=True)
 class Order:
     """The documented order of one run (see the module docstring)."""
@@ -93,7 +101,7 @@ class Order:
             raise ValueError(f"global batch {self.global_size} is not divisible by "
                              f"{world_size} workers x {self.per_worker}")
         for s in range(start_step, steps):
-            yield from range(s * per_step + rank, (s + 1) * per_step, world_size)
+            yield from (s * per_step + chunk_of(rank, micro, world_size) for micro in range(per_step // world_size))
 
     def segments(self, chunks: Iterable[int]) -> list[tuple[np.ndarray, np.ndarray]]:
         """``(source rows, stream positions)`` of ``chunks``, grouped into runs of one window of

@@ -32,7 +32,7 @@ from sea_ray.model.vlm import build_vlm
 from sea_ray.sea import SCHEDULES, SeaLoss, average_gradients, lambda_at, pair_loss, select_pairs, word_targets
 from sea_ray.train import checkpoint as ckpt
 from sea_ray.train import placement, tracking
-from sea_ray.train.feed import memory_micro_batches, order_of, ray_micro_batches
+from sea_ray.train.feed import chunk_of, memory_micro_batches, order_of, ray_micro_batches
 from sea_ray.train.watchdog import StallError, Watchdog
 
 log = logging.getLogger(__name__)
@@ -246,9 +246,12 @@ def trained_modules(model, sea_loss) -> torch.nn.Module:
     return holder
 
 
-def step_generator(seed: int, step: int, rank: int, micro: int) -> torch.Generator:
-    """Stateless per-(step, rank, micro-batch) randomness: a resumed run draws exactly the same."""
-    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1009 + rank) * 101 + micro)
+def step_generator(seed: int, step: int, chunk: int) -> torch.Generator:
+    """Stateless randomness per (step, micro-batch of the step's global batch): a resumed run draws
+    exactly the same, and so does a run on another number of workers, because ``chunk`` names
+    the rows, not the worker (:func:`chunk_of`)."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 100_003 + chunk)
+
 
 
 # --------------------------------------------------------------------------- the recipe
@@ -314,7 +317,7 @@ def setup(cfg, io) -> Stage:
     trained = trained_modules(model, sea_loss)
     trainable_keys = {n for n, p in trained.named_parameters() if p.requires_grad}
     steps = total_steps(cfg, io.num_rows)
-    latest = ckpt.latest_complete(io.run_uri)
+    latest = io.resume_from()
     # a full checkpoint loads whole before wrapping; a sharded one into the wrapped model's shards
     sharded = latest is not None and ckpt.checkpoint_format_of(latest) == "sharded"
     saved = ckpt.load_checkpoint(latest) if latest is not None and not sharded else None
@@ -354,13 +357,12 @@ def micro_step(st: Stage, batch: dict, micro: int, weight: float = 1.0) -> dict:
     cfg, step = st.cfg, st.state["step"]
     b = to_model_batch(batch, st.model.tokenizer.pad_token_id, st.normalize, st.io.device)
     pairs = None
+    chunk = chunk_of(st.io.world_rank, micro, st.io.world_size)
     if st.sea_loss is not None:
-        pairs = sea_pairs_for(b, st.row_of, st.targets, st.grid, cfg,
-                              step_generator(cfg.run.seed, step, st.io.world_rank, micro))
+        pairs = sea_pairs_for(b, st.row_of, st.targets, st.grid, cfg, step_generator(cfg.run.seed, step, chunk))
     # dropout (LoRA's, a trained tower's) draws from the global generator: seeded per micro-batch
     # from the same stateless stream, so that a resumed run drops exactly what the first one did
-    torch.manual_seed(int(torch.randint(2**62, (1,), generator=step_generator(cfg.run.seed + 1, step,
-                                                                               st.io.world_rank, micro))))
+    torch.manual_seed(int(torch.randint(2**62, (1,), generator=step_generator(cfg.run.seed + 1, step, chunk))))
     with gradient_sync(st.wrapped, st.strategy, micro == st.accum - 1), autocast_for(cfg, st.io.device):
         out = st.wrapped(b["input_ids"], b["attention_mask"], b["labels"], b["images"])
         loss = out["loss_lm"]
@@ -407,6 +409,9 @@ class Window:
         elapsed, n = time.perf_counter() - self.start, max(1, self.steps)
         out = {"loss_lm": self.sums["loss_lm"] / n, "lr": st.scheduler.get_last_lr()[0],
                "samples_per_s": self.sums["samples"] * st.io.world_size / elapsed,
+               # the global batch of an elastic group stays fixed as its size changes: these say so
+               "samples_per_step": self.sums["samples"] * st.io.world_size / n, "world_size": st.io.world_size,
+               "accumulation": st.accum,
                "tokens_per_s": self.sums["tokens"] * st.io.world_size / elapsed,
                "epoch": st.state["step"] * st.cfg.batch.global_size // st.io.num_rows}
         if st.sea_loss is not None:
@@ -428,14 +433,16 @@ def report(st: Stage, window: Window, evaluate: Optional[Callable]) -> dict:
     return metrics
 
 
-def save(st: Stage, metrics: dict) -> None:
+def save(st: Stage, metrics: dict, sync: bool = False) -> None:
     """A checkpoint of the trainable tensors, optimizer, schedule and position. Every rank takes
     part: under FSDP gathering the full state is a collective, and in the sharded format every
     rank writes its own shard. The local folder goes to ``io.report``, which owns it from then on
-    (Ray Train uploads it, synchronously or not, and deletes it)."""
+    (Ray Train uploads it, synchronously or not, and deletes it); ``sync``: uploaded before
+    training goes on, whatever ``checkpoint.upload`` says (a just-in-time checkpoint)."""
     step = st.state["step"]
     folder = _write_local(st)
-    st.io.report(dict(metrics, step=step), folder, ckpt.step_dir_name(step))
+    st.io.report(dict(metrics, step=step), folder, ckpt.step_dir_name(step), sync=sync)
+    st.io.keep_newest(st.cfg.checkpoint.num_to_keep)
 
 
 def _write_local(st: Stage) -> Optional[str]:
@@ -511,6 +518,8 @@ def run_stage(cfg, io, evaluate: Optional[Callable[[object, int], dict]] = None)
                 window.steps += 1
                 step = st.state["step"]
                 checkpoint = step % cfg.checkpoint.every_n_steps == 0 or step == st.steps
+                preempted = io.preempted(step, cfg.checkpoint)  # every rank asks, at the same steps
+                checkpoint = checkpoint or preempted
                 if step % cfg.log_every_n_steps == 0 or step == st.steps:
                     waiting["what"] = "the report (metrics and evaluation)"
                     metrics = report(st, window, evaluate)
@@ -522,7 +531,7 @@ def run_stage(cfg, io, evaluate: Optional[Callable[[object, int], dict]] = None)
                     # the newest reported one is uploaded, which would undo an asynchronous upload
                     _log_validations(st, wait=False)
                     waiting["what"] = "the checkpoint save"
-                    save(st, metrics)
+                    save(st, metrics, sync=preempted)
                     st.tracker.flush()
                 dog.beat()
             waiting["what"] = "the validation of the last checkpoints (Ray's validation tasks)"
@@ -551,6 +560,28 @@ class RayTrainIO:
         self.validate = validate  # every checkpoint goes to Ray's validation task (sea_ray.train.validation)
         self.upload = upload  # checkpoint.upload: async = training goes on while Ray Train uploads
         self._validated: set = set()
+        self._preemption_saved = False  # one just-in-time checkpoint per start of the group
+
+    def resume_from(self) -> Optional[str]:
+        """The checkpoint every rank of this start of the worker group resumes from, chosen once,
+        by rank 0, and handed to the others (a collective), so that they cannot disagree: the run's
+        newest complete checkpoint (:func:`checkpoint.resume_point`, which deletes the incomplete
+        ones after it). Rank 0 chooses, not the driver, because Ray restarts a failed or resized
+        group without the driver; and from storage, not from ``ray.train.get_checkpoint()``,
+        because a checkpoint is complete in storage before Ray's controller has recorded it (a
+        worker killed in between would otherwise redo its steps)."""
+        import torch.distributed as dist
+
+        chosen = ckpt.resume_point(self.run_uri) if self.world_rank == 0 else None
+        if self.world_size > 1 and dist.is_available() and dist.is_initialized():
+            box = [chosen]
+            dist.broadcast_object_list(box, src=0)
+            chosen = box[0]
+        return chosen
+
+    def keep_newest(self, keep: Optional[int]) -> None:
+        """Ray Train's checkpoint manager keeps the ``num_to_keep`` newest checkpoints; what an
+        interrupted run left behind the driver deletes after the run (checkpoint.prune)."""
 
     def record_start(self, step: int) -> None:
         """Where this start of the worker group runs (:mod:`sea_ray.train.placement`): every rank
@@ -580,16 +611,38 @@ class RayTrainIO:
         return ray.train.torch.prepare_model(model, move_to_device=False, parallel_strategy="ddp",
                                              parallel_strategy_kwargs={"find_unused_parameters": False})
 
-    def report(self, metrics: dict, checkpoint_dir: Optional[str], name: Optional[str]):
+    def preempted(self, step: int, checkpointing) -> bool:
+        """True once, at the first check after Ray Train reports that a node of this group is being
+        preempted (drained with a deadline: ``ray.train.get_preemption_info()``, a collective every
+        rank calls at the same steps); the stage then checkpoints at once and trains on until the
+        node goes, and the restart resumes from that checkpoint."""
+        if (not checkpointing.on_preemption or self._preemption_saved
+                or step % checkpointing.preemption_check_every_n_steps):
+            return False
+        import ray.train
+
+        info = ray.train.get_preemption_info()
+        if info is None:
+            return False
+        self._preemption_saved = True
+        left = (info.deadline_ms / 1000 - time.time()) if info.deadline_ms else None
+        log.warning("worker %d: nodes %s are being preempted (ranks %s%s): a just-in-time checkpoint at step %d",
+                    self.world_rank, sorted(info.preempted_node_to_ranks),
+                    sorted(r for ranks in info.preempted_node_to_ranks.values() for r in ranks),
+                    f", {left:.0f} s left" if left is not None else "", step)
+        return True
+
+    def report(self, metrics: dict, checkpoint_dir: Optional[str], name: Optional[str], sync: bool = False):
         """Report to Ray Train; ``checkpoint_dir`` (this rank's local folder, or None) is uploaded
         into the run's ``name`` folder beside the other ranks' and deleted after its upload. With
-        ``checkpoint.upload: async`` the upload runs in Ray's background thread and training goes
-        on; Ray Train waits for it before the worker ends, and a failed upload fails the worker."""
+        ``checkpoint.upload: async`` (and not ``sync``) the upload runs in Ray's background thread
+        and training goes on; Ray Train waits for it before the worker ends, and a failed upload
+        fails the worker."""
         import ray.train
         from ray.train import CheckpointUploadMode
 
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        mode = CheckpointUploadMode.ASYNC if self.upload == "async" else CheckpointUploadMode.SYNC
+        mode = CheckpointUploadMode.ASYNC if self.upload == "async" and not sync else CheckpointUploadMode.SYNC
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name if checkpoint else None,
                          checkpoint_upload_mode=mode, delete_local_checkpoint_after_upload=bool(checkpoint),
                          validation=bool(checkpoint) and self.validate)
@@ -625,6 +678,12 @@ class LocalIO:
     def record_start(self, step: int) -> None:
         """One process on this machine: nothing to record (:mod:`sea_ray.train.placement` is Ray's)."""
 
+    def resume_from(self) -> Optional[str]:
+        return ckpt.resume_point(self.run_uri)
+
+    def keep_newest(self, keep: Optional[int]) -> None:
+        ckpt.prune(self.run_uri, keep)
+
     def micro_batches(self, order, start_step: int, steps: int) -> Iterable[Optional[dict]]:
         return memory_micro_batches(self.rows, order, 1, 0, start_step, steps)
 
@@ -634,7 +693,10 @@ class LocalIO:
     def validations(self, wait: bool) -> list[tuple[int, dict]]:
         return []  # in one process, validation is the evaluate callback of run_stage
 
-    def report(self, metrics: dict, checkpoint_dir: Optional[str], name: Optional[str]):
+    def preempted(self, step: int, checkpointing) -> bool:
+        return False  # one process on this machine: no Ray node to be preempted
+
+    def report(self, metrics: dict, checkpoint_dir: Optional[str], name: Optional[str], sync: bool = False):
         if checkpoint_dir and name:
             import shutil
 
