@@ -155,6 +155,8 @@ def test_killed_worker_resumes_and_matches_uninterrupted_run(reference, labelled
     assert [s["step"] for s in summary["workers"]] == [0, EVERY]  # restarted once, from that checkpoint
     assert killed[0] not in {w["pid"] for w in summary["workers"][1]["workers"]}
     got, want = _adapter(summary["run"]), _adapter(reference["run"])
+    print(f"killed worker: resumed from step {EVERY}, max abs adapter difference "
+          f"{max(float((got[k] - want[k]).abs().max()) for k in want):.3g}")
     for key in want:
         torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-6)
 
@@ -191,6 +193,8 @@ def test_stopped_driver_resumes_in_place(reference, labelled_world, tmp_path, ra
     assert [s["step"] for s in summary["workers"]] == [0, EVERY]  # the re-run started from step 3
     assert [s for s, _ in ckpt.list_checkpoints(summary["run"])] == [STEPS]
     got, want = _adapter(summary["run"]), _adapter(reference["run"])
+    print(f"stopped driver: resumed from step {EVERY}, max abs adapter difference "
+          f"{max(float((got[k] - want[k]).abs().max()) for k in want):.3g}")
     for key in want:
         torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-6)
 
