@@ -12,9 +12,11 @@ and a deadline (Ray's ``DrainNode``, what the autoscaler does on a cloud's notic
 ``sea-ray node-guard --grace-s 25 -- ray start --address=HEAD:6379 --block`` runs the node's
 command and, on SIGTERM, drains the node it started (found as the raylet among its processes:
 its ``--node_id`` and ``--gcs-address``) with a deadline a little before ``--grace-s``
-(:func:`drain_deadline_s`), waits ``--grace-s`` (or until the node's command ends), then stops
-the command (SIGTERM, then SIGKILL to its process session). Without a command (a Kubernetes
-``preStop`` hook) it drains the one raylet running on this machine or container and waits.
+(:func:`drain_deadline_s`), waits until the drained raylet ends, the node's command ends or
+``--grace-s`` has passed, then kills what is left of the node at once (SIGKILL to its process
+session, as a reclaimed VM goes; a command with no raylet is stopped with SIGTERM first). Without
+a command (a Kubernetes ``preStop`` hook) it drains the one raylet running on this machine or
+container and waits.
 """
 
 from __future__ import annotations
@@ -96,16 +98,18 @@ def raylets(pids: Optional[list[int]] = None) -> list[dict]:
     return found
 
 
-def drain(node_id: str, gcs_address: str, grace_s: float, message: str) -> None:
-    """Ask Ray's GCS to drain ``node_id`` for preemption, its deadline ``grace_s`` from now
+def drain(node_id: str, gcs_address: str, deadline_s: float, message: str) -> None:
+    """Ask Ray's GCS to drain ``node_id`` for preemption, its deadline ``deadline_s`` from now
     (``ray drain-node``, the call Ray's autoscaler makes on a cloud's preemption notice)."""
     ray = os.path.join(os.path.dirname(sys.executable), "ray")
     cmd = [ray if os.path.exists(ray) else "ray", "drain-node", "--address", gcs_address, "--node-id", node_id,
            "--reason", DRAIN_REASON, "--reason-message", message,
-           "--deadline-remaining-seconds", str(max(0, int(grace_s)))]
+           "--deadline-remaining-seconds", str(max(0, int(deadline_s)))]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     if done.returncode != 0:
         raise SeaRayError(f"ray drain-node {node_id} failed: {(done.stderr or done.stdout).strip()[-500:]}")
+    print(f"node-guard: node {node_id} drained for preemption, deadline in {max(0, int(deadline_s))} s",
+          file=sys.stderr, flush=True)
 
 
 def stop_session(sid: int, wait_s: float = STOP_WAIT_S, first: int = signal.SIGTERM) -> None:
@@ -142,8 +146,6 @@ def guard(command: list[str], grace_s: float) -> int:
         try:
             drain(raylet["node_id"], raylet["gcs_address"], drain_deadline_s(grace_s) - (time.time() - noticed_at),
                   "SIGTERM to the node (sea-ray node-guard)")
-            print(f"node-guard: node {raylet['node_id']} drained for preemption (deadline in "
-                  f"{drain_deadline_s(grace_s):g} s), stopped in {grace_s:g} s", file=sys.stderr, flush=True)
         except (SeaRayError, OSError, subprocess.TimeoutExpired) as exc:
             log.warning("node-guard: %s", exc)
     # a drained raylet ends by itself once its work has gone (Ray Train moves off at the deadline)
@@ -151,7 +153,7 @@ def guard(command: list[str], grace_s: float) -> int:
         time.sleep(0.2)
     # then the node goes as a reclaimed VM goes: at once. A raylet given SIGTERM would first tell
     # Ray it was stopped on purpose, and its workers' deaths would no longer read as a preemption.
-    stop_session(child.pid, wait_s=0.0 if found else STOP_WAIT_S, first=signal.SIGKILL if found else signal.SIGTERM)
+    stop_session(child.pid, first=signal.SIGKILL if found else signal.SIGTERM)
     child.wait()
     return 0
 
@@ -165,7 +167,5 @@ def drain_here(grace_s: float, node_id: Optional[str] = None) -> int:
         raise SeaRayError(f"node-guard: {len(found)} raylets run here; name the node with --node-id "
                           f"({', '.join(r['node_id'] for r in found) or 'none found'})")
     drain(found[0]["node_id"], found[0]["gcs_address"], drain_deadline_s(grace_s), "preStop hook (sea-ray node-guard)")
-    print(f"node-guard: node {found[0]['node_id']} drained for preemption (deadline in "
-          f"{drain_deadline_s(grace_s):g} s), waiting {grace_s:g} s", file=sys.stderr, flush=True)
     time.sleep(grace_s)
     return 0

@@ -117,6 +117,11 @@ class RayConfig(_Section):
     num_cpus: Optional[int] = Field(None, ge=1, description="CPUs of a local Ray (ignored on a cluster)")
 
 
+def _worker_bounds(num_workers) -> tuple[int, int]:
+    """(min, max) of ``scaling.num_workers``: a number or an elastic [min, max]."""
+    return (num_workers, num_workers) if isinstance(num_workers, int) else tuple(num_workers)
+
+
 class ScalingConfig(_Section):
     num_workers: Union[int, tuple[int, int]] = Field(
         1, description="Ray Train workers: a number, or [min, max] for an elastic group that Ray Train shrinks when "
@@ -139,7 +144,7 @@ class ScalingConfig(_Section):
     @field_validator("num_workers")
     @classmethod
     def _worker_range(cls, value):
-        low, high = (value, value) if isinstance(value, int) else value
+        low, high = _worker_bounds(value)
         if low < 1 or high < low:
             raise ValueError("needs a number >= 1 or [min, max] with 1 <= min <= max")
         return value
@@ -158,7 +163,7 @@ class ScalingConfig(_Section):
     @property
     def world_sizes(self) -> range:
         """Every number of workers the group may run with."""
-        low, high = (self.num_workers, self.num_workers) if isinstance(self.num_workers, int) else self.num_workers
+        low, high = _worker_bounds(self.num_workers)
         return range(low, high + 1)
 
 

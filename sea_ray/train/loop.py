@@ -253,7 +253,6 @@ def step_generator(seed: int, step: int, chunk: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + step) * 100_003 + chunk)
 
 
-
 # --------------------------------------------------------------------------- the recipe
 
 
