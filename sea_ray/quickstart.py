@@ -39,7 +39,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
+from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -81,8 +84,69 @@ QA_TYPES = ("color", "shape", "count", "existence", "position")
 ORACLE_TOP_N = 3  # a patch has at most two true words
 
 
+_LABEL = threading.local()  # a prefix for this thread's lines (sea-ray study runs quickstarts side by side)
+
+
 def _say(msg: str) -> None:
-    print(msg, flush=True)
+    prefix = getattr(_LABEL, "prefix", "")
+    print("\n".join(prefix + line if line else line for line in msg.split("\n")) if prefix else msg, flush=True)
+
+
+@contextmanager
+def labelled(prefix: str):
+    """Prefix every line this thread's quickstart prints (``[name] ``)."""
+    old = getattr(_LABEL, "prefix", "")
+    _LABEL.prefix = prefix
+    try:
+        yield
+    finally:
+        _LABEL.prefix = old
+
+
+class Slots:
+    """The CPU slots that the chains of one or several quickstarts share (thread-safe).
+
+    A chain (or a driver step that keeps Ray busy, such as the ingest) holds one slot while it
+    runs; a free slot goes to the waiting party of the lowest ``priority`` first (``sea-ray
+    study`` passes each comparison's place in the run order, so the config's order says what
+    is measured first). One quickstart alone has as many slots as Ray has CPUs per chain."""
+
+    def __init__(self, n: int):
+        self._lock = threading.Lock()
+        self._free = max(1, int(n))
+        self._wanting: Counter = Counter()
+
+    def want(self, priority: float, wanting: bool = True) -> None:
+        with self._lock:
+            self._wanting[priority] += 1 if wanting else -1
+            if self._wanting[priority] <= 0:
+                del self._wanting[priority]
+
+    def try_take(self, priority: float) -> bool:
+        """Take a slot if one is free and no party of a lower priority value is waiting for one."""
+        with self._lock:
+            if self._free <= 0 or min(self._wanting, default=priority) < priority:
+                return False
+            self._free -= 1
+            return True
+
+    def give(self, n: int = 1) -> None:
+        with self._lock:
+            self._free += n
+
+    @contextmanager
+    def hold(self, priority: float = 0):
+        """Wait for a slot, hold it for the ``with`` block."""
+        self.want(priority)
+        try:
+            while not self.try_take(priority):
+                time.sleep(0.2)
+        finally:
+            self.want(priority, False)
+        try:
+            yield
+        finally:
+            self.give()
 
 
 # --------------------------------------------------------------------------- the plan
@@ -272,50 +336,63 @@ def _ingest(chain: dict, image_size: int) -> dict:
     return out
 
 
-def _run_tasks(cfg: QuickstartConfig, plan: dict, ray) -> list[dict]:
+def _run_tasks(cfg: QuickstartConfig, plan: dict, ray, slots: Optional[Slots] = None, priority: float = 0) -> list[dict]:
     from ray.util.queue import Empty, Queue
 
     chain0 = plan["chains"][0]
+    total_cpus = int(ray.cluster_resources().get("CPU", 1))
+    # At most one chain in flight per slot: a task blocked in ray.get (its data iterator) lends its
+    # CPU to the scheduler, which would otherwise start more chains than there are cores.
+    if slots is None:
+        slots = Slots(total_cpus // cfg.cpus_per_task)
 
     (image_size, _), _ = tower_image_size(chain0["align"].model.vision)
     t = time.time()
     _say("[3/5] ingest: Ray Data decodes and tokenizes the align set (with labels) and the instruct set")
-    data = _ingest(chain0, image_size)
+    with slots.hold(priority):
+        data = _ingest(chain0, image_size)
     _say(f"      {data['align_rows']} captioned images, {data['instruct_rows']} conversations ({time.time() - t:.0f}s)")
     data = ray.put(data)
-    total_cpus = int(ray.cluster_resources().get("CPU", 1))
-    at_once = max(1, int(total_cpus // cfg.cpus_per_task))
-    _say(f"[4/5] train + eval: {len(plan['chains'])} chains (seeds {cfg.seeds} x baseline/+SEA), align "
+    _say(f"[4/5] train + eval: {len(plan['chains'])} chains (seeds {cfg.seeds} x {'/'.join(cfg.arms)}), align "
          f"{cfg.align.max_steps} steps -> instruct {cfg.instruct.max_steps} steps -> eval; "
-         f"{min(at_once, len(plan['chains']))} at a time, {cfg.cpus_per_task:g} CPU each")
+         f"one per free slot of {total_cpus} CPUs, {cfg.cpus_per_task:g} CPU each")
     queue = Queue(actor_options={"num_cpus": 0})
     remote = ray.remote(num_cpus=cfg.cpus_per_task, max_retries=0)(run_chain)
     threads = max(1, int(round(cfg.cpus_per_task)))
-    # At most `at_once` chains in flight: a task blocked in ray.get (its data iterator) lends its CPU
-    # to the scheduler, which would otherwise start more chains than there are cores.
     waiting = list(enumerate(plan["chains"]))
     refs: dict = {}
     running: list = []
-    try:
-        while waiting or running:
-            while waiting and len(running) < at_once:
-                i, chain = waiting.pop(0)
-                ref = remote.remote(chain, data, threads, queue)
-                refs[i] = ref
-                running.append(ref)
-            _, running = ray.wait(running, num_returns=len(running), timeout=0.5)
-            while True:
-                try:
-                    _print_event(queue.get_nowait())
-                except Empty:
-                    break
-        results = ray.get([refs[i] for i in range(len(plan["chains"]))])
+
+    def drain() -> None:
         while True:
             try:
                 _print_event(queue.get_nowait())
             except Empty:
-                break
+                return
+
+    slots.want(priority)
+    try:
+        while waiting or running:
+            while waiting and slots.try_take(priority):
+                i, chain = waiting.pop(0)
+                refs[i] = remote.remote(chain, data, threads, queue)
+                running.append(refs[i])
+                if not waiting:
+                    slots.want(priority, False)
+            if running:
+                done, running = ray.wait(running, num_returns=len(running), timeout=0.5)
+                slots.give(len(done))
+            else:
+                time.sleep(0.2)
+            drain()
+        results = ray.get([refs[i] for i in range(len(plan["chains"]))])
+        drain()
     finally:
+        if waiting:
+            slots.want(priority, False)
+        for ref in running:  # a failed chain's siblings (or Ctrl-C): stopped, their slots back
+            ray.cancel(ref, force=True)
+        slots.give(len(running))
         ray.kill(queue.actor)
     return results
 
@@ -399,8 +476,11 @@ def _labels_step(cfg: QuickstartConfig, plan: dict, p: dict, summary: dict, ray)
     return labels_summary, audit
 
 
-def run(cfg: QuickstartConfig) -> dict:
-    """The quickstart (module docstring); returns the summary written to ``results.json``."""
+def prepare(cfg: QuickstartConfig) -> dict:
+    """Steps 1 and 2: the world and the labels (each reused when complete), the label audit.
+
+    ``sea-ray study`` runs it alone for each world and labels dataset its comparisons share,
+    before it runs their chains side by side."""
     t0 = time.time()
     _quiet()
     p = _paths(cfg)
@@ -427,9 +507,21 @@ def run(cfg: QuickstartConfig) -> dict:
     labels_summary, audit = _labels_step(cfg, plan, p, summary, ray)
     timings["labels"] = time.time() - t
     _say(f"      ({timings['labels']:.0f}s)")
+    return {"paths": p, "plan": plan, "world": summary, "labels": labels_summary, "audit": audit, "ray": ray,
+            "timings": timings, "started": t0}
+
+
+def run(cfg: QuickstartConfig, slots: Optional[Slots] = None, priority: float = 0) -> dict:
+    """The quickstart (module docstring); returns the summary written to ``results.json``.
+
+    ``slots`` (and this run's ``priority`` for them): CPU slots shared with other quickstarts
+    running at the same time in this process (``sea-ray study``); by default its own."""
+    prep = prepare(cfg)
+    p, plan, summary, ray, timings, t0 = (prep[k] for k in ("paths", "plan", "world", "ray", "timings", "started"))
+    labels_summary, audit = prep["labels"], prep["audit"]
 
     t = time.time()
-    results = _run_tasks(cfg, plan, ray) if cfg.mode == "tasks" else _run_ray_train(cfg, plan)
+    results = _run_tasks(cfg, plan, ray, slots, priority) if cfg.mode == "tasks" else _run_ray_train(cfg, plan)
     timings["train_eval"] = time.time() - t
 
     t = time.time()

@@ -32,6 +32,7 @@ import math
 import os
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple, Optional
 
 import numpy as np
@@ -39,9 +40,10 @@ import numpy as np
 from sea_ray import quickstart
 from sea_ray.config.loading import flatten_dotted, set_dotted, to_dict, validate
 from sea_ray.config.schema import QuickstartConfig, StudyConfig
-from sea_ray.errors import ConfigError
+from sea_ray.errors import ConfigError, SeaRayError
 from sea_ray.eval.report import plot_bars
 from sea_ray.presets import WORLD_LLM_CONFIG
+from sea_ray.runtime import init_ray
 from sea_ray.world.backbones import train_world_llm
 
 log = logging.getLogger(__name__)
@@ -158,17 +160,20 @@ def _link_shared(cfg: StudyConfig, qs: QuickstartConfig) -> None:
         os.symlink(target, link)
 
 
-def _train_llms(cfg: StudyConfig) -> None:
-    """The world Llamas of every ``llm_layers``, trained once (the shipped LLM's recipe, another depth)."""
-    for layers in sorted({c.llm_layers for c in cfg.comparisons if c.llm_layers}):
-        out = llm_dir(cfg, layers)
-        if os.path.exists(os.path.join(out, LLM_DONE)):
-            continue
+def _train_llm(cfg: StudyConfig, layers: int, slots: quickstart.Slots, ray) -> float:
+    """A world Llama of ``layers`` decoder layers (the shipped LLM's recipe, another depth), trained
+    once as a Ray task of one CPU, holding one of the study's slots; returns its seconds (0: cached)."""
+    out = llm_dir(cfg, layers)
+    if os.path.exists(os.path.join(out, LLM_DONE)):
+        return 0.0
+    with slots.hold(-1):  # before any chain: the longest single task of the study starts first
         t = time.time()
         _say(f"study: training a {layers}-layer world Llama on world text -> {out}")
-        train_world_llm(out, num_images=cfg.llm_train.num_images, epochs=cfg.llm_train.epochs,
-                        config=dict(WORLD_LLM_CONFIG, num_hidden_layers=layers), log_fn=_say)
+        task = ray.remote(num_cpus=1, max_retries=0)(train_world_llm)
+        ray.get(task.remote(out, num_images=cfg.llm_train.num_images, epochs=cfg.llm_train.epochs, threads=1,
+                            config=dict(WORLD_LLM_CONFIG, num_hidden_layers=layers)))
         _say(f"study: {layers}-layer world Llama trained ({time.time() - t:.0f}s)")
+        return time.time() - t
 
 
 # --------------------------------------------------------------------------- statistics
@@ -341,26 +346,75 @@ def run_order(cfg: StudyConfig) -> list:
     return order
 
 
+def _shared_first(order: list, plans: dict[str, Planned]) -> list:
+    """The first comparison (in run order) of every shared world and labels dataset."""
+    seen: dict[str, object] = {}
+    for c in order:
+        seen.setdefault(_share_key(plans[c.name].quickstart), c)
+    return list(seen.values())
+
+
 def run(cfg: StudyConfig) -> dict:
-    """The study (module docstring); returns the summary written to ``study.json``."""
+    """The study (module docstring); returns the summary written to ``study.json``.
+
+    First, one at a time, every world and labels dataset the comparisons share (the quickstart's
+    steps 1-2). Then everything else side by side in this process, one thread per comparison and
+    per world Llama to train, sharing the Ray cluster's CPUs as slots: a chain or a Llama's
+    training holds one while it runs, and a free slot goes to the Llamas first, then to the
+    comparisons in run order; a comparison of ``llm_layers`` starts once its Llama is trained."""
     t0 = time.time()
     plans = plan(cfg)  # every comparison and job config validated before anything runs
     out = os.path.abspath(cfg.output)
     os.makedirs(out, exist_ok=True)
+    order = run_order(cfg)
     _say(f"sea-ray study -> {out}: {len(plans)} comparisons "
          f"({sum(len(p.quickstart.seeds) * len(p.quickstart.arms) for p in plans.values())} seed x arm chains)")
     timings: dict[str, float] = {}
+    for c in order:
+        _link_shared(cfg, plans[c.name].quickstart)
     t = time.time()
-    _train_llms(cfg)
-    timings["llms"] = time.time() - t
-    order = run_order(cfg)
-    for i, c in enumerate(order):
-        qs = plans[c.name].quickstart
-        _say(f"\nstudy [{i + 1}/{len(order)}] {c.name}" + (f" ({c.question})" if c.question else ""))
-        _link_shared(cfg, qs)
-        t = time.time()
-        quickstart.run(qs)
-        timings[c.name] = time.time() - t
+    for c in _shared_first(order, plans):
+        with quickstart.labelled(f"[{c.name}] "):
+            quickstart.prepare(plans[c.name].quickstart)
+    timings["world+labels"] = time.time() - t
+    ray = init_ray(plans[order[0].name].quickstart.ray, quiet=True)
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    slots = quickstart.Slots(cpus // max(p.quickstart.cpus_per_task for p in plans.values()))
+    _say(f"\nstudy: {len(order)} comparisons side by side on {cpus} CPUs")
+
+    def comparison(i: int, c, llms: dict) -> float:
+        if c.llm_layers:
+            llms[c.llm_layers].result()
+        with quickstart.labelled(f"[{c.name}] "):
+            _say(f"study [{i + 1}/{len(order)}] {c.name}" + (f" ({c.question})" if c.question else ""))
+            started = time.time()
+            quickstart.run(plans[c.name].quickstart, slots=slots, priority=i)
+            _say(f"study [{i + 1}/{len(order)}] {c.name} done ({time.time() - started:.0f}s)")
+            return time.time() - started
+
+    layers = sorted({c.llm_layers for c in cfg.comparisons if c.llm_layers}, reverse=True)
+    failed: list[str] = []
+    pool = ThreadPoolExecutor(max_workers=len(layers) + len(order), thread_name_prefix="study")
+    try:
+        llms = {n: pool.submit(_train_llm, cfg, n, slots, ray) for n in layers}
+        runs = {c.name: pool.submit(comparison, i, c, llms) for i, c in enumerate(order)}
+        for n, future in llms.items():
+            if future.exception() is None:
+                timings[f"llm-{n}l"] = future.result()
+        for name, future in runs.items():
+            if future.exception() is None:
+                timings[name] = future.result()
+            else:
+                failed.append(name)
+                log.error("study: comparison %s failed: %s", name, future.exception())
+    except BaseException:  # Ctrl-C: stop the threads' Ray calls rather than wait for every chain
+        pool.shutdown(wait=False, cancel_futures=True)
+        ray.shutdown()
+        raise
+    pool.shutdown()
+    if failed:
+        raise SeaRayError(f"study: {len(failed)} comparison(s) failed: {', '.join(failed)} (the others' chains are "
+                          "kept: fix and re-run the same command, which reuses every finished chain)")
     comparisons = compare(cfg, plans)
     timings["total"] = time.time() - t0
     plots = os.path.join(out, "plots")

@@ -14,6 +14,8 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+# A Ray Data job that stops moving fails after 5 minutes instead of Ray's 30.
+os.environ.setdefault("RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S", "300")
 
 import pytest  # noqa: E402
 
@@ -89,6 +91,30 @@ def s3_bucket(s3_server, request):
     client = boto3.client("s3", endpoint_url=s3_server)
     client.create_bucket(Bucket=name)
     return f"s3://{name}"
+
+
+@pytest.fixture(autouse=True)
+def _ray_resources_released(request):
+    """After each test on the session's Ray: every CPU it held is free again (within 30 s).
+
+    A test that leaves an actor or a placement group behind would otherwise starve a later test
+    of the same process, which then waits for CPUs that never come."""
+    yield
+    if "ray_local" not in request.fixturenames:
+        return
+    import time
+
+    import ray
+
+    if not ray.is_initialized():
+        return
+    total = ray.cluster_resources().get("CPU", 0.0)
+    deadline = time.time() + 30
+    while (free := ray.available_resources().get("CPU", 0.0)) < total and time.time() < deadline:
+        time.sleep(0.5)
+    if free < total:
+        pytest.fail(f"{request.node.nodeid} left {total - free:g} of the session Ray's {total:g} CPUs held after 30 s "
+                    "(an actor, a task or a placement group it started is still alive)", pytrace=False)
 
 
 @pytest.fixture(scope="session")

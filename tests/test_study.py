@@ -90,6 +90,35 @@ def test_llm_layers_make_the_llm_of_align_and_instruct(tmp_path):
     assert planned.llm == llm_dir(cfg, 6)
 
 
+def test_slots_go_to_the_lowest_priority_waiting_and_come_back():
+    import threading
+
+    from sea_ray.quickstart import Slots
+
+    slots = Slots(1)
+    slots.want(2)
+    assert not slots.try_take(3)  # priority 2 waits: 3 must not jump the queue
+    assert slots.try_take(2) and not slots.try_take(2)  # one slot only
+    slots.want(2, False)
+    got: list[int] = []
+
+    def wait(priority: int) -> None:
+        with slots.hold(priority):
+            got.append(priority)
+
+    threads = [threading.Thread(target=wait, args=(p,)) for p in (5, 1)]
+    for t in threads:
+        t.start()
+    for _ in range(50):  # both waiting before the slot comes back
+        if len(slots._wanting) == 2:
+            break
+        threading.Event().wait(0.05)
+    slots.give()
+    for t in threads:
+        t.join(timeout=10)
+    assert got == [1, 5]
+
+
 @pytest.mark.slow
 def test_a_tiny_study_end_to_end(ray_local, tmp_path, capsys):
     from sea_ray.cli import main
