@@ -255,6 +255,8 @@ def compare(cfg: StudyConfig, plans: dict[str, Planned]) -> list[dict]:
         out.append({"name": c.name, "question": c.question, "set": c.set, "llm_layers": c.llm_layers,
                     "baseline_from": c.baseline_from, "preset": qs.preset, "seeds": seeds,
                     "llm_parameters": _llm_params(plans[c.name].llm), "stats": stats_,
+                    "chain_cpu_s": round(sum(r.get("cpu_seconds") or 0 for arm in rows_of[c.name].values()
+                                             for r in arm.values()), 1),
                     "per_seed": {str(s): {"baseline": base[s], "+SEA": sea[s]} for s in seeds}})
     return out
 
@@ -312,8 +314,15 @@ def render(cfg: StudyConfig, comparisons: list[dict], timings: dict) -> str:
                              f"{_fmt(s['p_t'])} | {_fmt(s['p_sign_flip'])} | {s['sea_wins']}/{s['n']} |")
             lines.append("")
     lines += ["## Plots", "", "![QA gain](plots/qa_gain.png)", "", "![nearest-word gain](plots/nw_gain.png)", "",
-              "## Wall time (s)", "", "| " + " | ".join(timings) + " |", "|" + "---|" * len(timings),
+              "## Time (s)", "",
+              "Wall time of each part; the comparisons and the Llamas' training overlap (they share the CPUs), "
+              "`total` is the study's. A reused chain or Llama counts only its check.", "",
+              "| " + " | ".join(timings) + " |", "|" + "---|" * len(timings),
               "| " + " | ".join(f"{v:.0f}" for v in timings.values()) + " |", "",
+              "CPU time of each comparison's own chains (training and eval, as measured in their tasks; on an idle "
+              "machine a chain's wall time on one CPU):", "",
+              "| " + " | ".join(c["name"] for c in comparisons) + " |", "|" + "---|" * len(comparisons),
+              "| " + " | ".join(f"{c['chain_cpu_s']:.0f}" for c in comparisons) + " |", "",
               "Per comparison: `<name>/report.md` (its quickstart table), `<name>/results.json` (every seed).", ""]
     return "\n".join(lines)
 
