@@ -229,12 +229,17 @@ def list_checkpoints(run_uri: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def latest_complete(run_uri: str) -> Optional[str]:
-    """The newest complete checkpoint of a run; incomplete ones are skipped with a warning."""
+def latest_complete(run_uri: str, delete_newer: bool = False) -> Optional[str]:
+    """The newest complete checkpoint of a run (None: none); the incomplete ones newer than it
+    are skipped with a warning, or, with ``delete_newer``, deleted."""
     for step, uri in reversed(list_checkpoints(run_uri)):
         if is_complete(uri):
             return uri
-        log.warning("checkpoint %s (step %d) is incomplete: skipped", uri, step)
+        if delete_newer:
+            log.warning("deleting incomplete checkpoint %s (step %d): the run resumes before it", uri, step)
+            storage.remove_tree(uri)
+        else:
+            log.warning("checkpoint %s (step %d) is incomplete: skipped", uri, step)
     return None
 
 
@@ -242,12 +247,7 @@ def resume_point(run_uri: str) -> Optional[str]:
     """Where a (re-)started run resumes: its newest complete checkpoint (None: from the start).
     Step folders newer than it are incomplete (an upload or a write that was cut short) and are
     deleted, so the resumed run writes those steps afresh rather than into their remains."""
-    for step, uri in reversed(list_checkpoints(run_uri)):
-        if is_complete(uri):
-            return uri
-        log.warning("deleting incomplete checkpoint %s (step %d): the run resumes before it", uri, step)
-        storage.remove_tree(uri)
-    return None
+    return latest_complete(run_uri, delete_newer=True)
 
 
 def prune(run_uri: str, keep: Optional[int]) -> list[str]:
