@@ -32,7 +32,7 @@ import math
 import os
 import re
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import NamedTuple, Optional
 
 import numpy as np
@@ -407,6 +407,9 @@ def run(cfg: StudyConfig) -> dict:
     try:
         llms = {n: pool.submit(_train_llm, cfg, n, slots, ray) for n in layers}
         runs = {c.name: pool.submit(comparison, i, c, llms) for i, c in enumerate(order)}
+        pending = set(llms.values()) | set(runs.values())
+        while pending:  # a wait with a timeout, so that Ctrl-C reaches this thread at once
+            _, pending = wait(pending, timeout=1.0)
         for n, future in llms.items():
             if future.exception() is None:
                 timings[f"llm-{n}l"] = future.result()
