@@ -116,6 +116,11 @@ class Slots:
         self._free = max(1, int(n))
         self._wanting: Counter = Counter()
 
+    @classmethod
+    def of_cluster(cls, ray, cpus_per_chain: float) -> "Slots":
+        """One slot per chain of ``cpus_per_chain`` CPUs that the connected Ray cluster holds."""
+        return cls(int(ray.cluster_resources().get("CPU", 1)) // cpus_per_chain)
+
     def want(self, priority: float, wanting: bool = True) -> None:
         with self._lock:
             self._wanting[priority] += 1 if wanting else -1
@@ -344,7 +349,7 @@ def _run_tasks(cfg: QuickstartConfig, plan: dict, ray, slots: Optional[Slots] = 
     # At most one chain in flight per slot: a task blocked in ray.get (its data iterator) lends its
     # CPU to the scheduler, which would otherwise start more chains than there are cores.
     if slots is None:
-        slots = Slots(total_cpus // cfg.cpus_per_task)
+        slots = Slots.of_cluster(ray, cfg.cpus_per_task)
 
     (image_size, _), _ = tower_image_size(chain0["align"].model.vision)
     t = time.time()
@@ -511,12 +516,14 @@ def prepare(cfg: QuickstartConfig) -> dict:
             "timings": timings, "started": t0}
 
 
-def run(cfg: QuickstartConfig, slots: Optional[Slots] = None, priority: float = 0) -> dict:
+def run(cfg: QuickstartConfig, slots: Optional[Slots] = None, priority: float = 0,
+        prepared: Optional[dict] = None) -> dict:
     """The quickstart (module docstring); returns the summary written to ``results.json``.
 
     ``slots`` (and this run's ``priority`` for them): CPU slots shared with other quickstarts
-    running at the same time in this process (``sea-ray study``); by default its own."""
-    prep = prepare(cfg)
+    running at the same time in this process (``sea-ray study``); by default its own.
+    ``prepared``: what :func:`prepare` returned for this very ``cfg``, if it has run already."""
+    prep = prepared or prepare(cfg)
     p, plan, summary, ray, timings, t0 = (prep[k] for k in ("paths", "plan", "world", "ray", "timings", "started"))
     labels_summary, audit = prep["labels"], prep["audit"]
 

@@ -43,7 +43,6 @@ from sea_ray.config.schema import QuickstartConfig, StudyConfig
 from sea_ray.errors import ConfigError, SeaRayError
 from sea_ray.eval.report import plot_bars
 from sea_ray.presets import WORLD_LLM_CONFIG
-from sea_ray.runtime import init_ray
 from sea_ray.world.backbones import train_world_llm
 
 log = logging.getLogger(__name__)
@@ -382,13 +381,14 @@ def run(cfg: StudyConfig) -> dict:
     for c in order:
         _link_shared(cfg, plans[c.name].quickstart)
     t = time.time()
+    prepared: dict[str, dict] = {}  # the comparisons whose world and labels were made here: not prepared again
     for c in _shared_first(order, plans):
         with quickstart.labelled(f"[{c.name}] "):
-            quickstart.prepare(plans[c.name].quickstart)
+            prepared[c.name] = quickstart.prepare(plans[c.name].quickstart)
     timings["world+labels"] = time.time() - t
-    ray = init_ray(plans[order[0].name].quickstart.ray, quiet=True)
+    ray = next(iter(prepared.values()))["ray"]
     cpus = int(ray.cluster_resources().get("CPU", 1))
-    slots = quickstart.Slots(cpus // max(p.quickstart.cpus_per_task for p in plans.values()))
+    slots = quickstart.Slots.of_cluster(ray, max(p.quickstart.cpus_per_task for p in plans.values()))
     _say(f"\nstudy: {len(order)} comparisons side by side on {cpus} CPUs")
 
     def comparison(i: int, c, llms: dict) -> float:
@@ -397,7 +397,7 @@ def run(cfg: StudyConfig) -> dict:
         with quickstart.labelled(f"[{c.name}] "):
             _say(f"study [{i + 1}/{len(order)}] {c.name}" + (f" ({c.question})" if c.question else ""))
             started = time.time()
-            quickstart.run(plans[c.name].quickstart, slots=slots, priority=i)
+            quickstart.run(plans[c.name].quickstart, slots=slots, priority=i, prepared=prepared.get(c.name))
             _say(f"study [{i + 1}/{len(order)}] {c.name} done ({time.time() - started:.0f}s)")
             return time.time() - started
 
