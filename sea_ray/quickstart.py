@@ -30,8 +30,9 @@ worker (:mod:`sea_ray.train.feed`), from the shared preprocessed rows. ``mode: r
 every stage as a 1-worker ``TorchTrainer`` job instead (the ``sea-ray align``/``instruct`` path),
 one after another. Both write the same run folders (checkpoints, TensorBoard events, config).
 
-Re-running with the same ``output`` reuses what is complete (world, labels, finished runs); an
-output made with other settings is refused.
+Re-running with the same ``output`` reuses what is complete: the world, the labels, and every
+finished chain (its metrics, ``eval/<arm>-s<seed>/chain.json``, written last; nothing of it is run
+again); an output made with other settings is refused.
 """
 
 from __future__ import annotations
@@ -276,6 +277,20 @@ def _evaluate(chain: dict, progress: Callable[[dict], None]) -> dict:
     return flat
 
 
+CHAIN_DONE = "chain.json"  # a chain's metrics, written when all of it is done
+
+
+def finished_chain(chain: dict) -> Optional[dict]:
+    """The metrics of ``chain`` if an earlier run of the same output finished it, else None."""
+    path = storage.join(chain["eval"].output, CHAIN_DONE)
+    return json.loads(storage.read_text(path)) if storage.exists(path) else None
+
+
+def _finish_chain(chain: dict, metrics: dict) -> dict:
+    storage.write_text(storage.join(chain["eval"].output, CHAIN_DONE), json.dumps(metrics, indent=1, sort_keys=True))
+    return metrics
+
+
 def run_chain(chain: dict, data: dict, threads: Optional[int], queue=None, device: str = "cpu") -> dict:
     """Align -> instruct -> eval of one seed x arm, in this process (the body of a Ray task)."""
     import torch
@@ -301,7 +316,7 @@ def run_chain(chain: dict, data: dict, threads: Optional[int], queue=None, devic
     metrics["seconds"] = round(time.time() - started, 1)
     metrics["cpu_seconds"] = round(time.process_time() - cpu_started, 1)  # = wall time on an idle core
     progress({"stage": "done", "note": f"QA {metrics['qa']:.3f}, nearest-word {metrics['nw_align']:.3f}"})
-    return metrics
+    return _finish_chain(chain, metrics)
 
 
 def _print_event(e: dict) -> None:
@@ -344,6 +359,11 @@ def _ingest(chain: dict, image_size: int) -> dict:
 def _run_tasks(cfg: QuickstartConfig, plan: dict, ray, slots: Optional[Slots] = None, priority: float = 0) -> list[dict]:
     from ray.util.queue import Empty, Queue
 
+    done = {i: m for i, m in enumerate(map(finished_chain, plan["chains"])) if m is not None}
+    if done:
+        _say(f"      {len(done)} of {len(plan['chains'])} chains finished already: their metrics reused")
+    if len(done) == len(plan["chains"]):
+        return [done[i] for i in range(len(plan["chains"]))]
     chain0 = plan["chains"][0]
     total_cpus = int(ray.cluster_resources().get("CPU", 1))
     # At most one chain in flight per slot: a task blocked in ray.get (its data iterator) lends its
@@ -364,7 +384,7 @@ def _run_tasks(cfg: QuickstartConfig, plan: dict, ray, slots: Optional[Slots] = 
     queue = Queue(actor_options={"num_cpus": 0})
     remote = ray.remote(num_cpus=cfg.cpus_per_task, max_retries=0)(run_chain)
     threads = max(1, int(round(cfg.cpus_per_task)))
-    waiting = list(enumerate(plan["chains"]))
+    waiting = [(i, c) for i, c in enumerate(plan["chains"]) if i not in done]
     refs: dict = {}
     running: list = []
 
@@ -390,7 +410,7 @@ def _run_tasks(cfg: QuickstartConfig, plan: dict, ray, slots: Optional[Slots] = 
             else:
                 time.sleep(0.2)
             drain()
-        results = ray.get([refs[i] for i in range(len(plan["chains"]))])
+        results = [done[i] if i in done else ray.get(refs[i]) for i in range(len(plan["chains"]))]
         drain()
     finally:
         if waiting:
@@ -408,6 +428,10 @@ def _run_ray_train(cfg: QuickstartConfig, plan: dict) -> list[dict]:
     _say(f"[4/5] train + eval: {len(plan['chains'])} chains, each stage a 1-worker TorchTrainer run, in turn")
     results = []
     for chain in plan["chains"]:
+        if (metrics := finished_chain(chain)) is not None:
+            _say(f"      {chain['key']}: finished already, its metrics reused")
+            results.append(metrics)
+            continue
         started = time.time()
 
         def progress(event: dict, chain=chain, started=started) -> None:
@@ -419,7 +443,7 @@ def _run_ray_train(cfg: QuickstartConfig, plan: dict) -> list[dict]:
             train(chain[stage])
         metrics = _evaluate(chain, progress)
         metrics["seconds"] = round(time.time() - started, 1)
-        results.append(metrics)
+        results.append(_finish_chain(chain, metrics))
     return results
 
 
@@ -431,12 +455,16 @@ def _oracle_labels(plan: dict, p: dict) -> dict:
     return {"output": p["labels"], "oracle": True, "images": n}
 
 
-def _audit(plan: dict, world: str, out: str) -> dict:
-    """The label audit on the held-out test images, over the labels' own (training) vocabulary."""
+def _audit(plan: dict, world: str, out: str, reuse: bool) -> dict:
+    """The label audit on the held-out test images, over the labels' own (training) vocabulary;
+    with ``reuse`` (the labels were complete already), the one written with them if there is one."""
     words = json.loads(storage.read_text(os.path.join(out, "_meta.json")))["vocab"]["words"]
     storage.write_text(os.path.join(out, "vocab_words.txt"), "\n".join(words) + "\n")
+    path = os.path.join(out, "_audit.json")
+    if reuse and storage.exists(path):
+        return json.loads(storage.read_text(path))
     report = label_audit.audit(plan["audit"], world, limit=None)
-    label_audit.write_report(report, os.path.join(out, "_audit.json"))
+    label_audit.write_report(report, path)
     return report
 
 
@@ -470,7 +498,7 @@ def _labels_step(cfg: QuickstartConfig, plan: dict, p: dict, summary: dict, ray)
              f"words, {labels_summary.get('img_per_s')} img/s")
     audit = None
     if cfg.labels == "clip":
-        audit = _audit(plan, p["world"], p["labels"])
+        audit = _audit(plan, p["world"], p["labels"], reuse=labels_summary.get("reused", False))
         best = max(audit["results"], key=lambda r: r["precision_at_1"] or 0)
         used = next(r for r in audit["results"] if r["features"] == plan["labels"].labeler.features
                     and r["score_sign"] == plan["labels"].labeler.score_sign)

@@ -9,10 +9,11 @@ A study is a list of comparisons (``StudyConfig.comparisons``). Each comparison 
 +SEA arm identical but for SEA, for every seed, each seed x arm chain a Ray task) with its own
 settings: the study's ``base`` and then the comparison's ``set`` (dotted quickstart keys), run
 into ``<output>/<name>/``. Comparisons that make the same world and labels share them
-(``<output>/shared/``); ``llm_layers`` trains a world Llama of that depth once (cached under
-``<output>/llms/``) and makes it the LLM of align and instruct; ``baseline_from`` pairs a
-comparison with another one's baseline arm (the sensitivity to SEA's own settings needs no new
-baseline: the baseline does not use them). A re-run reuses every finished chain.
+(``<output>/shared/``); ``llm_layers`` makes a world Llama of that depth the LLM of align and
+instruct (the one sea_ray ships for 2 and 8 layers, else trained once and cached under
+``<output>/llms/``); ``baseline_from`` pairs a comparison with another one's baseline arm (the
+sensitivity to SEA's own settings needs no new baseline: the baseline does not use them). A
+re-run reuses every finished chain.
 
 The report (``study.md``, ``study.json``, ``plots/``): per comparison and metric, the per-seed
 paired differences +SEA - baseline (same seed: same world, initialisation and data order):
@@ -42,7 +43,7 @@ from sea_ray.config.loading import flatten_dotted, set_dotted, to_dict, validate
 from sea_ray.config.schema import QuickstartConfig, StudyConfig
 from sea_ray.errors import ConfigError, SeaRayError
 from sea_ray.eval.report import plot_bars
-from sea_ray.presets import WORLD_LLM_CONFIG
+from sea_ray.presets import WORLD_ASSETS, WORLD_LLM_CONFIG
 from sea_ray.world.backbones import train_world_llm
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,24 @@ def _quickstart_raw(cfg: StudyConfig, comparison) -> dict:
     return raw
 
 
+def shipped_llm(layers: int) -> str:
+    """Where sea_ray ships a world Llama of ``layers`` decoder layers (``workflows/backbones.py
+    --llm-layers``; the 4-layer one is the world preset's own LLM)."""
+    return os.path.join(WORLD_ASSETS, "llm" if layers == WORLD_LLM_CONFIG["num_hidden_layers"] else f"llm-{layers}l")
+
+
 def llm_dir(cfg: StudyConfig, layers: int) -> str:
+    """The world Llama of ``layers`` layers for this study: the shipped one where it was trained with
+    the study's ``llm_train`` settings, else ``<output>/llms/world-llama-<layers>l`` (trained once)."""
+    shipped = shipped_llm(layers)
+    try:
+        with open(os.path.join(shipped, LLM_DONE)) as f:
+            recipe = json.load(f)
+    except FileNotFoundError:
+        recipe = None
+    if recipe and recipe["config"]["num_hidden_layers"] == layers and \
+            (recipe["train"]["num_images"], recipe["train"]["epochs"]) == (cfg.llm_train.num_images, cfg.llm_train.epochs):
+        return shipped
     return os.path.join(os.path.abspath(cfg.output), "llms", f"world-llama-{layers}l")
 
 
@@ -322,6 +340,8 @@ def render(cfg: StudyConfig, comparisons: list[dict], timings: dict) -> str:
               "machine a chain's wall time on one CPU):", "",
               "| " + " | ".join(c["name"] for c in comparisons) + " |", "|" + "---|" * len(comparisons),
               "| " + " | ".join(f"{c['chain_cpu_s']:.0f}" for c in comparisons) + " |", "",
+              f"In all {sum(c['chain_cpu_s'] for c in comparisons):.0f} CPU-seconds of chains (reused chains "
+              "count with the CPU time they took when they ran).", "",
               "Per comparison: `<name>/report.md` (its quickstart table), `<name>/results.json` (every seed).", ""]
     return "\n".join(lines)
 

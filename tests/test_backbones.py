@@ -49,6 +49,11 @@ def test_recipe_reruns_at_reduced_size(tmp_path):
     assert llm.config.vocab_size == len(tok) and llm.config.hidden_size == WORLD_LLM_CONFIG["hidden_size"]
     for word in world_words():  # every world word is one token as it appears mid-sentence
         assert len(tok(" " + word, add_special_tokens=False)["input_ids"]) == 1, word
+    # another depth (the study's 2- and 8-layer Llamas) goes to llm-<L>l/, beside the 4-layer llm/
+    assert _recipe().main(["--out", str(out), "--skip", "clip", "--llm-layers", "2", "--llm-num-images", "24",
+                           "--llm-epochs", "1", "--llm-batch", "16", "--threads", "1"]) == 0
+    assert AutoModelForCausalLM.from_pretrained(out / "llm-2l").config.num_hidden_layers == 2
+    assert llm.config.num_hidden_layers == 4
 
 
 def test_shipped_weights_are_small_safetensors_inside_the_package():
@@ -58,7 +63,8 @@ def test_shipped_weights_are_small_safetensors_inside_the_package():
     assets = Path(WORLD_ASSETS)
     assert assets.is_dir() and package in assets.parents
     files = [p for p in assets.rglob("*") if p.is_file()]
-    assert sum(p.stat().st_size for p in files) <= 20 * 1024 * 1024
+    # the CLIP (7.3 MB, float16) and the world Llamas of 4, 2 and 8 layers (4.0, 2.4 and 7.4 MB, float32)
+    assert sum(p.stat().st_size for p in files) <= 24 * 1024 * 1024
     assert not [p for p in files if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".pickle")]
     spec = PRESETS["world-clip-llama"]
     assert os.path.isfile(spec["vision"]["weights"]) and spec["vision"]["weights"].endswith(".safetensors")

@@ -69,11 +69,16 @@ def test_one_chain_in_process_without_ray(tmp_path, world_dir):
     assert 0 <= metrics["qa"] <= 1 and metrics["ppl_before"] != metrics["ppl_after"]
     report = json.loads((tmp_path / "eval" / "sea-s0" / "report.json").read_text())
     assert report["stage"] == "instruct" and report["step"] == 2
+    # finished: a re-run of the same output takes its metrics and runs nothing of it (no Ray needed)
+    from sea_ray.quickstart import _run_tasks, finished_chain
+
+    assert finished_chain(chain) == metrics
+    assert _run_tasks(None, {"chains": [chain]}, ray=None) == [metrics]
 
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_quickstart_end_to_end_at_reduced_size(ray_local, tmp_path, capsys):
+def test_quickstart_end_to_end_at_reduced_size(ray_local, tmp_path, capsys, monkeypatch):
     from sea_ray.cli import main
 
     out = tmp_path / "qs"
@@ -92,5 +97,36 @@ def test_quickstart_end_to_end_at_reduced_size(ray_local, tmp_path, capsys):
     for name in ("qa_by_type.png", "alignment.png", "loss_curves.png", "label_audit.png"):
         assert (out / "plots" / name).stat().st_size > 1000, name
     assert (out / "labels" / "_SUCCESS").exists() and (out / "eval" / "sea-s0" / "report.md").exists()
+    # the same command again: both chains are finished, their metrics reused, nothing trained; the
+    # labels and their audit are reused too
+    def no_audit(*args, **kwargs):
+        raise AssertionError("the label audit ran again on complete labels")
+
+    monkeypatch.setattr("sea_ray.world.audit.audit", no_audit)
+    assert main(["quickstart", f"output={out}", "seeds=[0]", "world.num_images=40", "align.max_steps=2",
+                 "align.global_batch=4", "instruct.max_steps=2", "instruct.global_batch=4",
+                 "eval_max_samples=3"]) == 0
+    again = capsys.readouterr().out
+    assert "2 of 2 chains finished already" in again and "step    2/2" not in again
+    again_results = json.loads((out / "results.json").read_text())
+    assert again_results["results"] == results["results"] and again_results["label_audit"] == results["label_audit"]
     # a second run with other settings is refused, not mixed in
     assert main(["quickstart", f"output={out}", "seeds=[0]", "world.num_images=41"]) == 1
+
+
+def test_complete_labels_keep_their_audit(tmp_path, monkeypatch):
+    """Labels reused as complete (a re-run, or a study's shared labels) reuse the audit written with
+    them; only labels made now are audited."""
+    from sea_ray.quickstart import _audit
+
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    (labels / "_meta.json").write_text(json.dumps({"vocab": {"words": ["red", "cube"]}}))
+    (labels / "_audit.json").write_text(json.dumps({"images": 7}))
+    fresh = {"images": 9}
+    monkeypatch.setattr("sea_ray.world.audit.audit", lambda *a, **k: fresh)
+    monkeypatch.setattr("sea_ray.world.audit.to_markdown", lambda report: "")
+    assert _audit({"audit": None}, str(tmp_path / "world"), str(labels), reuse=True) == {"images": 7}
+    assert (labels / "vocab_words.txt").read_text() == "red\ncube\n"
+    assert _audit({"audit": None}, str(tmp_path / "world"), str(labels), reuse=False) == fresh
+    assert json.loads((labels / "_audit.json").read_text()) == fresh

@@ -87,7 +87,27 @@ def test_llm_layers_make_the_llm_of_align_and_instruct(tmp_path):
     planned = plan(cfg)["deep"]
     chain = build_configs(planned.quickstart)["chains"][0]
     assert chain["align"].model.llm.name_or_path == chain["instruct"].model.llm.name_or_path == llm_dir(cfg, 6)
-    assert planned.llm == llm_dir(cfg, 6)
+    assert planned.llm == llm_dir(cfg, 6) == os.path.join(str(tmp_path), "study", "llms", "world-llama-6l")
+
+
+@pytest.mark.parametrize("layers", [2])
+def test_the_shipped_world_llamas_are_used_where_their_recipe_is_the_studys(tmp_path, layers):
+    """The 2- and 8-layer world Llamas ship (trained as the 4-layer one was): a study with the
+    default ``llm_train`` uses them, one with another recipe trains its own."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from sea_ray.study import shipped_llm
+
+    shipped = shipped_llm(layers)
+    assert AutoConfig.from_pretrained(shipped).num_hidden_layers == layers
+    assert len(AutoTokenizer.from_pretrained(shipped)) == AutoConfig.from_pretrained(shipped).vocab_size
+    recipe = json.load(open(os.path.join(shipped, "sea_ray_recipe.json")))
+    reference = json.load(open(os.path.join(shipped_llm(4), "sea_ray_recipe.json")))
+    assert {k: v for k, v in recipe["train"].items() if k != "seconds"} == \
+        {k: v for k, v in reference["train"].items() if k != "seconds"}
+    assert llm_dir(_study(tmp_path, [{"name": "a", "llm_layers": layers}]), layers) == shipped
+    other = _study(tmp_path, [{"name": "a", "llm_layers": layers}], llm_train={"epochs": 1})
+    assert llm_dir(other, layers).startswith(str(tmp_path))
 
 
 def test_slots_go_to_the_lowest_priority_waiting_and_come_back():

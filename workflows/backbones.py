@@ -5,6 +5,8 @@ text in the training stages' formats), then audits the CLIP's patch labels on he
 another world seed. Run it::
 
     python workflows/backbones.py --out sea_ray/assets/world --device cuda     # the shipped weights
+    python workflows/backbones.py --out sea_ray/assets/world --skip clip --llm-layers 8 --threads 1
+                                               # the study's 8-layer Llama (llm-8l/; 2 layers likewise)
     python workflows/backbones.py --out /tmp/bb --clip-num-images 256 --clip-epochs 1 --llm-num-images 256 \
         --llm-epochs 1 --audit-images 20                                      # a smoke run
 
@@ -51,6 +53,8 @@ def main(argv=None) -> int:
     parser.add_argument("--llm-epochs", type=int)
     parser.add_argument("--llm-batch", type=int)
     parser.add_argument("--llm-lr", type=float)
+    parser.add_argument("--llm-layers", type=int, help="decoder layers of the Llama (default 4, written to llm/; "
+                        "another depth to llm-<L>l/, as the 2- and 8-layer Llamas of the study were)")
     parser.add_argument("--audit-seed", type=int, default=7, help="world seed of the held-out audit images")
     parser.add_argument("--audit-images", type=int, default=300)
     parser.add_argument("--device", help="cpu (default) or cuda")
@@ -61,6 +65,7 @@ def main(argv=None) -> int:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from sea_ray.presets import WORLD_LLM_CONFIG
     from sea_ray.world.audit import to_markdown, write_report
     from sea_ray.world.backbones import audit_world_clip, train_world_clip, train_world_llm
     from sea_ray.world.generator import ensure_world
@@ -81,7 +86,10 @@ def main(argv=None) -> int:
         shutil.rmtree(world, ignore_errors=True)
     if "llm" not in args.skip:
         kwargs = {kw: given[flag] for flag, kw in LLM_FLAGS.items() if flag in given}
-        recipe["llm"] = train_world_llm(os.path.join(args.out, "llm"), log_fn=print, **kwargs)
+        layers = given.get("llm_layers", WORLD_LLM_CONFIG["num_hidden_layers"])
+        folder = "llm" if layers == WORLD_LLM_CONFIG["num_hidden_layers"] else f"llm-{layers}l"
+        recipe["llm"] = train_world_llm(os.path.join(args.out, folder), log_fn=print,
+                                        config=dict(WORLD_LLM_CONFIG, num_hidden_layers=layers), **kwargs)
     recipe["seconds"] = round(time.time() - started, 1)
     with open(os.path.join(args.out, "recipe.json"), "w") as f:
         json.dump(recipe, f, indent=1, default=str)

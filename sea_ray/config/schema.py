@@ -716,10 +716,11 @@ class StudyComparisonConfig(_Section):
                           "retention, llm_size, sensitivity)")
     set: dict[str, Any] = Field({}, description="dotted quickstart keys applied over the study's base (preset, "
                                 "seeds, sea.weight, instruct.lr, set.instruct, ...)")
-    llm_layers: Optional[int] = Field(None, ge=1, description="train a world Llama of this many decoder layers "
-                                      "on world text as the shipped 4-layer one was (sea_ray.world.backbones."
-                                      "train_world_llm; cached under <output>/llms) and use it as the LLM of "
-                                      "align and instruct")
+    llm_layers: Optional[int] = Field(None, ge=1, description="use as the LLM of align and instruct a world "
+                                      "Llama of this many decoder layers, trained on world text as the shipped "
+                                      "4-layer one was: the shipped one for 2 and 8 layers (with the default "
+                                      "llm_train), else trained once (sea_ray.world.backbones.train_world_llm) "
+                                      "and cached under <output>/llms")
     baseline_from: Optional[str] = Field(None, description="another comparison whose baseline arm this one pairs "
                                          "with (it then trains only +SEA); allowed when the two differ only in "
                                          "SEA settings, which the baseline does not use")
