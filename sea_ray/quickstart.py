@@ -37,6 +37,7 @@ again); an output made with other settings is refused.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -277,17 +278,28 @@ def _evaluate(chain: dict, progress: Callable[[dict], None]) -> dict:
     return flat
 
 
-CHAIN_DONE = "chain.json"  # a chain's metrics, written when all of it is done
+CHAIN_DONE = "chain.json"  # a chain's metrics and the settings they were made with, written when all of it is done
+
+
+def _chain_record(chain: dict) -> tuple[str, str]:
+    """(where a chain's metrics are kept, the fingerprint of every job config it runs)."""
+    configs = {k: to_dict(chain[k]) for k in ("align", "instruct", "eval", "eval_align")}
+    fingerprint = hashlib.sha256(json.dumps(configs, sort_keys=True, default=str).encode()).hexdigest()
+    return storage.join(chain["eval"].output, CHAIN_DONE), fingerprint
 
 
 def finished_chain(chain: dict) -> Optional[dict]:
-    """The metrics of ``chain`` if an earlier run of the same output finished it, else None."""
-    path = storage.join(chain["eval"].output, CHAIN_DONE)
-    return json.loads(storage.read_text(path)) if storage.exists(path) else None
+    """The metrics of ``chain`` if an earlier run finished it with the very same job configs, else None."""
+    path, fingerprint = _chain_record(chain)
+    if not storage.exists(path):
+        return None
+    kept = json.loads(storage.read_text(path))
+    return kept["metrics"] if kept.get("fingerprint") == fingerprint else None
 
 
 def _finish_chain(chain: dict, metrics: dict) -> dict:
-    storage.write_text(storage.join(chain["eval"].output, CHAIN_DONE), json.dumps(metrics, indent=1, sort_keys=True))
+    path, fingerprint = _chain_record(chain)
+    storage.write_text(path, json.dumps({"fingerprint": fingerprint, "metrics": metrics}, indent=1, sort_keys=True))
     return metrics
 
 
@@ -359,11 +371,6 @@ def _ingest(chain: dict, image_size: int) -> dict:
 def _run_tasks(cfg: QuickstartConfig, plan: dict, ray, slots: Optional[Slots] = None, priority: float = 0) -> list[dict]:
     from ray.util.queue import Empty, Queue
 
-    done = {i: m for i, m in enumerate(map(finished_chain, plan["chains"])) if m is not None}
-    if done:
-        _say(f"      {len(done)} of {len(plan['chains'])} chains finished already: their metrics reused")
-    if len(done) == len(plan["chains"]):
-        return [done[i] for i in range(len(plan["chains"]))]
     chain0 = plan["chains"][0]
     total_cpus = int(ray.cluster_resources().get("CPU", 1))
     # At most one chain in flight per slot: a task blocked in ray.get (its data iterator) lends its
@@ -384,7 +391,7 @@ def _run_tasks(cfg: QuickstartConfig, plan: dict, ray, slots: Optional[Slots] = 
     queue = Queue(actor_options={"num_cpus": 0})
     remote = ray.remote(num_cpus=cfg.cpus_per_task, max_retries=0)(run_chain)
     threads = max(1, int(round(cfg.cpus_per_task)))
-    waiting = [(i, c) for i, c in enumerate(plan["chains"]) if i not in done]
+    waiting = list(enumerate(plan["chains"]))
     refs: dict = {}
     running: list = []
 
@@ -410,7 +417,7 @@ def _run_tasks(cfg: QuickstartConfig, plan: dict, ray, slots: Optional[Slots] = 
             else:
                 time.sleep(0.2)
             drain()
-        results = [done[i] if i in done else ray.get(refs[i]) for i in range(len(plan["chains"]))]
+        results = ray.get([refs[i] for i in range(len(plan["chains"]))])
         drain()
     finally:
         if waiting:
@@ -428,10 +435,6 @@ def _run_ray_train(cfg: QuickstartConfig, plan: dict) -> list[dict]:
     _say(f"[4/5] train + eval: {len(plan['chains'])} chains, each stage a 1-worker TorchTrainer run, in turn")
     results = []
     for chain in plan["chains"]:
-        if (metrics := finished_chain(chain)) is not None:
-            _say(f"      {chain['key']}: finished already, its metrics reused")
-            results.append(metrics)
-            continue
         started = time.time()
 
         def progress(event: dict, chain=chain, started=started) -> None:
@@ -458,11 +461,11 @@ def _oracle_labels(plan: dict, p: dict) -> dict:
 def _audit(plan: dict, world: str, out: str, reuse: bool) -> dict:
     """The label audit on the held-out test images, over the labels' own (training) vocabulary;
     with ``reuse`` (the labels were complete already), the one written with them if there is one."""
+    path = os.path.join(out, "_audit.json")
+    if reuse and storage.exists(path):  # written after vocab_words.txt
+        return json.loads(storage.read_text(path))
     words = json.loads(storage.read_text(os.path.join(out, "_meta.json")))["vocab"]["words"]
     storage.write_text(os.path.join(out, "vocab_words.txt"), "\n".join(words) + "\n")
-    path = os.path.join(out, "_audit.json")
-    if reuse and storage.exists(path):
-        return json.loads(storage.read_text(path))
     report = label_audit.audit(plan["audit"], world, limit=None)
     label_audit.write_report(report, path)
     return report
@@ -556,7 +559,18 @@ def run(cfg: QuickstartConfig, slots: Optional[Slots] = None, priority: float = 
     labels_summary, audit = prep["labels"], prep["audit"]
 
     t = time.time()
-    results = _run_tasks(cfg, plan, ray, slots, priority) if cfg.mode == "tasks" else _run_ray_train(cfg, plan)
+    chains = plan["chains"]
+    done = {i: m for i, m in enumerate(map(finished_chain, chains)) if m is not None}
+    if done:
+        _say(f"      {len(done)} of {len(chains)} chains finished already (same settings): their metrics reused")
+    todo = dict(plan, chains=[c for i, c in enumerate(chains) if i not in done])
+    if not todo["chains"]:
+        fresh = iter(())
+    elif cfg.mode == "tasks":
+        fresh = iter(_run_tasks(cfg, todo, ray, slots, priority))
+    else:
+        fresh = iter(_run_ray_train(cfg, todo))
+    results = [done[i] if i in done else next(fresh) for i in range(len(chains))]
     timings["train_eval"] = time.time() - t
 
     t = time.time()

@@ -10,7 +10,7 @@ A study is a list of comparisons (``StudyConfig.comparisons``). Each comparison 
 settings: the study's ``base`` and then the comparison's ``set`` (dotted quickstart keys), run
 into ``<output>/<name>/``. Comparisons that make the same world and labels share them
 (``<output>/shared/``); ``llm_layers`` makes a world Llama of that depth the LLM of align and
-instruct (the one sea_ray ships for 2 and 8 layers, else trained once and cached under
+instruct (the one sea_ray ships for 2, 4 and 8 layers, else trained once and cached under
 ``<output>/llms/``); ``baseline_from`` pairs a comparison with another one's baseline arm (the
 sensitivity to SEA's own settings needs no new baseline: the baseline does not use them). A
 re-run reuses every finished chain.
@@ -26,6 +26,7 @@ not there is reported as measured.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import itertools
 import json
 import logging
@@ -43,7 +44,7 @@ from sea_ray.config.loading import flatten_dotted, set_dotted, to_dict, validate
 from sea_ray.config.schema import QuickstartConfig, StudyConfig
 from sea_ray.errors import ConfigError, SeaRayError
 from sea_ray.eval.report import plot_bars
-from sea_ray.presets import WORLD_ASSETS, WORLD_LLM_CONFIG
+from sea_ray.presets import WORLD_LLM_CONFIG, world_llm_dir
 from sea_ray.world.backbones import train_world_llm
 
 log = logging.getLogger(__name__)
@@ -87,23 +88,34 @@ def _quickstart_raw(cfg: StudyConfig, comparison) -> dict:
     return raw
 
 
-def shipped_llm(layers: int) -> str:
-    """Where sea_ray ships a world Llama of ``layers`` decoder layers (``workflows/backbones.py
-    --llm-layers``; the 4-layer one is the world preset's own LLM)."""
-    return os.path.join(WORLD_ASSETS, "llm" if layers == WORLD_LLM_CONFIG["num_hidden_layers"] else f"llm-{layers}l")
+def llm_recipe(cfg: StudyConfig, layers: int) -> dict:
+    """The keyword arguments of :func:`train_world_llm` for the study's world Llama of ``layers``
+    decoder layers: the shipped 4-layer Llama's recipe at that depth, with the study's ``llm_train``."""
+    defaults = {k: p.default for k, p in inspect.signature(train_world_llm).parameters.items()
+                if k in ("seed", "batch_size", "lr", "weight_decay", "warmup_ratio")}
+    return dict(defaults, num_images=cfg.llm_train.num_images, epochs=cfg.llm_train.epochs,
+                config=dict(WORLD_LLM_CONFIG, num_hidden_layers=layers))
+
+
+def trained_by(folder: str, recipe: dict) -> bool:
+    """Whether the world Llama in ``folder`` is complete and was trained by ``recipe`` (what its
+    ``sea_ray_recipe.json`` records)."""
+    try:
+        with open(os.path.join(folder, LLM_DONE)) as f:
+            kept = json.load(f)
+        train = kept["train"]
+        return kept["config"] == recipe["config"] and all(
+            train[{"seed": "world_seed"}.get(k, k)] == v for k, v in recipe.items() if k != "config")
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def llm_dir(cfg: StudyConfig, layers: int) -> str:
-    """The world Llama of ``layers`` layers for this study: the shipped one where it was trained with
-    the study's ``llm_train`` settings, else ``<output>/llms/world-llama-<layers>l`` (trained once)."""
-    shipped = shipped_llm(layers)
-    try:
-        with open(os.path.join(shipped, LLM_DONE)) as f:
-            recipe = json.load(f)
-    except FileNotFoundError:
-        recipe = None
-    if recipe and recipe["config"]["num_hidden_layers"] == layers and \
-            (recipe["train"]["num_images"], recipe["train"]["epochs"]) == (cfg.llm_train.num_images, cfg.llm_train.epochs):
+    """The world Llama of ``layers`` layers for this study: the one sea_ray ships
+    (:func:`sea_ray.presets.world_llm_dir`) where it was trained by :func:`llm_recipe`, else
+    ``<output>/llms/world-llama-<layers>l`` (trained once by the study)."""
+    shipped = world_llm_dir(layers)
+    if trained_by(shipped, llm_recipe(cfg, layers)):
         return shipped
     return os.path.join(os.path.abspath(cfg.output), "llms", f"world-llama-{layers}l")
 
@@ -180,15 +192,17 @@ def _link_shared(cfg: StudyConfig, qs: QuickstartConfig) -> None:
 def _train_llm(cfg: StudyConfig, layers: int, slots: quickstart.Slots, ray) -> float:
     """A world Llama of ``layers`` decoder layers (the shipped LLM's recipe, another depth), trained
     once as a Ray task of one CPU, holding one of the study's slots; returns its seconds (0: cached)."""
-    out = llm_dir(cfg, layers)
-    if os.path.exists(os.path.join(out, LLM_DONE)):
+    out, recipe = llm_dir(cfg, layers), llm_recipe(cfg, layers)
+    if trained_by(out, recipe):
         return 0.0
+    if os.path.exists(os.path.join(out, LLM_DONE)):
+        raise ConfigError([f"{out} holds a world Llama trained with other settings than llm_train's: delete it or "
+                           "use another output"])
     with slots.hold(-1):  # before any chain: the longest single task of the study starts first
         t = time.time()
         _say(f"study: training a {layers}-layer world Llama on world text -> {out}")
         task = ray.remote(num_cpus=1, max_retries=0)(train_world_llm)
-        ray.get(task.remote(out, num_images=cfg.llm_train.num_images, epochs=cfg.llm_train.epochs, threads=1,
-                            config=dict(WORLD_LLM_CONFIG, num_hidden_layers=layers)))
+        ray.get(task.remote(out, threads=1, **recipe))
         _say(f"study: {layers}-layer world Llama trained ({time.time() - t:.0f}s)")
         return time.time() - t
 

@@ -69,11 +69,12 @@ def test_one_chain_in_process_without_ray(tmp_path, world_dir):
     assert 0 <= metrics["qa"] <= 1 and metrics["ppl_before"] != metrics["ppl_after"]
     report = json.loads((tmp_path / "eval" / "sea-s0" / "report.json").read_text())
     assert report["stage"] == "instruct" and report["step"] == 2
-    # finished: a re-run of the same output takes its metrics and runs nothing of it (no Ray needed)
-    from sea_ray.quickstart import _run_tasks, finished_chain
+    # finished: a re-run with the same job configs takes its metrics; any other setting runs it again
+    from sea_ray.quickstart import finished_chain
 
     assert finished_chain(chain) == metrics
-    assert _run_tasks(None, {"chains": [chain]}, ray=None) == [metrics]
+    other = dict(chain, instruct=chain["instruct"].model_copy(update={"init_adapter": str(tmp_path / "elsewhere")}))
+    assert finished_chain(other) is None
 
 
 @pytest.mark.ray
@@ -110,6 +111,16 @@ def test_quickstart_end_to_end_at_reduced_size(ray_local, tmp_path, capsys, monk
     assert "2 of 2 chains finished already" in again and "step    2/2" not in again
     again_results = json.loads((out / "results.json").read_text())
     assert again_results["results"] == results["results"] and again_results["label_audit"] == results["label_audit"]
+    # one chain left unfinished: only it runs (from its complete checkpoints), the other is reused
+    (out / "eval" / "sea-s0" / "chain.json").unlink()
+    assert main(["quickstart", f"output={out}", "seeds=[0]", "world.num_images=40", "align.max_steps=2",
+                 "align.global_batch=4", "instruct.max_steps=2", "instruct.global_batch=4",
+                 "eval_max_samples=3"]) == 0
+    assert "1 of 2 chains finished already" in capsys.readouterr().out
+    partly = json.loads((out / "results.json").read_text())["results"]
+    assert [r["arm"] for r in partly] == ["baseline", "+SEA"] and partly[0] == results["results"][0]
+    assert partly[1]["qa"] == results["results"][1]["qa"]  # evaluated again: the same model, the same answers
+    assert (out / "eval" / "sea-s0" / "chain.json").exists()
     # a second run with other settings is refused, not mixed in
     assert main(["quickstart", f"output={out}", "seeds=[0]", "world.num_images=41"]) == 1
 
@@ -127,6 +138,6 @@ def test_complete_labels_keep_their_audit(tmp_path, monkeypatch):
     monkeypatch.setattr("sea_ray.world.audit.audit", lambda *a, **k: fresh)
     monkeypatch.setattr("sea_ray.world.audit.to_markdown", lambda report: "")
     assert _audit({"audit": None}, str(tmp_path / "world"), str(labels), reuse=True) == {"images": 7}
-    assert (labels / "vocab_words.txt").read_text() == "red\ncube\n"
     assert _audit({"audit": None}, str(tmp_path / "world"), str(labels), reuse=False) == fresh
+    assert (labels / "vocab_words.txt").read_text() == "red\ncube\n"
     assert json.loads((labels / "_audit.json").read_text()) == fresh

@@ -92,22 +92,29 @@ def test_llm_layers_make_the_llm_of_align_and_instruct(tmp_path):
 
 @pytest.mark.parametrize("layers", [2])
 def test_the_shipped_world_llamas_are_used_where_their_recipe_is_the_studys(tmp_path, layers):
-    """The 2- and 8-layer world Llamas ship (trained as the 4-layer one was): a study with the
-    default ``llm_train`` uses them, one with another recipe trains its own."""
+    """The 2- and 8-layer world Llamas ship, trained by the study's own recipe (the 4-layer one's at
+    another depth): a study with the default ``llm_train`` uses them, one with another trains its own."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from sea_ray.study import shipped_llm
+    from sea_ray.presets import WORLD_LLM_CONFIG, world_llm_dir
+    from sea_ray.study import llm_recipe, trained_by
 
-    shipped = shipped_llm(layers)
+    shipped = world_llm_dir(layers)
     assert AutoConfig.from_pretrained(shipped).num_hidden_layers == layers
     assert len(AutoTokenizer.from_pretrained(shipped)) == AutoConfig.from_pretrained(shipped).vocab_size
     recipe = json.load(open(os.path.join(shipped, "sea_ray_recipe.json")))
-    reference = json.load(open(os.path.join(shipped_llm(4), "sea_ray_recipe.json")))
+    reference = json.load(open(os.path.join(world_llm_dir(), "sea_ray_recipe.json")))
+    assert recipe["config"] == dict(WORLD_LLM_CONFIG, num_hidden_layers=layers)
     assert {k: v for k, v in recipe["train"].items() if k != "seconds"} == \
         {k: v for k, v in reference["train"].items() if k != "seconds"}
-    assert llm_dir(_study(tmp_path, [{"name": "a", "llm_layers": layers}]), layers) == shipped
+    cfg = _study(tmp_path, [{"name": "a", "llm_layers": layers}])
+    assert llm_dir(cfg, layers) == shipped and trained_by(world_llm_dir(), llm_recipe(cfg, 4))
     other = _study(tmp_path, [{"name": "a", "llm_layers": layers}], llm_train={"epochs": 1})
-    assert llm_dir(other, layers).startswith(str(tmp_path))
+    assert llm_dir(other, layers) == os.path.join(str(tmp_path), "study", "llms", f"world-llama-{layers}l")
+    # any recorded setting that differs (here the architecture) is another recipe
+    assert not trained_by(shipped, dict(llm_recipe(cfg, layers), config=dict(WORLD_LLM_CONFIG, hidden_size=64,
+                                                                            num_hidden_layers=layers)))
+    assert not trained_by(str(tmp_path / "nothing"), llm_recipe(cfg, layers))
 
 
 def test_slots_go_to_the_lowest_priority_waiting_and_come_back():

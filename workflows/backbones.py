@@ -65,7 +65,7 @@ def main(argv=None) -> int:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from sea_ray.presets import WORLD_LLM_CONFIG
+    from sea_ray.presets import WORLD_LLM_CONFIG, world_llm_dir
     from sea_ray.world.audit import to_markdown, write_report
     from sea_ray.world.backbones import audit_world_clip, train_world_clip, train_world_llm
     from sea_ray.world.generator import ensure_world
@@ -87,7 +87,7 @@ def main(argv=None) -> int:
     if "llm" not in args.skip:
         kwargs = {kw: given[flag] for flag, kw in LLM_FLAGS.items() if flag in given}
         layers = given.get("llm_layers", WORLD_LLM_CONFIG["num_hidden_layers"])
-        folder = "llm" if layers == WORLD_LLM_CONFIG["num_hidden_layers"] else f"llm-{layers}l"
+        folder = os.path.basename(world_llm_dir(layers))  # as sea_ray ships it: llm/, llm-<L>l/
         recipe["llm"] = train_world_llm(os.path.join(args.out, folder), log_fn=print,
                                         config=dict(WORLD_LLM_CONFIG, num_hidden_layers=layers), **kwargs)
     recipe["seconds"] = round(time.time() - started, 1)

@@ -718,9 +718,9 @@ class StudyComparisonConfig(_Section):
                                 "seeds, sea.weight, instruct.lr, set.instruct, ...)")
     llm_layers: Optional[int] = Field(None, ge=1, description="use as the LLM of align and instruct a world "
                                       "Llama of this many decoder layers, trained on world text as the shipped "
-                                      "4-layer one was: the shipped one for 2 and 8 layers (with the default "
-                                      "llm_train), else trained once (sea_ray.world.backbones.train_world_llm) "
-                                      "and cached under <output>/llms")
+                                      "4-layer one was: the shipped one for 2, 4 and 8 layers (where its recipe "
+                                      "is llm_train's), else trained once (sea_ray.world.backbones."
+                                      "train_world_llm) and cached under <output>/llms")
     baseline_from: Optional[str] = Field(None, description="another comparison whose baseline arm this one pairs "
                                          "with (it then trains only +SEA); allowed when the two differ only in "
                                          "SEA settings, which the baseline does not use")

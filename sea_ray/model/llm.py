@@ -25,7 +25,7 @@ import torch
 
 from sea_ray import storage
 from sea_ray.model.smollm2 import prepared
-from sea_ray.presets import WORLD_ASSETS
+from sea_ray.presets import world_llm_dir
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def load_tokenizer(spec: str):
     from transformers import AutoTokenizer
 
     if spec == "world":
-        spec = os.path.join(WORLD_ASSETS, "llm")
+        spec = world_llm_dir()
 
     local = storage.local_copy(spec) if storage.is_remote(spec) else prepared(spec)
     tok = AutoTokenizer.from_pretrained(local)
