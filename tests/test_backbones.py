@@ -63,7 +63,7 @@ def test_shipped_weights_are_small_safetensors_inside_the_package():
     assets = Path(WORLD_ASSETS)
     assert assets.is_dir() and package in assets.parents
     files = [p for p in assets.rglob("*") if p.is_file()]
-    # the CLIP (7.3 MB, float16) and the world Llamas of 4, 2 and 8 layers (4.0, 2.4 and 7.4 MB, float32)
+    # the CLIP (7.3 MB, float16) and the world Llamas of 4, 2 and 8 layers (4.0, 2.4 and 7.3 MB, float32)
     assert sum(p.stat().st_size for p in files) <= 24 * 1024 * 1024
     assert not [p for p in files if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".pickle")]
     spec = PRESETS["world-clip-llama"]

@@ -90,7 +90,7 @@ def test_llm_layers_make_the_llm_of_align_and_instruct(tmp_path):
     assert planned.llm == llm_dir(cfg, 6) == os.path.join(str(tmp_path), "study", "llms", "world-llama-6l")
 
 
-@pytest.mark.parametrize("layers", [2])
+@pytest.mark.parametrize("layers", [2, 8])
 def test_the_shipped_world_llamas_are_used_where_their_recipe_is_the_studys(tmp_path, layers):
     """The 2- and 8-layer world Llamas ship, trained by the study's own recipe (the 4-layer one's at
     another depth): a study with the default ``llm_train`` uses them, one with another trains its own."""
