@@ -4,7 +4,7 @@ equal compute budget, on the synthetic world (tiny models, oracle labels).
 Run (CPU; starts its own local Ray; about a minute per seed on an idle 2-core machine)::
 
     .venv/bin/python bench/tune.py                       # 8 seeds, budget 16 full trials of 24 steps
-    .venv/bin/python bench/tune.py --seeds 0 1 2 3 4 5 6 7 8 9 --grace 1 --startup 8
+    .venv/bin/python bench/tune.py --startup 8 --random-from OUT --out OUT2   # another setting, same random runs
     .venv/bin/python bench/tune.py --dry-run             # 2 seeds, a budget of 3 trials of 6 steps
 
 The budget is compute, counted in trial-steps (optimizer steps summed over trials):
@@ -153,11 +153,15 @@ def main() -> int:
     parser.add_argument("--every", type=int, default=3, help="report (and ASHA time unit) cadence in steps")
     parser.add_argument("--grace", type=int, default=1, help="ASHA grace period, in reports")
     parser.add_argument("--reduction", type=float, default=3, help="ASHA reduction factor")
-    parser.add_argument("--startup", type=int, default=8, help="random TPE start-up trials")
+    parser.add_argument("--startup", type=int, default=16, help="random TPE start-up trials (8 until session 11: "
+                        "docs/tune.md#benchmark)")
     parser.add_argument("--gamma", type=float, default=0.25, help="TPE's good fraction (optuna.gamma)")
     parser.add_argument("--seeds", type=int, nargs="+", default=list(range(8)), help="one pair of searches per seed")
     parser.add_argument("--images", type=int, default=120, help="synthetic-world images (80%% train)")
     parser.add_argument("--out", help="keep the experiments here (default: a temporary folder)")
+    parser.add_argument("--random-from", help="take random search's runs from this earlier --out (same seeds, "
+                        "budget, images and space) instead of running them again: they do not depend on the "
+                        "ASHA or TPE settings")
     parser.add_argument("--dry-run", action="store_true", help="2 seeds, a budget of 3 trials of 6 steps")
     args = parser.parse_args()
     if args.dry_run:
@@ -187,10 +191,18 @@ def main() -> int:
         found[seed], best[seed] = {}, {}
         for name, smart in (("random", False), ("asha_tpe", True)):
             start = time.perf_counter()
-            cfg = _config(args, world, labels, root / "runs", f"{name}-seed{seed}", smart,
-                          asha_trials if smart else args.trials)
-            summary = run(cfg, stop=budget_stopper(budget) if smart else None)
-            history = pd.read_parquet(root / "runs" / f"{name}-seed{seed}" / "history.parquet")
+            if args.random_from and not smart:  # an earlier run of the very same random search
+                folder = Path(args.random_from) / "runs" / f"{name}-seed{seed}"
+                summary = json.loads((folder / "summary.json").read_text())
+                if summary["trial_steps"] != budget or summary["trials"] != args.trials:
+                    raise SystemExit(f"{folder}: another budget ({summary['trials']} trials, "
+                                     f"{summary['trial_steps']} trial-steps)")
+                history = pd.read_parquet(folder / "history.parquet")
+            else:
+                cfg = _config(args, world, labels, root / "runs", f"{name}-seed{seed}", smart,
+                              asha_trials if smart else args.trials)
+                summary = run(cfg, stop=budget_stopper(budget) if smart else None)
+                history = pd.read_parquet(root / "runs" / f"{name}-seed{seed}" / "history.parquet")
             reports = spend(history, budget)
             found[seed][name] = (history, reports)
             best[seed][name] = min(value for _, _, value in reports)
