@@ -182,3 +182,9 @@ def test_a_tiny_study_end_to_end(ray_local, tmp_path, capsys):
     md = (out / "study.md").read_text()
     assert "## sensitivity" in md and "### w3" in md and "baseline arm from `main`" in md
     assert (out / "plots" / "qa_gain.png").stat().st_size > 1000
+    # the same command again trains nothing: every chain and the Llama are reused, the report is the same
+    assert main(["study", "--config", str(cfg)]) == 0
+    again = capsys.readouterr().out
+    assert "4 of 4 chains finished already" in again and again.count("2 of 2 chains finished already") == 2
+    assert "training a 1-layer" not in again and "step    2/2" not in again
+    assert json.loads((out / "study.json").read_text())["comparisons"] == report["comparisons"]
