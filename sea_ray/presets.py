@@ -70,6 +70,11 @@ _WORLD_CLIP = {"backend": "open_clip", "name": "custom", "custom": WORLD_CLIP_AR
                "weights": os.path.join(WORLD_ASSETS, "clip", "open_clip_model.safetensors")}
 
 
+def world_llm_config(layers: int = WORLD_LLM_CONFIG["num_hidden_layers"]) -> dict:
+    """The world Llama's architecture with ``layers`` decoder layers (the study's 2 and 8, the presets' 4)."""
+    return dict(WORLD_LLM_CONFIG, num_hidden_layers=layers)
+
+
 def world_llm_dir(layers: int = WORLD_LLM_CONFIG["num_hidden_layers"]) -> str:
     """Where sea_ray ships the world Llama of ``layers`` decoder layers: ``llm/`` for the world presets'
     4-layer one, ``llm-<L>l/`` for another depth (the study's 2- and 8-layer ones)."""

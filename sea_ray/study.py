@@ -44,7 +44,7 @@ from sea_ray.config.loading import flatten_dotted, set_dotted, to_dict, validate
 from sea_ray.config.schema import QuickstartConfig, StudyConfig
 from sea_ray.errors import ConfigError, SeaRayError
 from sea_ray.eval.report import plot_bars
-from sea_ray.presets import WORLD_LLM_CONFIG, world_llm_dir
+from sea_ray.presets import world_llm_config, world_llm_dir
 from sea_ray.world.backbones import train_world_llm
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ def llm_recipe(cfg: StudyConfig, layers: int) -> dict:
     defaults = {k: p.default for k, p in inspect.signature(train_world_llm).parameters.items()
                 if k in ("seed", "batch_size", "lr", "weight_decay", "warmup_ratio")}
     return dict(defaults, num_images=cfg.llm_train.num_images, epochs=cfg.llm_train.epochs,
-                config=dict(WORLD_LLM_CONFIG, num_hidden_layers=layers))
+                config=world_llm_config(layers))
 
 
 def trained_by(folder: str, recipe: dict) -> bool:

@@ -65,7 +65,7 @@ def main(argv=None) -> int:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from sea_ray.presets import WORLD_LLM_CONFIG, world_llm_dir
+    from sea_ray.presets import WORLD_LLM_CONFIG, world_llm_config, world_llm_dir
     from sea_ray.world.audit import to_markdown, write_report
     from sea_ray.world.backbones import audit_world_clip, train_world_clip, train_world_llm
     from sea_ray.world.generator import ensure_world
@@ -89,7 +89,7 @@ def main(argv=None) -> int:
         layers = given.get("llm_layers", WORLD_LLM_CONFIG["num_hidden_layers"])
         folder = os.path.basename(world_llm_dir(layers))  # as sea_ray ships it: llm/, llm-<L>l/
         recipe["llm"] = train_world_llm(os.path.join(args.out, folder), log_fn=print,
-                                        config=dict(WORLD_LLM_CONFIG, num_hidden_layers=layers), **kwargs)
+                                        config=world_llm_config(layers), **kwargs)
     recipe["seconds"] = round(time.time() - started, 1)
     with open(os.path.join(args.out, "recipe.json"), "w") as f:
         json.dump(recipe, f, indent=1, default=str)
