@@ -297,9 +297,26 @@ def finished_chain(chain: dict) -> Optional[dict]:
     return kept["metrics"] if kept.get("fingerprint") == fingerprint else None
 
 
+def machine() -> dict:
+    """The CPU and torch build this process computes with: metrics are reproducible to the last digit on
+    one machine, not across CPUs (``docs/study.md``), so a kept chain says where it was made."""
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__}
+
+
 def _finish_chain(chain: dict, metrics: dict) -> dict:
     path, fingerprint = _chain_record(chain)
-    storage.write_text(path, json.dumps({"fingerprint": fingerprint, "metrics": metrics}, indent=1, sort_keys=True))
+    storage.write_text(path, json.dumps({"fingerprint": fingerprint, "metrics": metrics, "machine": machine()},
+                                        indent=1, sort_keys=True))
     return metrics
 
 

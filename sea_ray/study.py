@@ -25,6 +25,7 @@ not there is reported as measured.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import inspect
 import itertools
@@ -252,6 +253,17 @@ def _rows(qs_out: str) -> dict[str, dict[int, dict]]:
     return rows
 
 
+def _machines(qs_out: str) -> dict[str, int]:
+    """How many of a comparison's chains each machine made (``chain.json``'s record, kept chains included)."""
+    counts: dict[str, int] = {}
+    for path in sorted(glob.glob(os.path.join(qs_out, "eval", "*", quickstart.CHAIN_DONE))):
+        with open(path) as f:
+            m = json.load(f).get("machine")
+        name = f"{m['cpu']} ({m['cpu_capability']}, torch {m['torch']})" if m else "not recorded"
+        counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
 def _llm_params(llm: Optional[str]) -> Optional[int]:
     """Parameters of an LLM (from its config, on the meta device)."""
     import torch
@@ -288,6 +300,7 @@ def compare(cfg: StudyConfig, plans: dict[str, Planned]) -> list[dict]:
                     "llm_parameters": _llm_params(plans[c.name].llm), "stats": stats_,
                     "chain_cpu_s": round(sum(r.get("cpu_seconds") or 0 for arm in rows_of[c.name].values()
                                              for r in arm.values()), 1),
+                    "machines": _machines(os.path.abspath(qs.output)),
                     "per_seed": {str(s): {"baseline": base[s], "+SEA": sea[s]} for s in seeds}})
     return out
 
@@ -356,6 +369,12 @@ def render(cfg: StudyConfig, comparisons: list[dict], timings: dict) -> str:
               "| " + " | ".join(f"{c['chain_cpu_s']:.0f}" for c in comparisons) + " |", "",
               f"In all {sum(c['chain_cpu_s'] for c in comparisons):.0f} CPU-seconds of chains (reused chains "
               "count with the CPU time they took when they ran).", "",
+              "## Machines", "",
+              "Where each comparison's chains were made (a chain is reproducible to the last digit on one machine, "
+              "not across CPUs):", "",
+              "| comparison | machine: chains |", "|---|---|",
+              *(f"| {c['name']} | " + "; ".join(f"{m}: {n}" for m, n in c["machines"].items()) + " |"
+                for c in comparisons), "",
               "Per comparison: `<name>/report.md` (its quickstart table), `<name>/results.json` (every seed).", ""]
     return "\n".join(lines)
 

@@ -73,6 +73,10 @@ def test_one_chain_in_process_without_ray(tmp_path, world_dir):
     from sea_ray.quickstart import finished_chain
 
     assert finished_chain(chain) == metrics
+    import torch
+
+    kept = json.loads((tmp_path / "eval" / "sea-s0" / "chain.json").read_text())
+    assert kept["machine"]["cpu"] and kept["machine"]["torch"] == torch.__version__  # where it was made
     other = dict(chain, instruct=chain["instruct"].model_copy(update={"init_adapter": str(tmp_path / "elsewhere")}))
     assert finished_chain(other) is None
 

@@ -117,6 +117,17 @@ def test_the_shipped_world_llamas_are_used_where_their_recipe_is_the_studys(tmp_
     assert not trained_by(str(tmp_path / "nothing"), llm_recipe(cfg, layers))
 
 
+def test_the_report_counts_the_machines_that_made_the_chains(tmp_path):
+    from sea_ray.study import _machines
+
+    made = {"cpu": "AMD EPYC 9B14", "cpu_capability": "AVX512", "torch": "2.14.1"}
+    for chain, record in (("baseline-s0", {"machine": made}), ("sea-s0", {"machine": made}), ("sea-s1", {})):
+        (tmp_path / "eval" / chain).mkdir(parents=True)
+        (tmp_path / "eval" / chain / "chain.json").write_text(json.dumps(dict(record, fingerprint="x", metrics={})))
+    (tmp_path / "eval" / "baseline-s1").mkdir()  # not finished: no record
+    assert _machines(str(tmp_path)) == {"AMD EPYC 9B14 (AVX512, torch 2.14.1)": 2, "not recorded": 1}
+
+
 def test_slots_go_to_the_lowest_priority_waiting_and_come_back():
     import threading
 
@@ -181,6 +192,10 @@ def test_a_tiny_study_end_to_end(ray_local, tmp_path, capsys):
     assert by["llm1"]["llm_parameters"] < by["main"]["llm_parameters"]
     md = (out / "study.md").read_text()
     assert "## sensitivity" in md and "### w3" in md and "baseline arm from `main`" in md
+    from sea_ray.quickstart import machine
+
+    made_here = f"{machine()['cpu']} ({machine()['cpu_capability']}, torch {machine()['torch']})"
+    assert by["main"]["machines"] == {made_here: 4} and f"| w3 | {made_here}: 2 |" in md
     assert (out / "plots" / "qa_gain.png").stat().st_size > 1000
     # the same command again trains nothing: every chain and the Llama are reused, the report is the same
     assert main(["study", "--config", str(cfg)]) == 0
