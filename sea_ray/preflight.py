@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from sea_ray import checks, jobs, paths, pipeline, study
+from sea_ray import checks, jobs, paths, pipeline, quickstart, study
 from sea_ray.config.loading import path_fields
 from sea_ray.errors import ConfigError
 
@@ -33,5 +33,7 @@ def check(cfg, source: str | Path, inputs: bool = True) -> Optional[pipeline.Pla
     if cfg.job in jobs.JOBS:
         jobs.check(cfg, str(source), inputs=inputs)
     elif cfg.job == "study":
-        study.plan(cfg)  # every comparison's quickstart and the job configs it runs
+        study.plan(cfg)  # every comparison's quickstart and the job configs it runs, their models checked
+    elif cfg.job == "quickstart":
+        quickstart.check(cfg)  # every job config it runs, the model folders they start from checked
     return None

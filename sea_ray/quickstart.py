@@ -48,9 +48,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Optional
 
-from sea_ray import pipeline, storage
+from sea_ray import checks, pipeline, storage
 from sea_ray.checks import tower_image_size
-from sea_ray.config.loading import flatten_dotted, to_dict, validate
+from sea_ray.config.loading import flatten_dotted, path_fields, to_dict, validate
 from sea_ray.config.schema import PipelineConfig, PipelineStepConfig, QuickstartConfig
 from sea_ray.data import ingest
 from sea_ray.errors import ConfigError, DataError
@@ -229,6 +229,26 @@ def build_configs(cfg: QuickstartConfig) -> dict:
     if problems:
         raise ConfigError(problems)
     return {"labels": labels.cfg, "audit": audit, "chains": chains}
+
+
+def model_fields(built: dict) -> list[tuple[str, str, str]]:
+    """Every model folder (or hub id) the job configs of a :func:`build_configs` result start from,
+    once each, keyed ``<job>.<field>``: the inputs of a quickstart that it does not make itself."""
+    configs = [built["labels"]] + [chain[k] for chain in built["chains"] for k in ("align", "instruct", "eval")]
+    found = {(f"{c.job}.{key}", value): role for c in configs if c is not None
+             for key, value, role in path_fields(c) if role == "model"}
+    return [(key, value, role) for (key, value), role in found.items()]
+
+
+def check(cfg: QuickstartConfig, made_here: frozenset = frozenset()) -> dict:
+    """:func:`build_configs`, and every model folder it names checked (exists, holds a model and, for an
+    LLM, a tokenizer that loads): one ConfigError lists every problem. ``made_here``: folders the caller
+    makes before the chains run (``sea-ray study``'s world Llamas), not checked."""
+    built = build_configs(cfg)
+    problems = checks.input_problems([f for f in model_fields(built) if f[1] not in made_here])
+    if problems:
+        raise ConfigError(problems)
+    return built
 
 
 # --------------------------------------------------------------------------- one chain (seed x arm)
@@ -529,15 +549,16 @@ def _labels_step(cfg: QuickstartConfig, plan: dict, p: dict, summary: dict, ray)
     return labels_summary, audit
 
 
-def prepare(cfg: QuickstartConfig) -> dict:
+def prepare(cfg: QuickstartConfig, plan: Optional[dict] = None) -> dict:
     """Steps 1 and 2: the world and the labels (each reused when complete), the label audit.
 
     ``sea-ray study`` runs it alone for each world and labels dataset its comparisons share,
-    before it runs their chains side by side."""
+    before it runs their chains side by side. ``plan``: what :func:`check` returned for this
+    very ``cfg`` if the caller has checked it (else it is checked here)."""
     t0 = time.time()
     _quiet()
     p = _paths(cfg)
-    plan = build_configs(cfg)  # every config validated before anything runs
+    plan = plan or check(cfg)  # every config validated and every model folder checked before anything runs
     _check_output(cfg, p["out"])
     timings: dict[str, float] = {}
     _say(f"sea-ray quickstart -> {p['out']}  (preset {cfg.preset}, seeds {cfg.seeds}, mode {cfg.mode})")
@@ -565,13 +586,14 @@ def prepare(cfg: QuickstartConfig) -> dict:
 
 
 def run(cfg: QuickstartConfig, slots: Optional[Slots] = None, priority: float = 0,
-        prepared: Optional[dict] = None) -> dict:
+        prepared: Optional[dict] = None, plan: Optional[dict] = None) -> dict:
     """The quickstart (module docstring); returns the summary written to ``results.json``.
 
     ``slots`` (and this run's ``priority`` for them): CPU slots shared with other quickstarts
     running at the same time in this process (``sea-ray study``); by default its own.
-    ``prepared``: what :func:`prepare` returned for this very ``cfg``, if it has run already."""
-    prep = prepared or prepare(cfg)
+    ``prepared``: what :func:`prepare` returned for this very ``cfg``, if it has run already;
+    ``plan``: what :func:`check` returned for it, if the caller has checked it."""
+    prep = prepared or prepare(cfg, plan)
     p, plan, summary, ray, timings, t0 = (prep[k] for k in ("paths", "plan", "world", "ray", "timings", "started"))
     labels_summary, audit = prep["labels"], prep["audit"]
 

@@ -124,6 +124,7 @@ def llm_dir(cfg: StudyConfig, layers: int) -> str:
 class Planned(NamedTuple):
     quickstart: QuickstartConfig
     llm: Optional[str]  # the LLM its align and instruct start from (name or path); None: the preset's default
+    built: dict  # quickstart.build_configs of it, every model folder checked (quickstart.check)
 
 
 def plan(cfg: StudyConfig) -> dict[str, Planned]:
@@ -133,16 +134,17 @@ def plan(cfg: StudyConfig) -> dict[str, Planned]:
     names = [c.name for c in cfg.comparisons]
     for name in sorted({n for n in names if names.count(n) > 1}):
         problems.append(f"comparisons: {name!r} is named twice")
-    out: dict[str, QuickstartConfig] = {}
+    out: dict[str, Planned] = {}
+    trained_here = frozenset(llm_dir(cfg, c.llm_layers) for c in cfg.comparisons if c.llm_layers)
     for i, comparison in enumerate(cfg.comparisons):
         where = f"comparisons.{i} ({comparison.name})"
         try:
             qs = validate(_quickstart_raw(cfg, comparison), job="quickstart")
-            chains = quickstart.build_configs(qs)["chains"]
+            built = quickstart.check(qs, made_here=trained_here)  # (its world Llama is trained before it runs)
         except ConfigError as exc:
             problems += [f"{where}: {p}" for p in exc.problems]
             continue
-        out[comparison.name] = Planned(qs, chains[0]["align"].model.llm.name_or_path or None)
+        out[comparison.name] = Planned(qs, built["chains"][0]["align"].model.llm.name_or_path or None, built)
     for comparison in cfg.comparisons:
         other = comparison.baseline_from
         if other is None or comparison.name not in out:
@@ -437,7 +439,7 @@ def run(cfg: StudyConfig) -> dict:
     prepared: dict[str, dict] = {}  # the comparisons whose world and labels were made here: not prepared again
     for c in _shared_first(order, plans):
         with quickstart.labelled(f"[{c.name}] "):
-            prepared[c.name] = quickstart.prepare(plans[c.name].quickstart)
+            prepared[c.name] = quickstart.prepare(plans[c.name].quickstart, plans[c.name].built)
     timings["world+labels"] = time.time() - t
     ray = next(iter(prepared.values()))["ray"]
     cpus = int(ray.cluster_resources().get("CPU", 1))
@@ -450,7 +452,8 @@ def run(cfg: StudyConfig) -> dict:
         with quickstart.labelled(f"[{c.name}] "):
             _say(f"study [{i + 1}/{len(order)}] {c.name}" + (f" ({c.question})" if c.question else ""))
             started = time.time()
-            quickstart.run(plans[c.name].quickstart, slots=slots, priority=i, prepared=prepared.get(c.name))
+            quickstart.run(plans[c.name].quickstart, slots=slots, priority=i, prepared=prepared.get(c.name),
+                           plan=plans[c.name].built)
             _say(f"study [{i + 1}/{len(order)}] {c.name} done ({time.time() - started:.0f}s)")
             return time.time() - started
 

@@ -53,6 +53,19 @@ def test_bad_settings_are_listed_per_job_before_anything_runs(tmp_path):
         validate({"job": "quickstart", "seeds": []})
 
 
+def test_a_model_folder_that_is_not_there_stops_the_quickstart_before_anything_runs(tmp_path, capsys):
+    from sea_ray.cli import main
+
+    typo = ["set.instruct.model.llm.name_or_path=" + str(tmp_path / "my-llm"), f"output={tmp_path / 'qs'}"]
+    assert main(["quickstart", *typo]) == 2
+    assert f"instruct.model.llm.name_or_path: {tmp_path / 'my-llm'} does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "qs").exists()  # no world made, no Ray started
+    (tmp_path / "config.yaml").write_text(json.dumps({"job": "quickstart", "set": {"align": {
+        "model.vision.weights": str(tmp_path / "clip.safetensors")}}}))
+    assert main(["validate", "--config", str(tmp_path / "config.yaml")]) == 2
+    assert f"align.model.vision.weights: {tmp_path / 'clip.safetensors'} does not exist" in capsys.readouterr().err
+
+
 def test_one_chain_in_process_without_ray(tmp_path, world_dir):
     """align -> instruct -> eval of the +SEA arm with oracle labels, on the session world."""
     from sea_ray.quickstart import run_chain

@@ -58,13 +58,15 @@ def test_the_plan_checks_every_comparison_before_anything_runs(tmp_path):
             {"name": "typo", "set": {"align.max_stepz": 3}},
             {"name": "lr", "set": {"align.lr": 0.01}, "baseline_from": "main"},   # the baseline uses the lr
             {"name": "ghost", "baseline_from": "nowhere"},
-            {"name": "more-seeds", "set": {"seeds": [0, 1, 2], "sea.weight": 2.0}, "baseline_from": "main"}]))
+            {"name": "more-seeds", "set": {"seeds": [0, 1, 2], "sea.weight": 2.0}, "baseline_from": "main"},
+            {"name": "mine", "set": {"set.align": {"model.llm.name_or_path": str(tmp_path / "my-llm")}}}]))
     text = "\n".join(err.value.problems)
     assert "'main' is named twice" in text
     assert "typo" in text and "max_stepz" in text
     assert "(lr): baseline_from 'main' differs in align" in text
     assert "(ghost): baseline_from names no valid comparison" in text
     assert "(more-seeds): baseline_from 'main' has no seeds [2]" in text
+    assert f"(mine): align.model.llm.name_or_path: {tmp_path / 'my-llm'} does not exist" in text  # not in a task
     # SEA's own settings may differ from the lender's: the baseline does not use them
     plans = plan(_study(tmp_path, [{"name": "main"},
                                    {"name": "w3", "set": {"sea.weight": 3.0, "labels_top_n": 3, "seeds": [1]},
