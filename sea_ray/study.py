@@ -25,7 +25,6 @@ not there is reported as measured.
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import inspect
 import itertools
@@ -127,20 +126,22 @@ class Planned(NamedTuple):
     built: dict  # quickstart.build_configs of it, every model folder checked (quickstart.check)
 
 
-def plan(cfg: StudyConfig) -> dict[str, Planned]:
-    """Every comparison's quickstart config, validated with every job config it runs (no Ray, no
-    writes); one ConfigError lists every problem."""
+def plan(cfg: StudyConfig, inputs: bool = True) -> dict[str, Planned]:
+    """Every comparison's quickstart config, validated with every job config it runs and the model
+    folders they start from (``inputs=False``: not those; no Ray, no writes); one ConfigError lists
+    every problem."""
     problems: list[str] = []
     names = [c.name for c in cfg.comparisons]
     for name in sorted({n for n in names if names.count(n) > 1}):
         problems.append(f"comparisons: {name!r} is named twice")
     out: dict[str, Planned] = {}
-    trained_here = frozenset(llm_dir(cfg, c.llm_layers) for c in cfg.comparisons if c.llm_layers)
     for i, comparison in enumerate(cfg.comparisons):
         where = f"comparisons.{i} ({comparison.name})"
+        # its world Llama, if the study trains it, is trained before its chains run
+        trained_here = frozenset([llm_dir(cfg, comparison.llm_layers)] if comparison.llm_layers else [])
         try:
             qs = validate(_quickstart_raw(cfg, comparison), job="quickstart")
-            built = quickstart.check(qs, made_here=trained_here)  # (its world Llama is trained before it runs)
+            built = quickstart.check(qs, made_here=trained_here, inputs=inputs)
         except ConfigError as exc:
             problems += [f"{where}: {p}" for p in exc.problems]
             continue
@@ -255,12 +256,15 @@ def _rows(qs_out: str) -> dict[str, dict[int, dict]]:
     return rows
 
 
-def _machines(qs_out: str) -> dict[str, int]:
-    """How many of a comparison's chains each machine made (``chain.json``'s record, kept chains included)."""
+def _machines(records: list[str]) -> dict[str, int]:
+    """How many of the chains recorded in ``records`` (their ``chain.json``) each machine made."""
     counts: dict[str, int] = {}
-    for path in sorted(glob.glob(os.path.join(qs_out, "eval", "*", quickstart.CHAIN_DONE))):
-        with open(path) as f:
-            m = json.load(f).get("machine")
+    for path in records:
+        try:
+            with open(path) as f:
+                m = json.load(f).get("machine")
+        except FileNotFoundError:
+            m = None
         name = f"{m['cpu']} ({m['cpu_capability']}, torch {m['torch']})" if m else "not recorded"
         counts[name] = counts.get(name, 0) + 1
     return counts
@@ -287,6 +291,11 @@ def compare(cfg: StudyConfig, plans: dict[str, Planned]) -> list[dict]:
     """Per comparison: its settings, per-seed rows of both arms, and the paired statistics per metric."""
     rows_of = {name: _rows(os.path.abspath(p.quickstart.output)) for name, p in plans.items()}
     out = []
+
+    def _record(name: str, arm: str, seed: int) -> str:  # where a chain of the plan keeps its record
+        chain = next(ch for ch in plans[name].built["chains"] if ch["arm"] == arm and ch["seed"] == seed)
+        return os.path.join(chain["eval"].output, quickstart.CHAIN_DONE)
+
     for c in cfg.comparisons:
         qs = plans[c.name].quickstart
         sea = rows_of[c.name]["+SEA"]
@@ -302,7 +311,8 @@ def compare(cfg: StudyConfig, plans: dict[str, Planned]) -> list[dict]:
                     "llm_parameters": _llm_params(plans[c.name].llm), "stats": stats_,
                     "chain_cpu_s": round(sum(r.get("cpu_seconds") or 0 for arm in rows_of[c.name].values()
                                              for r in arm.values()), 1),
-                    "machines": _machines(os.path.abspath(qs.output)),
+                    "machines": _machines([_record(c.name, "+SEA", s) for s in seeds]
+                                          + [_record(c.baseline_from or c.name, "baseline", s) for s in seeds]),
                     "per_seed": {str(s): {"baseline": base[s], "+SEA": sea[s]} for s in seeds}})
     return out
 

@@ -76,6 +76,14 @@ def test_a_hub_id_is_not_a_path(capsys, inputs):
     assert "model.llm.tokenizer" not in err
 
 
+def test_a_built_in_model_name_is_not_a_path_even_beside_a_folder_of_that_name(capsys, inputs, tmp_path,
+                                                                                monkeypatch):
+    (tmp_path / "custom").mkdir()  # the world presets' vision.name is the built-in name `custom`
+    monkeypatch.chdir(tmp_path)
+    code, err = _validate(capsys, *inputs)
+    assert code == 0, err
+
+
 def test_a_misspelt_relative_model_folder_is_named(capsys, inputs, tmp_path, monkeypatch):
     """``own/lm`` beside a folder ``own`` is a misspelt folder, not the hub id of an organisation
     ``own``: named before anything starts instead of a download attempt when the job starts."""

@@ -64,6 +64,7 @@ def test_a_model_folder_that_is_not_there_stops_the_quickstart_before_anything_r
         "model.vision.weights": str(tmp_path / "clip.safetensors")}}}))
     assert main(["validate", "--config", str(tmp_path / "config.yaml")]) == 2
     assert f"align.model.vision.weights: {tmp_path / 'clip.safetensors'} does not exist" in capsys.readouterr().err
+    assert main(["validate", "--config", str(tmp_path / "config.yaml"), "--skip-inputs"]) == 0  # settings only
 
 
 def test_one_chain_in_process_without_ray(tmp_path, world_dir):

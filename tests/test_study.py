@@ -67,6 +67,8 @@ def test_the_plan_checks_every_comparison_before_anything_runs(tmp_path):
     assert "(ghost): baseline_from names no valid comparison" in text
     assert "(more-seeds): baseline_from 'main' has no seeds [2]" in text
     assert f"(mine): align.model.llm.name_or_path: {tmp_path / 'my-llm'} does not exist" in text  # not in a task
+    assert plan(_study(tmp_path, [{"name": "mine", "set": {"set.align": {"model.llm.name_or_path": "x/y/z"}}}]),
+                inputs=False)  # validate --skip-inputs: the settings only
     # SEA's own settings may differ from the lender's: the baseline does not use them
     plans = plan(_study(tmp_path, [{"name": "main"},
                                    {"name": "w3", "set": {"sea.weight": 3.0, "labels_top_n": 3, "seeds": [1]},
@@ -123,11 +125,13 @@ def test_the_report_counts_the_machines_that_made_the_chains(tmp_path):
     from sea_ray.study import _machines
 
     made = {"cpu": "AMD EPYC 9B14", "cpu_capability": "AVX512", "torch": "2.14.1"}
+    records = []
     for chain, record in (("baseline-s0", {"machine": made}), ("sea-s0", {"machine": made}), ("sea-s1", {})):
-        (tmp_path / "eval" / chain).mkdir(parents=True)
-        (tmp_path / "eval" / chain / "chain.json").write_text(json.dumps(dict(record, fingerprint="x", metrics={})))
-    (tmp_path / "eval" / "baseline-s1").mkdir()  # not finished: no record
-    assert _machines(str(tmp_path)) == {"AMD EPYC 9B14 (AVX512, torch 2.14.1)": 2, "not recorded": 1}
+        records.append(tmp_path / chain / "chain.json")
+        records[-1].parent.mkdir()
+        records[-1].write_text(json.dumps(dict(record, fingerprint="x", metrics={})))
+    records.append(tmp_path / "before-records" / "chain.json")  # reused from before chains had records
+    assert _machines(records) == {"AMD EPYC 9B14 (AVX512, torch 2.14.1)": 2, "not recorded": 2}
 
 
 def test_slots_go_to_the_lowest_priority_waiting_and_come_back():
@@ -197,7 +201,8 @@ def test_a_tiny_study_end_to_end(ray_local, tmp_path, capsys):
     from sea_ray.quickstart import machine
 
     made_here = f"{machine()['cpu']} ({machine()['cpu_capability']}, torch {machine()['torch']})"
-    assert by["main"]["machines"] == {made_here: 4} and f"| w3 | {made_here}: 2 |" in md
+    # w3's statistics pair its +SEA chains with main's baseline chains: all four count
+    assert by["main"]["machines"] == {made_here: 4} and f"| w3 | {made_here}: 4 |" in md
     assert (out / "plots" / "qa_gain.png").stat().st_size > 1000
     # the same command again trains nothing: every chain and the Llama are reused, the report is the same
     assert main(["study", "--config", str(cfg)]) == 0
