@@ -303,11 +303,16 @@ def _evaluate(chain: dict, progress: Callable[[dict], None]) -> dict:
 CHAIN_DONE = "chain.json"  # a chain's metrics and the settings they were made with, written when all of it is done
 
 
+def chain_record_path(chain: dict) -> str:
+    """Where a chain of :func:`build_configs` keeps its record (metrics, fingerprint, machine)."""
+    return storage.join(chain["eval"].output, CHAIN_DONE)
+
+
 def _chain_record(chain: dict) -> tuple[str, str]:
     """(where a chain's metrics are kept, the fingerprint of every job config it runs)."""
     configs = {k: to_dict(chain[k]) for k in ("align", "instruct", "eval", "eval_align")}
     fingerprint = hashlib.sha256(json.dumps(configs, sort_keys=True, default=str).encode()).hexdigest()
-    return storage.join(chain["eval"].output, CHAIN_DONE), fingerprint
+    return chain_record_path(chain), fingerprint
 
 
 def finished_chain(chain: dict) -> Optional[dict]:

@@ -293,8 +293,8 @@ def compare(cfg: StudyConfig, plans: dict[str, Planned]) -> list[dict]:
     out = []
 
     def _record(name: str, arm: str, seed: int) -> str:  # where a chain of the plan keeps its record
-        chain = next(ch for ch in plans[name].built["chains"] if ch["arm"] == arm and ch["seed"] == seed)
-        return os.path.join(chain["eval"].output, quickstart.CHAIN_DONE)
+        return quickstart.chain_record_path(
+            next(ch for ch in plans[name].built["chains"] if ch["arm"] == arm and ch["seed"] == seed))
 
     for c in cfg.comparisons:
         qs = plans[c.name].quickstart
