@@ -179,6 +179,50 @@ def test_killed_part_way_then_rerun_gives_the_same_rows(reference, world300, tmp
     assert D.read_labels(str(out))["image_id"].to_pylist() == [f"world_{i:06d}" for i in range(N_IMAGES)]
 
 
+def _late_labeler(starts_file, late_starts: int, late_s: float):
+    """A LabelActor whose first ``late_starts`` starts take ``late_s`` longer (each start appends a
+    byte to ``starts_file``): a pipeline that stalls while it starts. Defined in a function, so Ray
+    ships the class by value."""
+    from sea_ray.labels.pipeline import LabelActor
+
+    class LateLabelActor(LabelActor):
+        def __init__(self, *args, **kwargs):
+            import os
+            import time
+
+            with open(starts_file, "ab") as f:
+                f.write(b"x")
+            if os.path.getsize(starts_file) <= late_starts:
+                time.sleep(late_s)
+            super().__init__(*args, **kwargs)
+
+    return LateLabelActor
+
+
+@pytest.mark.parametrize("late_starts", [1, 2])
+def test_a_pipeline_stalled_before_its_first_shard_is_started_once_more(reference, world300, tmp_path, monkeypatch,
+                                                                         caplog, late_starts):
+    import logging
+
+    from sea_ray.labels import job
+
+    starts = tmp_path / "starts"
+    monkeypatch.setattr(job, "LabelActor", _late_labeler(str(starts), late_starts, late_s=25))
+    out = tmp_path / "labels"
+    cfg = _cfg(world300 / "all.json", out, world300 / "images", compute={"stall_timeout_s": 10})
+    with caplog.at_level(logging.WARNING, logger="sea_ray.labels.job"):
+        if late_starts == 1:  # stalled once: the second pipeline labels everything
+            summary = run(cfg)
+            assert summary["counts"]["labelled"] == N_IMAGES
+            _assert_same_labels(_by_id(out), _by_id(reference[1]))
+        else:  # stalled twice: the job fails, naming the setting
+            with pytest.raises(DataError, match=r"stall_timeout_s=10s before its first shard, twice"):
+                run(cfg)
+            assert not (out / "_SUCCESS").exists()
+    assert starts.read_bytes() == b"xx"
+    assert "no progress for 10s before its first shard: starting it once more" in caplog.text
+
+
 def test_the_driver_gets_counts_and_error_rows_only_and_the_rows_are_the_labelers(ray_local, world300, tmp_path,
                                                                                   monkeypatch):
     """What the pipeline yields to the driver holds no label array (part records: counts, file

@@ -73,6 +73,15 @@ class _OverBudget(SeaRayError):
     """The error rows so far exceed the budget: the pipeline stops, :func:`run` reports."""
 
 
+class _Stalled(SeaRayError):
+    """Nothing moved through the pipeline for ``compute.stall_timeout_s`` before its first shard."""
+
+
+# How long a stopped pipeline's actors may hold their resources: Ray's graceful-shutdown timeout
+# (30 s), then its force kill.
+_RELEASE_S = 40.0
+
+
 @dataclass
 class Plan:
     """Everything the driver decides before Ray starts."""
@@ -389,12 +398,14 @@ def _stream(p: Plan, pending: list[int], out: D.LabelsDir, stop_after: Optional[
             device: str, prior_errors: int = 0) -> _ShardWriter:
     """Steps 3 and 4: the pipeline over the pending shards; each shard marked as it completes."""
     import ray.data
+    from ray.data.exceptions import ExecutionTimeoutError
 
     writer = _ShardWriter(out, p, pending, stop_after, prior_errors)
     total = sum(writer.expected.values())
     ctx = ray.data.DataContext.get_current()
-    old_bars = ctx.enable_progress_bars
+    old_bars, old_stall = ctx.enable_progress_bars, ctx.execution_no_progress_timeout_s
     ctx.enable_progress_bars = False
+    ctx.execution_no_progress_timeout_s = p.cfg.compute.stall_timeout_s  # read by the dataset made below
     bar = _progress(total)
     iterator = None
     started = time.time()
@@ -408,15 +419,71 @@ def _stream(p: Plan, pending: list[int], out: D.LabelsDir, stop_after: Optional[
             n = writer.add(batch)
             if bar is not None:
                 bar.update(n)
+    except ExecutionTimeoutError as exc:
+        timeout = p.cfg.compute.stall_timeout_s
+        if not writer.written:
+            raise _Stalled(str(exc)) from exc
+        raise DataError(f"the labels pipeline made no progress for compute.stall_timeout_s={timeout:g}s after "
+                        f"{writer.written} shard(s) were written; re-run the job (the finished shards are "
+                        "kept)") from exc
     finally:
         if iterator is not None and hasattr(iterator, "close"):
             iterator.close()  # shuts the streaming executor down (actors released)
         if bar is not None:
             bar.close()
-        ctx.enable_progress_bars = old_bars
+        ctx.enable_progress_bars, ctx.execution_no_progress_timeout_s = old_bars, old_stall
     if writer.incomplete:
         raise DataError(f"the pipeline ended with shards {writer.incomplete} incomplete; re-run the job")
     return writer
+
+
+def _stream_started(p: Plan, pending: list[int], out: D.LabelsDir, stop_after: Optional[int], gpus: float,
+                    device: str, prior_errors: int) -> _ShardWriter:
+    """:func:`_stream`, started once more when it stalled before its first shard.
+
+    Seen on the project's 2-core test machine (Ray 2.60, late in a long test session): the GCS
+    logs a labeler actor created, but the driver never receives its ALIVE notification, and the
+    pipeline waits for it until Ray Data's no-progress timeout. Before the first shard nothing is
+    kept, so the second start loses nothing; a second stall is taken as the cluster's answer (no
+    room for the actors, or they start slower than the timeout) and fails the job."""
+    timeout = p.cfg.compute.stall_timeout_s
+    try:
+        return _stream(p, pending, out, stop_after, gpus, device, prior_errors)
+    except _Stalled:
+        log.warning("the labels pipeline made no progress for %gs before its first shard: starting it once more",
+                    timeout)
+    _wait_released(p.cfg, gpus, bound_s=max(timeout, _RELEASE_S))
+    out.remove_shard_files(pending)
+    try:
+        return _stream(p, pending, out, stop_after, gpus, device, prior_errors)
+    except _Stalled as exc:
+        comp = p.cfg.compute
+        raise DataError(f"the labels pipeline made no progress for compute.stall_timeout_s={timeout:g}s before its "
+                        f"first shard, twice: the cluster has no room for the {comp.num_actors} labeler actor(s) "
+                        f"(cpus_per_actor={comp.cpus_per_actor:g}, gpus_per_actor={comp.gpus_per_actor:g}), or "
+                        "they start slower than that (raise compute.stall_timeout_s where nodes must start "
+                        "first)") from exc
+
+
+def _wait_released(cfg: LabelsConfig, gpus: float, bound_s: float) -> None:
+    """Waits (at most ``bound_s``) until this Ray again has room for the pipeline. A stopped
+    pipeline's actors are released, not killed, and Ray stops one only once its constructor has
+    returned, or after its 30-s graceful-shutdown timeout: a second pool started before then would
+    wait for the first one's resources. On a cluster that never had the room (actors waiting for
+    nodes) this waits the whole bound and the second start decides."""
+    import ray
+
+    comp = cfg.compute
+    need_cpu = comp.num_actors * comp.cpus_per_actor + comp.cpus_per_decode_task
+    need_gpu = comp.num_actors * gpus
+    start = time.monotonic()
+    while time.monotonic() < start + bound_s:
+        free = ray.available_resources()
+        if free.get("CPU", 0) >= need_cpu and free.get("GPU", 0) >= need_gpu:
+            log.info("the labels pipeline's resources are free again after %.1fs", time.monotonic() - start)
+            return
+        time.sleep(0.5)
+    log.warning("the labels pipeline's resources are not free %gs after it stopped", bound_s)
 
 
 def _retry(p: Plan, markers: dict[int, dict]) -> set[int]:
@@ -494,7 +561,7 @@ def run(cfg: LabelsConfig, *, stop_after_shards: Optional[int] = None) -> dict:
         out.remove_shard_files(pending)  # what earlier runs left of them: the pipeline writes them anew
         prior = len(p.manifest_errors) + sum(m["errors"] for k, m in markers.items() if k not in retry)
         try:
-            writer = _stream(p, pending, out, stop_after_shards, gpus, device, prior)
+            writer = _stream_started(p, pending, out, stop_after_shards, gpus, device, prior)
         except _OverBudget:
             early = True
 
