@@ -443,11 +443,12 @@ class LabelsComputeConfig(_Section):
     ship: Literal["uint8", "float32"] = Field("uint8", description="what decode tasks send to the labeler: "
                                               "resized uint8 pixels (4x smaller; normalised in the actor) or "
                                               "the transformed float tensor")
-    stall_timeout_s: float = Field(300.0, gt=0, description="the pipeline is stopped when nothing moves through "
-                                   "it for this long (Ray Data's no-progress timeout). Stopped before its first "
-                                   "shard is written, it is started once more; a second stall, or one after "
-                                   "shards are written, fails the job (a re-run keeps the finished shards). "
-                                   "Raise it where actors wait for nodes to start (an autoscaling cluster)")
+    stall_timeout_s: Optional[float] = Field(None, gt=0, description="the pipeline is stopped when nothing moves "
+                                             "through it for this long; none = Ray Data's no-progress timeout "
+                                             "(RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S, 1800 s by default). "
+                                             "Stopped before its first shard is written, it is started once "
+                                             "more; a second stall, or one after shards are written, fails the "
+                                             "job (a re-run keeps the finished shards)")
 
 
 class LabelsDataConfig(_Section):

@@ -394,6 +394,13 @@ def _dataset(p: Plan, pending: list[int], out: D.LabelsDir, gpus: float, device:
                           fn_kwargs={"output": out.uri, "grid": tuple(p.grid), "top_n": cfg.labeler.top_n})
 
 
+def _stall_timeout(cfg: LabelsConfig) -> float:
+    """``compute.stall_timeout_s``, or Ray Data's own no-progress timeout when it is not set."""
+    import ray.data
+
+    return cfg.compute.stall_timeout_s or ray.data.DataContext.get_current().execution_no_progress_timeout_s
+
+
 def _stream(p: Plan, pending: list[int], out: D.LabelsDir, stop_after: Optional[int], gpus: float,
             device: str, prior_errors: int = 0) -> _ShardWriter:
     """Steps 3 and 4: the pipeline over the pending shards; each shard marked as it completes."""
@@ -405,7 +412,7 @@ def _stream(p: Plan, pending: list[int], out: D.LabelsDir, stop_after: Optional[
     ctx = ray.data.DataContext.get_current()
     old_bars, old_stall = ctx.enable_progress_bars, ctx.execution_no_progress_timeout_s
     ctx.enable_progress_bars = False
-    ctx.execution_no_progress_timeout_s = p.cfg.compute.stall_timeout_s  # read by the dataset made below
+    ctx.execution_no_progress_timeout_s = _stall_timeout(p.cfg)  # read by the dataset made below
     bar = _progress(total)
     iterator = None
     started = time.time()
@@ -420,7 +427,7 @@ def _stream(p: Plan, pending: list[int], out: D.LabelsDir, stop_after: Optional[
             if bar is not None:
                 bar.update(n)
     except ExecutionTimeoutError as exc:
-        timeout = p.cfg.compute.stall_timeout_s
+        timeout = ctx.execution_no_progress_timeout_s
         if not writer.written:
             raise _Stalled(str(exc)) from exc
         raise DataError(f"the labels pipeline made no progress for compute.stall_timeout_s={timeout:g}s after "
@@ -446,13 +453,13 @@ def _stream_started(p: Plan, pending: list[int], out: D.LabelsDir, stop_after: O
     pipeline waits for it until Ray Data's no-progress timeout. Before the first shard nothing is
     kept, so the second start loses nothing; a second stall is taken as the cluster's answer (no
     room for the actors, or they start slower than the timeout) and fails the job."""
-    timeout = p.cfg.compute.stall_timeout_s
+    timeout = _stall_timeout(p.cfg)
     try:
         return _stream(p, pending, out, stop_after, gpus, device, prior_errors)
     except _Stalled:
         log.warning("the labels pipeline made no progress for %gs before its first shard: starting it once more",
                     timeout)
-    _wait_released(p.cfg, gpus, bound_s=max(timeout, _RELEASE_S))
+    _wait_released(p.cfg, gpus, bound_s=_RELEASE_S)
     out.remove_shard_files(pending)
     try:
         return _stream(p, pending, out, stop_after, gpus, device, prior_errors)
@@ -467,9 +474,9 @@ def _stream_started(p: Plan, pending: list[int], out: D.LabelsDir, stop_after: O
 
 def _wait_released(cfg: LabelsConfig, gpus: float, bound_s: float) -> None:
     """Waits (at most ``bound_s``) until this Ray again has room for the pipeline. A stopped
-    pipeline's actors are released, not killed, and Ray stops one only once its constructor has
-    returned, or after its 30-s graceful-shutdown timeout: a second pool started before then would
-    wait for the first one's resources. On a cluster that never had the room (actors waiting for
+    pipeline's actors are released, not killed, and Ray takes a while to stop one (up to its 30-s
+    graceful-shutdown timeout): a second pool started before then would wait for the first one's
+    resources. On a cluster that never had the room (actors waiting for
     nodes) this waits the whole bound and the second start decides."""
     import ray
 
