@@ -476,8 +476,8 @@ def _wait_released(cfg: LabelsConfig, gpus: float, bound_s: float) -> None:
     """Waits (at most ``bound_s``) until this Ray again has room for the pipeline. A stopped
     pipeline's actors are released, not killed, and Ray takes a while to stop one (up to its 30-s
     graceful-shutdown timeout): a second pool started before then would wait for the first one's
-    resources. On a cluster that never had the room (actors waiting for
-    nodes) this waits the whole bound and the second start decides."""
+    resources. On a cluster that never had the room (actors waiting for nodes) this waits the
+    whole bound and the second start decides."""
     import ray
 
     comp = cfg.compute
