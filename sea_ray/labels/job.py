@@ -246,6 +246,11 @@ def _input_blocks(p: Plan, pending: list[int], block_rows: int):
     return blocks
 
 
+def _cpus_needed(comp) -> float:
+    """The CPUs the pipeline needs at once: its labeler actors and one decode task."""
+    return comp.num_actors * comp.cpus_per_actor + comp.cpus_per_decode_task
+
+
 def _resources(ray, cfg: LabelsConfig) -> tuple[float, str]:
     """(GPUs per actor, device) after the CPU fallback; refuses a CPU plan that cannot run."""
     comp = cfg.compute
@@ -256,7 +261,7 @@ def _resources(ray, cfg: LabelsConfig) -> tuple[float, str]:
                     "(compute.cpu_fallback=false waits for GPUs instead)", gpus)
         gpus = 0.0
     cpus = res.get("CPU", 0)
-    need = comp.num_actors * comp.cpus_per_actor + comp.cpus_per_decode_task
+    need = _cpus_needed(comp)
     alive = [n for n in ray.nodes() if n.get("Alive")]
     if 0 < cpus < need and len(alive) == 1:  # a fixed single-node Ray: this plan would hang forever
         raise ConfigError([f"compute: {comp.num_actors} actor(s) x {comp.cpus_per_actor} CPU + "
@@ -481,8 +486,7 @@ def _wait_released(cfg: LabelsConfig, gpus: float, bound_s: float) -> None:
     import ray
 
     comp = cfg.compute
-    need_cpu = comp.num_actors * comp.cpus_per_actor + comp.cpus_per_decode_task
-    need_gpu = comp.num_actors * gpus
+    need_cpu, need_gpu = _cpus_needed(comp), comp.num_actors * gpus
     start = time.monotonic()
     while time.monotonic() < start + bound_s:
         free = ray.available_resources()
