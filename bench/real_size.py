@@ -328,17 +328,30 @@ def mem_available_gb() -> float:
     return float("inf")
 
 
+def _attention_scores_bytes(tower, images: int) -> int:
+    """One encoder layer's attention scores and their softmax over ``images`` images, float32: the
+    CPU attention materialises both (labels run without gradients, so one layer's are live at a time)."""
+    if tower.backend == "hf":
+        heads = tower.vision_model.config.num_attention_heads
+    else:
+        heads = tower.clip.visual.transformer.resblocks[0].attn.num_heads
+    tokens = tower.num_patches + (1 if tower.has_cls else 0)
+    return 2 * images * heads * tokens * tokens * 4
+
+
 def predicted_gb(stage: str, preset: str, layers: int, dtype: str, per_worker: int) -> float:
     """What the stage needs resident, roughly: weights, gradients and AdamW states of what it
     trains (in the parameters' dtype), one serialised copy of the checkpointed tensors, the
-    logits of a micro-batch (float32, three live copies), plus 1.5 GB of runtime."""
+    logits of a micro-batch (float32, three live copies), plus 1.5 GB of runtime. Labels: the
+    tower's weights, its activations and one layer's attention scores (:func:`_attention_scores_bytes`)."""
     from sea_ray.model.published import build_offline
 
     vlm = build_offline(preset, num_hidden_layers=layers, dtype=dtype)
     size = lambda ps: sum(p.numel() * p.element_size() for p in ps)  # noqa: E731
     tower, adapter, llm = list(vlm.vision.parameters()), list(vlm.adapter.parameters()), list(vlm.llm.parameters())
     if stage == "labels":
-        return size(tower) / GB + 1.5 + NUM_IMAGES * vlm.vision.num_patches * vlm.vision.width * 4 * 8 / GB
+        return (size(tower) + NUM_IMAGES * vlm.vision.num_patches * vlm.vision.width * 4 * 8
+                + _attention_scores_bytes(vlm.vision, NUM_IMAGES)) / GB + 1.5
     trained = adapter + (llm if stage == "instruct" else [])
     vocab = vlm.llm.get_input_embeddings().num_embeddings
     logits = per_worker * (vlm.vision.num_patches + 64) * vocab * 4 * 3
