@@ -403,19 +403,44 @@ def _tokenizer_problems(key: str, uri: str) -> list[str]:
     return []
 
 
+def _not_weights(path: str) -> Optional[str]:
+    """Why the local file ``path`` is not a weights file any of our loaders reads (safetensors,
+    torch's zip or legacy pickle, GGUF), from its first bytes and, for safetensors, its header
+    (the tensors are not read); None when it is one."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head[:4] in (b"PK\x03\x04", b"GGUF") or head[:1] == b"\x80":
+        return None
+    if len(head) == 9 and head[8:9] == b"{":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(path, framework="pt") as f:
+                f.keys()
+            return None
+        except Exception as exc:
+            return f"its safetensors header does not parse: {(str(exc).strip().splitlines() or [''])[0][:120]}"
+    return (f"{os.path.getsize(path)} bytes that are none of safetensors, a torch.save file or GGUF"
+            if head else "an empty file")
+
+
 def _model_dir_problems(key: str, uri: str) -> list[str]:
-    """A weights file, or a model folder: a Hugging Face config (not for open_clip weights) and weights."""
+    """A weights file, or a model folder: a Hugging Face config (not for open_clip weights) and
+    weights; every local weights file one that loads (:func:`_not_weights`)."""
     local = None if storage.is_remote(uri) else os.path.expanduser(uri)
     if local is not None and os.path.isfile(local):
-        return []
-    if not key.endswith("vision.weights") and _exists(storage.join(uri, "config.json")) is False:
-        return [f"{key}: {uri} holds no config.json (not a Hugging Face model folder)"]
-    if local is not None:
+        files = [local]
+    else:
+        if not key.endswith("vision.weights") and _exists(storage.join(uri, "config.json")) is False:
+            return [f"{key}: {uri} holds no config.json (not a Hugging Face model folder)"]
+        if local is None:
+            return []
         import glob
 
-        if not any(glob.glob(os.path.join(local, pattern)) for pattern in WEIGHT_PATTERNS):
+        files = sorted(f for pattern in WEIGHT_PATTERNS for f in glob.glob(os.path.join(local, pattern)))
+        if not files:
             return [f"{key}: {uri} holds no weights ({', '.join(WEIGHT_PATTERNS)})"]
-    return []
+    return [f"{key}: {f} is not a readable weights file ({why})" for f in files if (why := _not_weights(f))]
 
 
 def input_problems(fields: list[tuple[str, str, str]]) -> list[str]:

@@ -8,6 +8,8 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from sea_ray.config.loading import validate
 from sea_ray.errors import ConfigError, DataError
@@ -143,6 +145,19 @@ def test_a_plan_that_would_deadlock_two_cpus_is_refused(ray_local, world300, tmp
     with pytest.raises(ConfigError, match="deadlock"):
         run(cfg)
     assert not (tmp_path / "out" / D.SHARDS).exists()
+
+
+def test_weights_that_do_not_fit_the_tower_fail_the_job_with_the_labelers_error(ray_local, world300, tmp_path):
+    """Planning builds the tower on the meta device and reads no weights; the labeler actors are
+    the first to load them. A readable weights file of another model (it passes the checks before
+    Ray starts, tests/test_preflight.py) ends the job with the loader's error: no shard, no ``_SUCCESS``."""
+    wrong = tmp_path / "tower.safetensors"
+    save_file({"not_a_clip_weight": torch.zeros(2)}, str(wrong))
+    out = tmp_path / "out"
+    cfg = _cfg(world300 / "all.json", out, world300 / "images", model={"vision": {"weights": str(wrong)}})
+    with pytest.raises(DataError, match=r"the labeler could not load model\.vision .*not_a_clip_weight"):
+        run(cfg)
+    assert not (out / "_SUCCESS").exists() and not list((out / D.SHARDS).glob("*.parquet"))
 
 
 def test_killed_part_way_then_rerun_gives_the_same_rows(reference, world300, tmp_path):

@@ -272,6 +272,43 @@ def test_an_hf_folder_without_tokenizer_files_is_refused_for_labeling(tmp_path, 
     assert checks.job_problems(good) == []
 
 
+@pytest.mark.parametrize("backend", ["open_clip", "hf"])
+def test_the_labels_probe_reads_no_weights_and_gives_the_real_towers_transform_and_grid(tmp_path, hf_clip_dir,
+                                                                                        backend):
+    """The labels job plans from :func:`probe_vision_tower`: the tower on the meta device, equal to
+    the real build in what planning reads, with a weights file that would not load."""
+    import shutil
+
+    from sea_ray.model.vision import build_vision_tower, probe_vision_tower
+
+    if backend == "hf":
+        good = {"backend": "hf", "name": str(hf_clip_dir), "custom": None}
+        broken = tmp_path / "clip-broken-weights"
+        shutil.copytree(hf_clip_dir, broken)
+        (weights,) = broken.glob("model.safetensors")
+        weights.write_bytes(b"not a checkpoint")
+        bad = dict(good, name=str(broken))
+    else:
+        good = _labels_cfg(tmp_path).model.vision.model_dump()
+        weights = tmp_path / "tower.safetensors"
+        weights.write_bytes(b"not a checkpoint")
+        bad = dict(good, weights=str(weights))
+    real = build_vision_tower(_labels_cfg(tmp_path, vision=good).model.vision, "pad")
+    cfg = _labels_cfg(tmp_path, vision=bad).model.vision
+    with pytest.raises(Exception):
+        build_vision_tower(cfg, "pad")
+    probe = probe_vision_tower(cfg, "pad")
+    assert {p.device.type for p in probe.parameters()} == {"meta"}
+    assert probe.transform_spec() == real.transform_spec() and probe.transform_spec()["resize"].startswith("pad")
+    assert (probe.grid, probe.embed_dim, probe.width) == (real.grid, real.embed_dim, real.width)
+    assert (probe._tokenizer is None) == (real._tokenizer is None)
+    x = torch.rand(3, 80, 48).mul(255).byte().permute(1, 2, 0).numpy()
+    from PIL import Image
+
+    image = Image.fromarray(x)
+    assert torch.equal(probe.transform(image), real.transform(image))
+
+
 def test_a_vision_only_hf_folder_gives_a_tower_with_its_processors_mean(tmp_path, hf_clip_dir):
     """A saved CLIPVisionModel (no text tower) with only an image processor: the tower reads the
     processor's mean and std (AutoProcessor gives the image processor itself then)."""

@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from sea_ray import cli, jobs, submit
 
@@ -50,7 +52,28 @@ def test_a_folder_that_is_not_a_model_is_named(capsys, inputs, tmp_path):
     assert code == 2 and "holds no weights" in err
     (empty / "model.safetensors").write_bytes(b"")
     code, err = _validate(capsys, *inputs, f"model.llm.name_or_path={empty}")
+    assert code == 2 and f"model.llm.name_or_path: {empty}/model.safetensors is not a readable weights file " \
+        "(an empty file)" in err
+    save_file({"x": torch.zeros(1)}, str(empty / "model.safetensors"))
+    code, err = _validate(capsys, *inputs, f"model.llm.name_or_path={empty}")
     assert code == 2 and "model.llm.name_or_path: no tokenizer loads from" in err
+
+
+@pytest.mark.parametrize("content, why", [
+    (b"not a checkpoint", "16 bytes that are none of safetensors, a torch.save file or GGUF"),
+    ((10**9).to_bytes(8, "little") + b"{}", "its safetensors header does not parse"),
+])
+def test_a_weights_file_that_would_not_load_is_named_before_anything_starts(capsys, world_dir, tmp_path,
+                                                                             content, why):
+    """The labels job's tower weights: a file that is not one is refused by `validate` (and every
+    job verb), not by the labeler actors after Ray has started."""
+    bad = tmp_path / "tower.safetensors"
+    bad.write_bytes(content)
+    code = cli.main(["validate", "--config", str(REPO / "workflows/configs/world_labels.yaml"),
+                     f"data.manifest={world_dir}/train/pretrain.json", f"data.image_root={world_dir}/images",
+                     f"output={tmp_path}/labels", f"model.vision.weights={bad}"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"model.vision.weights: {bad} is not a readable weights file ({why}" in err, err
 
 
 def test_missing_manifest_and_incomplete_labels_are_named(capsys, inputs, tmp_path):

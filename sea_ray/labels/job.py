@@ -55,7 +55,7 @@ from sea_ray.data import budget, shards
 from sea_ray.data.manifest import image_root_for, read_manifest
 from sea_ray.errors import ConfigError, DataError, SeaRayError, TooManyErrors
 from sea_ray.labels import dataset as D
-from sea_ray.labels.pipeline import LabelActor, decode_batch, write_parts
+from sea_ray.labels.pipeline import LOAD_FAILED, LabelActor, decode_batch, write_parts
 from sea_ray.labels.schema import META_KEYS, SCHEMA_VERSION
 from sea_ray.labels.vocab import Vocab, build_vocab, captions_of
 from sea_ray.runtime import init_ray
@@ -116,17 +116,15 @@ class Plan:
 
 
 def _probe_tower(cfg: LabelsConfig):
-    """Build the tower once on the driver for its transform (under ``data.image_aspect``, recorded
-    in the fingerprint and ``_meta.json`` as ``transform.resize``) and grid. (Its text tower is first used
-    in the actors; a failure there, e.g. a Hugging Face dir without a tokenizer, stops the job
-    with the actor's error within seconds.)"""
-    import torch
+    """The tower's transform (under ``data.image_aspect``, recorded in the fingerprint and
+    ``_meta.json`` as ``transform.resize``), grid and width, from its architecture on the meta device
+    (:func:`~sea_ray.model.vision.probe_vision_tower`). Its weights and text tower are first used in
+    the actors (a weights file that is not one is refused before, by :mod:`sea_ray.checks`); weights
+    that do not fit the tower stop the job with the loader's error (:func:`_stream`)."""
+    from sea_ray.model.vision import probe_vision_tower
 
-    from sea_ray.model.vision import build_vision_tower
-
-    torch.manual_seed(cfg.seed)
     try:
-        tower = build_vision_tower(cfg.model.vision, cfg.data.image_aspect)
+        tower = probe_vision_tower(cfg.model.vision, cfg.data.image_aspect)
     except Exception as exc:
         raise ConfigError([f"model.vision: cannot build the tower ({type(exc).__name__}: {exc})"]) from exc
     if cfg.model.vision.backend == "hf" and getattr(tower, "_tokenizer", None) is None:
@@ -411,6 +409,7 @@ def _stream(p: Plan, pending: list[int], out: D.LabelsDir, stop_after: Optional[
     """Steps 3 and 4: the pipeline over the pending shards; each shard marked as it completes."""
     import ray.data
     from ray.data.exceptions import ExecutionTimeoutError
+    from ray.exceptions import RayActorError
 
     writer = _ShardWriter(out, p, pending, stop_after, prior_errors)
     total = sum(writer.expected.values())
@@ -431,6 +430,11 @@ def _stream(p: Plan, pending: list[int], out: D.LabelsDir, stop_after: Optional[
             n = writer.add(batch)
             if bar is not None:
                 bar.update(n)
+    except RayActorError as exc:
+        message = str(exc)
+        if not (exc.actor_init_failed and LOAD_FAILED in message):
+            raise
+        raise DataError(message[message.index(LOAD_FAILED):].splitlines()[0]) from None
     except ExecutionTimeoutError as exc:
         timeout = ctx.execution_no_progress_timeout_s
         if not writer.written:

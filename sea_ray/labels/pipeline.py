@@ -45,6 +45,8 @@ from sea_ray.labels.dataset import LabelsDir, labels_table
 log = logging.getLogger(__name__)
 
 PASS_THROUGH = ("row", "seq", "shard", "image_id", "decode_node")
+#: how a labeler actor that cannot build its tower (weights that do not load) says so
+LOAD_FAILED = "the labeler could not load model.vision"
 
 # What the write stage returns to the driver: one row per part (a run of one shard's rows).
 RECORD_SCHEMA = pa.schema([
@@ -151,7 +153,11 @@ class LabelActor:
         if device == "cpu" and torch_threads:
             torch.set_num_threads(int(torch_threads))
         torch.manual_seed(seed)
-        tower = build_vision_tower(vision_cfg, image_aspect).eval().to(device)
+        try:
+            tower = build_vision_tower(vision_cfg, image_aspect).eval().to(device)
+        except Exception as exc:  # the driver finds LOAD_FAILED in Ray's actor error and names it
+            lines = [line.strip()[:200] for line in f"{type(exc).__name__}: {exc}".strip().splitlines()[:3]]
+            raise RuntimeError(f"{LOAD_FAILED} ({' / '.join(lines)})") from exc
         self.device = device
         self.ship = ship
         self.tensor_part = tensor_part

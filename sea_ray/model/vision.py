@@ -267,7 +267,10 @@ class HFTower(VisionTower):
         return feats if isinstance(feats, torch.Tensor) else feats.pooler_output
 
 
-def build_hf(name: str, custom: dict | None, select_layer: int, image_aspect: str) -> HFTower:
+def build_hf(name: str, custom: dict | None, select_layer: int, image_aspect: str, *,
+             weights: bool = True) -> HFTower:
+    """``weights=False``: the folder's architecture on the ambient device, its weights not read
+    (:func:`probe_vision_tower`)."""
     from transformers import AutoConfig, AutoModel, AutoProcessor
 
     if name == "custom":
@@ -278,7 +281,7 @@ def build_hf(name: str, custom: dict | None, select_layer: int, image_aspect: st
         tower = HFTower(model.eval(), select_layer=select_layer, name=name, image_aspect=image_aspect)
         return tower
     local = storage.local_copy(name) if storage.is_remote(name) else name
-    model = AutoModel.from_pretrained(local)
+    model = AutoModel.from_pretrained(local) if weights else AutoModel.from_config(AutoConfig.from_pretrained(local))
     processor = None
     try:
         loaded = AutoProcessor.from_pretrained(local)
@@ -320,3 +323,19 @@ def build_vision_tower(cfg, image_aspect: str) -> VisionTower:
     if cfg.backend == "open_clip":
         return build_open_clip(cfg.name, cfg.weights, cfg.custom, cfg.select_layer, image_aspect)
     return build_hf(cfg.name, cfg.custom, cfg.select_layer, image_aspect)
+
+
+def probe_vision_tower(cfg, image_aspect: str) -> VisionTower:
+    """The tower of :func:`build_vision_tower` on the meta device, its weights never read: its
+    ``grid``, ``transform``, ``embed_dim`` and (Hugging Face) tokenizer are those of the real build,
+    at no memory and in milliseconds rather than seconds (a driver planning labels for CLIP-L would
+    otherwise read 1.7 GB). A weights file is not checked here: the first process that loads the
+    tower fails on a bad one. An open_clip pretrained tag is built whole, since its transform comes
+    with the tag."""
+    weights = cfg.weights if cfg.backend == "open_clip" else None
+    if weights is not None and not (storage.is_remote(weights) or os.path.exists(weights)):
+        return build_vision_tower(cfg, image_aspect)
+    with torch.device("meta"):
+        if cfg.backend == "open_clip":  # a local or s3:// weights file holds weights only
+            return build_open_clip(cfg.name, None, cfg.custom, cfg.select_layer, image_aspect)
+        return build_hf(cfg.name, cfg.custom, cfg.select_layer, image_aspect, weights=False)
