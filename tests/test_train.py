@@ -141,15 +141,24 @@ def test_every_checkpoint_is_validated_beside_training_and_logged(reference, buc
 
 def test_killed_worker_resumes_and_matches_uninterrupted_run(reference, labelled_world, tmp_path):
     """SIGKILL one Train worker after the first checkpoint; FailureConfig restarts the group,
-    which resumes from that checkpoint; the final adapter equals the uninterrupted one."""
+    which resumes from that checkpoint; the final adapter equals the uninterrupted one. What a
+    killed worker leaves in its local checkpoint folder (planted here, as a worker killed with an
+    upload pending leaves it) the next start of its rank deletes: none is left on the machine."""
+    from sea_ray.train.loop import local_checkpoint_root
     from tests.faults import kill_when
 
     world, labels = labelled_world
     cfg = _align_cfg(world, labels, str(tmp_path), name="killed", max_failures=1)
+    roots = [Path(local_checkpoint_root(storage.join(str(tmp_path), "killed"), rank)) for rank in (0, 1)]
+    for root in roots:
+        (root / "step_00000002-left").mkdir(parents=True)
+        (root / "step_00000002-left" / "model.safetensors").write_bytes(b"\0" * 1000)
     first = Path(tmp_path, "killed", ckpt.step_dir_name(EVERY))
     thread, killed = kill_when(lambda: ckpt.is_complete(str(first)), "RayTrainWorker")
     summary = run(cfg)
     thread.join(timeout=1)
+    assert summary["run"] == storage.join(str(tmp_path), "killed")
+    assert [list(root.iterdir()) for root in roots] == [[], []]
     assert killed, "no Train worker was killed: the run ended before its first checkpoint was seen"
     assert summary["checkpoint"].endswith(ckpt.step_dir_name(STEPS))
     assert [s["step"] for s in summary["workers"]] == [0, EVERY]  # restarted once, from that checkpoint

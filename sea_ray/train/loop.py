@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -444,6 +445,34 @@ def save(st: Stage, metrics: dict, sync: bool = False) -> None:
     st.io.keep_newest(st.cfg.checkpoint.num_to_keep)
 
 
+def local_checkpoint_root(run_uri: str, rank: int) -> str:
+    """Where ``rank`` of the run at ``run_uri`` writes its checkpoints on their way to storage:
+    one folder per run and rank under the temp dir (``TMPDIR``). A worker killed with uploads
+    pending (a lost node, a resized or failed group) leaves its folders behind, each as large as
+    a checkpoint; the next start of the same run and rank deletes them (:func:`clear_local_checkpoints`)."""
+    import hashlib
+
+    key = hashlib.sha256(run_uri.encode()).hexdigest()[:16]
+    return os.path.join(tempfile.gettempdir(), "sea-ray-checkpoints", f"{key}-rank{rank}")
+
+
+def clear_local_checkpoints(root: str) -> None:
+    """Deletes what an earlier start of this run and rank left in ``root``. Only one start of a
+    run's rank lives at a time (Ray Train ends a worker group before it starts the next one), so
+    nothing there is still being uploaded."""
+    import shutil
+
+    if not os.path.isdir(root):
+        return
+    left = [os.path.join(root, name) for name in os.listdir(root)]
+    size = sum(os.path.getsize(os.path.join(d, f)) for path in left for d, _, files in os.walk(path) for f in files)
+    for path in left:
+        shutil.rmtree(path, ignore_errors=True)
+    if left:
+        log.warning("removed %d local checkpoint folder(s) (%.1f MB) that an interrupted start of this run left "
+                    "in %s", len(left), size / 1e6, root)
+
+
 def _write_local(st: Stage) -> Optional[str]:
     """This rank's part of the checkpoint in a new local folder (None: this rank has none)."""
     import shutil
@@ -458,7 +487,9 @@ def _write_local(st: Stage) -> Optional[str]:
         model_state, optim_state = full_state(st.trained, st.optimizer)
         if rank != 0:
             return None
-    folder = tempfile.mkdtemp(prefix=f"sea-ray-{ckpt.step_dir_name(step)}-rank{rank}-")
+    root = local_checkpoint_root(st.io.run_uri, rank)
+    os.makedirs(root, exist_ok=True)
+    folder = tempfile.mkdtemp(prefix=f"{ckpt.step_dir_name(step)}-", dir=root)
     try:
         if sharded:
             ckpt.write_sharded(folder, model_state, optim_state, st.scheduler.state_dict(), dict(st.state),
@@ -488,6 +519,7 @@ def run_stage(cfg, io, evaluate: Optional[Callable[[object, int], dict]] = None)
     every logging step and its metrics join the report (validation metrics for Tune). A stage
     that makes no optimizer step for ``cfg.stall_timeout_s`` fails (:mod:`sea_ray.train.watchdog`)."""
     st = setup(cfg, io)
+    clear_local_checkpoints(local_checkpoint_root(io.run_uri, io.world_rank))
     io.record_start(st.state["step"])
     batches = io.micro_batches(order_of(cfg, io.num_rows), st.state["step"], st.steps)
     window, metrics, last = Window(), {}, None
