@@ -437,11 +437,12 @@ def _stream(p: Plan, pending: list[int], out: D.LabelsDir, stop_after: Optional[
         raise DataError(message[message.index(LOAD_FAILED):].splitlines()[0]) from None
     except ExecutionTimeoutError as exc:
         timeout = ctx.execution_no_progress_timeout_s
+        free = _free_resources()  # while the stalled pipeline still holds what it got
         if not writer.written:
-            raise _Stalled(str(exc)) from exc
+            raise _Stalled(free) from exc
         raise DataError(f"the labels pipeline made no progress for compute.stall_timeout_s={timeout:g}s after "
-                        f"{writer.written} shard(s) were written; re-run the job (the finished shards are "
-                        "kept)") from exc
+                        f"{writer.written} shard(s) were written ({free}); re-run the job (the finished shards "
+                        "are kept)") from exc
     finally:
         if iterator is not None and hasattr(iterator, "close"):
             iterator.close()  # shuts the streaming executor down (actors released)
@@ -476,9 +477,18 @@ def _stream_started(p: Plan, pending: list[int], out: D.LabelsDir, stop_after: O
         comp = p.cfg.compute
         raise DataError(f"the labels pipeline made no progress for compute.stall_timeout_s={timeout:g}s before its "
                         f"first shard, twice: the cluster has no room for the {comp.num_actors} labeler actor(s) "
-                        f"(cpus_per_actor={comp.cpus_per_actor:g}, gpus_per_actor={comp.gpus_per_actor:g}), or "
-                        "they start slower than that (raise compute.stall_timeout_s where nodes must start "
-                        "first)") from exc
+                        f"(cpus_per_actor={comp.cpus_per_actor:g}, gpus_per_actor={comp.gpus_per_actor:g}; "
+                        f"when it stopped, {exc}), or they start slower than that (raise "
+                        "compute.stall_timeout_s where nodes must start first)") from exc
+
+
+def _free_resources() -> str:
+    """What this Ray has free and in all, for a stall's message: whether the pipeline waited for
+    room or for something else."""
+    import ray
+
+    free, total = ray.available_resources(), ray.cluster_resources()
+    return ", ".join(f"{free.get(key, 0):g} of {total[key]:g} {key}s free" for key in ("CPU", "GPU") if key in total)
 
 
 def _wait_released(cfg: LabelsConfig, gpus: float, bound_s: float) -> None:
