@@ -3,9 +3,11 @@ bucket and on local disk, a killed worker, a stopped driver, half-written checkp
 uninterrupted align run (in the bucket) is the yardstick of the fault tests and the start of the
 instruct run."""
 
+import gc
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -368,6 +370,7 @@ def test_lora_instruct_under_fsdp_checkpoints_its_lora_weights_and_the_adapter(r
     gathered from the shards, holds every LoRA weight and the adapter, and no base weight."""
     world, _ = labelled_world
     lora = {"enabled": True, "rank": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    sigint = signal.getsignal(signal.SIGINT)
     instruct = run(validate({
         "job": "instruct", "model": {"preset": "tiny-openclip-llama", "llm": {"lora": lora}},
         "init_adapter": reference["run"], "run": {"name": "lora-fsdp", "storage": str(tmp_path)},
@@ -381,6 +384,17 @@ def test_lora_instruct_under_fsdp_checkpoints_its_lora_weights_and_the_adapter(r
     assert set(saved["model"]) - llm == set(_adapter(reference["run"]))
     assert all(saved["model"][k].abs().max() > 0 for k in llm)  # lora_B left its zero init on both workers' steps
     assert instruct["metrics"]["loss_lm"] > 0
+    # Ray Train's fit() leaves a SIGINT handler holding its controller actor; run() puts ours back
+    assert signal.getsignal(signal.SIGINT) is sigint and not _train_controllers()
+
+
+def _train_controllers():
+    """The Ray Train controller actors this process still holds a handle to."""
+    import ray
+
+    gc.collect()
+    return [o for o in gc.get_objects() if isinstance(o, ray.actor.ActorHandle)
+            and o._ray_actor_creation_function_descriptor.class_name.endswith("TrainController")]
 
 
 def test_scale_out_semantics_and_schedule():

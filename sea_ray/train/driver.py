@@ -6,9 +6,12 @@ so running the same config again resumes from the newest complete checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import signal
 import sys
+import threading
 from typing import Callable, Optional
 
 from sea_ray import paths, storage
@@ -135,7 +138,8 @@ def fit(trainer, what: str):
     from ray.train import ControllerError, TrainingFailedError
 
     try:
-        return trainer.fit()
+        with _sigint_handler_restored():
+            return trainer.fit()
     except ControllerError as exc:  # the controller's own failure (its storage out of reach): not retried by Ray
         cause = getattr(exc, "controller_failure", None) or exc
         text = storage.storage_error(cause) if isinstance(cause, OSError) else _last_line(cause)
@@ -152,6 +156,22 @@ def fit(trainer, what: str):
         if not lines:
             lines = [str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__]
         raise TrainingFailed(f"{what} failed (tracebacks above):\n  " + "\n  ".join(lines)) from None
+
+
+@contextlib.contextmanager
+def _sigint_handler_restored():
+    """Puts back the SIGINT handler that ``trainer.fit()`` replaces (in the main thread) with one
+    holding the run's controller actor. Left in place, it keeps that actor alive until the next
+    ``fit()`` replaces it, so in a driver that runs stages one after another (a pipeline, the
+    study, a notebook) each finished run's controller dies during the next one's start-up (once in
+    a test run, the driver got no actor update from Ray after such a death: docs/labels.md)."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main else None
+    try:
+        yield
+    finally:
+        if previous is not None:  # None: set outside Python, and it cannot be put back from here
+            signal.signal(signal.SIGINT, previous)
 
 
 def _last_line(error: BaseException) -> str:
