@@ -25,8 +25,10 @@ TPE's best is at least as good as random search's; the target, the median over t
 random search's best, and the trial-steps ASHA + TPE spent on each seed until it first reported
 a value at least that good (in time order). The last line is ``ratio: r`` = the median over the
 seeds of those trial-steps / the budget (``inf`` where ASHA + TPE missed the target on half the
-seeds or more; goal: at most 1/3, and ASHA + TPE better on at least 75% of the seeds). Trial-steps,
-not seconds: no wall-clock value is asserted.
+seeds or more; goal: at most 1/3, and ASHA + TPE better on at least 75% of the seeds). Before
+them, one line per smaller budget of ``--also-trials`` (default 16 and 24 full trials) gives the
+fraction and ratio judged on a cut of the same runs (``compare``). Trial-steps, not seconds: no
+wall-clock value is asserted.
 """
 
 from __future__ import annotations
@@ -128,6 +130,24 @@ def expected_random_steps(history, target: float, steps: int) -> float:
     return math.inf if k == 0 else (n - k) / (k + 1) * steps + sum(reach) / k
 
 
+def compare(histories, budget: int):
+    """Both searches judged within ``budget`` trial-steps, from their histories
+    (``{seed: {"random": history, "asha_tpe": history}}``). A search's path does not depend on its
+    budget (random search runs its seeded trials in one order, one at a time; ASHA + TPE's stopper
+    only ends its search), so a smaller budget is a cut of the same runs (checked in session 19: the
+    16-trial cut of 32-trial runs gives the 16-trial runs' numbers exactly). Returns ``(best, wins,
+    target, reach, median)``: each seed's and search's best, the seeds where ASHA + TPE's best is at
+    least random search's, the median of random search's best, the trial-steps ASHA + TPE spent on
+    each seed to reach it (None: never within the budget) and the median of those (inf when half or
+    more are None)."""
+    reports = {seed: {name: spend(h, budget) for name, h in pair.items()} for seed, pair in histories.items()}
+    best = {seed: {name: min(value for _, _, value in r) for name, r in pair.items()} for seed, pair in reports.items()}
+    wins = [seed for seed in best if best[seed]["asha_tpe"] <= best[seed]["random"] + 1e-12]
+    target = statistics.median(b["random"] for b in best.values())
+    reach = {seed: steps_to_reach(pair["asha_tpe"], target) for seed, pair in reports.items()}
+    return best, wins, target, reach, statistics.median(math.inf if r is None else r for r in reach.values())
+
+
 def budget_stopper(budget: int):
     """A Tune stopper that ends the search at the report where its trials' steps sum to ``budget``."""
     from ray import tune
@@ -164,6 +184,8 @@ def main() -> int:
     parser.add_argument("--random-from", help="take random search's runs from this earlier --out (same seeds, "
                         "budget, images and space) instead of running them again: they do not depend on the "
                         "ASHA or TPE settings")
+    parser.add_argument("--also-trials", type=int, nargs="*", default=[16, 24], help="also judge both searches at "
+                        "these smaller budgets (in full trials), cut from the same runs")
     parser.add_argument("--dry-run", action="store_true", help="2 seeds, a budget of 3 trials of 6 steps")
     args = parser.parse_args()
     if args.dry_run:
@@ -186,11 +208,10 @@ def main() -> int:
     print(f"budget per search: {budget} trial-steps ({args.trials} full trials of {args.steps} steps); reports every "
           f"{args.every} steps; ASHA grace {args.grace} report(s), reduction factor {args.reduction}; TPE "
           f"{args.startup} start-up trials, gamma {args.gamma}; seeds {args.seeds}", flush=True)
-    found = {}  # seed -> search -> (history, reports within the budget, summary, seconds)
-    best = {}  # seed -> search -> the best value reported within the budget
+    found = {}  # seed -> search -> its history (every report of every trial)
     for seed in args.seeds:
         args.seed = seed
-        found[seed], best[seed] = {}, {}
+        found[seed] = {}
         for name, smart in (("random", False), ("asha_tpe", True)):
             start = time.perf_counter()
             if args.random_from and not smart:  # an earlier run of the very same random search
@@ -206,21 +227,23 @@ def main() -> int:
                 summary = run(cfg, stop=budget_stopper(budget) if smart else None)
                 history = pd.read_parquet(root / "runs" / f"{name}-seed{seed}" / "history.parquet")
             reports = spend(history, budget)
-            found[seed][name] = (history, reports)
-            best[seed][name] = min(value for _, _, value in reports)
-            print(json.dumps({"seed": seed, "search": name, "best_val_sea_loss": round(best[seed][name], 4),
+            found[seed][name] = history
+            print(json.dumps({"seed": seed, "search": name,
+                              "best_val_sea_loss": round(min(value for _, _, value in reports), 4),
                               "trials": len({trial for _, trial, _ in reports}), "trial_steps": reports[-1][0],
                               "status": summary["status"], "wall_s": round(time.perf_counter() - start, 1)}),
                   flush=True)
     ray.shutdown()
 
-    target = statistics.median(b["random"] for b in best.values())
-    reach = {seed: steps_to_reach(found[seed]["asha_tpe"][1], target) for seed in args.seeds}
-    wins = [seed for seed in args.seeds if best[seed]["asha_tpe"] <= best[seed]["random"] + 1e-12]
+    for trials in sorted(t for t in args.also_trials if t < args.trials):
+        _, cut_wins, cut_target, _, cut_median = compare(found, trials * args.steps)
+        print(f"at a budget of {trials} full trials ({trials * args.steps} trial-steps, cut from the same runs): "
+              f"ASHA+TPE's best >= random search's on {len(cut_wins)}/{len(args.seeds)} seeds, target "
+              f"{cut_target:.4f}, ratio {cut_median / (trials * args.steps):.3f}")
+    _, wins, target, reach, median_steps = compare(found, budget)
     print(f"ASHA+TPE's best >= random search's best (val_sea_loss as low or lower) on {len(wins)}/{len(args.seeds)} "
           f"seeds: fraction {len(wins) / len(args.seeds):.3f} (seeds {wins})")
-    median_steps = statistics.median(math.inf if r is None else r for r in reach.values())
-    expected = {seed: expected_random_steps(found[seed]["random"][0], target, args.steps) for seed in args.seeds}
+    expected = {seed: expected_random_steps(found[seed]["random"], target, args.steps) for seed in args.seeds}
     print(f"target: the median over the seeds of random search's best, val_sea_loss {target:.4f}")
     print("ASHA+TPE's trial-steps to reach it per seed: "
           + ", ".join(f"{seed}: {'never' if r is None else r}" for seed, r in reach.items())

@@ -344,3 +344,19 @@ def test_the_search_benchmark_counts_compute_in_trial_steps_and_stops_at_the_bud
     assert [stop(t, {"step": s}) for t, s in zip(history["trial_id"], history["step"])] == [
         False, False, False, False, True, True]
     assert stop.stop_all()
+
+    # judged at two budgets from the same runs: a smaller budget is a cut of them
+    def trials(*values):  # one 6-step trial per value (reported at 3 and 6), run one after another
+        rows = [(f"t{i}", step, value + (0.5 if step == 3 else 0.0)) for i, value in enumerate(values) for step in (3, 6)]
+        return pd.DataFrame({"trial_id": [r[0] for r in rows], "step": [r[1] for r in rows],
+                             "val_sea_loss": [r[2] for r in rows], "timestamp": range(len(rows))})
+
+    runs = {0: {"random": trials(2.0, 1.0), "asha_tpe": trials(1.5, 0.8)},
+            1: {"random": trials(1.2, 1.1), "asha_tpe": trials(1.4, 1.3)},
+            2: {"random": trials(1.6, 1.6), "asha_tpe": trials(1.1, 1.0)}}
+    best, wins, target, reach, median = bench.compare(runs, budget=12)
+    assert best[0] == {"random": 1.0, "asha_tpe": 0.8} and wins == [0, 2] and target == 1.1
+    assert reach == {0: 12, 1: None, 2: 6} and median == 12
+    best, wins, target, reach, median = bench.compare(runs, budget=6)  # the first trial of each
+    assert best[0] == {"random": 2.0, "asha_tpe": 1.5} and wins == [0, 2] and target == 1.6
+    assert reach == {0: 6, 1: 6, 2: 3} and median == 6
